@@ -1,0 +1,18 @@
+//! Shared ferry types: the request model every tier speaks, model manifests, and the one error
+//! type with its single mapping to gRPC status codes and HTTP statuses.
+//!
+//! This crate holds no policy and does no network I/O; it is what `ferry-engine`, `ferryd`,
+//! `ferry-cloud` and the CLI agree on.
+
+pub mod error;
+pub mod manifest;
+pub mod request;
+
+pub use error::{Error, ErrorKind, Result};
+pub use manifest::{
+    CostHints, FetchFile, FetchSource, FetchSpec, ModelFormat, ModelKind, ModelManifest, Tier,
+};
+pub use request::{
+    ChatMessage, FinishReason, ImagePart, Part, RequestLimits, Role, SamplingParams,
+    ValidatedRequest,
+};
