@@ -1,0 +1,502 @@
+//! A loaded model and its generation loop.
+
+use std::collections::BTreeSet;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
+use tokenizers::Tokenizer;
+
+use crate::model::{gguf_architecture, Backbone};
+use crate::sampling::logits_processor;
+use crate::source::ModelLocation;
+use crate::stream::{Detokenizer, StopMatcher, StopScan};
+use crate::template::{ChatTemplate, CHATML};
+use crate::{candle_err, tokenizer};
+use ferry_core::{
+    ChatMessage, CostHints, Error, FinishReason, ModelFormat, ModelManifest, Result,
+    SamplingParams, Tier,
+};
+
+/// End-of-turn markers that end generation when present in a vocabulary, as llama.cpp treats
+/// its "end of generation" tokens.
+const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"];
+
+/// Counters shared by every request on the engine; tests and metrics read them.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Tokens sampled, over all requests.
+    pub tokens_decoded: AtomicU64,
+    /// Prompt tokens evaluated, over all requests.
+    pub prompt_tokens: AtomicU64,
+    /// Generations that ran to a finish reason.
+    pub completed: AtomicU64,
+    /// Generations stopped because the client went away.
+    pub cancelled: AtomicU64,
+}
+
+/// Static description of a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub id: String,
+    pub family: String,
+    pub tier: Tier,
+    pub capabilities: Vec<String>,
+    /// Usable context window in tokens (prompt + completion).
+    pub context_length: usize,
+    pub cost: CostHints,
+    /// Weight file(s) the model was loaded from.
+    pub weights: Vec<PathBuf>,
+}
+
+/// Engine-level switches that are not part of a user request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GenerateOptions {
+    /// Keep generating past end-of-sequence (benchmarks need a fixed token count).
+    pub ignore_eos: bool,
+}
+
+/// What a generation sends to its consumer.
+pub trait GenerationEvent {
+    /// Called with each new piece of text; `Break` stops generation (client gone).
+    fn text(&mut self, delta: &str) -> ControlFlow<()>;
+    /// Polled once per token; `true` stops generation even while text is being held back.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut(&str) -> ControlFlow<()>> GenerationEvent for F {
+    fn text(&mut self, delta: &str) -> ControlFlow<()> {
+        self(delta)
+    }
+}
+
+/// How a generation ended, with its accounting.
+#[derive(Debug, Clone)]
+pub struct GenerationOutcome {
+    pub prompt_tokens: usize,
+    /// Tokens generated, excluding the end-of-sequence token.
+    pub completion_tokens: usize,
+    pub finish_reason: FinishReason,
+    /// The text sent to the consumer.
+    pub text: String,
+    /// Time to evaluate the prompt.
+    pub prefill_ms: f64,
+    /// Time spent generating after the prompt.
+    pub decode_ms: f64,
+}
+
+/// A model resident in memory, ready to serve any number of concurrent requests.
+pub struct LoadedModel {
+    info: ModelInfo,
+    backbone: Backbone,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    bos_token: String,
+    eos_ids: BTreeSet<u32>,
+    device: Device,
+    stats: Arc<EngineStats>,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+fn read_json(path: &std::path::Path, what: &'static str) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_str(&text).map_err(|e| Error::InvalidFile {
+        what,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Token ids named by a config's `eos_token_id` (a number or a list of numbers).
+fn json_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A special token given in `tokenizer_config.json` either as a string or as `{ "content": .. }`.
+fn json_token(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// `chat_template` of a `tokenizer_config.json`: a string, or a list of named templates.
+fn json_template(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+impl LoadedModel {
+    /// Loads the model described by `manifest`, resolving files under `model_dir`.
+    pub fn load(
+        manifest: &ModelManifest,
+        model_dir: &std::path::Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let loc = ModelLocation::of(manifest, model_dir);
+        let tokenizer_json = loc.optional_file("tokenizer.json")?;
+        let tokenizer_config = match loc.optional_file("tokenizer_config.json")? {
+            Some(p) => Some(read_json(&p, "tokenizer config")?),
+            None => None,
+        };
+        let mut eos_ids: BTreeSet<u32> = BTreeSet::new();
+        let mut template_src = manifest.chat_template.clone().or_else(|| {
+            tokenizer_config
+                .as_ref()
+                .and_then(|c| json_template(c.get("chat_template")))
+        });
+        let mut bos_token = tokenizer_config
+            .as_ref()
+            .and_then(|c| json_token(c.get("bos_token")))
+            .unwrap_or_default();
+        let mut eos_token = tokenizer_config
+            .as_ref()
+            .and_then(|c| json_token(c.get("eos_token")))
+            .unwrap_or_default();
+
+        let (backbone, tokenizer, family, meta_ctx, weights) = match manifest.format {
+            ModelFormat::Gguf => {
+                let name = manifest.weights.as_deref().ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "model `{}` names no weights file",
+                        manifest.id
+                    ))
+                })?;
+                let path = loc.file(name)?;
+                let mut file = std::fs::File::open(&path)
+                    .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+                let content =
+                    gguf_file::Content::read(&mut file).map_err(|e| Error::InvalidFile {
+                        what: "GGUF file",
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let arch = gguf_architecture(&content);
+                let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+                let meta_ctx = meta_u32(&format!("{arch}.context_length"));
+                let tokens = content
+                    .metadata
+                    .get("tokenizer.ggml.tokens")
+                    .and_then(|v| v.to_vec().ok())
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(|t| t.to_string().ok().cloned())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                if let Some(id) = meta_u32("tokenizer.ggml.eos_token_id") {
+                    eos_ids.insert(id);
+                    if eos_token.is_empty() {
+                        eos_token = tokens.get(id as usize).cloned().unwrap_or_default();
+                    }
+                }
+                if bos_token.is_empty() {
+                    if let Some(id) = meta_u32("tokenizer.ggml.bos_token_id") {
+                        bos_token = tokens.get(id as usize).cloned().unwrap_or_default();
+                    }
+                }
+                if template_src.is_none() {
+                    template_src = content
+                        .metadata
+                        .get("tokenizer.chat_template")
+                        .and_then(|v| v.to_string().ok())
+                        .cloned();
+                }
+                let tok = match &tokenizer_json {
+                    Some(p) => tokenizer::from_file(p)?,
+                    None => tokenizer::from_gguf(&content, &path)?,
+                };
+                let backbone = Backbone::from_gguf(content, &mut file, &path, device)?;
+                (backbone, tok, arch, meta_ctx, vec![path])
+            }
+            ModelFormat::Safetensors => {
+                let config_path = loc.file("config.json")?;
+                let config = read_json(&config_path, "model config")?;
+                let family = if manifest.family == "auto" {
+                    config
+                        .get("model_type")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("unknown")
+                        .to_string()
+                } else {
+                    manifest.family.clone()
+                };
+                eos_ids.extend(json_ids(config.get("eos_token_id")));
+                if let Some(gen) = loc.optional_file("generation_config.json")? {
+                    eos_ids.extend(json_ids(
+                        read_json(&gen, "generation config")?.get("eos_token_id"),
+                    ));
+                }
+                let meta_ctx = config
+                    .get("max_position_embeddings")
+                    .and_then(|v| v.as_u64())
+                    .map(|v| v as u32);
+                let files = match &manifest.weights {
+                    Some(w) => vec![loc.file(w)?],
+                    None => match loc.optional_file("model.safetensors.index.json")? {
+                        Some(index) => {
+                            let idx = read_json(&index, "safetensors index")?;
+                            let names: BTreeSet<String> = idx
+                                .get("weight_map")
+                                .and_then(|m| m.as_object())
+                                .map(|m| {
+                                    m.values()
+                                        .filter_map(|v| v.as_str().map(str::to_string))
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            names
+                                .iter()
+                                .map(|n| loc.file(n))
+                                .collect::<Result<Vec<_>>>()?
+                        }
+                        None => vec![loc.file("model.safetensors")?],
+                    },
+                };
+                let tok_path = tokenizer_json
+                    .clone()
+                    .ok_or_else(|| Error::MissingModelFile {
+                        path: loc.dir.join("tokenizer.json"),
+                        hint: "a safetensors model needs its tokenizer.json".to_string(),
+                    })?;
+                let tok = tokenizer::from_file(&tok_path)?;
+                let config_text =
+                    serde_json::to_string(&config).expect("re-serialising parsed JSON");
+                let backbone = Backbone::from_safetensors(
+                    &family,
+                    &config_text,
+                    &files,
+                    &config_path,
+                    device,
+                )?;
+                (backbone, tok, family, meta_ctx, files)
+            }
+        };
+
+        for marker in END_OF_TURN_TOKENS
+            .iter()
+            .copied()
+            .chain(manifest.eos_tokens.iter().map(String::as_str))
+        {
+            if let Some(id) = tokenizer::token_id(&tokenizer, marker) {
+                eos_ids.insert(id);
+            }
+        }
+        if eos_ids.is_empty() {
+            if let Some(id) = tokenizer::token_id(&tokenizer, &eos_token) {
+                eos_ids.insert(id);
+            }
+        }
+        let template = ChatTemplate::new(
+            template_src.as_deref().unwrap_or(CHATML),
+            &bos_token,
+            &eos_token,
+        )?;
+        let declared = manifest.context_length.or(meta_ctx).unwrap_or(2048) as usize;
+        let context_length = match backbone.max_positions() {
+            Some(cap) => declared.min(cap),
+            None => declared,
+        };
+        let info = ModelInfo {
+            id: manifest.id.clone(),
+            family,
+            tier: manifest.tier,
+            capabilities: manifest.capabilities.clone(),
+            context_length,
+            cost: manifest.cost.clone(),
+            weights,
+        };
+        tracing::debug!(model = %info.id, family = %info.family, context_length, eos = ?eos_ids, "model loaded");
+        Ok(LoadedModel {
+            info,
+            backbone,
+            tokenizer,
+            template,
+            bos_token,
+            eos_ids,
+            device: device.clone(),
+            stats: Arc::new(EngineStats::default()),
+        })
+    }
+
+    /// Static description of the model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Counters of this model's generations.
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders the conversation with the chat template and tokenises it.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages)?;
+        // Templates that write the BOS token themselves must not get a second one.
+        let add_special = self.bos_token.is_empty() || !text.starts_with(&self.bos_token);
+        tokenizer::encode_prompt(&self.tokenizer, &text, add_special)
+    }
+
+    /// Tokenises plain text without special tokens (benchmarks, token counting).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        tokenizer::encode_prompt(&self.tokenizer, text, false)
+    }
+
+    /// Generates a completion for `prompt`, calling `sink` with text as it is produced.
+    ///
+    /// Blocking and CPU-heavy: call it from a blocking thread. Returns `Error::Cancelled` when
+    /// the sink reports the consumer gone, `Error::InvalidArgument` when the prompt leaves no
+    /// room in the context window.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        options: GenerateOptions,
+        sink: &mut dyn GenerationEvent,
+    ) -> Result<GenerationOutcome> {
+        if prompt.is_empty() {
+            return Err(Error::invalid(
+                "messages",
+                "the prompt encodes to no tokens",
+            ));
+        }
+        let ctx = self.info.context_length;
+        if prompt.len() >= ctx {
+            return Err(Error::invalid(
+                "messages",
+                format!(
+                    "the prompt is {} tokens; model `{}` has a context of {ctx} tokens",
+                    prompt.len(),
+                    self.info.id
+                ),
+            ));
+        }
+        let budget = (params.max_tokens as usize).min(ctx - prompt.len());
+        let mut session = self.backbone.session(&self.device)?;
+        let mut sampler = logits_processor(params);
+        let mut detok = Detokenizer::new(&self.tokenizer);
+        let mut stopper = StopMatcher::new(params.stop.clone());
+        let mut text = String::new();
+
+        let t0 = Instant::now();
+        let mut logits = session.forward(prompt)?;
+        self.stats
+            .prompt_tokens
+            .fetch_add(prompt.len() as u64, Ordering::Relaxed);
+        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+
+        let cancelled = |stats: &EngineStats, n: usize| {
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            Error::Cancelled(format!("client went away after {n} tokens"))
+        };
+        let emit = |delta: &str, text: &mut String, sink: &mut dyn GenerationEvent| {
+            if delta.is_empty() {
+                return ControlFlow::Continue(());
+            }
+            text.push_str(delta);
+            sink.text(delta)
+        };
+
+        let mut generated = 0usize;
+        let mut finish = FinishReason::Length;
+        while generated < budget {
+            if sink.cancelled() {
+                return Err(cancelled(&self.stats, generated));
+            }
+            let next = sampler.sample(&logits).map_err(candle_err)?;
+            self.stats.tokens_decoded.fetch_add(1, Ordering::Relaxed);
+            if !options.ignore_eos && self.eos_ids.contains(&next) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            generated += 1;
+            if let Some(piece) = detok.push(next)? {
+                match stopper.push(&piece) {
+                    StopScan::Continue(t) => {
+                        if emit(&t, &mut text, sink).is_break() {
+                            return Err(cancelled(&self.stats, generated));
+                        }
+                    }
+                    StopScan::Stopped(t) => {
+                        if emit(&t, &mut text, sink).is_break() {
+                            return Err(cancelled(&self.stats, generated));
+                        }
+                        finish = FinishReason::StopSequence;
+                        break;
+                    }
+                }
+            }
+            if generated < budget {
+                logits = session.forward(&[next])?;
+            }
+        }
+        if finish != FinishReason::StopSequence {
+            let mut tail = detok.flush()?.unwrap_or_default();
+            let mut stopped = false;
+            match stopper.push(&tail) {
+                StopScan::Continue(t) => tail = t,
+                StopScan::Stopped(t) => {
+                    tail = t;
+                    stopped = true;
+                }
+            }
+            if !stopped {
+                tail.push_str(&stopper.finish());
+            } else {
+                finish = FinishReason::StopSequence;
+            }
+            if emit(&tail, &mut text, sink).is_break() {
+                return Err(cancelled(&self.stats, generated));
+            }
+        }
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        Ok(GenerationOutcome {
+            prompt_tokens: prompt.len(),
+            completion_tokens: generated,
+            finish_reason: finish,
+            text,
+            prefill_ms,
+            decode_ms: t1.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}

@@ -1,0 +1,41 @@
+//! Local inference with candle.
+//!
+//! `ferry-engine` owns everything between a validated chat request and a stream of text: finding
+//! a model's files (local directory or Hugging Face cache), loading GGUF (quantized llama) and
+//! safetensors (llama, qwen2) weights, building the tokenizer (from `tokenizer.json` or from the
+//! GGUF vocabulary), rendering the chat template, sampling, stop strings, and UTF-8-safe
+//! incremental detokenisation. It knows nothing about gRPC; `ferryd` and `ferry bench` drive it.
+
+pub mod model;
+pub mod sampling;
+pub mod source;
+pub mod stream;
+pub mod template;
+pub mod tokenizer;
+
+mod engine;
+
+pub use engine::{
+    EngineStats, GenerateOptions, GenerationEvent, GenerationOutcome, LoadedModel, ModelInfo,
+};
+pub use source::{adhoc_manifest, ModelLocation};
+
+/// Maps a candle error into ferry's error type.
+pub(crate) fn candle_err(e: candle_core::Error) -> ferry_core::Error {
+    ferry_core::Error::Engine(e.to_string())
+}
+
+pub use candle_core::Device;
+
+/// The device models load on: the first CUDA GPU when built with `cuda` and one is present,
+/// otherwise the CPU.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = Device::new_cuda(0) {
+            return d;
+        }
+        tracing::warn!("built with CUDA but no GPU is usable; running on the CPU");
+    }
+    Device::Cpu
+}

@@ -1,0 +1,221 @@
+//! Model weights and per-request decoding state.
+//!
+//! A [`Backbone`] holds the loaded weights once; each request gets a [`Session`] — a cheap clone
+//! whose tensors share the weights' storage, with its own empty KV cache — so concurrent requests
+//! never see each other's attention state.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{llama, quantized_gemma3, quantized_llama, qwen2};
+
+use crate::candle_err;
+use ferry_core::{Error, Result};
+
+/// Architectures this engine can run, by weight format.
+pub const SUPPORTED: &str = "GGUF: llama, gemma3; safetensors: llama, qwen2";
+
+/// Loaded weights of one model.
+#[derive(Clone)]
+pub enum Backbone {
+    /// Quantized llama-family GGUF (llama, SmolLM2, Mistral, ...).
+    QuantizedLlama(quantized_llama::ModelWeights),
+    /// Quantized Gemma 3 GGUF.
+    QuantizedGemma3(quantized_gemma3::ModelWeights),
+    /// Full-precision llama from safetensors.
+    Llama {
+        model: llama::Llama,
+        config: llama::Config,
+        dtype: DType,
+    },
+    /// Full-precision Qwen2 from safetensors.
+    Qwen2(qwen2::ModelForCausalLM),
+}
+
+impl std::fmt::Debug for Backbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.family())
+    }
+}
+
+impl Backbone {
+    /// Family name as used in manifests.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Backbone::QuantizedLlama(_) | Backbone::Llama { .. } => "llama",
+            Backbone::QuantizedGemma3(_) => "gemma3",
+            Backbone::Qwen2(_) => "qwen2",
+        }
+    }
+
+    /// Loads GGUF weights; the architecture comes from `general.architecture`.
+    pub fn from_gguf(
+        content: gguf_file::Content,
+        file: &mut std::fs::File,
+        path: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let arch = gguf_architecture(&content);
+        let bad = |e: candle_core::Error| Error::InvalidFile {
+            what: "GGUF model",
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        match arch.as_str() {
+            "llama" => quantized_llama::ModelWeights::from_gguf(content, file, device)
+                .map(Backbone::QuantizedLlama)
+                .map_err(bad),
+            "gemma3" => quantized_gemma3::ModelWeights::from_gguf(content, file, device)
+                .map(Backbone::QuantizedGemma3)
+                .map_err(bad),
+            other => Err(Error::InvalidFile {
+                what: "GGUF model",
+                path: path.to_path_buf(),
+                reason: format!("architecture `{other}` is not supported ({SUPPORTED})"),
+            }),
+        }
+    }
+
+    /// Loads a safetensors checkpoint of `family` with its parsed `config.json`.
+    pub fn from_safetensors(
+        family: &str,
+        config_json: &str,
+        files: &[std::path::PathBuf],
+        config_path: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        // f32 on CPU: candle's f16/bf16 CPU matmuls are much slower than f32 ones.
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        let bad_config = |e: serde_json::Error| Error::InvalidFile {
+            what: "model config",
+            path: config_path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        // SAFETY: the files are memory-mapped read-only; ferry never writes model files while
+        // serving, and a concurrent writer is outside what the engine can defend against.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+            .map_err(candle_err)?;
+        match family {
+            "llama" => {
+                let cfg: llama::LlamaConfig =
+                    serde_json::from_str(config_json).map_err(bad_config)?;
+                let config = cfg.into_config(false);
+                let model = llama::Llama::load(vb, &config).map_err(candle_err)?;
+                Ok(Backbone::Llama {
+                    model,
+                    config,
+                    dtype,
+                })
+            }
+            "qwen2" => {
+                let cfg: qwen2::Config = serde_json::from_str(config_json).map_err(bad_config)?;
+                let model = qwen2::ModelForCausalLM::new(&cfg, vb).map_err(candle_err)?;
+                Ok(Backbone::Qwen2(model))
+            }
+            other => Err(Error::InvalidFile {
+                what: "model config",
+                path: config_path.to_path_buf(),
+                reason: format!("family `{other}` is not supported ({SUPPORTED})"),
+            }),
+        }
+    }
+
+    /// Largest sequence length the implementation supports, if it has a hard limit.
+    pub fn max_positions(&self) -> Option<usize> {
+        match self {
+            Backbone::QuantizedLlama(_) => Some(quantized_llama::MAX_SEQ_LEN),
+            Backbone::QuantizedGemma3(_) => Some(quantized_gemma3::MAX_SEQ_LEN),
+            Backbone::Llama { config, .. } => Some(config.max_position_embeddings),
+            Backbone::Qwen2(_) => None,
+        }
+    }
+
+    /// A fresh decoding session sharing these weights.
+    pub fn session(&self, device: &Device) -> Result<Session> {
+        let state = match self {
+            Backbone::QuantizedLlama(m) => {
+                let mut m = m.clone();
+                m.clear_kv_cache();
+                SessionState::QuantizedLlama(m)
+            }
+            // The loaded copy never runs `forward`, so its clone starts with an empty cache.
+            Backbone::QuantizedGemma3(m) => SessionState::QuantizedGemma3(m.clone()),
+            Backbone::Llama {
+                model,
+                config,
+                dtype,
+            } => SessionState::Llama {
+                model: model.clone(),
+                cache: llama::Cache::new(true, *dtype, config, device).map_err(candle_err)?,
+            },
+            Backbone::Qwen2(m) => {
+                let mut m = m.clone();
+                m.clear_kv_cache();
+                SessionState::Qwen2(m)
+            }
+        };
+        Ok(Session {
+            state,
+            device: device.clone(),
+            position: 0,
+        })
+    }
+}
+
+/// The `general.architecture` of a GGUF file, lower-cased.
+pub fn gguf_architecture(content: &gguf_file::Content) -> String {
+    content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .map(|s| s.to_lowercase())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+enum SessionState {
+    QuantizedLlama(quantized_llama::ModelWeights),
+    QuantizedGemma3(quantized_gemma3::ModelWeights),
+    Llama {
+        model: llama::Llama,
+        cache: llama::Cache,
+    },
+    Qwen2(qwen2::ModelForCausalLM),
+}
+
+/// Per-request decoding state: the KV cache and the position reached.
+pub struct Session {
+    state: SessionState,
+    device: Device,
+    position: usize,
+}
+
+impl Session {
+    /// Feeds `tokens` after everything fed so far and returns the next-token logits (1-D, f32).
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let input = Tensor::new(tokens, &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(candle_err)?;
+        let pos = self.position;
+        let logits = match &mut self.state {
+            SessionState::QuantizedLlama(m) => m.forward(&input, pos),
+            SessionState::QuantizedGemma3(m) => m.forward(&input, pos),
+            SessionState::Llama { model, cache } => model.forward(&input, pos, cache),
+            SessionState::Qwen2(m) => m.forward(&input, pos),
+        }
+        .map_err(candle_err)?;
+        self.position += tokens.len();
+        let logits = logits.flatten_all().map_err(candle_err)?;
+        logits.to_dtype(DType::F32).map_err(candle_err)
+    }
+
+    /// Tokens fed so far.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+}

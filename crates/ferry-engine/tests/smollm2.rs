@@ -1,0 +1,171 @@
+//! The engine on the real bundled model (SmolLM2-135M-Instruct Q4_1). Needs
+//! `ferry models fetch` (the test scripts run it first).
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use ferry_core::{ChatMessage, ModelManifest, Role, SamplingParams};
+use ferry_engine::{GenerateOptions, LoadedModel};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model_dir() -> PathBuf {
+    std::env::var_os("FERRY_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/cache"))
+}
+
+fn load() -> LoadedModel {
+    let manifest = ModelManifest::load(&root().join("models/smollm2-135m-instruct.toml")).unwrap();
+    LoadedModel::load(&manifest, &model_dir(), &ferry_engine::Device::Cpu).unwrap_or_else(|e| {
+        panic!("{e}\n(the bundled model is installed by `cargo run -p ferry-cli -- models fetch`)")
+    })
+}
+
+/// Greedy/seeded generation with a short system prompt. (Without one, SmolLM2's own template
+/// inserts "You are a helpful AI assistant named SmolLM...", after which the 135M model answers
+/// the France question with a list of French words — llama.cpp does the same on this file.)
+fn generate(
+    model: &LoadedModel,
+    prompt: &str,
+    params: &SamplingParams,
+) -> (String, Vec<String>, ferry_engine::GenerationOutcome) {
+    let ids = model
+        .encode_chat(&[
+            ChatMessage::text(Role::System, "You are a helpful assistant."),
+            ChatMessage::text(Role::User, prompt),
+        ])
+        .unwrap();
+    let mut deltas = Vec::new();
+    let mut sink = |d: &str| {
+        deltas.push(d.to_string());
+        ControlFlow::Continue(())
+    };
+    let out = model
+        .generate(&ids, params, GenerateOptions::default(), &mut sink)
+        .unwrap();
+    (out.text.clone(), deltas, out)
+}
+
+#[test]
+fn chat_prompt_uses_smollm_tokenization() {
+    let model = load();
+    let ids = model
+        .encode_chat(&[ChatMessage::text(Role::User, "Hi")])
+        .unwrap();
+    let text = model.tokenizer().decode(&ids, false).unwrap();
+    eprintln!("{ids:?}\n{text}");
+    // <|im_start|> is one special token, and "user" after it has no prefix space (Ġ).
+    assert_eq!(ids[0], 1, "{text}");
+    assert!(
+        text.contains("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+        "{text}"
+    );
+    let user = model.tokenizer().token_to_id("user").unwrap();
+    assert!(ids.windows(2).any(|w| w == [1, user]), "{ids:?}");
+}
+
+#[test]
+fn greedy_answer_is_correct_and_repeatable() {
+    let model = load();
+    let params = SamplingParams::greedy(24);
+    let (a, deltas, out) = generate(&model, "What is the capital of France?", &params);
+    let (b, _, _) = generate(&model, "What is the capital of France?", &params);
+    assert_eq!(a, b);
+    assert_eq!(a, "The capital of France is Paris.");
+    assert_eq!(out.finish_reason, ferry_core::FinishReason::Stop);
+    assert_eq!(deltas.concat(), a);
+}
+
+#[test]
+fn multibyte_characters_are_never_split_across_deltas() {
+    let model = load();
+    let text = "Le café 🚢 au port de 日本, naïve façade.";
+    let ids = model.encode_text(text).unwrap();
+    // Byte-level BPE spreads the emoji and the CJK characters over several tokens each.
+    let partial = ids
+        .iter()
+        .filter(|&&id| {
+            model
+                .tokenizer()
+                .decode(&[id], true)
+                .unwrap()
+                .contains('\u{FFFD}')
+        })
+        .count();
+    assert!(
+        partial >= 2,
+        "expected tokens holding partial characters in {ids:?}"
+    );
+    let mut detok = ferry_engine::stream::Detokenizer::new(model.tokenizer());
+    let mut deltas = Vec::new();
+    for id in ids {
+        if let Some(d) = detok.push(id).unwrap() {
+            deltas.push(d);
+        }
+    }
+    deltas.extend(detok.flush().unwrap());
+    assert!(deltas.iter().all(|d| !d.contains('\u{FFFD}')), "{deltas:?}");
+    assert_eq!(deltas.concat(), text);
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    let model = load();
+    let ids = vec![42u32; model.info().context_length];
+    let mut sink = |_: &str| ControlFlow::Continue(());
+    let err = model
+        .generate(
+            &ids,
+            &SamplingParams::greedy(4),
+            GenerateOptions::default(),
+            &mut sink,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, ferry_core::Error::InvalidArgument { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn sink_break_cancels() {
+    let model = load();
+    let ids = model
+        .encode_chat(&[ChatMessage::text(Role::User, "Tell me a long story.")])
+        .unwrap();
+    let mut n = 0;
+    let mut sink = |_: &str| {
+        n += 1;
+        if n == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let err = model
+        .generate(
+            &ids,
+            &SamplingParams::greedy(500),
+            GenerateOptions::default(),
+            &mut sink,
+        )
+        .unwrap_err();
+    assert!(matches!(err, ferry_core::Error::Cancelled(_)), "{err}");
+    assert_eq!(
+        model
+            .stats()
+            .cancelled
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(
+        model
+            .stats()
+            .tokens_decoded
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < 20
+    );
+}
