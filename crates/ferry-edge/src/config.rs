@@ -1,0 +1,325 @@
+//! ferryd's configuration: a TOML file (`configs/edge.toml`), every setting of which can be
+//! overridden by a command-line flag or a `FERRY_*` environment variable (flag > env > file >
+//! built-in default).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use ferry_core::{Error, RequestLimits, Result};
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeConfig {
+    pub server: ServerConfig,
+    pub models: ModelsConfig,
+    pub limits: RequestLimits,
+    pub state: StateConfig,
+    pub log: LogConfig,
+}
+
+/// Listening and admission control.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address. Loopback by default: exposing ferryd is an explicit choice.
+    pub grpc_addr: SocketAddr,
+    /// Optional Unix socket path served in addition to TCP.
+    pub unix_socket: Option<PathBuf>,
+    /// Requests generating at the same time.
+    pub max_concurrent: usize,
+    /// Requests waiting for a slot; beyond it new requests get RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM before they are stopped.
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_addr: "127.0.0.1:50051".parse().expect("valid default address"),
+            unix_socket: None,
+            max_concurrent: 1,
+            max_queue: 16,
+            shutdown_grace_s: 30,
+        }
+    }
+}
+
+/// Which models exist and which are loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Directory of model manifests (`*.toml`).
+    pub manifest_dir: PathBuf,
+    /// Directory holding model files (`ferry models fetch` installs there).
+    pub model_dir: PathBuf,
+    /// Manifest ids loaded at start; empty loads the default model only.
+    pub load: Vec<String>,
+    /// Model used for `auto` until a routing policy chooses; unset uses the first loaded.
+    pub default: Option<String>,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            manifest_dir: PathBuf::from("models"),
+            model_dir: PathBuf::from("models/cache"),
+            load: Vec::new(),
+            default: Some("smollm2-135m-instruct".to_string()),
+        }
+    }
+}
+
+/// Where learned state and request records are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// State directory (feedback log); created if missing.
+    pub dir: PathBuf,
+    /// Request records kept in memory for Feedback lookups.
+    pub max_records: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: PathBuf::from("state"),
+            max_records: 100_000,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// tracing filter directive, e.g. `info` or `ferry_edge=debug,info`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".to_string(),
+            level: "info".to_string(),
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// Parses a config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses config text; `path` is for messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
+        let cfg: EdgeConfig = toml::from_str(text).map_err(|e| Error::InvalidFile {
+            what: "config",
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, reason: &str| Error::invalid(field, reason);
+        if self.server.max_concurrent == 0 {
+            return Err(bad("server.max_concurrent", "must be at least 1"));
+        }
+        if self.limits.default_max_tokens == 0
+            || self.limits.default_max_tokens > self.limits.max_new_tokens
+        {
+            return Err(bad(
+                "limits.default_max_tokens",
+                "must be between 1 and limits.max_new_tokens",
+            ));
+        }
+        if self.limits.max_prompt_tokens == 0 {
+            return Err(bad("limits.max_prompt_tokens", "must be at least 1"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(bad("log.format", "must be `text` or `json`"));
+        }
+        Ok(())
+    }
+
+    /// The ids to load at start.
+    pub fn models_to_load(&self) -> Vec<String> {
+        if !self.models.load.is_empty() {
+            return self.models.load.clone();
+        }
+        self.models.default.iter().cloned().collect()
+    }
+}
+
+/// Command line of `ferryd`. Every setting of [`EdgeConfig`] has a flag and a `FERRY_*` variable.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "ferryd",
+    version,
+    about = "ferry edge daemon: serves local LLMs over gRPC"
+)]
+pub struct Cli {
+    /// TOML config file; flags and FERRY_* variables override its values.
+    #[arg(long, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "FERRY_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Also serve on this Unix socket.
+    #[arg(long, env = "FERRY_UNIX_SOCKET")]
+    pub unix_socket: Option<PathBuf>,
+    /// Requests generating at once.
+    #[arg(long, env = "FERRY_MAX_CONCURRENT")]
+    pub max_concurrent: Option<usize>,
+    /// Requests allowed to wait for a slot.
+    #[arg(long, env = "FERRY_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Seconds to let in-flight requests finish on SIGTERM.
+    #[arg(long, env = "FERRY_SHUTDOWN_GRACE_S")]
+    pub shutdown_grace_s: Option<u64>,
+    /// Directory of model manifests.
+    #[arg(long, env = "FERRY_MANIFEST_DIR")]
+    pub manifest_dir: Option<PathBuf>,
+    /// Directory of model files.
+    #[arg(long, env = "FERRY_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// Model ids to load at start (comma-separated).
+    #[arg(long, env = "FERRY_LOAD", value_delimiter = ',')]
+    pub load: Option<Vec<String>>,
+    /// Default model id.
+    #[arg(long, env = "FERRY_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    /// Most messages per request.
+    #[arg(long, env = "FERRY_MAX_MESSAGES")]
+    pub max_messages: Option<usize>,
+    /// Most text bytes per request.
+    #[arg(long, env = "FERRY_MAX_TEXT_BYTES")]
+    pub max_text_bytes: Option<usize>,
+    /// Most images per request.
+    #[arg(long, env = "FERRY_MAX_IMAGES")]
+    pub max_images: Option<usize>,
+    /// Most bytes per image.
+    #[arg(long, env = "FERRY_MAX_IMAGE_BYTES")]
+    pub max_image_bytes: Option<usize>,
+    /// Most stop strings per request.
+    #[arg(long, env = "FERRY_MAX_STOP_SEQUENCES")]
+    pub max_stop_sequences: Option<usize>,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, env = "FERRY_MAX_NEW_TOKENS")]
+    pub max_new_tokens: Option<u32>,
+    /// max_tokens when a request sets none.
+    #[arg(long, env = "FERRY_DEFAULT_MAX_TOKENS")]
+    pub default_max_tokens: Option<u32>,
+    /// Most prompt tokens after the chat template.
+    #[arg(long, env = "FERRY_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<u32>,
+    /// State directory.
+    #[arg(long, env = "FERRY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Request records kept for Feedback.
+    #[arg(long, env = "FERRY_MAX_RECORDS")]
+    pub max_records: Option<usize>,
+    /// Log format: text or json.
+    #[arg(long, env = "FERRY_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or ferry_edge=debug.
+    #[arg(long, env = "FERRY_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl Cli {
+    /// Loads the config file (if any) and applies flag/env overrides.
+    pub fn resolve(&self) -> Result<EdgeConfig> {
+        let mut c = match &self.config {
+            Some(p) => EdgeConfig::from_file(p)?,
+            None => EdgeConfig::default(),
+        };
+        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        }
+        set(&mut c.server.grpc_addr, &self.grpc_addr);
+        if self.unix_socket.is_some() {
+            c.server.unix_socket = self.unix_socket.clone();
+        }
+        set(&mut c.server.max_concurrent, &self.max_concurrent);
+        set(&mut c.server.max_queue, &self.max_queue);
+        set(&mut c.server.shutdown_grace_s, &self.shutdown_grace_s);
+        set(&mut c.models.manifest_dir, &self.manifest_dir);
+        set(&mut c.models.model_dir, &self.model_dir);
+        set(&mut c.models.load, &self.load);
+        if self.default_model.is_some() {
+            c.models.default = self.default_model.clone();
+        }
+        set(&mut c.limits.max_messages, &self.max_messages);
+        set(&mut c.limits.max_text_bytes, &self.max_text_bytes);
+        set(&mut c.limits.max_images, &self.max_images);
+        set(&mut c.limits.max_image_bytes, &self.max_image_bytes);
+        set(&mut c.limits.max_stop_sequences, &self.max_stop_sequences);
+        set(&mut c.limits.max_new_tokens, &self.max_new_tokens);
+        set(&mut c.limits.default_max_tokens, &self.default_max_tokens);
+        set(&mut c.limits.max_prompt_tokens, &self.max_prompt_tokens);
+        set(&mut c.state.dir, &self.state_dir);
+        set(&mut c.state.max_records, &self.max_records);
+        set(&mut c.log.format, &self.log_format);
+        set(&mut c.log.level, &self.log_level);
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_config_parses_and_flags_override() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/edge.toml");
+        let file = EdgeConfig::from_file(&path).unwrap();
+        assert!(
+            file.server.grpc_addr.ip().is_loopback(),
+            "safe default: loopback"
+        );
+        let cli = Cli::parse_from([
+            "ferryd",
+            "--config",
+            path.to_str().unwrap(),
+            "--grpc-addr",
+            "127.0.0.1:6000",
+            "--load",
+            "a,b",
+            "--max-prompt-tokens",
+            "99",
+        ]);
+        let c = cli.resolve().unwrap();
+        assert_eq!(c.server.grpc_addr.port(), 6000);
+        assert_eq!(c.models.load, vec!["a", "b"]);
+        assert_eq!(c.limits.max_prompt_tokens, 99);
+        assert_eq!(c.server.max_queue, file.server.max_queue);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(EdgeConfig::from_toml("[server]\nbogus = 1\n", Path::new("x")).is_err());
+        let err =
+            EdgeConfig::from_toml("[server]\nmax_concurrent = 0\n", Path::new("x")).unwrap_err();
+        assert!(err.to_string().contains("max_concurrent"), "{err}");
+        assert_eq!(
+            EdgeConfig::from_toml("", Path::new("x")).unwrap(),
+            EdgeConfig::default()
+        );
+    }
+}

@@ -1,0 +1,174 @@
+//! Starting and stopping ferryd's gRPC server: TCP and an optional Unix socket, the health and
+//! reflection services, model loading in the background, and a graceful drain on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use ferry_core::{Error, Result};
+use ferry_proto::v1::inference_server::{InferenceServer, SERVICE_NAME};
+
+use crate::config::EdgeConfig;
+use crate::service::InferenceService;
+use crate::state::AppState;
+
+/// Largest gRPC message accepted (requests may carry images).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A running ferryd.
+pub struct RunningServer {
+    /// The bound TCP address (useful with port 0).
+    pub local_addr: SocketAddr,
+    /// Shared state, for tests and status.
+    pub state: Arc<AppState>,
+    health: HealthReporter,
+    stop_tx: watch::Sender<bool>,
+    servers: Vec<JoinHandle<std::result::Result<(), tonic::transport::Error>>>,
+    loader: JoinHandle<Result<()>>,
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}
+
+fn router(
+    state: &Arc<AppState>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<tonic::transport::server::Router> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Engine(format!("reflection service: {e}")))?;
+    let inference = InferenceServer::new(InferenceService::new(state.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(inference))
+}
+
+impl RunningServer {
+    /// Binds the listeners, starts serving (health NOT_SERVING), and loads the models in the
+    /// background; health turns SERVING once the default model is resident.
+    pub async fn start(config: EdgeConfig) -> Result<Self> {
+        let state = Arc::new(AppState::new(config)?);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
+        let addr = state.config.server.grpc_addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("binding gRPC address {addr}"), e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the bound address", e))?;
+        let mut servers = Vec::new();
+        let tcp = router(&state, health_service.clone())?.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            stopped(stop_rx.clone()),
+        );
+        servers.push(tokio::spawn(tcp));
+
+        if let Some(path) = state.config.server.unix_socket.clone() {
+            // A stale socket from an earlier run would make bind fail.
+            let _ = std::fs::remove_file(&path);
+            let uds = tokio::net::UnixListener::bind(&path)
+                .map_err(|e| Error::io(format!("binding Unix socket {}", path.display()), e))?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
+            let serve = router(&state, health_service)?
+                .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
+            servers.push(tokio::spawn(serve));
+            tracing::info!(path = %path.display(), "serving gRPC on Unix socket");
+        }
+        tracing::info!(addr = %local_addr, "serving gRPC");
+
+        let load_state = state.clone();
+        let load_health = health.clone();
+        let loader = tokio::spawn(async move {
+            let s = load_state.clone();
+            let loaded = tokio::task::spawn_blocking(move || s.load_models())
+                .await
+                .map_err(|e| Error::Engine(format!("model loader panicked: {e}")))?;
+            match loaded {
+                Ok(()) => {
+                    set_health(&load_health, ServingStatus::Serving).await;
+                    tracing::info!(default = ?load_state.default_model_id(), "ready");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "loading models failed");
+                    Err(e)
+                }
+            }
+        });
+
+        Ok(RunningServer {
+            local_addr,
+            state,
+            health,
+            stop_tx,
+            servers,
+            loader,
+        })
+    }
+
+    /// Waits until the models are loaded; returns the loading error if it failed.
+    pub async fn wait_ready(&mut self) -> Result<()> {
+        if self.state.is_ready() {
+            return Ok(());
+        }
+        (&mut self.loader)
+            .await
+            .map_err(|e| Error::Engine(format!("model loader task failed: {e}")))?
+    }
+
+    /// Drains and stops: refuse new requests, let in-flight ones finish for up to `grace`, then
+    /// stop the rest (their streams end with UNAVAILABLE), then close the listeners.
+    pub async fn shutdown(self, grace: Duration) {
+        tracing::info!(in_flight = self.state.admission.in_system(), "draining");
+        self.state.start_draining();
+        set_health(&self.health, ServingStatus::NotServing).await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.state.admission.in_system() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.state.admission.in_system() > 0 {
+            tracing::warn!(
+                in_flight = self.state.admission.in_system(),
+                "grace period over; stopping in-flight requests"
+            );
+        }
+        self.state.abort.cancel();
+        let _ = self.stop_tx.send(true);
+        self.loader.abort();
+        for s in self.servers {
+            // Connections that stay open after their streams ended must not hold shutdown.
+            match tokio::time::timeout(Duration::from_secs(5), s).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
+                Ok(_) => {}
+                Err(_) => tracing::warn!("listener did not close within 5 s"),
+            }
+        }
+        if let Some(path) = &self.state.config.server.unix_socket {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("stopped");
+    }
+}

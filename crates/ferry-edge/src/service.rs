@@ -1,0 +1,326 @@
+//! `ferry.v1.Inference` over the local engine.
+//!
+//! Generate validates and admits a request synchronously — so bad input and a full queue are
+//! answered with a status before any stream starts — then streams from a blocking generation
+//! thread through a bounded channel. A closed channel (client gone) stops decoding at the next
+//! token; the shutdown token stops it with UNAVAILABLE.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use ferry_core::{Error, ValidatedRequest};
+use ferry_engine::{GenerateOptions, GenerationEvent, LoadedModel};
+use ferry_proto::v1 as pb;
+use pb::inference_server::Inference;
+
+use crate::records::{unix_ms, Feedback, RequestRecord};
+use crate::state::AppState;
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct InferenceService {
+    state: Arc<AppState>,
+}
+
+impl InferenceService {
+    pub fn new(state: Arc<AppState>) -> Self {
+        InferenceService { state }
+    }
+}
+
+type Item = Result<pb::GenerateResponse, Status>;
+
+/// Forwards generated text into the response channel.
+struct ChannelSink {
+    tx: mpsc::Sender<Item>,
+    abort: tokio_util::sync::CancellationToken,
+    arrived: Instant,
+    first_text_ms: Option<f64>,
+}
+
+impl GenerationEvent for ChannelSink {
+    fn text(&mut self, delta: &str) -> ControlFlow<()> {
+        if self.first_text_ms.is_none() {
+            self.first_text_ms = Some(self.arrived.elapsed().as_secs_f64() * 1e3);
+        }
+        let msg = pb::GenerateResponse {
+            event: Some(pb::generate_response::Event::Delta(pb::TextDelta {
+                text: delta.to_string(),
+            })),
+        };
+        match self.tx.blocking_send(Ok(msg)) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.tx.is_closed() || self.abort.is_cancelled()
+    }
+}
+
+/// Why a request ran where it did, for the final message.
+fn placement_for(model: &LoadedModel, req: &ValidatedRequest) -> pb::Placement {
+    let images = req.messages.iter().flat_map(|m| m.images()).count();
+    let mut reason = if req.model.is_some() {
+        "model named by the request".to_string()
+    } else {
+        "default model (no routing policy configured)".to_string()
+    };
+    if images > 0 && !model.info().capabilities.iter().any(|c| c == "image") {
+        reason.push_str(&format!(
+            "; {images} image(s) not sent: model `{}` is text-only",
+            model.info().id
+        ));
+    }
+    pb::Placement {
+        fallback: false,
+        reason,
+        modalities_sent: Vec::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = ReceiverStream<Item>;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let arrived = Instant::now();
+        let state = &self.state;
+        state
+            .stats
+            .requests_received
+            .fetch_add(1, Ordering::Relaxed);
+        let refuse = |e: Error| {
+            state
+                .stats
+                .requests_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "request refused");
+            Status::from(e)
+        };
+        if state.is_draining() {
+            return Err(refuse(Error::Unavailable("ferryd is shutting down".into())));
+        }
+        if !state.is_ready() {
+            return Err(refuse(Error::Unavailable(
+                "ferryd is still loading its models".into(),
+            )));
+        }
+        let req = ValidatedRequest::from_proto(
+            request.into_inner(),
+            &state.config.limits,
+            state.next_seed(),
+        )
+        .map_err(refuse)?;
+        let model = state.resolve_model(req.model.as_deref()).map_err(refuse)?;
+        let prompt = model.encode_chat(&req.messages).map_err(refuse)?;
+        let limit =
+            (state.config.limits.max_prompt_tokens as usize).min(model.info().context_length - 1);
+        if prompt.len() > limit {
+            return Err(refuse(Error::invalid(
+                "messages",
+                format!(
+                    "the prompt is {} tokens, over the limit of {limit} tokens (limits.max_prompt_tokens {}, context of `{}` {})",
+                    prompt.len(),
+                    state.config.limits.max_prompt_tokens,
+                    model.info().id,
+                    model.info().context_length
+                ),
+            )));
+        }
+        let ticket = state.admission.admit().map_err(refuse)?;
+        let request_id = req
+            .request_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let placement = placement_for(&model, &req);
+
+        let (tx, rx) = mpsc::channel::<Item>(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let slot = tokio::select! {
+                slot = ticket.run() => slot,
+                _ = tx.closed() => {
+                    state.stats.requests_abandoned.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                _ = state.abort.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("ferryd is shutting down"))).await;
+                    return;
+                }
+            };
+            let queue_ms = arrived.elapsed().as_secs_f64() * 1e3;
+            let span =
+                tracing::info_span!("generate", request_id = %request_id, model = %model.info().id);
+            let gen_state = state.clone();
+            let gen_model = model.clone();
+            let gen_tx = tx.clone();
+            let sampling = req.sampling.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let _enter = span.enter();
+                let mut sink = ChannelSink {
+                    tx: gen_tx,
+                    abort: gen_state.abort.clone(),
+                    arrived,
+                    first_text_ms: None,
+                };
+                let out =
+                    gen_model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
+                drop(slot);
+                (out, sink.first_text_ms)
+            })
+            .await;
+            let (outcome, first_text_ms) = match result {
+                Ok(r) => r,
+                Err(join) => (
+                    Err(Error::Engine(format!("generation thread failed: {join}"))),
+                    None,
+                ),
+            };
+            let total_ms = arrived.elapsed().as_secs_f64() * 1e3;
+            match outcome {
+                Ok(out) => {
+                    let finish: pb::FinishReason = out.finish_reason.into();
+                    state.records.insert(RequestRecord {
+                        request_id: request_id.clone(),
+                        model: model.info().id.clone(),
+                        tier: "local",
+                        finish_reason: format!("{:?}", out.finish_reason).to_lowercase(),
+                        prompt_tokens: out.prompt_tokens as u32,
+                        completion_tokens: out.completion_tokens as u32,
+                        total_ms,
+                        finished_unix_ms: unix_ms(),
+                    });
+                    let completion = pb::Completion {
+                        request_id: request_id.clone(),
+                        model: model.info().id.clone(),
+                        tier: pb::Tier::Local as i32,
+                        finish_reason: finish as i32,
+                        usage: Some(pb::Usage {
+                            prompt_tokens: out.prompt_tokens as u32,
+                            completion_tokens: out.completion_tokens as u32,
+                        }),
+                        latency: Some(pb::Latency {
+                            time_to_first_token_ms: first_text_ms.unwrap_or(total_ms),
+                            total_ms,
+                            queue_ms,
+                        }),
+                        energy: Some(pb::Energy {
+                            joules: None,
+                            source: "none".to_string(),
+                            devices: Vec::new(),
+                        }),
+                        cost_usd: None,
+                        placement: Some(placement),
+                    };
+                    tracing::info!(
+                        request_id = %request_id,
+                        model = %model.info().id,
+                        prompt_tokens = out.prompt_tokens,
+                        completion_tokens = out.completion_tokens,
+                        finish = ?out.finish_reason,
+                        queue_ms = queue_ms as u64,
+                        total_ms = total_ms as u64,
+                        "request finished"
+                    );
+                    state
+                        .stats
+                        .requests_completed
+                        .fetch_add(1, Ordering::Relaxed);
+                    let msg = pb::GenerateResponse {
+                        event: Some(pb::generate_response::Event::Completion(completion)),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        state
+                            .stats
+                            .requests_abandoned
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(Error::Cancelled(why)) if state.abort.is_cancelled() && !tx.is_closed() => {
+                    state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "ferryd shut down before the request finished ({why})"
+                        ))))
+                        .await;
+                }
+                Err(Error::Cancelled(why)) => {
+                    state
+                        .stats
+                        .requests_abandoned
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(request_id = %request_id, "client went away: {why}");
+                }
+                Err(e) => {
+                    state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(request_id = %request_id, error = %e, "generation failed");
+                    let _ = tx.send(Err(e.into())).await;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let default = self.state.default_model_id();
+        let models = self
+            .state
+            .manifests
+            .iter()
+            .map(|m| {
+                let loaded = self.state.model(&m.id);
+                pb::ModelInfo {
+                    id: m.id.clone(),
+                    family: loaded
+                        .as_ref()
+                        .map(|l| l.info().family.clone())
+                        .unwrap_or_else(|| m.family.clone()),
+                    tier: pb::Tier::Local as i32,
+                    capabilities: m.capabilities.clone(),
+                    context_length: loaded
+                        .as_ref()
+                        .map(|l| l.info().context_length as u32)
+                        .or(m.context_length)
+                        .unwrap_or(0),
+                    loaded: loaded.is_some(),
+                    is_default: default.as_deref() == Some(m.id.as_str()),
+                    usd_per_million_tokens: m.cost.usd_per_million_tokens,
+                    joules_per_token: m.cost.joules_per_token,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn feedback(
+        &self,
+        request: Request<pb::FeedbackRequest>,
+    ) -> Result<Response<pb::FeedbackResponse>, Status> {
+        let req = request.into_inner();
+        if req.request_id.trim().is_empty() {
+            return Err(Error::invalid("request_id", "is required").into());
+        }
+        let replaced = self.state.records.feedback(
+            &req.request_id,
+            Feedback {
+                satisfied: req.satisfied,
+                score: req.score,
+            },
+        )?;
+        Ok(Response::new(pb::FeedbackResponse { replaced }))
+    }
+}

@@ -1,0 +1,186 @@
+//! The daemon's shared state: configuration, model registry and residency, admission control,
+//! request records, and the shutdown signals.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio_util::sync::CancellationToken;
+
+use ferry_core::{Error, ModelKind, ModelManifest, Result, Tier};
+use ferry_engine::LoadedModel;
+
+use crate::admission::Admission;
+use crate::config::EdgeConfig;
+use crate::records::RecordStore;
+
+/// Counters of the gRPC surface, read by tests and (later) metrics.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub requests_received: AtomicU64,
+    pub requests_rejected: AtomicU64,
+    pub requests_completed: AtomicU64,
+    pub requests_failed: AtomicU64,
+    /// Clients that left before their request finished.
+    pub requests_abandoned: AtomicU64,
+}
+
+/// Everything the services share.
+pub struct AppState {
+    pub config: EdgeConfig,
+    /// Generator manifests of the local tier, sorted by id.
+    pub manifests: Vec<ModelManifest>,
+    models: RwLock<HashMap<String, Arc<LoadedModel>>>,
+    default_model: RwLock<Option<String>>,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    pub admission: Admission,
+    pub records: RecordStore,
+    pub stats: ServerStats,
+    /// Cancelled when in-flight generations must stop (end of the shutdown grace period).
+    pub abort: CancellationToken,
+    seed_state: AtomicU64,
+}
+
+impl AppState {
+    /// Builds the state from a validated config; reads the manifests, loads no weights.
+    pub fn new(config: EdgeConfig) -> Result<Self> {
+        let manifests: Vec<ModelManifest> = ModelManifest::load_dir(&config.models.manifest_dir)?
+            .into_iter()
+            .filter(|m| m.kind == ModelKind::Generator && m.tier == Tier::Local)
+            .collect();
+        for id in config.models_to_load() {
+            if !manifests.iter().any(|m| m.id == id) {
+                return Err(Error::invalid(
+                    "models.load",
+                    format!(
+                        "no local generator manifest with id `{id}` in {}",
+                        config.models.manifest_dir.display()
+                    ),
+                ));
+            }
+        }
+        let records = RecordStore::new(config.state.max_records, Some(&config.state.dir))?;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x5eed);
+        Ok(AppState {
+            admission: Admission::new(config.server.max_concurrent, config.server.max_queue),
+            config,
+            manifests,
+            models: RwLock::new(HashMap::new()),
+            default_model: RwLock::new(None),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            records,
+            stats: ServerStats::default(),
+            abort: CancellationToken::new(),
+            seed_state: AtomicU64::new(seed),
+        })
+    }
+
+    /// Loads the configured models (blocking: call from a blocking thread) and marks the state
+    /// ready once the default model is resident.
+    pub fn load_models(&self) -> Result<()> {
+        let device = candle_core_device();
+        for id in self.config.models_to_load() {
+            let manifest = self
+                .manifests
+                .iter()
+                .find(|m| m.id == id)
+                .expect("checked in AppState::new");
+            let started = std::time::Instant::now();
+            let model = LoadedModel::load(manifest, &self.config.models.model_dir, &device)?;
+            tracing::info!(
+                model = %id,
+                family = %model.info().family,
+                context_length = model.info().context_length,
+                load_ms = started.elapsed().as_millis() as u64,
+                "model loaded"
+            );
+            self.models
+                .write()
+                .expect("models lock")
+                .insert(id.clone(), Arc::new(model));
+        }
+        let default = match &self.config.models.default {
+            Some(d) if self.model(d).is_some() => d.clone(),
+            Some(d) => {
+                return Err(Error::invalid(
+                    "models.default",
+                    format!("default model `{d}` is not among the loaded models"),
+                ))
+            }
+            None => self
+                .config
+                .models_to_load()
+                .first()
+                .cloned()
+                .ok_or_else(|| Error::invalid("models.load", "no model to load"))?,
+        };
+        *self.default_model.write().expect("default lock") = Some(default);
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// A loaded model by id.
+    pub fn model(&self, id: &str) -> Option<Arc<LoadedModel>> {
+        self.models.read().expect("models lock").get(id).cloned()
+    }
+
+    /// The model used for `auto`.
+    pub fn default_model_id(&self) -> Option<String> {
+        self.default_model.read().expect("default lock").clone()
+    }
+
+    /// Picks the model for a request: the named one, or the default for `auto`.
+    pub fn resolve_model(&self, requested: Option<&str>) -> Result<Arc<LoadedModel>> {
+        let id = match requested {
+            Some(id) => id.to_string(),
+            None => self
+                .default_model_id()
+                .ok_or_else(|| Error::Unavailable("no model is loaded yet".into()))?,
+        };
+        if let Some(m) = self.model(&id) {
+            return Ok(m);
+        }
+        if self.manifests.iter().any(|m| m.id == id) {
+            return Err(Error::FailedPrecondition(format!(
+                "model `{id}` is configured but not loaded; add it to models.load"
+            )));
+        }
+        Err(Error::ModelNotFound(id))
+    }
+
+    /// True once the default model is loaded.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// True after shutdown began: new requests are refused.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts draining.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// A fresh seed for requests that bring none (splitmix64 over a time-seeded counter).
+    pub fn next_seed(&self) -> u64 {
+        let mut z = self
+            .seed_state
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The compute device: CPU unless built with CUDA and a GPU is present.
+fn candle_core_device() -> ferry_engine::Device {
+    ferry_engine::default_device()
+}
