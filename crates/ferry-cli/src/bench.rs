@@ -1,0 +1,177 @@
+//! `ferry bench`: prefill and decode speed of a local model in ferry's engine, beside llama.cpp
+//! (through llama-cpp-python) on the same GGUF file in the same run, plus the machine's memory
+//! read bandwidth, which bounds decode speed for a model that is read once per token.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use ferry_core::{Error, ModelFormat, ModelManifest, Result, SamplingParams};
+use ferry_engine::{GenerateOptions, LoadedModel};
+
+/// A fixed English text; prompts of N tokens are cut from its repetition.
+const PROMPT_TEXT: &str = "The harbour ferry leaves at dawn, carrying commuters, bicycles and the \
+morning newspapers across the grey water. On calm days the crossing takes twelve minutes; when \
+the wind rises from the west, the captain steers a longer course to keep the deck dry. ";
+
+/// Benchmark settings.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub repeats: usize,
+    /// Threads for the peer (candle uses every core it sees).
+    pub threads: usize,
+}
+
+/// One engine's numbers (medians over the repeats).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineResult {
+    pub engine: String,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub load_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Measures ferry's engine on `manifest`.
+pub fn run_ferry(
+    manifest: &ModelManifest,
+    model_dir: &Path,
+    opts: &BenchOptions,
+) -> Result<EngineResult> {
+    let t0 = Instant::now();
+    let model = LoadedModel::load(manifest, model_dir, &ferry_engine::default_device())?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let mut ids = Vec::new();
+    while ids.len() < opts.prompt_tokens {
+        ids.extend(model.encode_text(PROMPT_TEXT)?);
+    }
+    ids.truncate(opts.prompt_tokens);
+    let params = SamplingParams::greedy(opts.gen_tokens as u32);
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    // One warm-up run: first-touch page faults of the mmapped weights are not engine speed.
+    for i in 0..=opts.repeats {
+        let mut sink = |_: &str| std::ops::ControlFlow::Continue(());
+        let out = model.generate(
+            &ids,
+            &params,
+            GenerateOptions { ignore_eos: true },
+            &mut sink,
+        )?;
+        if i == 0 {
+            continue;
+        }
+        prefill.push(out.prompt_tokens as f64 / (out.prefill_ms / 1e3));
+        // The first token comes from the prefill logits; the rest each cost one forward pass.
+        decode.push((out.completion_tokens.saturating_sub(1)) as f64 / (out.decode_ms / 1e3));
+    }
+    Ok(EngineResult {
+        engine: "ferry (candle)".into(),
+        prefill_tok_s: median(prefill),
+        decode_tok_s: median(decode),
+        load_s,
+    })
+}
+
+#[derive(Deserialize)]
+struct PeerJson {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    load_s: f64,
+    version: Option<String>,
+}
+
+/// Measures llama.cpp on a GGUF file with `python` running `script`.
+pub fn run_llama_cpp(
+    python: &Path,
+    script: &Path,
+    gguf: &Path,
+    opts: &BenchOptions,
+) -> Result<EngineResult> {
+    let out = Command::new(python)
+        .arg(script)
+        .arg("--model")
+        .arg(gguf)
+        .args(["--prompt-tokens", &opts.prompt_tokens.to_string()])
+        .args(["--gen-tokens", &opts.gen_tokens.to_string()])
+        .args(["--threads", &opts.threads.to_string()])
+        .args(["--repeats", &opts.repeats.to_string()])
+        .arg("--json")
+        .output()
+        .map_err(|e| Error::Unavailable(format!("running {}: {e}", python.display())))?;
+    if !out.status.success() {
+        return Err(Error::Unavailable(format!(
+            "llama.cpp peer failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or("");
+    let parsed: PeerJson = serde_json::from_str(line).map_err(|e| {
+        Error::Unavailable(format!(
+            "llama.cpp peer printed no result JSON ({e}): {stdout}"
+        ))
+    })?;
+    Ok(EngineResult {
+        engine: format!("llama.cpp {}", parsed.version.unwrap_or_default())
+            .trim()
+            .to_string(),
+        prefill_tok_s: parsed.prefill_tok_s,
+        decode_tok_s: parsed.decode_tok_s,
+        load_s: parsed.load_s,
+    })
+}
+
+/// The GGUF file of a manifest, if it is a GGUF model that is installed locally.
+pub fn gguf_path(manifest: &ModelManifest, model_dir: &Path) -> Option<PathBuf> {
+    if manifest.format != ModelFormat::Gguf {
+        return None;
+    }
+    let p = manifest
+        .local_dir(model_dir)
+        .join(manifest.weights.as_ref()?);
+    p.is_file().then_some(p)
+}
+
+/// Single-thread sequential read bandwidth in GB/s over a buffer much larger than the caches.
+pub fn memory_read_bandwidth_gb_s() -> f64 {
+    let words = 64 * 1024 * 1024; // 512 MiB of u64
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: u64 = buf.iter().fold(0u64, |a, &x| a.wrapping_add(x));
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((words * 8) as f64 / secs / 1e9);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 4.0);
+        assert!(median(vec![]).is_nan());
+    }
+}

