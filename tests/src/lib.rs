@@ -1,0 +1,153 @@
+//! Harness for the workspace integration tests: start ferryd in-process on loopback (port 0,
+//! temporary state directory) with the real bundled model, talk to it with the generated gRPC
+//! client, and find the built binaries for the tests that run them as processes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_edge::{EdgeConfig, RunningServer};
+use ferry_proto::v1 as pb;
+use futures::StreamExt;
+use pb::inference_client::InferenceClient;
+use tonic::transport::Channel;
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where the bundled models are installed (`FERRY_MODEL_DIR` or `models/cache`).
+pub fn model_dir() -> PathBuf {
+    let dir = std::env::var_os("FERRY_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/cache"));
+    let gguf = dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.is_file(),
+        "{} is missing: install the bundled models first with `cargo run -p ferry-cli -- models fetch` \
+         (scripts/test does this)",
+        gguf.display()
+    );
+    dir
+}
+
+/// The id of the bundled default model.
+pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+/// A config for tests: loopback port 0, the repo's manifests, a fresh state directory.
+pub fn test_config(state_dir: &Path) -> EdgeConfig {
+    let mut c = EdgeConfig::default();
+    c.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    c.server.shutdown_grace_s = 5;
+    c.models.manifest_dir = repo_root().join("models");
+    c.models.model_dir = model_dir();
+    c.models.load = vec![DEFAULT_MODEL.to_string()];
+    c.models.default = Some(DEFAULT_MODEL.to_string());
+    c.state.dir = state_dir.to_path_buf();
+    c
+}
+
+/// A started server with a connected client.
+pub struct TestServer {
+    pub server: RunningServer,
+    pub client: InferenceClient<Channel>,
+    pub _state_dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts ferryd with `tweak` applied to the test config and waits until it is ready.
+    pub async fn start(tweak: impl FnOnce(&mut EdgeConfig)) -> Self {
+        let state_dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(state_dir.path());
+        tweak(&mut config);
+        let mut server = RunningServer::start(config).await.expect("ferryd starts");
+        server.wait_ready().await.expect("models load");
+        let client = client(&format!("http://{}", server.local_addr)).await;
+        TestServer {
+            server,
+            client,
+            _state_dir: state_dir,
+        }
+    }
+}
+
+/// Connects a client, retrying briefly while the listener comes up.
+pub async fn client(addr: &str) -> InferenceClient<Channel> {
+    for _ in 0..100 {
+        if let Ok(c) = ferry_cli::client::inference(addr).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("could not connect to {addr}");
+}
+
+/// A text message.
+pub fn msg(role: pb::Role, text: &str) -> pb::Message {
+    pb::Message {
+        role: role as i32,
+        parts: vec![pb::ContentPart {
+            kind: Some(pb::content_part::Kind::Text(text.to_string())),
+        }],
+    }
+}
+
+/// A greedy request with one user message.
+pub fn greedy(text: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: "auto".into(),
+        messages: vec![msg(pb::Role::User, text)],
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        ..Default::default()
+    }
+}
+
+/// Runs a request to the end: (concatenated deltas, number of deltas, completion).
+pub async fn run(
+    client: &mut InferenceClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Result<(String, usize, pb::Completion), tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut text = String::new();
+    let mut deltas = 0;
+    let mut completion = None;
+    while let Some(item) = stream.next().await {
+        match item?.event {
+            Some(pb::generate_response::Event::Delta(d)) => {
+                assert!(completion.is_none(), "delta after the completion");
+                text.push_str(&d.text);
+                deltas += 1;
+            }
+            Some(pb::generate_response::Event::Completion(c)) => completion = Some(c),
+            None => panic!("empty event"),
+        }
+    }
+    Ok((
+        text,
+        deltas,
+        completion.expect("stream ended without a completion"),
+    ))
+}
+
+/// Path of a binary built by `cargo build` next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (scripts/test does this)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,163 @@
+//! The real binaries as processes: `ferryd` configured by flags and environment, `ferry chat`
+//! streaming from it, `ferry models list`, and SIGTERM letting an in-flight stream finish.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ferry_integration::{binary, client, free_port, greedy, model_dir, repo_root};
+use ferry_proto::v1 as pb;
+use futures::StreamExt;
+
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_ferryd(port: u16, state: &std::path::Path) -> Daemon {
+    let child = Command::new(binary("ferryd"))
+        .current_dir(repo_root())
+        .args(["--config", "configs/edge.toml"])
+        .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(state)
+        .env("FERRY_MODEL_DIR", model_dir())
+        .env("FERRY_MAX_QUEUE", "4")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ferryd starts");
+    Daemon(child)
+}
+
+async fn wait_serving(addr: &str) {
+    for _ in 0..600 {
+        if let Ok(ch) = ferry_cli::client::connect(addr).await {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+            if let Ok(r) = h
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            {
+                if r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("ferryd at {addr} never became ready");
+}
+
+#[tokio::test]
+async fn ferry_chat_streams_from_ferryd_and_sigterm_drains() {
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut daemon = start_ferryd(port, state.path());
+    let addr = format!("127.0.0.1:{port}");
+    wait_serving(&format!("http://{addr}")).await;
+
+    let out = Command::new(binary("ferry"))
+        .args([
+            "chat",
+            "What is the capital of France?",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--json",
+        ])
+        .args(["--addr", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let json_line = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(json_line).unwrap();
+    assert_eq!(v["model"], "smollm2-135m-instruct");
+    assert_eq!(v["tier"], "TIER_LOCAL");
+    assert!(v["completion_tokens"].as_u64().unwrap() >= 1);
+
+    let out = Command::new(binary("ferry"))
+        .args(["models", "list", "--json", "--addr", &addr])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["loaded"], true);
+
+    // SIGTERM while a stream is in flight: the stream still completes and ferryd exits 0.
+    let mut c = client(&format!("http://{addr}")).await;
+    let mut stream = c
+        .generate(greedy("Tell me about ferries.", 30))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    let pid = daemon.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut completed = false;
+    while let Some(item) = stream.next().await {
+        if let Some(pb::generate_response::Event::Completion(_)) = item.unwrap().event {
+            completed = true;
+        }
+    }
+    assert!(completed, "in-flight stream finished after SIGTERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = daemon.0.wait().unwrap();
+        std::mem::forget(daemon);
+        s
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "ferryd exit status {status}");
+}
+
+#[test]
+fn ferryd_rejects_a_bad_config_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[server]\nmax_concurent = 2\n").unwrap();
+    let out = Command::new(binary("ferryd"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_concurent"), "{err}");
+}
+
+#[test]
+fn ferry_models_list_reads_manifests() {
+    let out = Command::new(binary("ferry"))
+        .current_dir(repo_root())
+        .args(["models", "list", "--json"])
+        .env("FERRY_MODEL_DIR", model_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"smollm2-135m-instruct") && ids.contains(&"all-minilm-l6-v2"));
+    assert!(v.as_array().unwrap().iter().all(|m| m["installed"] == true));
+}
