@@ -169,6 +169,9 @@ impl ModelManifest {
                 self.id
             )));
         }
+        if self.context_length.is_some_and(|c| c < 2) {
+            return Err(bad("context_length must be at least 2 tokens".into()));
+        }
         if self.format == ModelFormat::Gguf && self.weights.is_none() {
             return Err(bad(
                 "a gguf model needs `weights` (the .gguf file name)".into()

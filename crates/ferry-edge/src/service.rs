@@ -125,7 +125,7 @@ impl Inference for InferenceService {
         let model = state.resolve_model(req.model.as_deref()).map_err(refuse)?;
         let prompt = model.encode_chat(&req.messages).map_err(refuse)?;
         let limit =
-            (state.config.limits.max_prompt_tokens as usize).min(model.info().context_length - 1);
+            (state.config.limits.max_prompt_tokens as usize).min(model.info().context_length.saturating_sub(1));
         if prompt.len() > limit {
             return Err(refuse(Error::invalid(
                 "messages",
