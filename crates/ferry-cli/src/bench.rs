@@ -33,6 +33,9 @@ pub struct EngineResult {
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
     pub load_s: f64,
+    /// Weight bytes resident for decoding (ferry only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resident_weight_bytes: Option<u64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -81,6 +84,7 @@ pub fn run_ferry(
         prefill_tok_s: median(prefill),
         decode_tok_s: median(decode),
         load_s,
+        resident_weight_bytes: Some(model.info().resident_weight_bytes),
     })
 }
 
@@ -135,6 +139,7 @@ pub fn run_llama_cpp(
         prefill_tok_s: parsed.prefill_tok_s,
         decode_tok_s: parsed.decode_tok_s,
         load_s: parsed.load_s,
+        resident_weight_bytes: None,
     })
 }
 

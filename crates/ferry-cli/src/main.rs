@@ -427,12 +427,16 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             ours.decode_tok_s / p.decode_tok_s
         );
     }
-    if let Some(bytes) = model_bytes {
+    if let Some(bytes) = ours.resident_weight_bytes {
         let per_token_gb = bytes as f64 / 1e9;
         println!(
-            "memory: {:.0} MB of weights read per decoded token; single-thread read bandwidth {:.1} GB/s \
+            "memory: {:.0} MB of weights read per decoded token{}; single-thread read bandwidth {:.1} GB/s \
              -> bandwidth-bound ceiling {:.0} tok/s; ferry reaches {:.1} GB/s",
             bytes as f64 / 1e6,
+            model_bytes
+                .filter(|&f| f != bytes)
+                .map(|f| format!(" (file {:.0} MB, repacked for the CPU kernel)", f as f64 / 1e6))
+                .unwrap_or_default(),
             bandwidth,
             bandwidth / per_token_gb,
             ours.decode_tok_s * per_token_gb

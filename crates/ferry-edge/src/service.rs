@@ -124,8 +124,8 @@ impl Inference for InferenceService {
         .map_err(refuse)?;
         let model = state.resolve_model(req.model.as_deref()).map_err(refuse)?;
         let prompt = model.encode_chat(&req.messages).map_err(refuse)?;
-        let limit =
-            (state.config.limits.max_prompt_tokens as usize).min(model.info().context_length.saturating_sub(1));
+        let limit = (state.config.limits.max_prompt_tokens as usize)
+            .min(model.info().context_length.saturating_sub(1));
         if prompt.len() > limit {
             return Err(refuse(Error::invalid(
                 "messages",

@@ -51,6 +51,8 @@ pub struct ModelInfo {
     pub cost: CostHints,
     /// Weight file(s) the model was loaded from.
     pub weights: Vec<PathBuf>,
+    /// Bytes of weights held in memory (after any repacking); decoding reads them all per token.
+    pub resident_weight_bytes: u64,
 }
 
 /// Engine-level switches that are not part of a user request.
@@ -188,7 +190,9 @@ impl LoadedModel {
             .and_then(|c| json_token(c.get("eos_token")))
             .unwrap_or_default();
 
-        let (backbone, tokenizer, family, meta_ctx, weights) = match manifest.format {
+        let (backbone, tokenizer, family, meta_ctx, weights, resident_weight_bytes) = match manifest
+            .format
+        {
             ModelFormat::Gguf => {
                 let name = manifest.weights.as_deref().ok_or_else(|| {
                     Error::FailedPrecondition(format!(
@@ -240,8 +244,23 @@ impl LoadedModel {
                     Some(p) => tokenizer::from_file(p)?,
                     None => tokenizer::from_gguf(&content, &path)?,
                 };
-                let backbone = Backbone::from_gguf(content, &mut file, &path, device)?;
-                (backbone, tok, arch, meta_ctx, vec![path])
+                let repacked = if device.is_cpu() && manifest.cpu_repack_q4_1 {
+                    crate::model::repack_q4_1_as_q8_0(&content, &mut file, &path)?
+                } else {
+                    None
+                };
+                let resident = match &repacked {
+                    Some((_, buf)) => buf.get_ref().len() as u64,
+                    None => file.metadata().map(|m| m.len()).unwrap_or(0),
+                };
+                let backbone = match repacked {
+                    Some((content, mut buf)) => {
+                        tracing::debug!(model = %manifest.id, "Q4_1 weights repacked as Q8_0 for the CPU kernel");
+                        Backbone::from_gguf(content, &mut buf, &path, device)?
+                    }
+                    None => Backbone::from_gguf(content, &mut file, &path, device)?,
+                };
+                (backbone, tok, arch, meta_ctx, vec![path], resident)
             }
             ModelFormat::Safetensors => {
                 let config_path = loc.file("config.json")?;
@@ -303,7 +322,12 @@ impl LoadedModel {
                     &config_path,
                     device,
                 )?;
-                (backbone, tok, family, meta_ctx, files)
+                let resident = files
+                    .iter()
+                    .filter_map(|f| std::fs::metadata(f).ok())
+                    .map(|m| m.len())
+                    .sum();
+                (backbone, tok, family, meta_ctx, files, resident)
             }
         };
 
@@ -339,6 +363,7 @@ impl LoadedModel {
             context_length,
             cost: manifest.cost.clone(),
             weights,
+            resident_weight_bytes,
         };
         tracing::debug!(model = %info.id, family = %info.family, context_length, eos = ?eos_ids, "model loaded");
         Ok(LoadedModel {

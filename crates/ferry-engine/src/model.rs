@@ -51,9 +51,9 @@ impl Backbone {
     }
 
     /// Loads GGUF weights; the architecture comes from `general.architecture`.
-    pub fn from_gguf(
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
         content: gguf_file::Content,
-        file: &mut std::fs::File,
+        file: &mut R,
         path: &Path,
         device: &Device,
     ) -> Result<Self> {
@@ -166,6 +166,58 @@ impl Backbone {
             position: 0,
         })
     }
+}
+
+/// Rewrites a GGUF file in memory with every Q4_1 tensor requantised to Q8_0.
+///
+/// candle 0.11 has no SIMD kernel for Q4_1 (its `vec_dot` is the generic scalar loop) but an AVX2
+/// one for Q8_0, and decoding a small model on a CPU is bound by that kernel, not by memory
+/// bandwidth. Requantising at load costs about half a second and 1.8x the Q4_1 bytes, and doubles
+/// decode speed. Q8_0 keeps 255 levels per 32-value block where Q4_1 has 16, so the requantised
+/// weights differ from the originals by well under one Q4_1 step. Returns `None` when the file has
+/// no Q4_1 tensor.
+pub fn repack_q4_1_as_q8_0(
+    content: &gguf_file::Content,
+    file: &mut std::fs::File,
+    path: &Path,
+) -> Result<Option<(gguf_file::Content, std::io::Cursor<Vec<u8>>)>> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    if !content
+        .tensor_infos
+        .values()
+        .any(|t| t.ggml_dtype == GgmlDType::Q4_1)
+    {
+        return Ok(None);
+    }
+    let bad = |e: candle_core::Error| Error::InvalidFile {
+        what: "GGUF model",
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let cpu = Device::Cpu;
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(&str, QTensor)> = Vec::with_capacity(names.len());
+    for name in names {
+        let qt = content.tensor(file, name, &cpu).map_err(bad)?;
+        let qt = if qt.dtype() == GgmlDType::Q4_1 {
+            QTensor::quantize(&qt.dequantize(&cpu).map_err(bad)?, GgmlDType::Q8_0).map_err(bad)?
+        } else {
+            qt
+        };
+        tensors.push((name.as_str(), qt));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut buf = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut buf, &metadata, &refs).map_err(bad)?;
+    buf.set_position(0);
+    let repacked = gguf_file::Content::read(&mut buf).map_err(bad)?;
+    Ok(Some((repacked, buf)))
 }
 
 /// The `general.architecture` of a GGUF file, lower-cased.

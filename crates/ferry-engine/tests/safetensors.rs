@@ -21,7 +21,11 @@ fn gguf_path() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("models/cache"));
     let p = dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "{} missing: run `cargo run -p ferry-cli -- models fetch`", p.display());
+    assert!(
+        p.is_file(),
+        "{} missing: run `cargo run -p ferry-cli -- models fetch`",
+        p.display()
+    );
     p
 }
 
@@ -54,7 +58,11 @@ fn export_llama(gguf: &Path, dir: &Path) {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let names: Vec<String> = ct.tensor_infos.keys().cloned().collect();
     for name in names {
-        let t = ct.tensor(&mut f, &name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+        let t = ct
+            .tensor(&mut f, &name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
         let hf = if let Some(rest) = name.strip_prefix("blk.") {
             let (layer, part) = rest.split_once('.').unwrap();
             let part = part.trim_end_matches(".weight");
@@ -70,7 +78,10 @@ fn export_llama(gguf: &Path, dir: &Path) {
                 "ffn_down" => ("mlp.down_proj", t),
                 other => panic!("unexpected tensor {other}"),
             };
-            tensors.insert(format!("model.layers.{layer}.{hf_part}.weight"), t.to_dtype(DType::F16).unwrap());
+            tensors.insert(
+                format!("model.layers.{layer}.{hf_part}.weight"),
+                t.to_dtype(DType::F16).unwrap(),
+            );
             continue;
         } else {
             match name.as_str() {
@@ -102,7 +113,10 @@ fn export_llama(gguf: &Path, dir: &Path) {
         "eos_token_id": 2,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let template = ct.metadata["tokenizer.chat_template"].to_string().unwrap().clone();
+    let template = ct.metadata["tokenizer.chat_template"]
+        .to_string()
+        .unwrap()
+        .clone();
     std::fs::write(
         dir.join("tokenizer_config.json"),
         serde_json::json!({"chat_template": template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}).to_string(),
@@ -114,10 +128,21 @@ fn export_llama(gguf: &Path, dir: &Path) {
 
 fn answer(model: &LoadedModel, q: &str, n: u32) -> String {
     let ids = model
-        .encode_chat(&[ChatMessage::text(Role::System, "You are a helpful assistant."), ChatMessage::text(Role::User, q)])
+        .encode_chat(&[
+            ChatMessage::text(Role::System, "You are a helpful assistant."),
+            ChatMessage::text(Role::User, q),
+        ])
         .unwrap();
     let mut sink = |_: &str| ControlFlow::Continue(());
-    model.generate(&ids, &SamplingParams::greedy(n), GenerateOptions::default(), &mut sink).unwrap().text
+    model
+        .generate(
+            &ids,
+            &SamplingParams::greedy(n),
+            GenerateOptions::default(),
+            &mut sink,
+        )
+        .unwrap()
+        .text
 }
 
 #[test]
@@ -125,12 +150,25 @@ fn llama_safetensors_export_answers_like_the_gguf() {
     let gguf = gguf_path();
     let dir = tempfile::tempdir().unwrap();
     export_llama(&gguf, dir.path());
-    let st = LoadedModel::load(&adhoc_manifest(dir.path().to_str().unwrap()).unwrap(), Path::new("/unused"), &Device::Cpu).unwrap();
+    let st = LoadedModel::load(
+        &adhoc_manifest(dir.path().to_str().unwrap()).unwrap(),
+        Path::new("/unused"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(st.info().family, "llama");
-    let gg = LoadedModel::load(&adhoc_manifest(gguf.to_str().unwrap()).unwrap(), Path::new("/unused"), &Device::Cpu).unwrap();
+    let gg = LoadedModel::load(
+        &adhoc_manifest(gguf.to_str().unwrap()).unwrap(),
+        Path::new("/unused"),
+        &Device::Cpu,
+    )
+    .unwrap();
     // Same tokenizer, same template: same prompt ids.
     let msgs = [ChatMessage::text(Role::User, "Hi")];
-    assert_eq!(st.encode_chat(&msgs).unwrap(), gg.encode_chat(&msgs).unwrap());
+    assert_eq!(
+        st.encode_chat(&msgs).unwrap(),
+        gg.encode_chat(&msgs).unwrap()
+    );
     let a = answer(&st, "What is the capital of France?", 16);
     let b = answer(&gg, "What is the capital of France?", 16);
     assert_eq!(a, "The capital of France is Paris.");
@@ -166,10 +204,19 @@ fn tiny_random_qwen2_checkpoint_loads_and_generates() {
     let model = LoadedModel::load(&manifest, Path::new("/unused"), &Device::Cpu).unwrap();
     assert_eq!(model.info().family, "qwen2");
     assert_eq!(model.info().context_length, 256);
-    let ids = model.encode_chat(&[ChatMessage::text(Role::User, "Hello")]).unwrap();
+    let ids = model
+        .encode_chat(&[ChatMessage::text(Role::User, "Hello")])
+        .unwrap();
     let run = || {
         let mut sink = |_: &str| ControlFlow::Continue(());
-        model.generate(&ids, &SamplingParams::greedy(8), GenerateOptions { ignore_eos: true }, &mut sink).unwrap()
+        model
+            .generate(
+                &ids,
+                &SamplingParams::greedy(8),
+                GenerateOptions { ignore_eos: true },
+                &mut sink,
+            )
+            .unwrap()
     };
     let (a, b) = (run(), run());
     assert_eq!(a.completion_tokens, 8);

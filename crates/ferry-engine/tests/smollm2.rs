@@ -169,3 +169,17 @@ fn sink_break_cancels() {
             < 20
     );
 }
+
+#[test]
+fn q8_0_repack_answers_like_the_original_q4_1() {
+    let repacked = load();
+    let mut manifest =
+        ModelManifest::load(&root().join("models/smollm2-135m-instruct.toml")).unwrap();
+    manifest.cpu_repack_q4_1 = false;
+    let original = LoadedModel::load(&manifest, &model_dir(), &ferry_engine::Device::Cpu).unwrap();
+    assert!(repacked.info().resident_weight_bytes > original.info().resident_weight_bytes);
+    let params = SamplingParams::greedy(24);
+    let (a, _, _) = generate(&repacked, "What is the capital of France?", &params);
+    let (b, _, _) = generate(&original, "What is the capital of France?", &params);
+    assert_eq!(a, b);
+}
