@@ -23,10 +23,7 @@ async fn greedy_stream_is_repeatable_and_accounted() {
     let lat = ca.latency.unwrap();
     assert!(lat.time_to_first_token_ms > 0.0 && lat.time_to_first_token_ms <= lat.total_ms);
     let energy = ca.energy.unwrap();
-    assert!(
-        energy.joules.is_none() && energy.source == "none",
-        "no made-up energy figure"
-    );
+    assert!(energy.joules.is_some_and(|j| j > 0.0) && !energy.source.is_empty());
 
     // The completion count is the number of tokens of the streamed text.
     let model = t.server.state.model(DEFAULT_MODEL).unwrap();

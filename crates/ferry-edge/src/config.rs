@@ -9,6 +9,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use ferry_core::{Error, RequestLimits, Result};
+use ferry_energy::EnergyConfig;
 
 /// The whole daemon configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -17,6 +18,7 @@ pub struct EdgeConfig {
     pub server: ServerConfig,
     pub models: ModelsConfig,
     pub limits: RequestLimits,
+    pub energy: EnergyConfig,
     pub state: StateConfig,
     pub log: LogConfig,
 }
@@ -148,6 +150,9 @@ impl EdgeConfig {
         if self.limits.max_prompt_tokens == 0 {
             return Err(bad("limits.max_prompt_tokens", "must be at least 1"));
         }
+        self.energy
+            .validate()
+            .map_err(|e| bad("energy", &e.to_string()))?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(bad("log.format", "must be `text` or `json`"));
         }
@@ -225,6 +230,24 @@ pub struct Cli {
     /// Most prompt tokens after the chat template.
     #[arg(long, env = "FERRY_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: Option<u32>,
+    /// Energy sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
+    #[arg(long, env = "FERRY_ENERGY_SOURCES", value_delimiter = ',')]
+    pub energy_sources: Option<Vec<String>>,
+    /// Energy sampler rate in Hz.
+    #[arg(long, env = "FERRY_ENERGY_SAMPLE_HZ")]
+    pub energy_sample_hz: Option<f64>,
+    /// Jetson INA3221 rails to count (comma-separated).
+    #[arg(long, env = "FERRY_ENERGY_RAILS", value_delimiter = ',')]
+    pub energy_rails: Option<Vec<String>>,
+    /// Estimate: package power at full CPU utilisation, watts.
+    #[arg(long, env = "FERRY_ENERGY_PACKAGE_WATTS")]
+    pub energy_package_watts: Option<f64>,
+    /// Estimate: idle package power, watts.
+    #[arg(long, env = "FERRY_ENERGY_IDLE_WATTS")]
+    pub energy_idle_watts: Option<f64>,
+    /// Root of the sysfs tree the energy sources read.
+    #[arg(long, env = "FERRY_ENERGY_SYSFS_ROOT")]
+    pub energy_sysfs_root: Option<PathBuf>,
     /// State directory.
     #[arg(long, env = "FERRY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -272,6 +295,12 @@ impl Cli {
         set(&mut c.limits.max_new_tokens, &self.max_new_tokens);
         set(&mut c.limits.default_max_tokens, &self.default_max_tokens);
         set(&mut c.limits.max_prompt_tokens, &self.max_prompt_tokens);
+        set(&mut c.energy.sources, &self.energy_sources);
+        set(&mut c.energy.sample_hz, &self.energy_sample_hz);
+        set(&mut c.energy.rails, &self.energy_rails);
+        set(&mut c.energy.package_watts, &self.energy_package_watts);
+        set(&mut c.energy.idle_watts, &self.energy_idle_watts);
+        set(&mut c.energy.sysfs_root, &self.energy_sysfs_root);
         set(&mut c.state.dir, &self.state_dir);
         set(&mut c.state.max_records, &self.max_records);
         set(&mut c.log.format, &self.log_format);
@@ -303,11 +332,15 @@ mod tests {
             "a,b",
             "--max-prompt-tokens",
             "99",
+            "--energy-sources",
+            "rapl,estimate",
         ]);
         let c = cli.resolve().unwrap();
         assert_eq!(c.server.grpc_addr.port(), 6000);
         assert_eq!(c.models.load, vec!["a", "b"]);
         assert_eq!(c.limits.max_prompt_tokens, 99);
+        assert_eq!(c.energy.sources, vec!["rapl", "estimate"]);
+        assert_eq!(c.energy.sample_hz, file.energy.sample_hz);
         assert_eq!(c.server.max_queue, file.server.max_queue);
     }
 

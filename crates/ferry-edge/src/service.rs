@@ -174,16 +174,21 @@ impl Inference for InferenceService {
                     arrived,
                     first_text_ms: None,
                 };
+                // Energy is charged from here: queue time is not busy time.
+                let account = gen_state.energy.begin();
                 let out =
                     gen_model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
+                let energy = gen_state.energy.end(account);
+                gen_state.add_model_energy(&gen_model.info().id, energy.joules);
                 drop(slot);
-                (out, sink.first_text_ms)
+                (out, sink.first_text_ms, Some(energy))
             })
             .await;
-            let (outcome, first_text_ms) = match result {
+            let (outcome, first_text_ms, energy) = match result {
                 Ok(r) => r,
                 Err(join) => (
                     Err(Error::Engine(format!("generation thread failed: {join}"))),
+                    None,
                     None,
                 ),
             };
@@ -215,10 +220,17 @@ impl Inference for InferenceService {
                             total_ms,
                             queue_ms,
                         }),
-                        energy: Some(pb::Energy {
-                            joules: None,
-                            source: "none".to_string(),
-                            devices: Vec::new(),
+                        energy: Some(match &energy {
+                            Some(e) => pb::Energy {
+                                joules: Some(e.joules),
+                                source: e.source.clone(),
+                                devices: e.devices.clone(),
+                            },
+                            None => pb::Energy {
+                                joules: None,
+                                source: "none".to_string(),
+                                devices: Vec::new(),
+                            },
                         }),
                         cost_usd: None,
                         placement: Some(placement),
@@ -229,6 +241,7 @@ impl Inference for InferenceService {
                         prompt_tokens = out.prompt_tokens,
                         completion_tokens = out.completion_tokens,
                         finish = ?out.finish_reason,
+                        joules = energy.as_ref().map(|e| e.joules),
                         queue_ms = queue_ms as u64,
                         total_ms = total_ms as u64,
                         "request finished"

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use ferry_core::{Error, ModelKind, ModelManifest, Result, Tier};
+use ferry_energy::meter::EnergyMeter;
 use ferry_engine::LoadedModel;
 
 use crate::admission::Admission;
@@ -37,6 +38,10 @@ pub struct AppState {
     pub admission: Admission,
     pub records: RecordStore,
     pub stats: ServerStats,
+    /// Measures device energy and attributes it to requests.
+    pub energy: EnergyMeter,
+    /// Joules attributed per model since start.
+    energy_by_model: std::sync::Mutex<std::collections::BTreeMap<String, f64>>,
     /// Cancelled when in-flight generations must stop (end of the shutdown grace period).
     pub abort: CancellationToken,
     seed_state: AtomicU64,
@@ -61,6 +66,11 @@ impl AppState {
             }
         }
         let records = RecordStore::new(config.state.max_records, Some(&config.state.dir))?;
+        let sources = ferry_energy::open_sources(&config.energy)
+            .map_err(|e| Error::invalid("energy.sources", e.to_string()))?;
+        let energy = EnergyMeter::start(sources, config.energy.sample_hz)
+            .map_err(|e| Error::invalid("energy", e.to_string()))?;
+        tracing::info!(source = energy.source_label(), devices = ?energy.devices(), "energy metering");
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -75,6 +85,8 @@ impl AppState {
             draining: AtomicBool::new(false),
             records,
             stats: ServerStats::default(),
+            energy,
+            energy_by_model: Default::default(),
             abort: CancellationToken::new(),
             seed_state: AtomicU64::new(seed),
         })
@@ -166,6 +178,24 @@ impl AppState {
     /// Starts draining.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Adds a request's joules to its model's total.
+    pub fn add_model_energy(&self, model: &str, joules: f64) {
+        *self
+            .energy_by_model
+            .lock()
+            .expect("energy totals lock")
+            .entry(model.to_string())
+            .or_default() += joules;
+    }
+
+    /// Joules attributed per model since start.
+    pub fn energy_by_model(&self) -> std::collections::BTreeMap<String, f64> {
+        self.energy_by_model
+            .lock()
+            .expect("energy totals lock")
+            .clone()
     }
 
     /// A fresh seed for requests that bring none (splitmix64 over a time-seeded counter).
