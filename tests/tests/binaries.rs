@@ -161,3 +161,29 @@ fn ferry_models_list_reads_manifests() {
     assert!(ids.contains(&"smollm2-135m-instruct") && ids.contains(&"all-minilm-l6-v2"));
     assert!(v.as_array().unwrap().iter().all(|m| m["installed"] == true));
 }
+
+#[test]
+fn ferry_energy_probe_reports_every_source_with_a_reason() {
+    let fixture =
+        repo_root().join("crates/ferry-energy/tests/fixtures/jetson-agx-xavier-l4t32/sys");
+    let out = Command::new(binary("ferry"))
+        .args(["energy", "probe", "--json", "--sysfs-root"])
+        .arg(&fixture)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sources = v["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 4);
+    let ina = sources.iter().find(|s| s["kind"] == "ina3221").unwrap();
+    assert_eq!(ina["available"], true);
+    assert_eq!(ina["devices"].as_array().unwrap().len(), 6);
+    let rapl = sources.iter().find(|s| s["kind"] == "rapl").unwrap();
+    assert_eq!(rapl["available"], false);
+    assert!(rapl["reason"].as_str().unwrap().contains("powercap"));
+    assert!(v["selected"].as_str().unwrap().contains("ina3221"));
+}

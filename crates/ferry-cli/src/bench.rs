@@ -180,3 +180,64 @@ mod tests {
         assert!(median(vec![]).is_nan());
     }
 }
+
+/// CPU time of this whole process (every thread), in nanoseconds, from `/proc/self/task/*/schedstat`.
+pub fn process_cpu_ns() -> Result<u64> {
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| Error::io("reading /proc/self/task", e))?;
+    let mut total = 0u64;
+    for t in tasks.flatten() {
+        // Threads may exit between listing and reading; those are simply gone.
+        if let Ok(text) = std::fs::read_to_string(t.path().join("schedstat")) {
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// CPU cost of the energy sampler at one rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplerOverhead {
+    pub sample_hz: f64,
+    pub seconds: f64,
+    pub source: String,
+    /// Sampler CPU time as a percentage of one core.
+    pub cpu_percent_of_core: f64,
+    /// The same process doing nothing, for reference.
+    pub baseline_percent_of_core: f64,
+    /// CPU time per sample in microseconds.
+    pub us_per_sample: f64,
+}
+
+/// Runs the meter at `sample_hz` for `seconds` with nothing else to do and measures its CPU time.
+pub fn sampler_overhead(
+    cfg: &ferry_energy::EnergyConfig,
+    sample_hz: f64,
+    seconds: f64,
+) -> Result<SamplerOverhead> {
+    let window = std::time::Duration::from_secs_f64(seconds);
+    let b0 = process_cpu_ns()?;
+    std::thread::sleep(window);
+    let baseline = (process_cpu_ns()? - b0) as f64;
+    let sources = ferry_energy::open_sources(cfg).map_err(|e| Error::Unavailable(e.to_string()))?;
+    let meter = ferry_energy::meter::EnergyMeter::start(sources, sample_hz)
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    let source = meter.source_label().to_string();
+    let c0 = process_cpu_ns()?;
+    std::thread::sleep(window);
+    let used = (process_cpu_ns()? - c0) as f64;
+    drop(meter);
+    let wall_ns = seconds * 1e9;
+    Ok(SamplerOverhead {
+        sample_hz,
+        seconds,
+        source,
+        cpu_percent_of_core: used / wall_ns * 100.0,
+        baseline_percent_of_core: baseline / wall_ns * 100.0,
+        us_per_sample: used / 1e3 / (sample_hz * seconds),
+    })
+}

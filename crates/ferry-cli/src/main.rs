@@ -30,8 +30,74 @@ enum Command {
     /// Model manifests and files.
     #[command(subcommand)]
     Models(ModelsCommand),
-    /// Prefill and decode speed of a local model, beside llama.cpp on the same file.
-    Bench(BenchArgs),
+    /// Benchmarks: the engine (default) beside llama.cpp, or `energy` for the sampler's cost.
+    Bench(BenchCmd),
+    /// Energy sources on this machine.
+    #[command(subcommand)]
+    Energy(EnergyCommand),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCmd {
+    #[command(subcommand)]
+    what: Option<BenchWhat>,
+    #[command(flatten)]
+    engine: BenchArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// CPU cost of the energy sampler at 10 Hz and 100 Hz, as a share of one core.
+    Energy {
+        #[command(flatten)]
+        energy: EnergyArgs,
+        /// Seconds measured per rate.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct EnergyArgs {
+    /// Sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
+    #[arg(
+        long,
+        env = "FERRY_ENERGY_SOURCES",
+        value_delimiter = ',',
+        default_value = "auto"
+    )]
+    sources: Vec<String>,
+    /// Jetson rails to count.
+    #[arg(long, env = "FERRY_ENERGY_RAILS", value_delimiter = ',')]
+    rails: Vec<String>,
+    /// Root of the sysfs tree.
+    #[arg(long, env = "FERRY_ENERGY_SYSFS_ROOT", default_value = "/sys")]
+    sysfs_root: PathBuf,
+}
+
+impl EnergyArgs {
+    fn config(&self) -> ferry_energy::EnergyConfig {
+        ferry_energy::EnergyConfig {
+            sources: self.sources.clone(),
+            rails: self.rails.clone(),
+            sysfs_root: self.sysfs_root.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum EnergyCommand {
+    /// Which power sources exist here, which devices they count, and why the others cannot be read.
+    Probe {
+        #[command(flatten)]
+        energy: EnergyArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -445,6 +511,71 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn energy_probe(args: EnergyArgs, json: bool) -> anyhow::Result<()> {
+    let cfg = args.config();
+    let results = ferry_energy::probe(&cfg);
+    let chosen = ferry_energy::open_sources(&cfg)
+        .map(|s| {
+            s.iter()
+                .map(|s| s.kind().as_str())
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .unwrap_or_else(|e| format!("none ({e})"));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"sources": results, "selected": chosen})
+            )?
+        );
+        return Ok(());
+    }
+    println!("{:<9} {:<10} DEVICES / REASON", "SOURCE", "READABLE");
+    for r in &results {
+        let detail = if r.available {
+            r.devices.join(", ")
+        } else {
+            r.reason.clone().unwrap_or_default()
+        };
+        println!(
+            "{:<9} {:<10} {detail}",
+            r.kind.as_str(),
+            if r.available { "yes" } else { "no" }
+        );
+    }
+    println!("ferryd would use: {chosen}");
+    Ok(())
+}
+
+fn bench_energy(args: EnergyArgs, seconds: f64, json: bool) -> anyhow::Result<()> {
+    let cfg = args.config();
+    let mut rows = Vec::new();
+    for hz in [10.0, 100.0] {
+        eprintln!("sampling at {hz} Hz for {seconds} s ...");
+        rows.push(bench::sampler_overhead(&cfg, hz, seconds)?);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<10} {:>16} {:>14} {:>16}",
+        "rate", "source", "% of one core", "us / sample", "idle process %"
+    );
+    for r in &rows {
+        println!(
+            "{:<10} {:<10} {:>15.3}% {:>14.1} {:>15.3}%",
+            format!("{} Hz", r.sample_hz),
+            r.source,
+            r.cpu_percent_of_core,
+            r.us_per_sample,
+            r.baseline_percent_of_core
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -467,7 +598,17 @@ fn main() -> anyhow::Result<()> {
             keep_wheels,
             quiet,
         }) => models_fetch(registry, ids, python, keep_wheels, quiet),
-        Command::Bench(args) => run_bench(args),
+        Command::Bench(BenchCmd { what: None, engine }) => run_bench(engine),
+        Command::Bench(BenchCmd {
+            what:
+                Some(BenchWhat::Energy {
+                    energy,
+                    seconds,
+                    json,
+                }),
+            ..
+        }) => bench_energy(energy, seconds, json),
+        Command::Energy(EnergyCommand::Probe { energy, json }) => energy_probe(energy, json),
     }
 }
 
