@@ -179,7 +179,7 @@ impl Inference for InferenceService {
                 let out =
                     gen_model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
                 let energy = gen_state.energy.end(account);
-                gen_state.add_model_energy(&gen_model.info().id, energy.joules);
+                gen_state.add_model_energy(&gen_model.info().id, &energy);
                 drop(slot);
                 (out, sink.first_text_ms, Some(energy))
             })

@@ -180,14 +180,32 @@ impl AppState {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Adds a request's joules to its model's total.
-    pub fn add_model_energy(&self, model: &str, joules: f64) {
-        *self
-            .energy_by_model
-            .lock()
-            .expect("energy totals lock")
-            .entry(model.to_string())
-            .or_default() += joules;
+    /// Books a request's energy: its model's total, and the exported metrics.
+    ///
+    /// Metrics (labels bounded by the configured models and sources):
+    /// `ferry_request_energy_joules{model,source}` (histogram, per request),
+    /// `ferry_model_energy_joules{model,source}` (total attributed to a model),
+    /// `ferry_energy_joules{source,account}` with account `measured`, `attributed` or `idle`.
+    pub fn add_model_energy(&self, model: &str, energy: &ferry_energy::meter::RequestEnergy) {
+        let total = {
+            let mut by_model = self.energy_by_model.lock().expect("energy totals lock");
+            let t = by_model.entry(model.to_string()).or_default();
+            *t += energy.joules;
+            *t
+        };
+        let source = energy.source.clone();
+        metrics::histogram!("ferry_request_energy_joules", "model" => model.to_string(), "source" => source.clone())
+            .record(energy.joules);
+        metrics::gauge!("ferry_model_energy_joules", "model" => model.to_string(), "source" => source.clone())
+            .set(total);
+        let totals = self.energy.totals();
+        for (account, value) in [
+            ("measured", totals.measured_joules),
+            ("attributed", totals.attributed_joules),
+            ("idle", totals.idle_joules),
+        ] {
+            metrics::gauge!("ferry_energy_joules", "source" => source.clone(), "account" => account).set(value);
+        }
     }
 
     /// Joules attributed per model since start.
