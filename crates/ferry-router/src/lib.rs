@@ -1,0 +1,60 @@
+//! Routing policies, free of I/O and seeded: the same structs run in ferryd, in `ferry replay`
+//! and in unit tests, and a seeded run is bit-for-bit repeatable.
+//!
+//! A zoo policy is fed one request at a time: [`ZooPolicy::decide`] sees only the request's
+//! features (its question embedding) and answers which model serves it, or that the request is
+//! an exploration sample to be run on every model; [`ZooPolicy::observe`] then receives what was
+//! actually observed (costs of the models that ran, satisfaction where feedback arrived).
+
+pub mod baselines;
+pub mod mess;
+pub mod predictor;
+
+/// What a zoo policy decided for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Run on every model, serve the most capable (last) one, learn from all of them.
+    Explore,
+    /// Run only this model (index into the zoo, ordered by ascending cost).
+    Serve(usize),
+}
+
+impl Decision {
+    /// The model whose answer is served, for a zoo of `n` models.
+    pub fn served(self, n: usize) -> usize {
+        match self {
+            Decision::Explore => n - 1,
+            Decision::Serve(m) => m,
+        }
+    }
+}
+
+/// What was observed after running a request as decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// Cost of each model that ran (`None` for models that did not run).
+    pub costs: Vec<Option<f64>>,
+    /// Satisfaction of each model whose answer was judged (`None` when unknown).
+    pub satisfied: Vec<Option<bool>>,
+    /// Whether the user's feedback on the served answer arrived.
+    pub feedback: bool,
+}
+
+/// A model-selection policy over one tier's zoo.
+pub trait ZooPolicy {
+    /// Short name for reports.
+    fn name(&self) -> String;
+    /// Chooses for a request with features `x`.
+    fn decide(&mut self, x: &[f32]) -> Decision;
+    /// Learns from what happened to the request just decided.
+    fn observe(&mut self, x: &[f32], decision: Decision, obs: &Observation);
+}
+
+/// Errors of router construction.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("invalid router parameter: {0}")]
+    Invalid(String),
+    #[error("predictor: {0}")]
+    Predictor(String),
+}
