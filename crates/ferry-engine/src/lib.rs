@@ -6,6 +6,7 @@
 //! GGUF vocabulary), rendering the chat template, sampling, stop strings, and UTF-8-safe
 //! incremental detokenisation. It knows nothing about gRPC; `ferryd` and `ferry bench` drive it.
 
+pub mod encoder;
 pub mod model;
 pub mod sampling;
 pub mod source;

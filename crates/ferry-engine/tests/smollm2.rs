@@ -183,3 +183,46 @@ fn q8_0_repack_answers_like_the_original_q4_1() {
     let (b, _, _) = generate(&original, "What is the capital of France?", &params);
     assert_eq!(a, b);
 }
+
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    let manifest = ModelManifest::load(&root().join("models/all-minilm-l6-v2.toml")).unwrap();
+    let enc = ferry_engine::encoder::SentenceEncoder::load(
+        &manifest,
+        &model_dir(),
+        &ferry_engine::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(enc.dim(), 384);
+    let v = enc
+        .embed(&[
+            "A cat sits on the mat.",
+            "A kitten rests on a rug.",
+            "Stock markets fell sharply today.",
+        ])
+        .unwrap();
+    let norm: f32 = v[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5);
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let similar = cos(&v[0], &v[1]);
+    let unrelated = cos(&v[0], &v[2]);
+    assert!(similar > 0.5 && unrelated < 0.2, "{similar} {unrelated}");
+    // The same text twice (and the cache) give the same vector; batching does not change it.
+    let again = enc.embed(&["A cat sits on the mat."]).unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&again[0], &v[0]),
+        "served from the cache"
+    );
+    let alone = ferry_engine::encoder::SentenceEncoder::load(
+        &manifest,
+        &model_dir(),
+        &ferry_engine::Device::Cpu,
+    )
+    .unwrap()
+    .embed(&["A cat sits on the mat."])
+    .unwrap();
+    assert!(v[0]
+        .iter()
+        .zip(alone[0].iter())
+        .all(|(a, b)| (a - b).abs() < 1e-5));
+}
