@@ -35,6 +35,47 @@ enum Command {
     /// Energy sources on this machine.
     #[command(subcommand)]
     Energy(EnergyCommand),
+    /// Replay recorded per-request outcomes through a routing policy (MESS+ data format).
+    Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    registry: Registry,
+    /// CSV/JSON file or directory (read recursively) in the MESS+ per-request format.
+    #[arg(long)]
+    input: PathBuf,
+    /// SLA target: fraction of requests that must be satisfied.
+    #[arg(long)]
+    alpha: f64,
+    /// Cost weight V, in the cost column's unit. Default: 0.1 / (mean cost of the most
+    /// expensive model), so a queue of about one request of SLA debt balances the largest
+    /// model's cost; this gives 5e-5..1e-4 on the MESS+ joules, inside the paper's range.
+    #[arg(long)]
+    v: Option<f64>,
+    /// Exploration constant c in p_t = min(1, c / t^(1/4)).
+    #[arg(long, default_value_t = 0.1)]
+    c: f64,
+    #[arg(long, value_delimiter = ',', default_value = "42,43,44")]
+    seeds: Vec<u64>,
+    /// Zoo order (ascending cost); default: the label_* columns ordered by mean cost.
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
+    /// Cost columns are <prefix>_<model>.
+    #[arg(long, default_value = "energy_consumption")]
+    cost_prefix: String,
+    /// mess-plus, always:<model>, random-alpha or oracle.
+    #[arg(long, default_value = "mess-plus")]
+    policy: String,
+    /// Encoder model id (manifest) for the question embeddings.
+    #[arg(long, default_value = "all-minilm-l6-v2")]
+    encoder: String,
+    /// Where question embeddings are cached between runs.
+    #[arg(long, env = "FERRY_CACHE_DIR", default_value = ".cache")]
+    cache_dir: PathBuf,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -576,6 +617,115 @@ fn bench_energy(args: EnergyArgs, seconds: f64, json: bool) -> anyhow::Result<()
     Ok(())
 }
 
+fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
+    use ferry_cli::replay;
+    let data = replay::Dataset::load(&args.input, args.models.as_deref(), &args.cost_prefix)?;
+    let policy: replay::PolicyKind = args.policy.parse()?;
+    let opts = replay::ReplayOptions {
+        alpha: args.alpha,
+        v: args.v.unwrap_or_else(|| data.default_v()),
+        c: args.c,
+        seeds: args.seeds.clone(),
+        policy,
+    };
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&opts.alpha),
+        "--alpha must be in [0, 1]"
+    );
+    anyhow::ensure!(!opts.seeds.is_empty(), "--seeds needs at least one seed");
+    let (features, dim) = if opts.policy == replay::PolicyKind::MessPlus {
+        let manifests = load_manifests(&args.registry.manifest_dir)?;
+        let m = manifests
+            .iter()
+            .find(|m| m.id == args.encoder)
+            .with_context(|| format!("no encoder manifest `{}`", args.encoder))?;
+        let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
+        let cache = ferry_cli::replay::EmbeddingCache::new(&args.cache_dir, &m.id, &texts);
+        match cache.load() {
+            Some((f, dim)) => {
+                eprintln!(
+                    "embeddings of {} questions from {}",
+                    texts.len(),
+                    cache.path().display()
+                );
+                (f, dim)
+            }
+            None => {
+                let enc = ferry_engine::encoder::SentenceEncoder::load(
+                    m,
+                    &args.registry.model_dir,
+                    &ferry_engine::default_device(),
+                )?;
+                let t = std::time::Instant::now();
+                let f = enc.embed(&texts)?;
+                eprintln!(
+                    "embedded {} questions in {:.1} s",
+                    texts.len(),
+                    t.elapsed().as_secs_f64()
+                );
+                if let Err(e) = cache.store(&f, enc.dim()) {
+                    eprintln!("embedding cache not written: {e}");
+                }
+                (f, enc.dim())
+            }
+        }
+    } else {
+        (Vec::new(), 0)
+    };
+    let t = std::time::Instant::now();
+    let (report, _, _) = replay::replay(&data, &features, dim, &opts)?;
+    eprintln!(
+        "replayed {} seeds in {:.1} s",
+        opts.seeds.len(),
+        t.elapsed().as_secs_f64()
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} requests ({} duplicates dropped) · models {:?} · alpha {} · V {:.3e} · c {} · seeds {:?}",
+        report.requests, report.duplicates_dropped, report.models, report.alpha, report.v, report.c, report.seeds
+    );
+    println!(
+        "{:<16} {:>12} {:>6} {:>14} {:>12}  calls",
+        "policy", "satisfaction", "SLA", "cost total", "cost/request"
+    );
+    let calls = |c: &std::collections::BTreeMap<String, f64>| {
+        report
+            .models
+            .iter()
+            .map(|m| format!("{m} {:.0}%", 100.0 * c.get(m).copied().unwrap_or(0.0)))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!(
+        "{:<16} {:>11.1}% {:>6} {:>14.0} {:>12.1}  {} (explore {:.1}%)",
+        report.policy,
+        100.0 * report.satisfaction,
+        if report.sla_met { "met" } else { "MISSED" },
+        report.cost_total,
+        report.cost_per_request,
+        calls(&report.calls),
+        100.0 * report.explore_fraction
+    );
+    for (name, b) in &report.baselines {
+        println!(
+            "{:<16} {:>11.1}% {:>6} {:>14.0} {:>12.1}",
+            name,
+            100.0 * b.satisfaction,
+            if b.satisfaction >= report.alpha {
+                "met"
+            } else {
+                "-"
+            },
+            b.cost_total,
+            b.cost_total / report.requests as f64
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -609,6 +759,7 @@ fn main() -> anyhow::Result<()> {
             ..
         }) => bench_energy(energy, seconds, json),
         Command::Energy(EnergyCommand::Probe { energy, json }) => energy_probe(energy, json),
+        Command::Replay(args) => run_replay(args),
     }
 }
 

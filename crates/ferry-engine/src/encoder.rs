@@ -74,7 +74,9 @@ impl SentenceEncoder {
             let cache = self.cache.lock().expect("encoder cache lock");
             texts.iter().map(|t| cache.get(*t).cloned()).collect()
         };
-        let missing: Vec<usize> = (0..texts.len()).filter(|&i| out[i].is_none()).collect();
+        let mut missing: Vec<usize> = (0..texts.len()).filter(|&i| out[i].is_none()).collect();
+        // Batches of similar length waste little work on padding.
+        missing.sort_by_key(|&i| texts[i].len());
         for chunk in missing.chunks(32) {
             let batch: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
             let vectors = self.embed_uncached(&batch)?;

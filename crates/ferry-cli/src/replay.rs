@@ -1,0 +1,645 @@
+//! `ferry replay`: runs a zoo policy over recorded per-request outcomes — the MESS+ authors'
+//! format — and reports satisfaction, SLA, cost and call mix beside the baselines.
+//!
+//! Input: CSV files or JSON lists of records (a directory is read recursively) with `doc_id`,
+//! `input_text`, and per model m `label_<m>` (1 satisfied, 0 not) and `<cost-prefix>_<m>`.
+//! Duplicate `(benchmark_name, doc_id)` keys keep the first row. Requests are shuffled per seed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use ferry_core::{Error, Result};
+use ferry_router::baselines::{cheapest_mix, oracle_choice, Always, RandomMix};
+use ferry_router::mess::{MessPlus, MessPlusConfig};
+use ferry_router::predictor::{MlpPredictor, SgdConfig};
+use ferry_router::{Decision, Observation, ZooPolicy};
+
+/// One recorded request.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: String,
+    pub text: String,
+    pub satisfied: Vec<bool>,
+    pub costs: Vec<f64>,
+}
+
+/// A loaded data set.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Model names, ordered by ascending mean cost unless given explicitly.
+    pub models: Vec<String>,
+    pub records: Vec<Record>,
+    /// Rows dropped as duplicates.
+    pub duplicates: usize,
+}
+
+fn files_under(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if path.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            files_under(&p, out)?;
+        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("csv" | "json")) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+type Row = BTreeMap<String, String>;
+
+fn read_rows(path: &Path) -> Result<Vec<Row>> {
+    let bad = |reason: String| Error::InvalidFile {
+        what: "replay input",
+        path: path.to_path_buf(),
+        reason,
+    };
+    if path.extension().and_then(|e| e.to_str()) == Some("json") {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let v: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("expected a JSON list of records: {e}")))?;
+        return Ok(v
+            .into_iter()
+            .map(|m| {
+                m.into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k,
+                            v.as_str()
+                                .map(str::to_string)
+                                .unwrap_or_else(|| v.to_string()),
+                        )
+                    })
+                    .collect()
+            })
+            .collect());
+    }
+    let mut rdr = csv::Reader::from_path(path).map_err(|e| bad(e.to_string()))?;
+    let headers = rdr.headers().map_err(|e| bad(e.to_string()))?.clone();
+    let mut rows = Vec::new();
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| bad(e.to_string()))?;
+        rows.push(
+            headers
+                .iter()
+                .zip(rec.iter())
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect(),
+        );
+    }
+    Ok(rows)
+}
+
+fn parse_num(v: Option<&String>, what: &str, key: &str) -> Result<f64> {
+    let v = v.ok_or_else(|| Error::invalid(what, format!("missing for `{key}`")))?;
+    v.trim()
+        .parse::<f64>()
+        .map_err(|_| Error::invalid(what, format!("`{v}` is not a number (row `{key}`)")))
+}
+
+impl Dataset {
+    /// Loads every file under `input`. `models`: explicit zoo order, or `None` for the
+    /// `label_*` columns ordered by mean cost.
+    pub fn load(input: &Path, models: Option<&[String]>, cost_prefix: &str) -> Result<Self> {
+        let mut files = Vec::new();
+        files_under(input, &mut files)?;
+        if files.is_empty() {
+            return Err(Error::invalid(
+                "input",
+                format!("no .csv or .json files under {}", input.display()),
+            ));
+        }
+        let mut rows = Vec::new();
+        for f in &files {
+            rows.extend(read_rows(f)?);
+        }
+        let first = rows
+            .first()
+            .ok_or_else(|| Error::invalid("input", "no records"))?;
+        let mut names: Vec<String> = match models {
+            Some(m) => m.to_vec(),
+            None => first
+                .keys()
+                .filter_map(|k| k.strip_prefix("label_").map(str::to_string))
+                .collect(),
+        };
+        if names.is_empty() {
+            return Err(Error::invalid("input", "no label_<model> columns"));
+        }
+        let mut seen = HashSet::new();
+        let mut records = Vec::new();
+        let mut duplicates = 0;
+        for row in &rows {
+            let doc = row
+                .get("doc_id")
+                .cloned()
+                .unwrap_or_else(|| records.len().to_string());
+            let key = match row.get("benchmark_name") {
+                Some(b) => format!("{b}/{doc}"),
+                None => doc,
+            };
+            if !seen.insert(key.clone()) {
+                duplicates += 1;
+                continue;
+            }
+            let text = row.get("input_text").cloned().unwrap_or_default();
+            let mut satisfied = Vec::new();
+            let mut costs = Vec::new();
+            for m in &names {
+                satisfied.push(
+                    parse_num(row.get(&format!("label_{m}")), &format!("label_{m}"), &key)? >= 0.5,
+                );
+                costs.push(parse_num(
+                    row.get(&format!("{cost_prefix}_{m}")),
+                    &format!("{cost_prefix}_{m}"),
+                    &key,
+                )?);
+            }
+            records.push(Record {
+                key,
+                text,
+                satisfied,
+                costs,
+            });
+        }
+        if models.is_none() {
+            let means: Vec<f64> = (0..names.len())
+                .map(|m| records.iter().map(|r| r.costs[m]).sum::<f64>() / records.len() as f64)
+                .collect();
+            let mut order: Vec<usize> = (0..names.len()).collect();
+            order.sort_by(|&a, &b| means[a].total_cmp(&means[b]));
+            names = order.iter().map(|&i| names[i].clone()).collect();
+            for r in &mut records {
+                r.satisfied = order.iter().map(|&i| r.satisfied[i]).collect();
+                r.costs = order.iter().map(|&i| r.costs[i]).collect();
+            }
+        }
+        Ok(Dataset {
+            models: names,
+            records,
+            duplicates,
+        })
+    }
+
+    /// Mean satisfaction of each model.
+    pub fn mean_satisfaction(&self) -> Vec<f64> {
+        let n = self.records.len() as f64;
+        (0..self.models.len())
+            .map(|m| self.records.iter().filter(|r| r.satisfied[m]).count() as f64 / n)
+            .collect()
+    }
+
+    /// Mean cost of each model.
+    pub fn mean_cost(&self) -> Vec<f64> {
+        let n = self.records.len() as f64;
+        (0..self.models.len())
+            .map(|m| self.records.iter().map(|r| r.costs[m]).sum::<f64>() / n)
+            .collect()
+    }
+
+    /// The default V: 0.1 divided by the mean cost of the most expensive model, so that a
+    /// queue of about one request's worth of SLA debt balances the largest model's cost
+    /// (joules on the MESS+ data give 5e-5..1e-4, inside the reference's 1e-6..1e-2 range).
+    pub fn default_v(&self) -> f64 {
+        let top = self.mean_cost().into_iter().fold(0.0, f64::max);
+        if top > 0.0 {
+            0.1 / top
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Which policy to replay.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyKind {
+    MessPlus,
+    Always(String),
+    RandomAlpha,
+    Oracle,
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "mess-plus" => PolicyKind::MessPlus,
+            "random-alpha" => PolicyKind::RandomAlpha,
+            "oracle" => PolicyKind::Oracle,
+            other => match other.strip_prefix("always:") {
+                Some(m) => PolicyKind::Always(m.to_string()),
+                None => {
+                    return Err(Error::invalid(
+                        "policy",
+                        format!("`{other}`: use mess-plus, always:<model>, random-alpha or oracle"),
+                    ))
+                }
+            },
+        })
+    }
+}
+
+/// Replay settings.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub alpha: f64,
+    pub v: f64,
+    pub c: f64,
+    pub seeds: Vec<u64>,
+    pub policy: PolicyKind,
+}
+
+/// Outcome of one policy over all seeds.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub satisfaction: f64,
+    pub satisfaction_std: f64,
+    pub cost_total: f64,
+    /// Fraction of requests whose served answer came from each model.
+    pub calls: BTreeMap<String, f64>,
+    pub explore_fraction: f64,
+    /// Running satisfaction and cumulative cost after each request (first seed), for plots.
+    #[serde(skip)]
+    pub trace: Vec<(f64, f64)>,
+}
+
+/// The `--json` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub requests: usize,
+    pub alpha: f64,
+    pub v: f64,
+    pub c: f64,
+    pub seeds: Vec<u64>,
+    pub policy: String,
+    pub models: Vec<String>,
+    pub satisfaction: f64,
+    pub satisfaction_std: f64,
+    pub sla_met: bool,
+    pub cost_total: f64,
+    pub cost_per_request: f64,
+    pub calls: BTreeMap<String, f64>,
+    pub explore_fraction: f64,
+    pub baselines: BTreeMap<String, BaselineSummary>,
+    pub duplicates_dropped: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineSummary {
+    pub satisfaction: f64,
+    pub cost_total: f64,
+}
+
+/// Runs `policy` over the records in `order`; returns per-seed figures.
+fn run_once(
+    data: &Dataset,
+    features: &[std::sync::Arc<Vec<f32>>],
+    order: &[usize],
+    policy: &mut dyn ZooPolicy,
+) -> (f64, f64, Vec<u64>, u64, Vec<(f64, f64)>) {
+    let n = data.models.len();
+    let (mut sat, mut cost, mut explored) = (0u64, 0.0, 0u64);
+    let mut calls = vec![0u64; n];
+    let mut trace = Vec::with_capacity(order.len());
+    for (i, &r) in order.iter().enumerate() {
+        let rec = &data.records[r];
+        let x = features.get(r).map(|v| v.as_slice()).unwrap_or(&[]);
+        let d = policy.decide(x);
+        let served = d.served(n);
+        let obs = match d {
+            Decision::Explore => {
+                explored += 1;
+                cost += rec.costs.iter().sum::<f64>();
+                Observation {
+                    costs: rec.costs.iter().map(|&c| Some(c)).collect(),
+                    satisfied: rec.satisfied.iter().map(|&s| Some(s)).collect(),
+                    feedback: true,
+                }
+            }
+            Decision::Serve(m) => {
+                cost += rec.costs[m];
+                let mut costs = vec![None; n];
+                costs[m] = Some(rec.costs[m]);
+                let mut s = vec![None; n];
+                s[m] = Some(rec.satisfied[m]);
+                Observation {
+                    costs,
+                    satisfied: s,
+                    feedback: true,
+                }
+            }
+        };
+        policy.observe(x, d, &obs);
+        calls[served] += 1;
+        if rec.satisfied[served] {
+            sat += 1;
+        }
+        trace.push((sat as f64 / (i + 1) as f64, cost));
+    }
+    (
+        sat as f64 / order.len() as f64,
+        cost,
+        calls,
+        explored,
+        trace,
+    )
+}
+
+/// The policy for one seed.
+fn make_policy(
+    kind: &PolicyKind,
+    data: &Dataset,
+    opts: &ReplayOptions,
+    dim: usize,
+    seed: u64,
+) -> Result<Box<dyn ZooPolicy>> {
+    let n = data.models.len();
+    Ok(match kind {
+        PolicyKind::MessPlus => {
+            let predictor = MlpPredictor::new(dim, dim, n, SgdConfig::default(), seed)
+                .map_err(|e| Error::Engine(e.to_string()))?;
+            Box::new(
+                MessPlus::new(
+                    MessPlusConfig {
+                        alpha: opts.alpha,
+                        v: opts.v,
+                        c: opts.c,
+                        seed,
+                    },
+                    n,
+                    predictor,
+                )
+                .map_err(|e| Error::invalid("mess-plus", e.to_string()))?,
+            )
+        }
+        PolicyKind::Always(m) => {
+            let idx = data.models.iter().position(|x| x == m).ok_or_else(|| {
+                Error::invalid("policy", format!("no model `{m}` in {:?}", data.models))
+            })?;
+            Box::new(Always {
+                model: idx,
+                label: m.clone(),
+            })
+        }
+        PolicyKind::RandomAlpha => {
+            let mix = cheapest_mix(&data.mean_satisfaction(), &data.mean_cost(), opts.alpha)
+                .unwrap_or_else(|| {
+                    let mut p = vec![0.0; n];
+                    p[n - 1] = 1.0;
+                    p
+                });
+            Box::new(RandomMix::new(mix, seed))
+        }
+        PolicyKind::Oracle => Box::new(OracleReplay {
+            data: data.clone(),
+            order_pos: 0,
+            order: Vec::new(),
+        }),
+    })
+}
+
+/// The oracle needs the record being served; it reads it from the replay order.
+struct OracleReplay {
+    data: Dataset,
+    order: Vec<usize>,
+    order_pos: usize,
+}
+
+impl ZooPolicy for OracleReplay {
+    fn name(&self) -> String {
+        "oracle".into()
+    }
+    fn decide(&mut self, _x: &[f32]) -> Decision {
+        let r = self.order[self.order_pos];
+        self.order_pos += 1;
+        Decision::Serve(oracle_choice(&self.data.records[r].satisfied))
+    }
+    fn observe(&mut self, _x: &[f32], _d: Decision, _o: &Observation) {}
+}
+
+/// Runs one policy over every seed.
+pub fn run_policy(
+    data: &Dataset,
+    features: &[std::sync::Arc<Vec<f32>>],
+    dim: usize,
+    kind: &PolicyKind,
+    opts: &ReplayOptions,
+) -> Result<RunSummary> {
+    let mut sats = Vec::new();
+    let mut cost_total = 0.0;
+    let mut calls = vec![0u64; data.models.len()];
+    let mut explored = 0u64;
+    let mut trace = Vec::new();
+    for (i, &seed) in opts.seeds.iter().enumerate() {
+        let mut order: Vec<usize> = (0..data.records.len()).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(seed));
+        let mut policy = make_policy(kind, data, opts, dim, seed)?;
+        if *kind == PolicyKind::Oracle {
+            policy = Box::new(OracleReplay {
+                data: data.clone(),
+                order: order.clone(),
+                order_pos: 0,
+            });
+        }
+        let (s, c, k, e, t) = run_once(data, features, &order, policy.as_mut());
+        sats.push(s);
+        cost_total += c;
+        for (a, b) in calls.iter_mut().zip(k) {
+            *a += b;
+        }
+        explored += e;
+        if i == 0 {
+            trace = t;
+        }
+    }
+    let runs = opts.seeds.len() as f64;
+    let mean = sats.iter().sum::<f64>() / runs;
+    let std = (sats.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / runs).sqrt();
+    let total_requests = (data.records.len() as f64) * runs;
+    Ok(RunSummary {
+        satisfaction: mean,
+        satisfaction_std: std,
+        cost_total: cost_total / runs,
+        calls: data
+            .models
+            .iter()
+            .cloned()
+            .zip(calls.iter().map(|&c| c as f64 / total_requests))
+            .collect(),
+        explore_fraction: explored as f64 / total_requests,
+        trace,
+    })
+}
+
+/// Runs the chosen policy and every baseline; `features` are the records' embeddings (empty
+/// vectors are fine for policies that ignore them).
+pub fn replay(
+    data: &Dataset,
+    features: &[std::sync::Arc<Vec<f32>>],
+    dim: usize,
+    opts: &ReplayOptions,
+) -> Result<(Report, RunSummary, BTreeMap<String, RunSummary>)> {
+    let main = run_policy(data, features, dim, &opts.policy, opts)?;
+    let mut baselines = BTreeMap::new();
+    let mut kinds: Vec<(String, PolicyKind)> = data
+        .models
+        .iter()
+        .map(|m| (format!("always:{m}"), PolicyKind::Always(m.clone())))
+        .collect();
+    kinds.push(("random-alpha".into(), PolicyKind::RandomAlpha));
+    kinds.push(("oracle".into(), PolicyKind::Oracle));
+    for (name, kind) in kinds {
+        if kind != opts.policy {
+            baselines.insert(name, run_policy(data, features, dim, &kind, opts)?);
+        }
+    }
+    let policy = match &opts.policy {
+        PolicyKind::MessPlus => "mess-plus".to_string(),
+        PolicyKind::Always(m) => format!("always:{m}"),
+        PolicyKind::RandomAlpha => "random-alpha".into(),
+        PolicyKind::Oracle => "oracle".into(),
+    };
+    let report = Report {
+        requests: data.records.len(),
+        alpha: opts.alpha,
+        v: opts.v,
+        c: opts.c,
+        seeds: opts.seeds.clone(),
+        policy,
+        models: data.models.clone(),
+        satisfaction: main.satisfaction,
+        satisfaction_std: main.satisfaction_std,
+        sla_met: main.satisfaction >= opts.alpha,
+        cost_total: main.cost_total,
+        cost_per_request: main.cost_total / data.records.len() as f64,
+        calls: main.calls.clone(),
+        explore_fraction: main.explore_fraction,
+        baselines: baselines
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    BaselineSummary {
+                        satisfaction: v.satisfaction,
+                        cost_total: v.cost_total,
+                    },
+                )
+            })
+            .collect(),
+        duplicates_dropped: data.duplicates,
+    };
+    Ok((report, main, baselines))
+}
+
+/// On-disk cache of a data set's question embeddings, keyed by the encoder and every text, so
+/// that repeated replays (seeds, α sweeps) skip the encoder.
+pub struct EmbeddingCache {
+    path: PathBuf,
+}
+
+impl EmbeddingCache {
+    pub fn new(dir: &Path, encoder: &str, texts: &[&str]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(encoder.as_bytes());
+        for t in texts {
+            h.update([0u8]);
+            h.update(t.as_bytes());
+        }
+        let key = hex::encode(h.finalize());
+        EmbeddingCache {
+            path: dir
+                .join("embeddings")
+                .join(format!("{encoder}-{}.f32", &key[..32])),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cached vectors, if present and well-formed.
+    pub fn load(&self) -> Option<(Vec<std::sync::Arc<Vec<f32>>>, usize)> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        let (head, body) = bytes.split_at_checked(8)?;
+        let n = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+        let dim = u32::from_le_bytes(head[4..].try_into().ok()?) as usize;
+        if body.len() != n * dim * 4 {
+            return None;
+        }
+        let floats: Vec<f32> = body
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Some((
+            floats
+                .chunks(dim.max(1))
+                .map(|c| std::sync::Arc::new(c.to_vec()))
+                .collect(),
+            dim,
+        ))
+    }
+
+    /// Writes the vectors (atomically: temp file, then rename).
+    pub fn store(&self, vectors: &[std::sync::Arc<Vec<f32>>], dim: usize) -> Result<()> {
+        let dir = self.path.parent().expect("cache path has a parent");
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let mut bytes = Vec::with_capacity(8 + vectors.len() * dim * 4);
+        bytes.extend((vectors.len() as u32).to_le_bytes());
+        bytes.extend((dim as u32).to_le_bytes());
+        for v in vectors {
+            for x in v.iter() {
+                bytes.extend(x.to_le_bytes());
+            }
+        }
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)
+            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &self.path)
+            .map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn loads_orders_by_cost_and_drops_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.csv",
+            "doc_id,input_text,benchmark_name,label_big,energy_consumption_big,label_small,energy_consumption_small\n\
+             1,q1,b,1.0,100,0.0,5\n2,q2,b,1.0,90,1.0,4\n1,q1 again,b,0.0,1,0.0,1\n",
+        );
+        let d = Dataset::load(dir.path(), None, "energy_consumption").unwrap();
+        assert_eq!(d.models, ["small", "big"]);
+        assert_eq!(d.records.len(), 2);
+        assert_eq!(d.duplicates, 1);
+        assert_eq!(d.records[0].satisfied, [false, true]);
+        assert_eq!(d.records[0].costs, [5.0, 100.0]);
+        assert!(
+            Dataset::load(dir.path(), None, "tokens").is_err(),
+            "missing cost column is an error"
+        );
+    }
+}
