@@ -65,7 +65,7 @@ struct ReplayArgs {
     /// Cost columns are <prefix>_<model>.
     #[arg(long, default_value = "energy_consumption")]
     cost_prefix: String,
-    /// mess-plus, always:<model>, random-alpha or oracle.
+    /// mess-plus (the paper's), mess-plus-fb (ours: also learns from served answers), always:<model>, random-alpha or oracle.
     #[arg(long, default_value = "mess-plus")]
     policy: String,
     /// Encoder model id (manifest) for the question embeddings.
@@ -633,7 +633,10 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         "--alpha must be in [0, 1]"
     );
     anyhow::ensure!(!opts.seeds.is_empty(), "--seeds needs at least one seed");
-    let (features, dim) = if opts.policy == replay::PolicyKind::MessPlus {
+    let (features, dim) = if matches!(
+        opts.policy,
+        replay::PolicyKind::MessPlus | replay::PolicyKind::MessPlusFb
+    ) {
         let manifests = load_manifests(&args.registry.manifest_dir)?;
         let m = manifests
             .iter()

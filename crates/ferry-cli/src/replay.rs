@@ -227,6 +227,8 @@ impl Dataset {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PolicyKind {
     MessPlus,
+    /// MESS+ that also learns from every served answer with feedback (ours).
+    MessPlusFb,
     Always(String),
     RandomAlpha,
     Oracle,
@@ -237,6 +239,7 @@ impl std::str::FromStr for PolicyKind {
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "mess-plus" => PolicyKind::MessPlus,
+            "mess-plus-fb" => PolicyKind::MessPlusFb,
             "random-alpha" => PolicyKind::RandomAlpha,
             "oracle" => PolicyKind::Oracle,
             other => match other.strip_prefix("always:") {
@@ -244,7 +247,7 @@ impl std::str::FromStr for PolicyKind {
                 None => {
                     return Err(Error::invalid(
                         "policy",
-                        format!("`{other}`: use mess-plus, always:<model>, random-alpha or oracle"),
+                        format!("`{other}`: use mess-plus, mess-plus-fb, always:<model>, random-alpha or oracle"),
                     ))
                 }
             },
@@ -368,21 +371,19 @@ fn make_policy(
 ) -> Result<Box<dyn ZooPolicy>> {
     let n = data.models.len();
     Ok(match kind {
-        PolicyKind::MessPlus => {
+        PolicyKind::MessPlus | PolicyKind::MessPlusFb => {
             let predictor = MlpPredictor::new(dim, dim, n, SgdConfig::default(), seed)
                 .map_err(|e| Error::Engine(e.to_string()))?;
+            let cfg = MessPlusConfig {
+                alpha: opts.alpha,
+                v: opts.v,
+                c: opts.c,
+                seed,
+                train_on_feedback: *kind == PolicyKind::MessPlusFb,
+            };
             Box::new(
-                MessPlus::new(
-                    MessPlusConfig {
-                        alpha: opts.alpha,
-                        v: opts.v,
-                        c: opts.c,
-                        seed,
-                    },
-                    n,
-                    predictor,
-                )
-                .map_err(|e| Error::invalid("mess-plus", e.to_string()))?,
+                MessPlus::new(cfg, n, predictor)
+                    .map_err(|e| Error::invalid("mess-plus", e.to_string()))?,
             )
         }
         PolicyKind::Always(m) => {
@@ -508,6 +509,7 @@ pub fn replay(
     }
     let policy = match &opts.policy {
         PolicyKind::MessPlus => "mess-plus".to_string(),
+        PolicyKind::MessPlusFb => "mess-plus-fb".to_string(),
         PolicyKind::Always(m) => format!("always:{m}"),
         PolicyKind::RandomAlpha => "random-alpha".into(),
         PolicyKind::Oracle => "oracle".into(),

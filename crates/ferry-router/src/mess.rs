@@ -26,6 +26,10 @@ pub struct MessPlusConfig {
     /// Exploration constant of `p_t = min(1, c / t^(1/4))`.
     pub c: f64,
     pub seed: u64,
+    /// `mess-plus-fb` (ours, beyond the paper): also train the predictor on every served answer
+    /// that got feedback, with loss on the serving model's logit only. The reference trains on
+    /// exploration samples alone.
+    pub train_on_feedback: bool,
 }
 
 /// MESS+ over a zoo ordered by ascending cost.
@@ -148,7 +152,11 @@ pub fn queue_update(q: f64, alpha: f64, satisfaction: f64) -> f64 {
 
 impl<P: Predictor> ZooPolicy for MessPlus<P> {
     fn name(&self) -> String {
-        "mess-plus".into()
+        if self.cfg.train_on_feedback {
+            "mess-plus-fb".into()
+        } else {
+            "mess-plus".into()
+        }
     }
 
     fn decide(&mut self, x: &[f32]) -> Decision {
@@ -188,8 +196,16 @@ impl<P: Predictor> ZooPolicy for MessPlus<P> {
                 self.q = queue_update(self.q, self.cfg.alpha, s_hat);
             }
         }
-        if decision == Decision::Explore {
-            self.predictor.train(x, &obs.satisfied);
+        match decision {
+            Decision::Explore => self.predictor.train(x, &obs.satisfied),
+            Decision::Serve(m) if self.cfg.train_on_feedback && obs.feedback => {
+                let mut labels = vec![None; self.models];
+                labels[m] = obs.satisfied.get(m).copied().flatten();
+                if labels[m].is_some() {
+                    self.predictor.train(x, &labels);
+                }
+            }
+            Decision::Serve(_) => {}
         }
     }
 }
@@ -206,6 +222,7 @@ mod tests {
             v,
             c: 0.0,
             seed: 1,
+            train_on_feedback: false,
         }
     }
 
@@ -268,7 +285,7 @@ mod tests {
             let alpha = rate - 0.05;
             // V at the scale of the cost gaps (1, 10, 100): the queue must reach ~6 before the
             // next model pays off, which a queue with negative drift does not do for long.
-            let mut m = MessPlus::new(MessPlusConfig { alpha, v: 0.3, c: 0.1, seed }, 3, Fixed(vec![rate, 0.97, 0.99])).unwrap();
+            let mut m = MessPlus::new(MessPlusConfig { alpha, v: 0.3, c: 0.1, seed, train_on_feedback: false }, 3, Fixed(vec![rate, 0.97, 0.99])).unwrap();
             let mut rng = StdRng::seed_from_u64(seed ^ 0xabc);
             let mut late_small = 0;
             for i in 0..4000 {
