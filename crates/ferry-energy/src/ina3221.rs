@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::{read_text, read_u64, EnergyError, PowerIntegrator, PowerSource, SourceKind};
+use crate::{read_text, EnergyError, PowerIntegrator, PowerSource, SourceKind, SysfsValue};
 
 /// Rails that measure the whole module input, preferred by default.
 const MODULE_INPUT_RAILS: &[&str] = &["VDD_IN", "POM_5V_IN", "5V_IN", "VIN_SYS_5V0"];
@@ -24,9 +24,9 @@ const MODULE_INPUT_RAILS: &[&str] = &["VDD_IN", "POM_5V_IN", "5V_IN", "VIN_SYS_5
 #[derive(Debug, Clone)]
 enum Reading {
     /// hwmon: voltage (mV) and current (mA) files.
-    VoltsAmps { mv: PathBuf, ma: PathBuf },
+    VoltsAmps { mv: SysfsValue, ma: SysfsValue },
     /// IIO: power file (mW).
-    Milliwatts(PathBuf),
+    Milliwatts(SysfsValue),
 }
 
 /// One power rail.
@@ -43,8 +43,10 @@ impl Rail {
     /// Instantaneous power in watts.
     pub fn watts(&self) -> Result<f64, EnergyError> {
         match &self.reading {
-            Reading::VoltsAmps { mv, ma } => Ok(read_u64(mv)? as f64 * read_u64(ma)? as f64 * 1e-6),
-            Reading::Milliwatts(p) => Ok(read_u64(p)? as f64 * 1e-3),
+            Reading::VoltsAmps { mv, ma } => {
+                Ok(mv.read_u64()? as f64 * ma.read_u64()? as f64 * 1e-6)
+            }
+            Reading::Milliwatts(p) => Ok(p.read_u64()? as f64 * 1e-3),
         }
     }
 }
@@ -86,7 +88,10 @@ pub fn discover(sysfs_root: &Path) -> Vec<Rail> {
                         rails.push(Rail {
                             name: label,
                             sensor: hwmon.clone(),
-                            reading: Reading::VoltsAmps { mv, ma },
+                            reading: Reading::VoltsAmps {
+                                mv: SysfsValue::new(mv),
+                                ma: SysfsValue::new(ma),
+                            },
                         });
                     }
                 }
@@ -108,7 +113,7 @@ pub fn discover(sysfs_root: &Path) -> Vec<Rail> {
                         rails.push(Rail {
                             name: label,
                             sensor: iio.clone(),
-                            reading: Reading::Milliwatts(p),
+                            reading: Reading::Milliwatts(SysfsValue::new(p)),
                         });
                     }
                 }

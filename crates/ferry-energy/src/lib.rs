@@ -243,6 +243,54 @@ pub(crate) fn read_u64(path: &std::path::Path) -> Result<u64, EnergyError> {
     })
 }
 
+/// A sysfs attribute kept open and re-read with `pread` at offset 0: sysfs regenerates the value
+/// on every read from the start, and skipping `open`/`close` halves the cost of a sample.
+#[derive(Debug)]
+pub(crate) struct SysfsValue {
+    path: std::path::PathBuf,
+    file: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl Clone for SysfsValue {
+    fn clone(&self) -> Self {
+        SysfsValue::new(self.path.clone())
+    }
+}
+
+impl SysfsValue {
+    pub(crate) fn new(path: std::path::PathBuf) -> Self {
+        SysfsValue {
+            path,
+            file: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Reads the attribute as an unsigned integer.
+    pub(crate) fn read_u64(&self) -> Result<u64, EnergyError> {
+        use std::os::unix::fs::FileExt;
+        let mut guard = self.file.lock().expect("sysfs value lock");
+        if guard.is_none() {
+            // Opening reports permissions and absence with the same wording as one-shot reads.
+            read_u64(&self.path)?;
+            *guard =
+                Some(std::fs::File::open(&self.path).map_err(|e| {
+                    EnergyError::Unreadable(format!("{}: {e}", self.path.display()))
+                })?);
+        }
+        let mut buf = [0u8; 64];
+        let n = guard
+            .as_ref()
+            .expect("opened above")
+            .read_at(&mut buf, 0)
+            .map_err(|e| EnergyError::Unreadable(format!("{}: {e}", self.path.display())))?;
+        let text = std::str::from_utf8(&buf[..n]).unwrap_or("").trim();
+        text.parse().map_err(|e| EnergyError::Parse {
+            path: self.path.clone(),
+            reason: format!("`{text}`: {e}"),
+        })
+    }
+}
+
 /// Trapezoidal integration of power samples into energy, for sources that only report power.
 #[derive(Debug, Default)]
 pub(crate) struct PowerIntegrator {

@@ -5,14 +5,14 @@
 //! sub-zones (core, uncore, dram) are never added twice. Counters wrap at
 //! `max_energy_range_uj`; since 2020 (CVE-2020-8694) `energy_uj` is readable by root only.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::{read_text, read_u64, EnergyError, PowerSource, SourceKind};
+use crate::{read_text, read_u64, EnergyError, PowerSource, SourceKind, SysfsValue};
 
 #[derive(Debug)]
 struct Zone {
     name: String,
-    energy_path: PathBuf,
+    energy: SysfsValue,
     max_range_uj: u64,
     last_uj: Option<u64>,
     total_uj: u128,
@@ -21,7 +21,7 @@ struct Zone {
 impl Zone {
     /// Reads the counter and adds the increment since the last read, across at most one wrap.
     fn read(&mut self) -> Result<(), EnergyError> {
-        let now = read_u64(&self.energy_path)?;
+        let now = self.energy.read_u64()?;
         if let Some(last) = self.last_uj {
             let delta = if now >= last {
                 now - last
@@ -69,7 +69,7 @@ impl RaplSource {
             let max_range_uj = read_u64(&dir.join("max_energy_range_uj"))?;
             zones.push(Zone {
                 name: format!("{dir_name} ({name})"),
-                energy_path: dir.join("energy_uj"),
+                energy: SysfsValue::new(dir.join("energy_uj")),
                 max_range_uj,
                 last_uj: None,
                 total_uj: 0,
