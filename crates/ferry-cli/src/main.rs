@@ -54,6 +54,9 @@ struct ReplayArgs {
     /// model's cost; this gives 5e-5..1e-4 on the MESS+ joules, inside the paper's range.
     #[arg(long)]
     v: Option<f64>,
+    /// Multiplies the default V (ignored with --v): a sweep across data sets of different cost scales.
+    #[arg(long, default_value_t = 1.0)]
+    v_scale: f64,
     /// Exploration constant c in p_t = min(1, c / t^(1/4)).
     #[arg(long, default_value_t = 0.1)]
     c: f64,
@@ -623,7 +626,7 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
     let policy: replay::PolicyKind = args.policy.parse()?;
     let opts = replay::ReplayOptions {
         alpha: args.alpha,
-        v: args.v.unwrap_or_else(|| data.default_v()),
+        v: args.v.unwrap_or_else(|| data.default_v() * args.v_scale),
         c: args.c,
         seeds: args.seeds.clone(),
         policy,
