@@ -241,3 +241,137 @@ pub fn sampler_overhead(
         us_per_sample: used / 1e3 / (sample_hz * seconds),
     })
 }
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `ferry bench router` figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouterBench {
+    /// MESS+ decide + observe with known satisfaction estimates: coin, argmin, queue update.
+    pub decision_p50_us: f64,
+    pub decision_p99_us: f64,
+    /// The satisfaction head's forward pass (384 -> 384 -> 3).
+    pub head_p50_us: f64,
+    pub head_p99_us: f64,
+    /// Encoder latency for one uncached question.
+    pub encoder_p50_ms: f64,
+    pub encoder_p99_ms: f64,
+    pub encoder_tokens: usize,
+    /// Requests in the full replay.
+    pub replay_requests: usize,
+    /// Encoding every question of the replay (0 when they came from the cache).
+    pub replay_encode_s: f64,
+    /// MESS+ over every request, one seed, embeddings in hand.
+    pub replay_policy_s: f64,
+}
+
+/// Measures the router's hot path, the encoder, and a full replay of `input`.
+pub fn router_bench(
+    encoder: &ferry_engine::encoder::SentenceEncoder,
+    encoder_id: &str,
+    input: &Path,
+    cache_dir: &Path,
+) -> Result<RouterBench> {
+    use ferry_router::mess::{MessPlus, MessPlusConfig};
+    use ferry_router::predictor::{Fixed, MlpPredictor, Predictor, SgdConfig};
+    use ferry_router::{Decision, Observation, ZooPolicy};
+
+    let cfg = MessPlusConfig {
+        alpha: 0.7,
+        v: 1e-4,
+        c: 0.1,
+        seed: 42,
+        train_on_feedback: false,
+    };
+    let mut policy = MessPlus::new(cfg, 3, Fixed(vec![0.4, 0.7, 0.9]))
+        .map_err(|e| Error::Engine(e.to_string()))?;
+    let x = vec![0.01f32; encoder.dim()];
+    let obs = Observation {
+        costs: vec![Some(80.0), None, None],
+        satisfied: vec![Some(true), None, None],
+        feedback: true,
+    };
+    let mut decision = Vec::with_capacity(100_000);
+    for i in 0..100_000u32 {
+        let t = Instant::now();
+        let d = policy.decide(&x);
+        let o = if d == Decision::Explore {
+            Observation {
+                costs: vec![Some(80.0), Some(400.0), Some(2000.0)],
+                satisfied: vec![Some(false), Some(true), Some(i % 2 == 0)],
+                feedback: true,
+            }
+        } else {
+            obs.clone()
+        };
+        policy.observe(&x, d, &o);
+        decision.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    decision.sort_by(|a, b| a.total_cmp(b));
+
+    let mut head = MlpPredictor::new(encoder.dim(), encoder.dim(), 3, SgdConfig::default(), 1)
+        .map_err(|e| Error::Engine(e.to_string()))?;
+    let mut head_us = Vec::with_capacity(5000);
+    for _ in 0..5000 {
+        let t = Instant::now();
+        std::hint::black_box(head.predict(&x));
+        head_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    head_us.sort_by(|a, b| a.total_cmp(b));
+
+    // A question of about 64 tokens, made unique per run so that the cache never answers.
+    let base = "Which of the following best explains why the morning ferry crossing takes longer when the \
+                wind rises from the west, given that the captain must keep the passenger deck dry, the \
+                harbour entrance narrows at low tide, and the timetable allows only twelve minutes";
+    let mut enc_ms = Vec::new();
+    let mut tokens = 0;
+    for i in 0..60 {
+        let q = format!("{base} (case {i})?");
+        tokens = encoder.embed_token_count(&q)?;
+        let t = Instant::now();
+        encoder.embed(&[q.as_str()])?;
+        enc_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    enc_ms.sort_by(|a, b| a.total_cmp(b));
+
+    let data = crate::replay::Dataset::load(input, None, "energy_consumption")?;
+    let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
+    let cache = crate::replay::EmbeddingCache::new(cache_dir, encoder_id, &texts);
+    let t = Instant::now();
+    let features = match cache.load() {
+        Some((f, _)) => f,
+        None => {
+            let f = encoder.embed(&texts)?;
+            let _ = cache.store(&f, encoder.dim());
+            f
+        }
+    };
+    let replay_encode_s = t.elapsed().as_secs_f64();
+    let opts = crate::replay::ReplayOptions {
+        alpha: 0.7,
+        v: data.default_v(),
+        c: 0.1,
+        seeds: vec![42],
+        policy: crate::replay::PolicyKind::MessPlus,
+    };
+    let t = Instant::now();
+    crate::replay::run_policy(&data, &features, encoder.dim(), &opts.policy, &opts)?;
+    let replay_policy_s = t.elapsed().as_secs_f64();
+    Ok(RouterBench {
+        decision_p50_us: percentile(&decision, 0.5),
+        decision_p99_us: percentile(&decision, 0.99),
+        head_p50_us: percentile(&head_us, 0.5),
+        head_p99_us: percentile(&head_us, 0.99),
+        encoder_p50_ms: percentile(&enc_ms, 0.5),
+        encoder_p99_ms: percentile(&enc_ms, 0.99),
+        encoder_tokens: tokens,
+        replay_requests: data.records.len(),
+        replay_encode_s,
+        replay_policy_s,
+    })
+}

@@ -92,6 +92,20 @@ struct BenchCmd {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// MESS+ decision latency, encoder latency, and a full replay of the MESS+ data.
+    Router {
+        #[command(flatten)]
+        registry: Registry,
+        /// MESS+ per-request data to replay.
+        #[arg(long, default_value = "../shared/data/mess-llama")]
+        input: PathBuf,
+        #[arg(long, default_value = "all-minilm-l6-v2")]
+        encoder: String,
+        #[arg(long, env = "FERRY_CACHE_DIR", default_value = ".cache")]
+        cache_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// CPU cost of the energy sampler at 10 Hz and 100 Hz, as a share of one core.
     Energy {
         #[command(flatten)]
@@ -732,6 +746,57 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench_router(
+    registry: Registry,
+    input: PathBuf,
+    encoder: String,
+    cache_dir: PathBuf,
+    json: bool,
+) -> anyhow::Result<()> {
+    let manifests = load_manifests(&registry.manifest_dir)?;
+    let m = manifests
+        .iter()
+        .find(|m| m.id == encoder)
+        .with_context(|| format!("no encoder manifest `{encoder}`"))?;
+    let enc = ferry_engine::encoder::SentenceEncoder::load(
+        m,
+        &registry.model_dir,
+        &ferry_engine::default_device(),
+    )?;
+    let r = bench::router_bench(&enc, &m.id, &input, &cache_dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("{:<44} {:>10} {:>10}", "", "p50", "p99");
+    println!(
+        "{:<44} {:>8.2}us {:>8.2}us",
+        "MESS+ decision (coin + argmin + queue update)", r.decision_p50_us, r.decision_p99_us
+    );
+    println!(
+        "{:<44} {:>8.1}us {:>8.1}us",
+        "satisfaction head forward (384-384-3)", r.head_p50_us, r.head_p99_us
+    );
+    println!(
+        "{:<44} {:>8.2}ms {:>8.2}ms",
+        format!("encoder, one {}-token question", r.encoder_tokens),
+        r.encoder_p50_ms,
+        r.encoder_p99_ms
+    );
+    println!(
+        "full replay of {} requests: encoding {:.1} s{}, MESS+ policy {:.1} s",
+        r.replay_requests,
+        r.replay_encode_s,
+        if r.replay_encode_s < 1.0 {
+            " (embedding cache)"
+        } else {
+            ""
+        },
+        r.replay_policy_s
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -764,6 +829,17 @@ fn main() -> anyhow::Result<()> {
                 }),
             ..
         }) => bench_energy(energy, seconds, json),
+        Command::Bench(BenchCmd {
+            what:
+                Some(BenchWhat::Router {
+                    registry,
+                    input,
+                    encoder,
+                    cache_dir,
+                    json,
+                }),
+            ..
+        }) => bench_router(registry, input, encoder, cache_dir, json),
         Command::Energy(EnergyCommand::Probe { energy, json }) => energy_probe(energy, json),
         Command::Replay(args) => run_replay(args),
     }

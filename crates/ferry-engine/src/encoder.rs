@@ -96,6 +96,14 @@ impl SentenceEncoder {
             .collect())
     }
 
+    /// Tokens the encoder sees for `text` (after truncation).
+    pub fn embed_token_count(&self, text: &str) -> Result<usize> {
+        self.tokenizer
+            .encode(text, true)
+            .map(|e| e.get_ids().len())
+            .map_err(|e| Error::Engine(format!("encoder tokenizer: {e}")))
+    }
+
     fn embed_uncached(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let enc = self
             .tokenizer
