@@ -341,17 +341,11 @@ pub fn router_bench(
 
     let data = crate::replay::Dataset::load(input, None, "energy_consumption")?;
     let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
-    let cache = crate::replay::EmbeddingCache::new(cache_dir, encoder_id, &texts);
-    let t = Instant::now();
-    let features = match cache.load() {
-        Some((f, _)) => f,
-        None => {
-            let f = encoder.embed(&texts)?;
-            let _ = cache.store(&f, encoder.dim());
-            f
-        }
-    };
-    let replay_encode_s = t.elapsed().as_secs_f64();
+    let ((features, _), encode_s) =
+        crate::replay::cached_embeddings(&texts, encoder_id, cache_dir, |texts| {
+            Ok((encoder.embed(texts)?, encoder.dim()))
+        })?;
+    let replay_encode_s = encode_s.unwrap_or(0.0);
     let opts = crate::replay::ReplayOptions {
         alpha: 0.7,
         v: data.default_v(),

@@ -660,35 +660,20 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             .find(|m| m.id == args.encoder)
             .with_context(|| format!("no encoder manifest `{}`", args.encoder))?;
         let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
-        let cache = ferry_cli::replay::EmbeddingCache::new(&args.cache_dir, &m.id, &texts);
-        match cache.load() {
-            Some((f, dim)) => {
-                eprintln!(
-                    "embeddings of {} questions from {}",
-                    texts.len(),
-                    cache.path().display()
-                );
-                (f, dim)
-            }
-            None => {
+        let (embeddings, encode_s) =
+            replay::cached_embeddings(&texts, &m.id, &args.cache_dir, |texts| {
                 let enc = ferry_engine::encoder::SentenceEncoder::load(
                     m,
                     &args.registry.model_dir,
                     &ferry_engine::default_device(),
                 )?;
-                let t = std::time::Instant::now();
-                let f = enc.embed(&texts)?;
-                eprintln!(
-                    "embedded {} questions in {:.1} s",
-                    texts.len(),
-                    t.elapsed().as_secs_f64()
-                );
-                if let Err(e) = cache.store(&f, enc.dim()) {
-                    eprintln!("embedding cache not written: {e}");
-                }
-                (f, enc.dim())
-            }
+                Ok((enc.embed(texts)?, enc.dim()))
+            })?;
+        match encode_s {
+            Some(s) => eprintln!("embedded {} questions in {s:.1} s", texts.len()),
+            None => eprintln!("embeddings of {} questions from the cache", texts.len()),
         }
+        embeddings
     } else {
         (Vec::new(), 0)
     };

@@ -616,6 +616,34 @@ impl EmbeddingCache {
     }
 }
 
+/// Embedding vectors with their dimension.
+pub type Embeddings = (Vec<std::sync::Arc<Vec<f32>>>, usize);
+
+/// Question embeddings for `texts`: from the cache under `cache_dir` when present, otherwise from
+/// `encode` (which loads and runs the encoder only when needed), then stored for the next run.
+/// Also returns the seconds spent encoding (`None` when the cache answered).
+pub fn cached_embeddings(
+    texts: &[&str],
+    encoder_id: &str,
+    cache_dir: &Path,
+    encode: impl FnOnce(&[&str]) -> Result<Embeddings>,
+) -> Result<(Embeddings, Option<f64>)> {
+    let cache = EmbeddingCache::new(cache_dir, encoder_id, texts);
+    if let Some(hit) = cache.load() {
+        return Ok((hit, None));
+    }
+    let t = std::time::Instant::now();
+    let (vectors, dim) = encode(texts)?;
+    let secs = t.elapsed().as_secs_f64();
+    if let Err(e) = cache.store(&vectors, dim) {
+        tracing::warn!(
+            "embedding cache {} not written: {e}",
+            cache.path().display()
+        );
+    }
+    Ok(((vectors, dim), Some(secs)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
