@@ -71,14 +71,31 @@ struct ReplayArgs {
     /// mess-plus (the paper's), mess-plus-fb (ours: also learns from served answers), always:<model>, random-alpha or oracle.
     #[arg(long, default_value = "mess-plus")]
     policy: String,
+    #[command(flatten)]
+    embed: EmbedArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The sentence encoder that turns questions into routing features, and its cache.
+#[derive(Args)]
+struct EmbedArgs {
     /// Encoder model id (manifest) for the question embeddings.
     #[arg(long, default_value = "all-minilm-l6-v2")]
     encoder: String,
     /// Where question embeddings are cached between runs.
     #[arg(long, env = "FERRY_CACHE_DIR", default_value = ".cache")]
     cache_dir: PathBuf,
-    #[arg(long)]
-    json: bool,
+}
+
+impl EmbedArgs {
+    /// The encoder's manifest from the registry.
+    fn manifest(&self, registry: &Registry) -> anyhow::Result<ModelManifest> {
+        load_manifests(&registry.manifest_dir)?
+            .into_iter()
+            .find(|m| m.id == self.encoder)
+            .with_context(|| format!("no encoder manifest `{}`", self.encoder))
+    }
 }
 
 #[derive(Args)]
@@ -99,10 +116,8 @@ enum BenchWhat {
         /// MESS+ per-request data to replay.
         #[arg(long, default_value = "../shared/data/mess-llama")]
         input: PathBuf,
-        #[arg(long, default_value = "all-minilm-l6-v2")]
-        encoder: String,
-        #[arg(long, env = "FERRY_CACHE_DIR", default_value = ".cache")]
-        cache_dir: PathBuf,
+        #[command(flatten)]
+        embed: EmbedArgs,
         #[arg(long)]
         json: bool,
     },
@@ -654,14 +669,10 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         opts.policy,
         replay::PolicyKind::MessPlus | replay::PolicyKind::MessPlusFb
     ) {
-        let manifests = load_manifests(&args.registry.manifest_dir)?;
-        let m = manifests
-            .iter()
-            .find(|m| m.id == args.encoder)
-            .with_context(|| format!("no encoder manifest `{}`", args.encoder))?;
+        let m = &args.embed.manifest(&args.registry)?;
         let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
         let (embeddings, encode_s) =
-            replay::cached_embeddings(&texts, &m.id, &args.cache_dir, |texts| {
+            replay::cached_embeddings(&texts, &m.id, &args.embed.cache_dir, |texts| {
                 let enc = ferry_engine::encoder::SentenceEncoder::load(
                     m,
                     &args.registry.model_dir,
@@ -734,21 +745,16 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
 fn bench_router(
     registry: Registry,
     input: PathBuf,
-    encoder: String,
-    cache_dir: PathBuf,
+    embed: EmbedArgs,
     json: bool,
 ) -> anyhow::Result<()> {
-    let manifests = load_manifests(&registry.manifest_dir)?;
-    let m = manifests
-        .iter()
-        .find(|m| m.id == encoder)
-        .with_context(|| format!("no encoder manifest `{encoder}`"))?;
+    let m = &embed.manifest(&registry)?;
     let enc = ferry_engine::encoder::SentenceEncoder::load(
         m,
         &registry.model_dir,
         &ferry_engine::default_device(),
     )?;
-    let r = bench::router_bench(&enc, &m.id, &input, &cache_dir)?;
+    let r = bench::router_bench(&enc, &m.id, &input, &embed.cache_dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -819,12 +825,11 @@ fn main() -> anyhow::Result<()> {
                 Some(BenchWhat::Router {
                     registry,
                     input,
-                    encoder,
-                    cache_dir,
+                    embed,
                     json,
                 }),
             ..
-        }) => bench_router(registry, input, encoder, cache_dir, json),
+        }) => bench_router(registry, input, embed, json),
         Command::Energy(EnergyCommand::Probe { energy, json }) => energy_probe(energy, json),
         Command::Replay(args) => run_replay(args),
     }
