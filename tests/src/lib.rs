@@ -151,3 +151,11 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The id of the second local model family (Gemma 3), the most capable of the local zoo.
+pub const SECOND_MODEL: &str = "gemma3-270m-it";
+
+/// The local zoo in the router's order (ascending resident weight bytes, the cost proxy).
+pub fn local_zoo() -> Vec<String> {
+    vec![DEFAULT_MODEL.to_string(), SECOND_MODEL.to_string()]
+}

@@ -187,3 +187,76 @@ fn ferry_energy_probe_reports_every_source_with_a_reason() {
     assert!(rapl["reason"].as_str().unwrap().contains("powercap"));
     assert!(v["selected"].as_str().unwrap().contains("ina3221"));
 }
+
+/// `kill -9` in the middle of learning: the restarted daemon has everything the router learned
+/// up to the last save, which is at most `router.save_interval_ms` (1 s) old; `ferry status`
+/// shows it.
+#[tokio::test]
+async fn router_state_survives_kill_9() {
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut daemon = start_ferryd(port, state.path());
+    wait_serving(&format!("http://{addr}")).await;
+    let mut c = client(&format!("http://{addr}")).await;
+    let mut ids = Vec::new();
+    for q in ["Hello?", "What is 1+1?"] {
+        let (_, _, done) = ferry_integration::run(&mut c, greedy(q, 2)).await.unwrap();
+        ids.push(done.request_id);
+    }
+    c.feedback(pb::FeedbackRequest {
+        request_id: ids[0].clone(),
+        satisfied: true,
+        score: None,
+    })
+    .await
+    .unwrap();
+    // Let one save interval pass, then kill without any chance to save.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = c
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .routers[0]
+        .clone();
+    assert!(
+        before.saved_unix_ms > 0,
+        "state written within the interval"
+    );
+    drop(c);
+    let pid = daemon.0.id();
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let _ = daemon.0.wait();
+    drop(daemon);
+
+    let _daemon = start_ferryd(port, state.path());
+    wait_serving(&format!("http://{addr}")).await;
+    let out = Command::new(binary("ferry"))
+        .args(["status", "--json", "--addr", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v["routers"][0];
+    assert_eq!(r["requests"], before.requests);
+    assert_eq!(r["feedback"], 1);
+    assert_eq!(r["satisfied"], 1);
+    assert_eq!(r["q_tracked"], before.q_tracked);
+    assert_eq!(r["alpha"], before.alpha);
+    let calls: u64 = r["calls"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|m| m["calls"].as_u64().unwrap())
+        .sum();
+    assert_eq!(calls, 2);
+}

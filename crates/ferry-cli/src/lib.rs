@@ -6,3 +6,4 @@ pub mod bench;
 pub mod client;
 pub mod fetch;
 pub mod replay;
+pub mod status;

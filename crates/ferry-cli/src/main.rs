@@ -27,6 +27,15 @@ struct Cli {
 enum Command {
     /// Send one chat message to ferryd and stream the answer.
     Chat(ChatArgs),
+    /// How a running ferryd is doing: readiness, models, queue, energy, routing (alpha, Q, call
+    /// mix, satisfaction).
+    Status {
+        /// ferryd address: host:port, http://host:port or unix:/path.
+        #[arg(long, env = "FERRY_ADDR", default_value = "127.0.0.1:50051")]
+        addr: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Model manifests and files.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -354,6 +363,24 @@ async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     .to_lowercase())
                 .unwrap_or_default()
         );
+    }
+    Ok(())
+}
+
+async fn status(addr: String, json: bool) -> anyhow::Result<()> {
+    let mut c = client::inference(&addr).await?;
+    let s = c
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&ferry_cli::status::to_json(&s))?
+        );
+    } else {
+        print!("{}", ferry_cli::status::render(&s));
     }
     Ok(())
 }
@@ -798,6 +825,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Chat(args) => tokio_main(chat(args)),
+        Command::Status { addr, json } => tokio_main(status(addr, json)),
         Command::Models(ModelsCommand::List {
             registry,
             addr,

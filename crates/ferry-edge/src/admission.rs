@@ -72,6 +72,21 @@ impl Admission {
     pub fn in_system(&self) -> usize {
         self.admitted.load(Ordering::Acquire)
     }
+
+    /// Requests holding a running slot now.
+    pub fn running(&self) -> usize {
+        self.max_concurrent - self.slots.available_permits().min(self.max_concurrent)
+    }
+
+    /// Most requests running at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent
+    }
+
+    /// Most requests waiting for a slot.
+    pub fn max_queue(&self) -> usize {
+        self.capacity - self.max_concurrent
+    }
 }
 
 impl Ticket {

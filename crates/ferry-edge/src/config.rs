@@ -20,7 +20,47 @@ pub struct EdgeConfig {
     pub limits: RequestLimits,
     pub energy: EnergyConfig,
     pub state: StateConfig,
+    pub router: RouterConfig,
     pub log: LogConfig,
+}
+
+/// MESS+ routing of `model: "auto"` over the loaded local models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Route `auto` with MESS+; off, `auto` goes to `models.default`.
+    pub enabled: bool,
+    /// `mess-plus-fb` (also learns from feedback on served answers) or `mess-plus` (the paper's:
+    /// learns from exploration samples only).
+    pub policy: String,
+    /// SLA target: fraction of requests whose feedback must say "satisfied".
+    pub alpha: f64,
+    /// Cost weight V per joule: a request of `0.1 / v` joules weighs as much as 0.1 request of
+    /// SLA debt. The default 0.01 suits the 1–20 J requests of small local models.
+    pub v_per_joule: f64,
+    /// Exploration constant c in `p_t = min(1, c / t^(1/4))`.
+    pub c: f64,
+    /// Seed of the exploration coins and the predictor's initial weights.
+    pub seed: u64,
+    /// Sentence encoder (manifest id) that turns the question into the predictor's input.
+    pub encoder: String,
+    /// Learned state is written to `<state.dir>/router-<tier>.json` at most this often.
+    pub save_interval_ms: u64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            enabled: false,
+            policy: "mess-plus-fb".to_string(),
+            alpha: 0.7,
+            v_per_joule: 0.01,
+            c: 1.0,
+            seed: 42,
+            encoder: "all-minilm-l6-v2".to_string(),
+            save_interval_ms: 1000,
+        }
+    }
 }
 
 /// Listening and admission control.
@@ -153,6 +193,25 @@ impl EdgeConfig {
         self.energy
             .validate()
             .map_err(|e| bad("energy", &e.to_string()))?;
+        let r = &self.router;
+        if !matches!(r.policy.as_str(), "mess-plus" | "mess-plus-fb") {
+            return Err(bad(
+                "router.policy",
+                "must be `mess-plus` or `mess-plus-fb`",
+            ));
+        }
+        if !(0.0..=1.0).contains(&r.alpha) {
+            return Err(bad("router.alpha", "must be in [0, 1]"));
+        }
+        if !(r.v_per_joule.is_finite() && r.v_per_joule >= 0.0 && r.c.is_finite() && r.c >= 0.0) {
+            return Err(bad(
+                "router.v_per_joule",
+                "v_per_joule and c must be finite and >= 0",
+            ));
+        }
+        if r.save_interval_ms == 0 {
+            return Err(bad("router.save_interval_ms", "must be at least 1"));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(bad("log.format", "must be `text` or `json`"));
         }
@@ -254,6 +313,30 @@ pub struct Cli {
     /// Request records kept for Feedback.
     #[arg(long, env = "FERRY_MAX_RECORDS")]
     pub max_records: Option<usize>,
+    /// Route model "auto" with MESS+ over the loaded models (true/false).
+    #[arg(long, env = "FERRY_ROUTER_ENABLED")]
+    pub router_enabled: Option<bool>,
+    /// Routing policy: mess-plus-fb or mess-plus.
+    #[arg(long, env = "FERRY_ROUTER_POLICY")]
+    pub router_policy: Option<String>,
+    /// SLA target alpha.
+    #[arg(long, env = "FERRY_ROUTER_ALPHA")]
+    pub router_alpha: Option<f64>,
+    /// Cost weight V per joule.
+    #[arg(long, env = "FERRY_ROUTER_V_PER_JOULE")]
+    pub router_v_per_joule: Option<f64>,
+    /// Exploration constant c.
+    #[arg(long, env = "FERRY_ROUTER_C")]
+    pub router_c: Option<f64>,
+    /// Router seed.
+    #[arg(long, env = "FERRY_ROUTER_SEED")]
+    pub router_seed: Option<u64>,
+    /// Sentence encoder manifest id for routing.
+    #[arg(long, env = "FERRY_ROUTER_ENCODER")]
+    pub router_encoder: Option<String>,
+    /// Least milliseconds between two saves of the router's state.
+    #[arg(long, env = "FERRY_ROUTER_SAVE_INTERVAL_MS")]
+    pub router_save_interval_ms: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "FERRY_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -303,6 +386,17 @@ impl Cli {
         set(&mut c.energy.sysfs_root, &self.energy_sysfs_root);
         set(&mut c.state.dir, &self.state_dir);
         set(&mut c.state.max_records, &self.max_records);
+        set(&mut c.router.enabled, &self.router_enabled);
+        set(&mut c.router.policy, &self.router_policy);
+        set(&mut c.router.alpha, &self.router_alpha);
+        set(&mut c.router.v_per_joule, &self.router_v_per_joule);
+        set(&mut c.router.c, &self.router_c);
+        set(&mut c.router.seed, &self.router_seed);
+        set(&mut c.router.encoder, &self.router_encoder);
+        set(
+            &mut c.router.save_interval_ms,
+            &self.router_save_interval_ms,
+        );
         set(&mut c.log.format, &self.log_format);
         set(&mut c.log.level, &self.log_level);
         c.validate()?;

@@ -2,12 +2,13 @@
 //!
 //! Serves `ferry.v1.Inference` over gRPC (TCP and optionally a Unix socket) on top of the local
 //! candle engine, with admission control (bounded concurrency and queue), request records for
-//! feedback, the standard health and reflection services, and a graceful drain on SIGTERM.
+//! feedback, MESS+ routing of `model: "auto"` with its state persisted, the standard health and reflection services, and a graceful drain on SIGTERM.
 //! The binary in `main.rs` only parses the command line and calls [`RunningServer`].
 
 pub mod admission;
 pub mod config;
 pub mod records;
+pub mod router;
 pub mod server;
 pub mod service;
 pub mod state;

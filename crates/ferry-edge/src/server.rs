@@ -59,6 +59,28 @@ fn router(
         .add_service(inference))
 }
 
+/// Writes the router's state whenever it changed, at most once per `every`, until stopped.
+async fn save_periodically(
+    router: Arc<crate::router::ZooRouter>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let r = router.clone();
+        match tokio::task::spawn_blocking(move || r.save_if_due()).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "saving router state failed; will retry"),
+            Err(e) => tracing::warn!(error = %e, "router state saver panicked"),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
 impl RunningServer {
     /// Binds the listeners, starts serving (health NOT_SERVING), and loads the models in the
     /// background; health turns SERVING once the default model is resident.
@@ -68,6 +90,7 @@ impl RunningServer {
         set_health(&health, ServingStatus::NotServing).await;
 
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_rx_saver = stop_rx.clone();
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -101,6 +124,7 @@ impl RunningServer {
 
         let load_state = state.clone();
         let load_health = health.clone();
+        let saver_stop = stop_rx_saver;
         let loader = tokio::spawn(async move {
             let s = load_state.clone();
             let loaded = tokio::task::spawn_blocking(move || s.load_models())
@@ -108,6 +132,11 @@ impl RunningServer {
                 .map_err(|e| Error::Engine(format!("model loader panicked: {e}")))?;
             match loaded {
                 Ok(()) => {
+                    if let Some(router) = load_state.router().cloned() {
+                        let every =
+                            Duration::from_millis(load_state.config.router.save_interval_ms);
+                        tokio::spawn(save_periodically(router, every, saver_stop));
+                    }
                     set_health(&load_health, ServingStatus::Serving).await;
                     tracing::info!(default = ?load_state.default_model_id(), "ready");
                     Ok(())
@@ -157,6 +186,13 @@ impl RunningServer {
         }
         self.state.abort.cancel();
         let _ = self.stop_tx.send(true);
+        if let Some(router) = self.state.router().cloned() {
+            match tokio::task::spawn_blocking(move || router.save()).await {
+                Ok(Ok(())) => tracing::info!("router state saved"),
+                Ok(Err(e)) => tracing::error!(error = %e, "saving router state failed"),
+                Err(e) => tracing::error!(error = %e, "saving router state panicked"),
+            }
+        }
         self.loader.abort();
         for s in self.servers {
             // Connections that stay open after their streams ended must not hold shutdown.

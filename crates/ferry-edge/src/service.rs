@@ -14,12 +14,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use ferry_core::{Error, ValidatedRequest};
+use ferry_core::{Error, Role, ValidatedRequest};
 use ferry_engine::{GenerateOptions, GenerationEvent, LoadedModel};
 use ferry_proto::v1 as pb;
 use pb::inference_server::Inference;
 
 use crate::records::{unix_ms, Feedback, RequestRecord};
+use crate::router::Routed;
 use crate::state::AppState;
 
 /// The gRPC service.
@@ -65,13 +66,42 @@ impl GenerationEvent for ChannelSink {
     }
 }
 
+/// Discards the text of the zoo models that run only to be measured (exploration steps).
+struct MeasureOnly {
+    abort: tokio_util::sync::CancellationToken,
+}
+
+impl GenerationEvent for MeasureOnly {
+    fn text(&mut self, _delta: &str) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
+    fn cancelled(&self) -> bool {
+        self.abort.is_cancelled()
+    }
+}
+
+/// The text the router sees: the last user message.
+fn question(req: &ValidatedRequest) -> String {
+    req.messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::User)
+        .map(|m| m.joined_text())
+        .unwrap_or_default()
+}
+
 /// Why a request ran where it did, for the final message.
-fn placement_for(model: &LoadedModel, req: &ValidatedRequest) -> pb::Placement {
+fn placement_for(
+    model: &LoadedModel,
+    req: &ValidatedRequest,
+    routed: Option<&Routed>,
+) -> pb::Placement {
     let images = req.messages.iter().flat_map(|m| m.images()).count();
-    let mut reason = if req.model.is_some() {
-        "model named by the request".to_string()
-    } else {
-        "default model (no routing policy configured)".to_string()
+    let mut reason = match (req.model.is_some(), routed) {
+        (true, _) => "model named by the request".to_string(),
+        (false, Some(r)) => r.reason.clone(),
+        (false, None) => "default model (no routing policy configured)".to_string(),
     };
     if images > 0 && !model.info().capabilities.iter().any(|c| c == "image") {
         reason.push_str(&format!(
@@ -84,6 +114,63 @@ fn placement_for(model: &LoadedModel, req: &ValidatedRequest) -> pb::Placement {
         reason,
         modalities_sent: Vec::new(),
     }
+}
+
+/// Books a routed request with its router: on an exploration step first runs the rest of the
+/// zoo on the same prompt (holding the request's slot, after the client has its answer) to
+/// measure what each model costs.
+async fn learn_from_routed(
+    state: &Arc<AppState>,
+    request_id: &str,
+    routed: &Routed,
+    req: &ValidatedRequest,
+    served_joules: Option<f64>,
+    slot: Option<crate::admission::Slot>,
+) {
+    let Some(router) = state.router().cloned() else {
+        return;
+    };
+    let zoo = router.zoo().to_vec();
+    let mut joules = vec![None; zoo.len()];
+    joules[routed.served] = served_joules;
+    if routed.decision == ferry_router::Decision::Explore {
+        let others: Vec<(usize, Arc<LoadedModel>)> = zoo
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != routed.served)
+            .filter_map(|(i, id)| state.model(id).map(|m| (i, m)))
+            .collect();
+        let st = state.clone();
+        let messages = req.messages.clone();
+        let sampling = req.sampling.clone();
+        let measured = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for (i, model) in others {
+                let Ok(prompt) = model.encode_chat(&messages) else {
+                    continue;
+                };
+                let mut sink = MeasureOnly {
+                    abort: st.abort.clone(),
+                };
+                let account = st.energy.begin();
+                let result =
+                    model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
+                let energy = st.energy.end(account);
+                st.add_model_energy(&model.info().id, &energy);
+                if result.is_ok() {
+                    out.push((i, energy.joules));
+                }
+            }
+            drop(slot);
+            out
+        })
+        .await
+        .unwrap_or_default();
+        for (i, j) in measured {
+            joules[i] = Some(j);
+        }
+    }
+    router.finished(request_id, routed, &joules);
 }
 
 #[tonic::async_trait]
@@ -122,7 +209,20 @@ impl Inference for InferenceService {
             state.next_seed(),
         )
         .map_err(refuse)?;
-        let model = state.resolve_model(req.model.as_deref()).map_err(refuse)?;
+        let (model, routed) = match (req.model.as_deref(), state.router()) {
+            (None, Some(router)) => {
+                let router = router.clone();
+                let text = question(&req);
+                let routed = tokio::task::spawn_blocking(move || router.route(&text))
+                    .await
+                    .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
+                    .and_then(|r| r)
+                    .map_err(refuse)?;
+                let model = state.resolve_model(Some(&routed.model)).map_err(refuse)?;
+                (model, Some(routed))
+            }
+            (requested, _) => (state.resolve_model(requested).map_err(refuse)?, None),
+        };
         let prompt = model.encode_chat(&req.messages).map_err(refuse)?;
         let limit = (state.config.limits.max_prompt_tokens as usize)
             .min(model.info().context_length.saturating_sub(1));
@@ -143,7 +243,7 @@ impl Inference for InferenceService {
             .request_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let placement = placement_for(&model, &req);
+        let placement = placement_for(&model, &req, routed.as_ref());
 
         let (tx, rx) = mpsc::channel::<Item>(64);
         let state = self.state.clone();
@@ -180,17 +280,25 @@ impl Inference for InferenceService {
                     gen_model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
                 let energy = gen_state.energy.end(account);
                 gen_state.add_model_energy(&gen_model.info().id, &energy);
-                drop(slot);
-                (out, sink.first_text_ms, Some(energy))
+                (out, sink.first_text_ms, Some(energy), slot)
             })
             .await;
-            let (outcome, first_text_ms, energy) = match result {
-                Ok(r) => r,
+            let (outcome, first_text_ms, energy, slot) = match result {
+                Ok((out, first, energy, slot)) => (out, first, energy, Some(slot)),
                 Err(join) => (
                     Err(Error::Engine(format!("generation thread failed: {join}"))),
                     None,
                     None,
+                    None,
                 ),
+            };
+            // An exploration step keeps the slot to run the rest of the zoo after the answer.
+            let slot = match &routed {
+                Some(r) if r.decision == ferry_router::Decision::Explore && outcome.is_ok() => slot,
+                _ => {
+                    drop(slot);
+                    None
+                }
             };
             let total_ms = arrived.elapsed().as_secs_f64() * 1e3;
             match outcome {
@@ -259,6 +367,12 @@ impl Inference for InferenceService {
                             .requests_abandoned
                             .fetch_add(1, Ordering::Relaxed);
                     }
+                    drop(tx);
+                    if let Some(routed) = routed {
+                        let served_joules = energy.as_ref().map(|e| e.joules);
+                        learn_from_routed(&state, &request_id, &routed, &req, served_joules, slot)
+                            .await;
+                    }
                 }
                 Err(Error::Cancelled(why)) if state.abort.is_cancelled() && !tx.is_closed() => {
                     state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
@@ -283,6 +397,75 @@ impl Inference for InferenceService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let state = &self.state;
+        let totals = state.energy.totals();
+        let running = state.admission.running();
+        let routers = state
+            .router()
+            .map(|r| {
+                let s = r.status();
+                pb::RouterStatus {
+                    tier: pb::Tier::Local as i32,
+                    policy: s.policy,
+                    alpha: s.alpha,
+                    v_per_joule: s.v,
+                    q: s.q,
+                    q_tracked: s.q_tracked,
+                    requests: s.requests,
+                    explored: s.explored,
+                    exploration_probability: s.exploration_probability,
+                    models: s
+                        .zoo
+                        .iter()
+                        .zip(&s.calls)
+                        .zip(&s.mean_cost_joules)
+                        .map(|((model, &calls), &mean_joules)| pb::ModelCalls {
+                            model: model.clone(),
+                            calls,
+                            mean_joules,
+                        })
+                        .collect(),
+                    feedback: s.feedback,
+                    satisfied: s.satisfied,
+                    state_file: s.state_file.display().to_string(),
+                    saved_unix_ms: s.saved_unix_ms.unwrap_or(0),
+                }
+            })
+            .into_iter()
+            .collect();
+        let models = self
+            .list_models(Request::new(pb::ListModelsRequest {}))
+            .await?
+            .into_inner()
+            .models;
+        Ok(Response::new(pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ready: state.is_ready(),
+            draining: state.is_draining(),
+            uptime_s: state.started.elapsed().as_secs_f64(),
+            models,
+            running: running as u32,
+            queued: state.admission.in_system().saturating_sub(running) as u32,
+            max_concurrent: state.admission.max_concurrent() as u32,
+            max_queue: state.admission.max_queue() as u32,
+            energy: Some(pb::EnergyStatus {
+                source: state.energy.source_label().to_string(),
+                devices: state.energy.devices().to_vec(),
+                measured_joules: totals.measured_joules,
+                attributed_joules: totals.attributed_joules,
+                idle_joules: totals.idle_joules,
+            }),
+            routers,
+            requests_completed: state.stats.requests_completed.load(Ordering::Relaxed),
+            requests_failed: state.stats.requests_failed.load(Ordering::Relaxed),
+            requests_rejected: state.stats.requests_rejected.load(Ordering::Relaxed),
+        }))
     }
 
     async fn list_models(
@@ -334,6 +517,10 @@ impl Inference for InferenceService {
                 score: req.score,
             },
         )?;
+        if let Some(router) = self.state.router() {
+            let learned = router.feedback(&req.request_id, req.satisfied);
+            tracing::debug!(request_id = %req.request_id, learned, replaced, "feedback");
+        }
         Ok(Response::new(pb::FeedbackResponse { replaced }))
     }
 }

@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +15,7 @@ use ferry_engine::LoadedModel;
 use crate::admission::Admission;
 use crate::config::EdgeConfig;
 use crate::records::RecordStore;
+use crate::router::ZooRouter;
 
 /// Counters of the gRPC surface, read by tests and (later) metrics.
 #[derive(Debug, Default)]
@@ -45,6 +47,10 @@ pub struct AppState {
     /// Cancelled when in-flight generations must stop (end of the shutdown grace period).
     pub abort: CancellationToken,
     seed_state: AtomicU64,
+    /// MESS+ over the local models, when `router.enabled`; set once the models are loaded.
+    router: OnceLock<Arc<ZooRouter>>,
+    /// When the state was built, for uptime.
+    pub started: Instant,
 }
 
 impl AppState {
@@ -89,6 +95,8 @@ impl AppState {
             energy_by_model: Default::default(),
             abort: CancellationToken::new(),
             seed_state: AtomicU64::new(seed),
+            router: OnceLock::new(),
+            started: Instant::now(),
         })
     }
 
@@ -132,8 +140,62 @@ impl AppState {
                 .ok_or_else(|| Error::invalid("models.load", "no model to load"))?,
         };
         *self.default_model.write().expect("default lock") = Some(default);
+        if self.config.router.enabled {
+            let router = self.build_router(&device)?;
+            let _ = self.router.set(Arc::new(router));
+        }
         self.ready.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// The local tier's MESS+ router: the loaded models ordered by resident weight bytes (the
+    /// cost and capability proxy until measured joules replace the cost side), the encoder
+    /// from its manifest, and the state restored from the state directory.
+    fn build_router(&self, device: &ferry_engine::Device) -> Result<ZooRouter> {
+        let mut zoo: Vec<(u64, String)> = self
+            .models
+            .read()
+            .expect("models lock")
+            .values()
+            .map(|m| (m.info().resident_weight_bytes, m.info().id.clone()))
+            .collect();
+        zoo.sort();
+        let zoo: Vec<String> = zoo.into_iter().map(|(_, id)| id).collect();
+        let cfg = &self.config.router;
+        let manifest = ModelManifest::load_dir(&self.config.models.manifest_dir)?
+            .into_iter()
+            .find(|m| m.id == cfg.encoder && m.kind == ModelKind::Encoder)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "router.encoder",
+                    format!(
+                        "no encoder manifest `{}` in {}",
+                        cfg.encoder,
+                        self.config.models.manifest_dir.display()
+                    ),
+                )
+            })?;
+        let encoder = ferry_engine::encoder::SentenceEncoder::load(
+            &manifest,
+            &self.config.models.model_dir,
+            device,
+        )?;
+        let router = ZooRouter::new(
+            "local",
+            zoo,
+            &manifest.id,
+            encoder,
+            cfg,
+            &self.config.state.dir,
+            self.config.state.max_records,
+        )?;
+        tracing::info!(zoo = ?router.zoo(), policy = %cfg.policy, alpha = cfg.alpha, "MESS+ routes model auto");
+        Ok(router)
+    }
+
+    /// The local tier's router, when routing is enabled and the models are loaded.
+    pub fn router(&self) -> Option<&Arc<ZooRouter>> {
+        self.router.get()
     }
 
     /// A loaded model by id.

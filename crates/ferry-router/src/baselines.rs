@@ -1,8 +1,9 @@
 //! Baselines behind the same trait: always one model, the cheapest fixed random mix whose
 //! expected satisfaction meets α (from the data's per-model means), and the per-request oracle.
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+
+use crate::rng::{seeded, PolicyRng};
 
 use crate::{Decision, Observation, ZooPolicy};
 
@@ -57,14 +58,14 @@ pub fn cheapest_mix(s: &[f64], c: &[f64], alpha: f64) -> Option<Vec<f64>> {
 /// Serve a model drawn from a fixed mix.
 pub struct RandomMix {
     probs: Vec<f64>,
-    rng: StdRng,
+    rng: PolicyRng,
 }
 
 impl RandomMix {
     pub fn new(probs: Vec<f64>, seed: u64) -> Self {
         RandomMix {
             probs,
-            rng: StdRng::seed_from_u64(seed),
+            rng: seeded(seed),
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod baselines;
 pub mod mess;
 pub mod predictor;
+pub mod rng;
 
 /// What a zoo policy decided for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,4 +58,7 @@ pub enum RouterError {
     Invalid(String),
     #[error("predictor: {0}")]
     Predictor(String),
+    /// A saved state that does not fit this policy (other zoo, other shapes, bad values).
+    #[error("saved router state: {0}")]
+    State(String),
 }

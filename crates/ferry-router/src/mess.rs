@@ -7,10 +7,11 @@
 //! arrived; decisions use `q_tracked`. `Ê_m` is the running mean of every cost observed for m,
 //! seeded at 1e-6 like the reference's online path.
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::predictor::Predictor;
+use crate::rng::{seeded, PolicyRng, RngSnapshot};
 use crate::{Decision, Observation, RouterError, ZooPolicy};
 
 /// Cost estimate before any observation (reference: 1e-6).
@@ -42,9 +43,23 @@ pub struct MessPlus<P: Predictor> {
     t: u64,
     cost_sum: Vec<f64>,
     cost_n: Vec<u64>,
-    rng: StdRng,
+    rng: PolicyRng,
     explored: u64,
     last_scores: Vec<f64>,
+}
+
+/// Everything [`MessPlus`] has learned apart from its predictor: queues, step count, cost
+/// means and the generator's position. Restoring it continues the run exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessPlusSnapshot {
+    pub q: f64,
+    pub q_tracked: f64,
+    pub t: u64,
+    pub explored: u64,
+    /// Sum and count of the observed costs of each model, in zoo order.
+    pub cost_sum: Vec<f64>,
+    pub cost_n: Vec<u64>,
+    pub rng: RngSnapshot,
 }
 
 impl<P: Predictor> MessPlus<P> {
@@ -68,7 +83,7 @@ impl<P: Predictor> MessPlus<P> {
             )));
         }
         Ok(MessPlus {
-            rng: StdRng::seed_from_u64(cfg.seed),
+            rng: seeded(cfg.seed),
             cfg,
             models,
             predictor,
@@ -138,6 +153,119 @@ impl<P: Predictor> MessPlus<P> {
     pub fn predictor(&self) -> &P {
         &self.predictor
     }
+
+    /// The predictor, for restoring its weights.
+    pub fn predictor_mut(&mut self) -> &mut P {
+        &mut self.predictor
+    }
+
+    /// The parameters this policy runs with.
+    pub fn config(&self) -> &MessPlusConfig {
+        &self.cfg
+    }
+
+    /// Zoo size.
+    pub fn models(&self) -> usize {
+        self.models
+    }
+
+    /// Decides like [`ZooPolicy::decide`] and also returns the predicted satisfaction of every
+    /// model (empty for an exploration step, which predicts nothing). For a live service, where
+    /// decisions of concurrent requests interleave and each request keeps its own prediction.
+    pub fn decide_scored(&mut self, x: &[f32]) -> (Decision, Vec<f64>) {
+        let d = self.decide(x);
+        (d, std::mem::take(&mut self.last_scores))
+    }
+
+    /// Books the measured cost of each model that ran (`None` for those that did not).
+    pub fn record_costs(&mut self, costs: &[Option<f64>]) {
+        for (m, c) in costs.iter().enumerate().take(self.models) {
+            if let Some(c) = c.filter(|c| c.is_finite() && *c >= 0.0) {
+                self.cost_sum[m] += c;
+                self.cost_n[m] += 1;
+            }
+        }
+    }
+
+    /// Moves `Q` for a finished request whose feedback has not arrived: by the satisfaction the
+    /// predictor expected of the served model (`None`, as after an exploration step, leaves `Q`
+    /// where it is: `α − α`).
+    pub fn record_unjudged(&mut self, predicted: Option<f64>) {
+        let s = predicted.unwrap_or(self.cfg.alpha).clamp(0.0, 1.0);
+        self.q = queue_update(self.q, self.cfg.alpha, s);
+    }
+
+    /// Feedback on the served answer of a request decided as `decision`: moves `Q_tracked` and
+    /// trains the predictor (exploration samples always; served answers in `mess-plus-fb`).
+    /// In a live service `Q` already moved when the request finished (see
+    /// [`MessPlus::record_unjudged`]); replay, which knows the label at once, uses
+    /// [`ZooPolicy::observe`] instead.
+    pub fn record_feedback(&mut self, x: &[f32], decision: Decision, satisfied: bool) {
+        let served = decision.served(self.models);
+        let s = if satisfied { 1.0 } else { 0.0 };
+        self.q_tracked = queue_update(self.q_tracked, self.cfg.alpha, s);
+        let mut labels = vec![None; self.models];
+        labels[served] = Some(satisfied);
+        self.train(x, decision, &labels, true);
+    }
+
+    fn train(&mut self, x: &[f32], decision: Decision, labels: &[Option<bool>], feedback: bool) {
+        match decision {
+            Decision::Explore => self.predictor.train(x, labels),
+            Decision::Serve(m) if self.cfg.train_on_feedback && feedback => {
+                let mut only = vec![None; self.models];
+                only[m] = labels.get(m).copied().flatten();
+                if only[m].is_some() {
+                    self.predictor.train(x, &only);
+                }
+            }
+            Decision::Serve(_) => {}
+        }
+    }
+
+    /// What this policy has learned, predictor aside.
+    pub fn snapshot(&self) -> MessPlusSnapshot {
+        MessPlusSnapshot {
+            q: self.q,
+            q_tracked: self.q_tracked,
+            t: self.t,
+            explored: self.explored,
+            cost_sum: self.cost_sum.clone(),
+            cost_n: self.cost_n.clone(),
+            rng: RngSnapshot::capture(&self.rng),
+        }
+    }
+
+    /// Continues from a snapshot taken of a policy over the same zoo.
+    pub fn restore(&mut self, s: &MessPlusSnapshot) -> Result<(), RouterError> {
+        let bad = |why: String| Err(RouterError::State(why));
+        if s.cost_sum.len() != self.models || s.cost_n.len() != self.models {
+            return bad(format!(
+                "cost means for {} models, the zoo has {}",
+                s.cost_sum.len(),
+                self.models
+            ));
+        }
+        let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !finite_non_negative(s.q)
+            || !finite_non_negative(s.q_tracked)
+            || !s.cost_sum.iter().all(|&c| finite_non_negative(c))
+        {
+            return bad("queues and costs must be finite and >= 0".into());
+        }
+        if s.explored > s.t {
+            return bad(format!("{} explorations in {} requests", s.explored, s.t));
+        }
+        self.rng = s.rng.restore()?;
+        self.q = s.q;
+        self.q_tracked = s.q_tracked;
+        self.t = s.t;
+        self.explored = s.explored;
+        self.cost_sum = s.cost_sum.clone();
+        self.cost_n = s.cost_n.clone();
+        self.last_scores.clear();
+        Ok(())
+    }
 }
 
 /// `min(1, c / t^(1/4))` for a 1-based request count `t`.
@@ -172,12 +300,7 @@ impl<P: Predictor> ZooPolicy for MessPlus<P> {
     }
 
     fn observe(&mut self, x: &[f32], decision: Decision, obs: &Observation) {
-        for (m, c) in obs.costs.iter().enumerate().take(self.models) {
-            if let Some(c) = c {
-                self.cost_sum[m] += c;
-                self.cost_n[m] += 1;
-            }
-        }
+        self.record_costs(&obs.costs);
         let served = decision.served(self.models);
         let observed = obs.satisfied.get(served).copied().flatten();
         match (obs.feedback, observed) {
@@ -188,25 +311,11 @@ impl<P: Predictor> ZooPolicy for MessPlus<P> {
             }
             _ => {
                 // No feedback: Q follows the predictor's belief; Q_tracked waits for evidence.
-                let s_hat = self
-                    .last_scores
-                    .get(served)
-                    .copied()
-                    .unwrap_or(self.cfg.alpha);
-                self.q = queue_update(self.q, self.cfg.alpha, s_hat);
+                let s_hat = self.last_scores.get(served).copied();
+                self.record_unjudged(s_hat);
             }
         }
-        match decision {
-            Decision::Explore => self.predictor.train(x, &obs.satisfied),
-            Decision::Serve(m) if self.cfg.train_on_feedback && obs.feedback => {
-                let mut labels = vec![None; self.models];
-                labels[m] = obs.satisfied.get(m).copied().flatten();
-                if labels[m].is_some() {
-                    self.predictor.train(x, &labels);
-                }
-            }
-            Decision::Serve(_) => {}
-        }
+        self.train(x, decision, &obs.satisfied, obs.feedback);
     }
 }
 
@@ -215,6 +324,8 @@ mod tests {
     use super::*;
     use crate::predictor::Fixed;
     use proptest::prelude::{prop_assert, proptest};
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
 
     fn cfg(alpha: f64, v: f64) -> MessPlusConfig {
         MessPlusConfig {
@@ -263,6 +374,68 @@ mod tests {
         m.observe(&x, d, &obs(true, false));
         assert!((m.q() - 0.9).abs() < 1e-12);
         assert!((m.q_tracked() - 0.6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn snapshot_restores_queues_costs_and_coin_flips() {
+        let run = |m: &mut MessPlus<Fixed>, from: usize, to: usize| -> Vec<Decision> {
+            (from..to)
+                .map(|i| {
+                    let (d, s_hat) = m.decide_scored(&[0.0]);
+                    let served = d.served(2);
+                    let mut costs = vec![None, None];
+                    costs[served] = Some(1.0 + served as f64 * 9.0);
+                    m.record_costs(&costs);
+                    m.record_unjudged(s_hat.get(served).copied());
+                    if i.is_multiple_of(3) {
+                        m.record_feedback(&[0.0], d, i.is_multiple_of(2));
+                    }
+                    d
+                })
+                .collect()
+        };
+        let c = MessPlusConfig {
+            alpha: 0.7,
+            v: 0.01,
+            c: 1.0,
+            seed: 5,
+            train_on_feedback: true,
+        };
+        let mut a = MessPlus::new(c.clone(), 2, Fixed(vec![0.4, 0.9])).unwrap();
+        run(&mut a, 0, 50);
+        let json = serde_json::to_string(&a.snapshot()).unwrap();
+        let mut b =
+            MessPlus::new(MessPlusConfig { seed: 77, ..c }, 2, Fixed(vec![0.4, 0.9])).unwrap();
+        b.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(run(&mut a, 50, 150), run(&mut b, 50, 150));
+        assert_eq!(a.snapshot(), b.snapshot());
+        let mut wrong_zoo = MessPlus::new(
+            MessPlusConfig {
+                alpha: 0.7,
+                v: 0.01,
+                c: 1.0,
+                seed: 1,
+                train_on_feedback: true,
+            },
+            3,
+            Fixed(vec![0.4, 0.6, 0.9]),
+        )
+        .unwrap();
+        assert!(wrong_zoo.restore(&a.snapshot()).is_err());
+        let mut negative = a.snapshot();
+        negative.q = -1.0;
+        assert!(b.restore(&negative).is_err());
+    }
+
+    #[test]
+    fn live_feedback_moves_only_q_tracked() {
+        let mut m = MessPlus::new(cfg(0.8, 0.0), 2, Fixed(vec![0.5, 0.5])).unwrap();
+        let (d, s_hat) = m.decide_scored(&[0.0]);
+        assert_eq!(d, Decision::Serve(0));
+        m.record_unjudged(s_hat.first().copied());
+        assert!((m.q() - 0.3).abs() < 1e-12 && m.q_tracked() == 0.0);
+        m.record_feedback(&[0.0], d, false);
+        assert!((m.q() - 0.3).abs() < 1e-12 && (m.q_tracked() - 0.8).abs() < 1e-12);
     }
 
     proptest! {

@@ -8,9 +8,10 @@
 //! repeatable.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
 
+use crate::rng::{seeded, PolicyRng, RngSnapshot};
 use crate::RouterError;
 
 /// Predicts per-model satisfaction probabilities and learns from labelled samples.
@@ -69,11 +70,60 @@ pub struct MlpPredictor {
     outputs: usize,
     hidden: usize,
     sgd: SgdConfig,
-    rng: StdRng,
+    rng: PolicyRng,
     steps: u64,
 }
 
-fn uniform(rng: &mut StdRng, n: usize, bound: f64) -> Vec<f32> {
+/// An [`MlpPredictor`]'s weights, optimiser momentum, dropout generator and step count: enough
+/// to continue training exactly where it stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MlpSnapshot {
+    pub inputs: usize,
+    pub hidden: usize,
+    pub outputs: usize,
+    /// Row-major parameter tensors in a fixed order: W1, b1, LayerNorm γ, β, W2, b2.
+    pub params: Vec<F32s>,
+    /// SGD momentum buffers, `None` before the first step.
+    pub momentum: Vec<Option<F32s>>,
+    pub rng: RngSnapshot,
+    pub steps: u64,
+}
+
+/// A vector of f32 stored as base64 of its little-endian bytes: exact, and about a third of the
+/// size of decimal JSON, which matters for a state file rewritten every second on flash storage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct F32s(pub Vec<f32>);
+
+impl Serialize for F32s {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        let bytes: Vec<u8> = self.0.iter().flat_map(|x| x.to_le_bytes()).collect();
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+}
+
+impl<'de> Deserialize<'de> for F32s {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        let text = String::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)?;
+        if bytes.len() % 4 != 0 {
+            return Err(serde::de::Error::custom(
+                "f32 data is not a multiple of 4 bytes",
+            ));
+        }
+        Ok(F32s(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ))
+    }
+}
+
+fn uniform(rng: &mut PolicyRng, n: usize, bound: f64) -> Vec<f32> {
     (0..n)
         .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
         .collect()
@@ -92,7 +142,7 @@ impl MlpPredictor {
         sgd: SgdConfig,
         seed: u64,
     ) -> Result<Self, RouterError> {
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = seeded(seed);
         let dev = Device::Cpu;
         // PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
         let b1 = 1.0 / (inputs as f64).sqrt();
@@ -218,6 +268,77 @@ impl MlpPredictor {
     pub fn hidden(&self) -> usize {
         self.hidden
     }
+
+    /// Input width.
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// Everything needed to continue training later.
+    pub fn snapshot(&self) -> Result<MlpSnapshot, RouterError> {
+        let flat = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map(F32s)
+                .map_err(err)
+        };
+        Ok(MlpSnapshot {
+            inputs: self.inputs,
+            hidden: self.hidden,
+            outputs: self.outputs,
+            params: self
+                .params
+                .iter()
+                .map(|p| flat(p.as_tensor()))
+                .collect::<Result<_, _>>()?,
+            momentum: self
+                .momentum
+                .iter()
+                .map(|m| m.as_ref().map(flat).transpose())
+                .collect::<Result<_, _>>()?,
+            rng: RngSnapshot::capture(&self.rng),
+            steps: self.steps,
+        })
+    }
+
+    /// Continues from a snapshot of a head with the same shape.
+    pub fn restore(&mut self, s: &MlpSnapshot) -> Result<(), RouterError> {
+        if (s.inputs, s.hidden, s.outputs) != (self.inputs, self.hidden, self.outputs) {
+            return Err(RouterError::State(format!(
+                "predictor shape {}x{}x{} does not match {}x{}x{}",
+                s.inputs, s.hidden, s.outputs, self.inputs, self.hidden, self.outputs
+            )));
+        }
+        if s.params.len() != self.params.len() || s.momentum.len() != self.params.len() {
+            return Err(RouterError::State("predictor tensor count differs".into()));
+        }
+        let mut params = Vec::with_capacity(self.params.len());
+        let mut momentum = Vec::with_capacity(self.params.len());
+        for (i, p) in self.params.iter().enumerate() {
+            let shape = p.as_tensor().shape().clone();
+            let n = shape.elem_count();
+            let tensor = |v: &F32s| -> Result<Tensor, RouterError> {
+                let v = &v.0;
+                if v.len() != n || !v.iter().all(|x| x.is_finite()) {
+                    return Err(RouterError::State(format!(
+                        "predictor tensor {i}: {} values (need {n} finite)",
+                        v.len()
+                    )));
+                }
+                Tensor::from_vec(v.clone(), shape.clone(), &Device::Cpu).map_err(err)
+            };
+            params.push(tensor(&s.params[i])?);
+            momentum.push(s.momentum[i].as_ref().map(tensor).transpose()?);
+        }
+        let rng = s.rng.restore()?;
+        for (p, t) in self.params.iter().zip(&params) {
+            p.set(t).map_err(err)?;
+        }
+        self.momentum = momentum;
+        self.rng = rng;
+        self.steps = s.steps;
+        Ok(())
+    }
 }
 
 impl Predictor for MlpPredictor {
@@ -273,6 +394,50 @@ mod tests {
         assert!(pos[1] > 0.8 && neg[1] > 0.8);
         assert!(pos.iter().chain(&neg).all(|p| (0.0..=1.0).contains(p)));
         assert_eq!(run(), (pos, neg), "seeded training is repeatable");
+    }
+
+    #[test]
+    fn snapshot_round_trip_continues_training_identically() {
+        let sample = |i: usize| {
+            let s = if i.is_multiple_of(3) { 1.0 } else { -1.0 };
+            (
+                [s, 0.5, 0.1 * i as f32, 1.0],
+                [Some(s > 0.0), Some(i.is_multiple_of(2))],
+            )
+        };
+        let mut a = MlpPredictor::new(4, 8, 2, SgdConfig::default(), 3).unwrap();
+        for i in 0..20 {
+            let (x, y) = sample(i);
+            a.train(&x, &y);
+        }
+        let json = serde_json::to_string(&a.snapshot().unwrap()).unwrap();
+        let mut b = MlpPredictor::new(4, 8, 2, SgdConfig::default(), 99).unwrap();
+        b.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        for i in 20..40 {
+            let (x, y) = sample(i);
+            a.train(&x, &y);
+            b.train(&x, &y);
+        }
+        assert_eq!(
+            a.predict(&[1.0, 0.5, 0.3, 1.0]),
+            b.predict(&[1.0, 0.5, 0.3, 1.0])
+        );
+        assert_eq!(a.steps(), b.steps());
+    }
+
+    #[test]
+    fn mismatched_snapshot_is_refused() {
+        let a = MlpPredictor::new(4, 8, 2, SgdConfig::default(), 3).unwrap();
+        let mut b = MlpPredictor::new(4, 8, 3, SgdConfig::default(), 3).unwrap();
+        let snap = a.snapshot().unwrap();
+        assert!(b.restore(&snap).is_err());
+        let mut c = MlpPredictor::new(4, 8, 2, SgdConfig::default(), 3).unwrap();
+        let mut bad = snap.clone();
+        bad.params[0].0.pop();
+        assert!(c.restore(&bad).is_err());
+        let mut bad = snap;
+        bad.params[1].0[0] = f32::NAN;
+        assert!(c.restore(&bad).is_err());
     }
 
     #[test]

@@ -220,6 +220,116 @@ pub struct FeedbackResponse {
     #[prost(bool, tag = "1")]
     pub replaced: bool,
 }
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StatusRequest {}
+/// Calls and measured cost of one model under a router.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ModelCalls {
+    #[prost(string, tag = "1")]
+    pub model: ::prost::alloc::string::String,
+    /// Requests this model served.
+    #[prost(uint64, tag = "2")]
+    pub calls: u64,
+    /// Mean measured energy of one run of this model; unset before its first run.
+    #[prost(double, optional, tag = "3")]
+    pub mean_joules: ::core::option::Option<f64>,
+}
+/// A MESS+ router over one tier's zoo.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RouterStatus {
+    #[prost(enumeration = "Tier", tag = "1")]
+    pub tier: i32,
+    /// "mess-plus" or "mess-plus-fb".
+    #[prost(string, tag = "2")]
+    pub policy: ::prost::alloc::string::String,
+    /// SLA target: fraction of judged requests that must be satisfied.
+    #[prost(double, tag = "3")]
+    pub alpha: f64,
+    /// Cost weight V per joule.
+    #[prost(double, tag = "4")]
+    pub v_per_joule: f64,
+    /// Virtual queue moved on every request, and the one moved by feedback (decisions use it).
+    #[prost(double, tag = "5")]
+    pub q: f64,
+    #[prost(double, tag = "6")]
+    pub q_tracked: f64,
+    /// Requests routed and exploration steps among them.
+    #[prost(uint64, tag = "7")]
+    pub requests: u64,
+    #[prost(uint64, tag = "8")]
+    pub explored: u64,
+    /// Probability that the next request explores.
+    #[prost(double, tag = "9")]
+    pub exploration_probability: f64,
+    /// In zoo order (ascending cost).
+    #[prost(message, repeated, tag = "10")]
+    pub models: ::prost::alloc::vec::Vec<ModelCalls>,
+    /// Feedback received on routed requests and how much said "satisfied".
+    #[prost(uint64, tag = "11")]
+    pub feedback: u64,
+    #[prost(uint64, tag = "12")]
+    pub satisfied: u64,
+    /// Where the learned state is kept, and when it was last written (Unix ms; 0 = never).
+    #[prost(string, tag = "13")]
+    pub state_file: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "14")]
+    pub saved_unix_ms: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct EnergyStatus {
+    /// "nvml", "rapl", "ina3221", "estimate" or a combination.
+    #[prost(string, tag = "1")]
+    pub source: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub devices: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Since start: energy measured, attributed to requests, and booked as idle.
+    #[prost(double, tag = "3")]
+    pub measured_joules: f64,
+    #[prost(double, tag = "4")]
+    pub attributed_joules: f64,
+    #[prost(double, tag = "5")]
+    pub idle_joules: f64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StatusResponse {
+    #[prost(string, tag = "1")]
+    pub version: ::prost::alloc::string::String,
+    /// Models loaded (and state restored); false while starting.
+    #[prost(bool, tag = "2")]
+    pub ready: bool,
+    /// Shutting down: new requests are refused.
+    #[prost(bool, tag = "3")]
+    pub draining: bool,
+    #[prost(double, tag = "4")]
+    pub uptime_s: f64,
+    #[prost(message, repeated, tag = "5")]
+    pub models: ::prost::alloc::vec::Vec<ModelInfo>,
+    /// Requests generating now and waiting for a slot, and the limits.
+    #[prost(uint32, tag = "6")]
+    pub running: u32,
+    #[prost(uint32, tag = "7")]
+    pub queued: u32,
+    #[prost(uint32, tag = "8")]
+    pub max_concurrent: u32,
+    #[prost(uint32, tag = "9")]
+    pub max_queue: u32,
+    #[prost(message, optional, tag = "10")]
+    pub energy: ::core::option::Option<EnergyStatus>,
+    #[prost(message, repeated, tag = "11")]
+    pub routers: ::prost::alloc::vec::Vec<RouterStatus>,
+    /// Since start.
+    #[prost(uint64, tag = "12")]
+    pub requests_completed: u64,
+    #[prost(uint64, tag = "13")]
+    pub requests_failed: u64,
+    #[prost(uint64, tag = "14")]
+    pub requests_rejected: u64,
+}
 /// Who wrote a message.
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -491,6 +601,28 @@ pub mod inference_client {
                 .insert(GrpcMethod::new("ferry.v1.Inference", "Feedback"));
             self.inner.unary(req, path, codec).await
         }
+        /// What the daemon is doing: readiness, models, admission queue, energy metering, and each
+        /// routing policy's state (SLA target, virtual queues, call mix, satisfaction so far).
+        pub async fn status(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StatusRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatusResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferry.v1.Inference/Status",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("ferry.v1.Inference", "Status"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -536,6 +668,12 @@ pub mod inference_server {
             tonic::Response<super::FeedbackResponse>,
             tonic::Status,
         >;
+        /// What the daemon is doing: readiness, models, admission queue, energy metering, and each
+        /// routing policy's state (SLA target, virtual queues, call mix, satisfaction so far).
+        async fn status(
+            &self,
+            request: tonic::Request<super::StatusRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatusResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct InferenceServer<T> {
@@ -734,6 +872,49 @@ pub mod inference_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FeedbackSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferry.v1.Inference/Status" => {
+                    #[allow(non_camel_case_types)]
+                    struct StatusSvc<T: Inference>(pub Arc<T>);
+                    impl<T: Inference> tonic::server::UnaryService<super::StatusRequest>
+                    for StatusSvc<T> {
+                        type Response = super::StatusResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StatusRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Inference>::status(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StatusSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

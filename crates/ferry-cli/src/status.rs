@@ -1,0 +1,225 @@
+//! `ferry status`: how a running ferryd is doing, as a table for people or JSON for scripts —
+//! readiness, models, the admission queue, energy metering, and each MESS+ router's SLA target,
+//! virtual queues, call mix and satisfaction so far.
+
+use std::fmt::Write;
+
+use ferry_proto::v1 as pb;
+
+fn tier_name(tier: i32) -> &'static str {
+    match pb::Tier::try_from(tier) {
+        Ok(pb::Tier::Local) => "local",
+        Ok(pb::Tier::Cloud) => "cloud",
+        _ => "unspecified",
+    }
+}
+
+fn satisfaction(r: &pb::RouterStatus) -> Option<f64> {
+    (r.feedback > 0).then(|| r.satisfied as f64 / r.feedback as f64)
+}
+
+/// The status as one JSON object (stable field names, for scripts).
+pub fn to_json(s: &pb::StatusResponse) -> serde_json::Value {
+    let energy = s.energy.clone().unwrap_or_default();
+    serde_json::json!({
+        "version": s.version,
+        "ready": s.ready,
+        "draining": s.draining,
+        "uptime_s": s.uptime_s,
+        "requests": {
+            "completed": s.requests_completed,
+            "failed": s.requests_failed,
+            "rejected": s.requests_rejected,
+        },
+        "admission": {
+            "running": s.running,
+            "queued": s.queued,
+            "max_concurrent": s.max_concurrent,
+            "max_queue": s.max_queue,
+        },
+        "models": s.models.iter().map(|m| serde_json::json!({
+            "id": m.id,
+            "family": m.family,
+            "tier": tier_name(m.tier),
+            "loaded": m.loaded,
+            "default": m.is_default,
+        })).collect::<Vec<_>>(),
+        "energy": {
+            "source": energy.source,
+            "devices": energy.devices,
+            "measured_joules": energy.measured_joules,
+            "attributed_joules": energy.attributed_joules,
+            "idle_joules": energy.idle_joules,
+        },
+        "routers": s.routers.iter().map(|r| {
+            let total: u64 = r.models.iter().map(|m| m.calls).sum();
+            serde_json::json!({
+                "tier": tier_name(r.tier),
+                "policy": r.policy,
+                "alpha": r.alpha,
+                "v_per_joule": r.v_per_joule,
+                "q": r.q,
+                "q_tracked": r.q_tracked,
+                "requests": r.requests,
+                "explored": r.explored,
+                "exploration_probability": r.exploration_probability,
+                "feedback": r.feedback,
+                "satisfied": r.satisfied,
+                "satisfaction": satisfaction(r),
+                "calls": r.models.iter().map(|m| (m.model.clone(), serde_json::json!({
+                    "calls": m.calls,
+                    "fraction": if total > 0 { m.calls as f64 / total as f64 } else { 0.0 },
+                    "mean_joules": m.mean_joules,
+                }))).collect::<serde_json::Map<_, _>>(),
+                "state_file": r.state_file,
+                "saved_unix_ms": (r.saved_unix_ms > 0).then_some(r.saved_unix_ms),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// The status as a short report for a terminal.
+pub fn render(s: &pb::StatusResponse) -> String {
+    let mut o = String::new();
+    let state = match (s.ready, s.draining) {
+        (_, true) => "draining",
+        (true, false) => "ready",
+        (false, false) => "starting",
+    };
+    let _ = writeln!(
+        o,
+        "ferryd {} — {state}, up {:.0} s; requests: {} completed, {} failed, {} rejected",
+        s.version, s.uptime_s, s.requests_completed, s.requests_failed, s.requests_rejected
+    );
+    let _ = writeln!(
+        o,
+        "admission: {} running / {} max, {} queued / {} max",
+        s.running, s.max_concurrent, s.queued, s.max_queue
+    );
+    if let Some(e) = &s.energy {
+        let _ = writeln!(
+            o,
+            "energy: {} ({}): {:.1} J measured, {:.1} J attributed to requests, {:.1} J idle",
+            e.source,
+            if e.devices.is_empty() {
+                "no devices".to_string()
+            } else {
+                e.devices.join(", ")
+            },
+            e.measured_joules,
+            e.attributed_joules,
+            e.idle_joules
+        );
+    }
+    let _ = writeln!(o, "models:");
+    for m in &s.models {
+        let _ = writeln!(
+            o,
+            "  {:<28} {:<8} {:<6} {}{}",
+            m.id,
+            m.family,
+            tier_name(m.tier),
+            if m.loaded { "loaded" } else { "not loaded" },
+            if m.is_default { ", default" } else { "" }
+        );
+    }
+    if s.routers.is_empty() {
+        let _ = writeln!(o, "routing: off (model auto uses the default model)");
+    }
+    for r in &s.routers {
+        let sat = satisfaction(r)
+            .map(|x| format!("{:.1} % of {} judged", 100.0 * x, r.feedback))
+            .unwrap_or_else(|| "no feedback yet".to_string());
+        let _ = writeln!(
+            o,
+            "routing ({} tier): {} alpha {} — satisfaction {sat}; Q {:.3}, Q_tracked {:.3}; {} requests, {} explored (next p {:.3})",
+            tier_name(r.tier),
+            r.policy,
+            r.alpha,
+            r.q,
+            r.q_tracked,
+            r.requests,
+            r.explored,
+            r.exploration_probability
+        );
+        let total: u64 = r.models.iter().map(|m| m.calls).sum();
+        for m in &r.models {
+            let _ = writeln!(
+                o,
+                "  {:<28} {:>6} calls {:>5.1} %  {}",
+                m.model,
+                m.calls,
+                if total > 0 {
+                    100.0 * m.calls as f64 / total as f64
+                } else {
+                    0.0
+                },
+                m.mean_joules
+                    .map(|j| format!("{j:.2} J/request"))
+                    .unwrap_or_else(|| "not run yet".to_string())
+            );
+        }
+        let _ = writeln!(
+            o,
+            "  state: {}{}",
+            r.state_file,
+            if r.saved_unix_ms > 0 {
+                ""
+            } else {
+                " (not written yet)"
+            }
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> pb::StatusResponse {
+        pb::StatusResponse {
+            version: "0.1.0".into(),
+            ready: true,
+            routers: vec![pb::RouterStatus {
+                tier: pb::Tier::Local as i32,
+                policy: "mess-plus-fb".into(),
+                alpha: 0.7,
+                feedback: 4,
+                satisfied: 3,
+                models: vec![
+                    pb::ModelCalls {
+                        model: "a".into(),
+                        calls: 3,
+                        mean_joules: Some(1.5),
+                    },
+                    pb::ModelCalls {
+                        model: "b".into(),
+                        calls: 1,
+                        mean_joules: None,
+                    },
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn json_has_call_mix_and_satisfaction() {
+        let v = to_json(&sample());
+        let r = &v["routers"][0];
+        assert_eq!(r["satisfaction"], 0.75);
+        assert_eq!(r["calls"]["a"]["fraction"], 0.75);
+        assert_eq!(r["calls"]["b"]["mean_joules"], serde_json::Value::Null);
+        assert_eq!(r["tier"], "local");
+    }
+
+    #[test]
+    fn text_names_alpha_and_models() {
+        let t = render(&sample());
+        assert!(t.contains("alpha 0.7"), "{t}");
+        assert!(t.contains("75.0 % of 4 judged"), "{t}");
+        assert!(t.contains("not run yet"), "{t}");
+    }
+}

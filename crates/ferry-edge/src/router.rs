@@ -1,0 +1,491 @@
+//! MESS+ for `model: "auto"`: picks which model of a tier's zoo answers each request, learns
+//! from the joules each model really cost and from the `Feedback` apps send, and keeps what it
+//! learned across restarts.
+//!
+//! The policy itself is `ferry_router::mess::MessPlus` (pure, seeded); this module owns what a
+//! daemon adds around it: the sentence encoder that turns the question into features, the
+//! requests waiting for feedback, the call-mix statistics for `Status`, and the state file.
+//!
+//! Live semantics (the paper replays labels it already has; a daemon learns them late or never):
+//! when a request finishes, the costs of the models that ran are booked and `Q` moves by the
+//! satisfaction the predictor expected; when feedback arrives, `Q_tracked` (which decisions use)
+//! moves by the real label and the predictor trains. A request without feedback moves only `Q`.
+//! Only the first feedback on a request teaches the policy; a replacement is recorded, not
+//! learned twice.
+//!
+//! State file: `<state.dir>/router-<tier>.json`, written atomically (temporary file, fsync,
+//! rename, fsync of the directory) at most every `save_interval_ms` and on shutdown, so a
+//! `kill -9` loses at most one interval of learning. A file that cannot be read as this version's
+//! state is renamed aside (`.corrupt-<unix ms>`) with a warning and learning restarts; one written
+//! for another zoo or encoder is renamed aside as `.stale-<unix ms>`. Neither stops the daemon.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use ferry_core::{Error, Result};
+use ferry_engine::encoder::SentenceEncoder;
+use ferry_router::mess::{MessPlus, MessPlusConfig, MessPlusSnapshot};
+use ferry_router::predictor::{MlpPredictor, MlpSnapshot, SgdConfig};
+use ferry_router::{Decision, ZooPolicy};
+
+use crate::config::RouterConfig;
+use crate::records::unix_ms;
+
+/// Version of the state file layout; a file of another version is set aside.
+pub const STATE_VERSION: u32 = 1;
+const STATE_FORMAT: &str = "ferry-router-state";
+
+/// Call mix and feedback counts since the state was created.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouterStats {
+    /// Requests served by each zoo model (exploration steps count for the model that served).
+    pub calls: Vec<u64>,
+    /// Feedback received on routed requests, and how much of it said "satisfied".
+    pub feedback: u64,
+    pub satisfied: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    format: String,
+    version: u32,
+    tier: String,
+    policy: String,
+    zoo: Vec<String>,
+    encoder: String,
+    saved_unix_ms: u64,
+    mess: MessPlusSnapshot,
+    predictor: MlpSnapshot,
+    stats: RouterStats,
+}
+
+/// A routed request: what the policy decided and why.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub decision: Decision,
+    /// Index of the serving model in the zoo.
+    pub served: usize,
+    /// Id of the serving model.
+    pub model: String,
+    /// The predictor's satisfaction estimate for the served model (none when exploring).
+    pub predicted: Option<f64>,
+    /// The request's features, kept until its feedback arrives.
+    pub features: Arc<Vec<f32>>,
+    /// One line for the completion's placement reason.
+    pub reason: String,
+    /// Time spent embedding and deciding.
+    pub route_ms: f64,
+}
+
+struct Pending {
+    features: Arc<Vec<f32>>,
+    decision: Decision,
+    judged: bool,
+}
+
+struct Inner {
+    mess: MessPlus<MlpPredictor>,
+    stats: RouterStats,
+    pending: HashMap<String, Pending>,
+    order: VecDeque<String>,
+    saved_unix_ms: Option<u64>,
+    last_save: Option<Instant>,
+}
+
+/// What `Status` shows of a router.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterStatus {
+    pub tier: String,
+    pub policy: String,
+    pub alpha: f64,
+    pub v: f64,
+    pub q: f64,
+    pub q_tracked: f64,
+    pub requests: u64,
+    pub explored: u64,
+    pub exploration_probability: f64,
+    pub zoo: Vec<String>,
+    pub calls: Vec<u64>,
+    /// Mean measured joules of each model (`None` before its first run).
+    pub mean_cost_joules: Vec<Option<f64>>,
+    pub feedback: u64,
+    pub satisfied: u64,
+    pub state_file: PathBuf,
+    pub saved_unix_ms: Option<u64>,
+}
+
+/// MESS+ over one tier's zoo, ordered by ascending cost (the last model is the most capable).
+pub struct ZooRouter {
+    tier: String,
+    policy: String,
+    zoo: Vec<String>,
+    encoder_id: String,
+    encoder: SentenceEncoder,
+    cfg: RouterConfig,
+    path: PathBuf,
+    max_pending: usize,
+    dirty: AtomicBool,
+    inner: Mutex<Inner>,
+}
+
+fn fresh_policy(cfg: &RouterConfig, zoo: usize, dim: usize) -> Result<MessPlus<MlpPredictor>> {
+    let router_err = |e: ferry_router::RouterError| Error::invalid("router", e.to_string());
+    // Hidden width = input width, as in the MESS+ reference head.
+    let predictor =
+        MlpPredictor::new(dim, dim, zoo, SgdConfig::default(), cfg.seed).map_err(router_err)?;
+    MessPlus::new(
+        MessPlusConfig {
+            alpha: cfg.alpha,
+            v: cfg.v_per_joule,
+            c: cfg.c,
+            seed: cfg.seed,
+            train_on_feedback: cfg.policy == "mess-plus-fb",
+        },
+        zoo,
+        predictor,
+    )
+    .map_err(router_err)
+}
+
+/// Renames a state file out of the way; returns the new path.
+fn set_aside(path: &Path, why: &str) -> Option<PathBuf> {
+    let aside = path.with_extension(format!("json.{why}-{}", unix_ms()));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => Some(aside),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not set the state file aside");
+            None
+        }
+    }
+}
+
+impl ZooRouter {
+    /// A router for `zoo` (ascending cost), restoring `<state_dir>/router-<tier>.json` when it
+    /// holds state for the same zoo and encoder.
+    pub fn new(
+        tier: &str,
+        zoo: Vec<String>,
+        encoder_id: &str,
+        encoder: SentenceEncoder,
+        cfg: &RouterConfig,
+        state_dir: &Path,
+        max_pending: usize,
+    ) -> Result<Self> {
+        if zoo.is_empty() {
+            return Err(Error::invalid("router", "the zoo is empty"));
+        }
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
+        let path = state_dir.join(format!("router-{tier}.json"));
+        let mut mess = fresh_policy(cfg, zoo.len(), encoder.dim())?;
+        let mut stats = RouterStats {
+            calls: vec![0; zoo.len()],
+            ..RouterStats::default()
+        };
+        let mut saved_unix_ms = None;
+        match std::fs::read(&path) {
+            Ok(bytes) => match Self::parse_state(&bytes, tier, &zoo, encoder_id, cfg, &mut mess) {
+                Ok((s, saved)) => {
+                    tracing::info!(
+                        path = %path.display(),
+                        requests = mess.t(),
+                        q_tracked = mess.q_tracked(),
+                        "router state restored"
+                    );
+                    stats = s;
+                    saved_unix_ms = Some(saved);
+                }
+                Err((kind, why)) => {
+                    let aside = set_aside(&path, kind);
+                    tracing::warn!(
+                        path = %path.display(),
+                        set_aside = ?aside,
+                        reason = %why,
+                        "router state not usable; learning restarts"
+                    );
+                    mess = fresh_policy(cfg, zoo.len(), encoder.dim())?;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+        Ok(ZooRouter {
+            tier: tier.to_string(),
+            policy: cfg.policy.clone(),
+            zoo,
+            encoder_id: encoder_id.to_string(),
+            encoder,
+            cfg: cfg.clone(),
+            path,
+            max_pending: max_pending.max(1),
+            dirty: AtomicBool::new(false),
+            inner: Mutex::new(Inner {
+                mess,
+                stats,
+                pending: HashMap::new(),
+                order: VecDeque::new(),
+                saved_unix_ms,
+                last_save: None,
+            }),
+        })
+    }
+
+    /// Reads a state file into `mess`; on failure says whether it is corrupt or stale.
+    fn parse_state(
+        bytes: &[u8],
+        tier: &str,
+        zoo: &[String],
+        encoder_id: &str,
+        cfg: &RouterConfig,
+        mess: &mut MessPlus<MlpPredictor>,
+    ) -> std::result::Result<(RouterStats, u64), (&'static str, String)> {
+        let file: StateFile =
+            serde_json::from_slice(bytes).map_err(|e| ("corrupt", e.to_string()))?;
+        if file.format != STATE_FORMAT || file.version != STATE_VERSION {
+            return Err((
+                "corrupt",
+                format!(
+                    "{} version {}, expected {STATE_FORMAT} version {STATE_VERSION}",
+                    file.format, file.version
+                ),
+            ));
+        }
+        if file.tier != tier || file.zoo != zoo || file.encoder != encoder_id {
+            return Err((
+                "stale",
+                format!(
+                    "saved for tier {} zoo {:?} encoder {}; now tier {tier} zoo {zoo:?} encoder {encoder_id}",
+                    file.tier, file.zoo, file.encoder
+                ),
+            ));
+        }
+        if file.policy != cfg.policy {
+            tracing::info!(saved = %file.policy, now = %cfg.policy, "router policy changed; keeping what was learned");
+        }
+        if file.stats.calls.len() != zoo.len() || file.stats.satisfied > file.stats.feedback {
+            return Err(("corrupt", "call statistics do not fit the zoo".into()));
+        }
+        mess.restore(&file.mess)
+            .map_err(|e| ("corrupt", e.to_string()))?;
+        mess.predictor_mut()
+            .restore(&file.predictor)
+            .map_err(|e| ("corrupt", e.to_string()))?;
+        Ok((file.stats, file.saved_unix_ms))
+    }
+
+    /// The zoo, ascending cost.
+    pub fn zoo(&self) -> &[String] {
+        &self.zoo
+    }
+
+    /// Chooses the model for a question (blocking: embeds the text on this thread).
+    pub fn route(&self, question: &str) -> Result<Routed> {
+        let started = Instant::now();
+        let features = self
+            .encoder
+            .embed(&[question])?
+            .pop()
+            .ok_or_else(|| Error::Engine("the encoder returned no embedding".into()))?;
+        let mut inner = self.inner.lock().expect("router lock");
+        let p = inner.mess.exploration_probability();
+        let (decision, s_hat) = inner.mess.decide_scored(&features);
+        let q = inner.mess.q_tracked();
+        drop(inner);
+        self.dirty.store(true, Ordering::Release);
+        let served = decision.served(self.zoo.len());
+        let predicted = s_hat.get(served).copied();
+        let reason = match decision {
+            Decision::Explore => format!(
+                "{} explore (p={p:.3}): every {} model runs, the most capable serves",
+                self.policy, self.tier
+            ),
+            Decision::Serve(_) => format!(
+                "{} argmin V*E+Q*(alpha-s): predicted satisfaction {:.2}, Q {q:.2}, alpha {}",
+                self.policy,
+                predicted.unwrap_or(f64::NAN),
+                self.cfg.alpha
+            ),
+        };
+        Ok(Routed {
+            decision,
+            served,
+            model: self.zoo[served].clone(),
+            predicted,
+            features: Arc::new(features.to_vec()),
+            reason,
+            route_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Books a finished routed request: the joules of each zoo model that ran (zoo order), and
+    /// `Q`'s move by the predicted satisfaction. The request then waits for feedback.
+    pub fn finished(&self, request_id: &str, routed: &Routed, joules: &[Option<f64>]) {
+        let mut inner = self.inner.lock().expect("router lock");
+        inner.mess.record_costs(joules);
+        inner.mess.record_unjudged(routed.predicted);
+        if let Some(c) = inner.stats.calls.get_mut(routed.served) {
+            *c += 1;
+        }
+        if inner
+            .pending
+            .insert(
+                request_id.to_string(),
+                Pending {
+                    features: routed.features.clone(),
+                    decision: routed.decision,
+                    judged: false,
+                },
+            )
+            .is_none()
+        {
+            inner.order.push_back(request_id.to_string());
+        }
+        while inner.order.len() > self.max_pending {
+            if let Some(old) = inner.order.pop_front() {
+                inner.pending.remove(&old);
+            }
+        }
+        drop(inner);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Feedback on a request; true when the policy learned from it (a routed request still
+    /// remembered, judged for the first time).
+    pub fn feedback(&self, request_id: &str, satisfied: bool) -> bool {
+        let mut guard = self.inner.lock().expect("router lock");
+        let inner = &mut *guard;
+        let Some(p) = inner.pending.get_mut(request_id) else {
+            return false;
+        };
+        if p.judged {
+            return false;
+        }
+        p.judged = true;
+        let (features, decision) = (p.features.clone(), p.decision);
+        inner.mess.record_feedback(&features, decision, satisfied);
+        inner.stats.feedback += 1;
+        inner.stats.satisfied += u64::from(satisfied);
+        drop(guard);
+        self.dirty.store(true, Ordering::Release);
+        true
+    }
+
+    /// What `Status` shows.
+    pub fn status(&self) -> RouterStatus {
+        let inner = self.inner.lock().expect("router lock");
+        let snap = inner.mess.snapshot();
+        RouterStatus {
+            tier: self.tier.clone(),
+            policy: inner.mess.name(),
+            alpha: self.cfg.alpha,
+            v: self.cfg.v_per_joule,
+            q: inner.mess.q(),
+            q_tracked: inner.mess.q_tracked(),
+            requests: inner.mess.t(),
+            explored: inner.mess.explored(),
+            exploration_probability: inner.mess.exploration_probability(),
+            zoo: self.zoo.clone(),
+            calls: inner.stats.calls.clone(),
+            mean_cost_joules: snap
+                .cost_sum
+                .iter()
+                .zip(&snap.cost_n)
+                .map(|(s, &n)| (n > 0).then(|| s / n as f64))
+                .collect(),
+            feedback: inner.stats.feedback,
+            satisfied: inner.stats.satisfied,
+            state_file: self.path.clone(),
+            saved_unix_ms: inner.saved_unix_ms,
+        }
+    }
+
+    /// Saves when something changed and the last save is older than the interval; true if it
+    /// wrote.
+    pub fn save_if_due(&self) -> Result<bool> {
+        if !self.dirty.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let due = {
+            let inner = self.inner.lock().expect("router lock");
+            inner
+                .last_save
+                .is_none_or(|t| t.elapsed().as_millis() >= u128::from(self.cfg.save_interval_ms))
+        };
+        if !due {
+            return Ok(false);
+        }
+        self.save()?;
+        Ok(true)
+    }
+
+    /// Writes the state file now (write-temp, fsync, rename, fsync the directory).
+    pub fn save(&self) -> Result<()> {
+        let started = Instant::now();
+        // Clear first: a change that lands while writing marks it dirty again.
+        self.dirty.store(false, Ordering::Release);
+        let saved_unix_ms = unix_ms();
+        let bytes = {
+            let mut inner = self.inner.lock().expect("router lock");
+            let file = StateFile {
+                format: STATE_FORMAT.to_string(),
+                version: STATE_VERSION,
+                tier: self.tier.clone(),
+                policy: self.policy.clone(),
+                zoo: self.zoo.clone(),
+                encoder: self.encoder_id.clone(),
+                saved_unix_ms,
+                mess: inner.mess.snapshot(),
+                predictor: inner
+                    .mess
+                    .predictor()
+                    .snapshot()
+                    .map_err(|e| Error::Engine(e.to_string()))?,
+                stats: inner.stats.clone(),
+            };
+            inner.last_save = Some(Instant::now());
+            serde_json::to_vec(&file).map_err(|e| Error::Engine(format!("router state: {e}")))?
+        };
+        let result = write_atomically(&self.path, &bytes);
+        if result.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        } else {
+            self.inner.lock().expect("router lock").saved_unix_ms = Some(saved_unix_ms);
+            tracing::debug!(
+                path = %self.path.display(),
+                bytes = bytes.len(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "router state saved"
+            );
+        }
+        result
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash at any point leaves either the old or the new
+/// file, never a torn one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary for", e))?;
+    f.write_all(bytes).map_err(|e| io("writing", e))?;
+    f.sync_all().map_err(|e| io("syncing", e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| io("renaming into", e))?;
+    if let Some(dir) = path.parent() {
+        // The rename itself is durable only once the directory entry is.
+        if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

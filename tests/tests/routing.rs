@@ -1,0 +1,183 @@
+//! MESS+ routing of `model: "auto"` inside ferryd, with the real models: decisions and their
+//! reasons, feedback moving `Q_tracked`, `Status`, and the learned state surviving a restart
+//! or being set aside when corrupt.
+
+use ferry_integration::{greedy, run, TestServer};
+use ferry_proto::v1 as pb;
+
+/// The local zoo the router chooses from: the bundled default model and the second family.
+fn zoo() -> Vec<String> {
+    ferry_integration::local_zoo()
+}
+
+fn routed(c: &mut ferry_edge::EdgeConfig, state_dir: Option<&std::path::Path>) {
+    c.models.load = zoo();
+    c.router.enabled = true;
+    // No exploration: every decision is the argmin, so the test knows which path ran.
+    c.router.c = 0.0;
+    c.router.alpha = 0.7;
+    c.router.save_interval_ms = 100;
+    if let Some(d) = state_dir {
+        c.state.dir = d.to_path_buf();
+    }
+}
+
+async fn status(t: &mut TestServer) -> pb::RouterStatus {
+    let s = t
+        .client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.ready);
+    assert_eq!(s.routers.len(), 1, "one router, for the local tier");
+    s.routers[0].clone()
+}
+
+async fn feedback(t: &mut TestServer, id: &str, satisfied: bool) -> bool {
+    t.client
+        .feedback(pb::FeedbackRequest {
+            request_id: id.into(),
+            satisfied,
+            score: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .replaced
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_is_routed_by_mess_plus_and_feedback_moves_q_tracked() {
+    let mut t = TestServer::start(|c| routed(c, None)).await;
+    let zoo = zoo();
+    let mut ids = Vec::new();
+    for q in ["What is 2+2?", "Name a colour.", "Say hi."] {
+        let (_, _, done) = run(&mut t.client, greedy(q, 3)).await.unwrap();
+        assert!(zoo.contains(&done.model), "{} not in the zoo", done.model);
+        let reason = done.placement.unwrap().reason;
+        assert!(reason.starts_with("mess-plus-fb argmin"), "{reason}");
+        assert!(done.energy.unwrap().joules.is_some());
+        ids.push(done.request_id);
+    }
+    let r = status(&mut t).await;
+    assert_eq!(r.requests, 3);
+    assert_eq!(r.explored, 0);
+    assert_eq!(r.models.iter().map(|m| m.calls).sum::<u64>(), 3);
+    assert_eq!(
+        r.models.iter().map(|m| m.model.clone()).collect::<Vec<_>>(),
+        zoo
+    );
+    // Without feedback only Q moves (by alpha - predicted satisfaction); Q_tracked waits.
+    assert_eq!(r.q_tracked, 0.0);
+    assert!(r.q >= 0.0);
+    assert!(r
+        .models
+        .iter()
+        .filter(|m| m.calls > 0)
+        .all(|m| m.mean_joules.is_some_and(|j| j > 0.0)));
+
+    assert!(!feedback(&mut t, &ids[0], false).await);
+    let r = status(&mut t).await;
+    assert!(
+        (r.q_tracked - 0.7).abs() < 1e-9,
+        "Q_tracked {}",
+        r.q_tracked
+    );
+    assert_eq!((r.feedback, r.satisfied), (1, 0));
+    // A replacement is recorded but not learned twice.
+    assert!(feedback(&mut t, &ids[0], true).await);
+    assert!(!feedback(&mut t, &ids[1], true).await);
+    let r = status(&mut t).await;
+    // max(0, 0.7 + 0.7 - 1): only the second request's label moved it.
+    assert!(
+        (r.q_tracked - 0.4).abs() < 1e-9,
+        "Q_tracked {}",
+        r.q_tracked
+    );
+    assert_eq!((r.feedback, r.satisfied), (2, 1));
+
+    // A request naming its model bypasses the router.
+    let mut named = greedy("Hi", 2);
+    named.model = zoo[0].clone();
+    let (_, _, done) = run(&mut t.client, named).await.unwrap();
+    assert_eq!(done.placement.unwrap().reason, "model named by the request");
+    assert_eq!(status(&mut t).await.requests, 3);
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exploration_runs_every_model_and_serves_the_most_capable() {
+    let mut t = TestServer::start(|c| {
+        routed(c, None);
+        // p_1 = min(1, c) = 1: the first request explores.
+        c.router.c = 1.0;
+    })
+    .await;
+    let zoo = zoo();
+    let (_, _, done) = run(&mut t.client, greedy("What is the capital of France?", 3))
+        .await
+        .unwrap();
+    assert_eq!(&done.model, zoo.last().unwrap());
+    let reason = done.placement.unwrap().reason;
+    assert!(reason.contains("explore"), "{reason}");
+    // The other models run after the answer, holding the slot; wait for them.
+    let mut r = status(&mut t).await;
+    for _ in 0..200 {
+        if r.models.iter().all(|m| m.mean_joules.is_some()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        r = status(&mut t).await;
+    }
+    assert_eq!(r.explored, 1);
+    assert!(
+        r.models.iter().all(|m| m.mean_joules.is_some()),
+        "every zoo model was measured: {:?}",
+        r.models
+    );
+    assert_eq!(r.models.last().unwrap().calls, 1);
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_state_survives_restart_and_a_corrupt_file_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("router-local.json");
+
+    let mut t = TestServer::start(|c| routed(c, Some(dir.path()))).await;
+    let (_, _, a) = run(&mut t.client, greedy("One?", 2)).await.unwrap();
+    run(&mut t.client, greedy("Two?", 2)).await.unwrap();
+    feedback(&mut t, &a.request_id, false).await;
+    let before = status(&mut t).await;
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+    assert!(file.is_file(), "state written on shutdown");
+
+    let mut t = TestServer::start(|c| routed(c, Some(dir.path()))).await;
+    let after = status(&mut t).await;
+    assert_eq!(after.requests, before.requests);
+    assert_eq!(after.q_tracked, before.q_tracked);
+    assert_eq!(after.q, before.q);
+    assert_eq!((after.feedback, after.satisfied), (1, 0));
+    assert_eq!(after.models, before.models);
+    assert!(after.saved_unix_ms > 0);
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+
+    // A torn or foreign file: set aside with a warning, learning restarts, the daemon serves.
+    std::fs::write(&file, b"{\"format\": \"ferry-router-state\", \"vers").unwrap();
+    let mut t = TestServer::start(|c| routed(c, Some(dir.path()))).await;
+    let fresh = status(&mut t).await;
+    assert_eq!(fresh.requests, 0);
+    assert_eq!(fresh.q_tracked, 0.0);
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("router-local.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    run(&mut t.client, greedy("Still serving?", 2))
+        .await
+        .unwrap();
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+}
