@@ -10,6 +10,7 @@ pub mod baselines;
 pub mod mess;
 pub mod predictor;
 pub mod rng;
+pub mod tmo;
 
 /// What a zoo policy decided for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,318 @@
+//! A constrained bandit for placement, after Huang, Liu and Xu, "Online LLM Selection via
+//! Constrained Bandits with Time-Varying Demand" (arXiv 2606.17489, 2026).
+//!
+//! **Only the paper's abstract is public.** It fixes the problem class (stochastic bandit with
+//! bandit feedback, unknown reward/cost/latency distributions, a hard packing budget, a soft
+//! covering constraint, time-varying demand) and says the algorithm combines confidence-bound
+//! estimates with demand predictions, with sublinear regret and violation. Everything below is
+//! our reading of that sentence, not the authors' algorithm:
+//! - Arms are the 9 placements; statistics are kept per task category (a context of 4 values).
+//! - **Optimism**: reward UCB `r̄ + c·range·√(2 ln t / n)`; latency and price LCBs
+//!   `max(0, x̄ − c·range·√(2 ln t / n))` (ranges are the spreads observed so far, so the
+//!   bonus is in each quantity's unit). Unplayed arms have an infinite UCB and zero LCBs.
+//! - **Pacing by predicted demand**: the demand of a dialogue is its number of turns, unknown
+//!   in advance. An online histogram of finished dialogues' lengths (with one pseudo-count per
+//!   length 1..=5) forecasts the remaining turns `D̂ = E[L − t | L > t]`; a turn may spend at
+//!   most `remaining budget / D̂` of each budget, judged on the LCBs.
+//! - **Hard stop**: an arm is never played if its worst observed latency or price (for an
+//!   unplayed arm, the worst seen on any arm) would leave less than a reserve of 4 local calls;
+//!   once the budget cannot afford any cloud call, every remaining turn runs locally.
+//! - Among the paced and safe arms, the highest reward UCB wins; if pacing rules out every
+//!   arm, the highest-UCB safe arm is played (local is always safe).
+//! - The paper treats latency as a soft covering constraint; in this environment latency is a
+//!   per-dialogue budget like the dollars, so both are paced and hard-stopped.
+
+use serde::Serialize;
+
+use super::eval::Placer;
+use super::{Action, Observation, StepOutcome, ACTIONS, HISTORY};
+use crate::tmo::state::RESERVE_LOCAL_CALLS;
+
+/// Bandit settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BanditConfig {
+    /// Scale of the reward UCB bonus.
+    pub ucb: f64,
+    /// Scale of the latency/price LCB bonus.
+    pub lcb: f64,
+    /// Keep statistics per task category (otherwise one set for all).
+    pub per_task: bool,
+}
+
+impl Default for BanditConfig {
+    fn default() -> Self {
+        BanditConfig {
+            ucb: 1.0,
+            lcb: 1.0,
+            per_task: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Arm {
+    n: u64,
+    reward: f64,
+    usd: f64,
+    lat: f64,
+    usd_max: f64,
+    lat_max: f64,
+}
+
+/// Running min and max of a quantity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Range(f64, f64);
+
+impl Range {
+    fn new() -> Self {
+        Range(f64::INFINITY, f64::NEG_INFINITY)
+    }
+    fn add(&mut self, x: f64) {
+        self.0 = self.0.min(x);
+        self.1 = self.1.max(x);
+    }
+    fn width(&self) -> f64 {
+        if self.1 > self.0 {
+            self.1 - self.0
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The constrained bandit (see the module header).
+#[derive(Debug, Clone)]
+pub struct ConstrainedBandit {
+    cfg: BanditConfig,
+    arms: Vec<[Arm; ACTIONS]>,
+    t: u64,
+    lengths: [f64; 64],
+    reward: Range,
+    usd: Range,
+    lat: Range,
+}
+
+impl ConstrainedBandit {
+    /// A bandit for `tasks` task categories.
+    pub fn new(cfg: BanditConfig, tasks: usize) -> Self {
+        let mut lengths = [0.0; 64];
+        lengths[1..=HISTORY].fill(1.0);
+        ConstrainedBandit {
+            cfg,
+            arms: vec![[Arm::default(); ACTIONS]; if cfg.per_task { tasks.max(1) } else { 1 }],
+            t: 0,
+            lengths,
+            reward: Range::new(),
+            usd: Range::new(),
+            lat: Range::new(),
+        }
+    }
+
+    fn context(&self, task: usize) -> usize {
+        if self.cfg.per_task {
+            task.min(self.arms.len() - 1)
+        } else {
+            0
+        }
+    }
+
+    /// Forecast of the turns left in a dialogue that has taken `turn` turns, this one included.
+    pub fn remaining_demand(&self, turn: usize) -> f64 {
+        let (mut mass, mut sum) = (0.0, 0.0);
+        for (l, &c) in self.lengths.iter().enumerate().skip(turn + 1) {
+            mass += c;
+            sum += c * (l - turn) as f64;
+        }
+        if mass > 0.0 {
+            (sum / mass).max(1.0)
+        } else {
+            1.0
+        }
+    }
+
+    /// The worst latency and price seen on any arm (the bound for unplayed arms).
+    fn worst(&self) -> (f64, f64) {
+        let mut w = (0.0f64, 0.0f64);
+        for ctx in &self.arms {
+            for a in ctx {
+                w = (w.0.max(a.lat_max), w.1.max(a.usd_max));
+            }
+        }
+        w
+    }
+
+    /// Mean observed local call (the reserve unit), 0 before the first.
+    fn local_cost(&self) -> (f64, f64) {
+        let (mut n, mut s, mut u) = (0u64, 0.0, 0.0);
+        for ctx in &self.arms {
+            n += ctx[0].n;
+            s += ctx[0].lat;
+            u += ctx[0].usd;
+        }
+        if n == 0 {
+            (0.0, 0.0)
+        } else {
+            (s / n as f64, u / n as f64)
+        }
+    }
+
+    /// Which arms the hard stop allows for `obs`.
+    pub fn safe(&self, obs: &Observation) -> [bool; ACTIONS] {
+        let ctx = &self.arms[self.context(obs.task)];
+        let (ls, lu) = self.local_cost();
+        let k = RESERVE_LOCAL_CALLS as f64;
+        let (room_s, room_u) = (obs.remaining_latency_s - k * ls, obs.remaining_usd - k * lu);
+        let worst = self.worst();
+        let mut ok = [false; ACTIONS];
+        for (i, arm) in ctx.iter().enumerate() {
+            let (s, u) = if arm.n > 0 {
+                (arm.lat_max, arm.usd_max)
+            } else {
+                worst
+            };
+            ok[i] = i == 0 || (s <= room_s && u <= room_u);
+        }
+        ok
+    }
+}
+
+impl ConstrainedBandit {
+    /// Learns online on `env` (a training environment) for at least `steps` turns, finishing
+    /// the dialogue in progress.
+    pub fn warm_up(&mut self, env: &mut super::Env, steps: usize) {
+        let mut done = 0;
+        while done < steps {
+            let mut obs = env.reset();
+            loop {
+                let a = self.place(&obs);
+                let out = env.step(a);
+                self.feedback(&obs, a, &out);
+                done += 1;
+                if out.done {
+                    break;
+                }
+                obs = env.observation();
+            }
+        }
+    }
+}
+
+impl Placer for ConstrainedBandit {
+    fn name(&self) -> String {
+        "bandit".into()
+    }
+
+    fn place(&mut self, obs: &Observation) -> Action {
+        self.t += 1;
+        let safe = self.safe(obs);
+        let d = self.remaining_demand(obs.turn);
+        let (allow_s, allow_u) = (obs.remaining_latency_s / d, obs.remaining_usd / d);
+        let ln_t = (self.t as f64).ln().max(0.0);
+        let ctx = &self.arms[self.context(obs.task)];
+        let mut ucb = [f64::NEG_INFINITY; ACTIONS];
+        let mut paced = [false; ACTIONS];
+        for (i, arm) in ctx.iter().enumerate() {
+            if arm.n == 0 {
+                ucb[i] = f64::INFINITY;
+                paced[i] = true;
+                continue;
+            }
+            let n = arm.n as f64;
+            let bonus = (2.0 * ln_t / n).sqrt();
+            ucb[i] = arm.reward / n + self.cfg.ucb * self.reward.width() * bonus;
+            let lcb_s = (arm.lat / n - self.cfg.lcb * self.lat.width() * bonus).max(0.0);
+            let lcb_u = (arm.usd / n - self.cfg.lcb * self.usd.width() * bonus).max(0.0);
+            paced[i] = lcb_s <= allow_s && lcb_u <= allow_u;
+        }
+        let pick = |allowed: &dyn Fn(usize) -> bool| {
+            (0..ACTIONS)
+                .filter(|&i| allowed(i))
+                .fold(None, |best: Option<usize>, i| match best {
+                    Some(b) if ucb[b] >= ucb[i] => Some(b),
+                    _ => Some(i),
+                })
+        };
+        let i = pick(&|i| safe[i] && paced[i])
+            .or_else(|| pick(&|i| safe[i]))
+            .unwrap_or(0);
+        Action::from_index(i).expect("in range")
+    }
+
+    fn feedback(&mut self, obs: &Observation, action: Action, out: &StepOutcome) {
+        let c = self.context(obs.task);
+        let arm = &mut self.arms[c][action.index()];
+        arm.n += 1;
+        arm.reward += out.reward;
+        arm.usd += out.cost_usd;
+        arm.lat += out.latency_s;
+        arm.usd_max = arm.usd_max.max(out.cost_usd);
+        arm.lat_max = arm.lat_max.max(out.latency_s);
+        self.reward.add(out.reward);
+        self.usd.add(out.cost_usd);
+        self.lat.add(out.latency_s);
+        if out.done {
+            let l = (obs.turn + 1).min(self.lengths.len() - 1);
+            self.lengths[l] += 1.0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::tmo::env::tests::toy;
+    use crate::tmo::{evaluate, Env, EnvConfig, Knn};
+
+    #[test]
+    fn demand_forecast_follows_observed_lengths() {
+        let mut b = ConstrainedBandit::new(BanditConfig::default(), 1);
+        // Prior: lengths 1..=5 equally likely: E[L] = 3.
+        assert!((b.remaining_demand(0) - 3.0).abs() < 1e-12);
+        assert!((b.remaining_demand(4) - 1.0).abs() < 1e-12);
+        let obs = crate::tmo::DialogueState::new(30.0, 0.05).observe(0);
+        let mut o = obs.clone();
+        o.turn = 1;
+        let out = StepOutcome {
+            reward: 1.0,
+            response: 1.0,
+            association: 0.0,
+            association_norm: 0.0,
+            latency_s: 0.01,
+            cost_usd: 1e-8,
+            latency_norm: 0.0,
+            cost_norm: 0.0,
+            overdrawn: false,
+            done: true,
+        };
+        for _ in 0..95 {
+            b.feedback(&o, Action::LOCAL, &out);
+        }
+        // 95 more dialogues of 2 turns: about 2 expected at the start, 1 after the first turn.
+        assert!((b.remaining_demand(0) - 205.0 / 100.0).abs() < 1e-12);
+        assert!((b.remaining_demand(1) - (96.0 + 2.0 + 3.0 + 4.0) / 99.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn never_overdraws_and_learns() {
+        let d = toy();
+        let knn = Arc::new(Knn::from_log(5, &d.dialogues).unwrap());
+        // Tight budgets: about one cloud call with all views per dialogue.
+        let cfg = EnvConfig {
+            latency_budget_s: 8.0,
+            usd_budget: 0.015,
+            ..EnvConfig::default()
+        };
+        let mut train = Env::new(d.dialogues.clone(), knn.clone(), cfg.clone(), true, 3).unwrap();
+        let mut test = Env::new(d.dialogues, knn, cfg, false, 0).unwrap();
+        let mut b = ConstrainedBandit::new(BanditConfig::default(), 2);
+        for _ in 0..3 {
+            let m = evaluate(&mut train, &mut b);
+            assert_eq!(m.violation, 0.0, "{m:?}");
+        }
+        let m = evaluate(&mut test, &mut b);
+        assert_eq!(m.violation, 0.0);
+        assert!(m.actions[0] < 1.0, "uses the cloud when it pays: {m:?}");
+    }
+}
