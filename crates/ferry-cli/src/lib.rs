@@ -5,5 +5,7 @@
 pub mod bench;
 pub mod client;
 pub mod fetch;
+pub mod plot;
 pub mod replay;
+pub mod routellm;
 pub mod status;

@@ -49,15 +49,33 @@ enum Command {
 }
 
 #[derive(Args)]
+#[command(after_long_help = "\
+--format routellm reads one of RouteLLM's evaluation folders (routellm/evals/{mmlu,gsm8k,mt_bench}: \
+True/False correctness of gpt-4-1106-preview and Mixtral-8x7B-Instruct per prompt, or GPT-4 judge \
+scores for MT-Bench), drops the prompts in its contaminated_prompts.jsonl, runs MESS+ on the zoo \
+weak -> strong for every --alpha, and prints RouteLLM's metrics: strong-call %, performance and PGR \
+per alpha, APGR, CPT(50%), CPT(80%), beside RouteLLM's random router.
+
+Cost per request (routellm) = blended price ($/M tokens; --price-strong, --price-weak; defaults are \
+RouteLLM's paper: GPT-4 $24.7, Mixtral $0.24) x tokens of the stored prompt plus that model's \
+stored answer (GSM8K responses; MT-Bench answers of both turns, turn 2 re-sending the conversation; \
+MMLU: one answer token), counted with the --encoder's tokenizer.json (all-MiniLM-L6-v2 WordPiece, \
+no truncation).")]
 struct ReplayArgs {
     #[command(flatten)]
     registry: Registry,
-    /// CSV/JSON file or directory (read recursively) in the MESS+ per-request format.
+    /// mess: the MESS+ per-request format; routellm: a RouteLLM evaluation folder (see below).
+    #[arg(long, value_enum, default_value = "mess")]
+    format: ReplayFormat,
+    /// mess: CSV/JSON file or directory (read recursively) in the MESS+ per-request format.
+    /// routellm: a RouteLLM folder, e.g. ../shared/data/routellm/mmlu (or one of its CSV files).
     #[arg(long)]
     input: PathBuf,
-    /// SLA target: fraction of requests that must be satisfied.
-    #[arg(long)]
-    alpha: f64,
+    /// SLA target(s): fraction of requests that must be satisfied; a comma list sweeps α
+    /// (e.g. 0.6,0.7,0.8). Required for --format mess; for routellm the default is 11 values
+    /// from the weak model's satisfaction rate to the strong model's.
+    #[arg(long, value_delimiter = ',')]
+    alpha: Vec<f64>,
     /// Cost weight V, in the cost column's unit. Default: 0.1 / (mean cost of the most
     /// expensive model), so a queue of about one request of SLA debt balances the largest
     /// model's cost; this gives 5e-5..1e-4 on the MESS+ joules, inside the paper's range.
@@ -78,12 +96,36 @@ struct ReplayArgs {
     #[arg(long, default_value = "energy_consumption")]
     cost_prefix: String,
     /// mess-plus (the paper's), mess-plus-fb (ours: also learns from served answers), always:<model>, random-alpha or oracle.
-    #[arg(long, default_value = "mess-plus")]
-    policy: String,
+    /// Default: mess-plus; with --format routellm a comma list, default mess-plus,mess-plus-fb.
+    #[arg(long, value_delimiter = ',')]
+    policy: Option<Vec<String>>,
+    /// routellm: GPT-4-1106-preview's blended price, $ per million tokens (RouteLLM's paper: 24.7).
+    #[arg(long, default_value_t = 24.7)]
+    price_strong: f64,
+    /// routellm: Mixtral-8x7B-Instruct's blended price, $ per million tokens (RouteLLM's paper: 0.24).
+    #[arg(long, default_value_t = 0.24)]
+    price_weak: f64,
+    /// routellm, MT-Bench: an answer counts as satisfied (MESS+'s label) when the mean GPT-4 judge
+    /// score of its two turns is at least this; performance stays the mean judge score.
+    #[arg(long, default_value_t = 8.0)]
+    mt_bench_threshold: f64,
+    /// Write a PNG: running satisfaction and cumulative cost over requests for the policy and the
+    /// baselines (first seed, first α), and with several --alpha an α-sweep row; with --format
+    /// routellm, performance against strong-model calls (RouteLLM's figure).
+    #[arg(long)]
+    plot: Option<PathBuf>,
     #[command(flatten)]
     embed: EmbedArgs,
+    /// One JSON object (a list, one object per α, when --alpha has several values; one object
+    /// for --format routellm).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReplayFormat {
+    Mess,
+    Routellm,
 }
 
 /// The sentence encoder that turns questions into routing features, and its cache.
@@ -677,27 +719,34 @@ fn bench_energy(args: EnergyArgs, seconds: f64, json: bool) -> anyhow::Result<()
 }
 
 fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
-    use ferry_cli::replay;
-    let data = replay::Dataset::load(&args.input, args.models.as_deref(), &args.cost_prefix)?;
-    let policy: replay::PolicyKind = args.policy.parse()?;
-    let opts = replay::ReplayOptions {
-        alpha: args.alpha,
-        v: args.v.unwrap_or_else(|| data.default_v() * args.v_scale),
-        c: args.c,
-        seeds: args.seeds.clone(),
-        policy,
-    };
+    use ferry_cli::{plot, replay, routellm};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    anyhow::ensure!(!args.seeds.is_empty(), "--seeds needs at least one seed");
     anyhow::ensure!(
-        (0.0..=1.0).contains(&opts.alpha),
+        args.alpha.iter().all(|a| (0.0..=1.0).contains(a)),
         "--alpha must be in [0, 1]"
     );
-    anyhow::ensure!(!opts.seeds.is_empty(), "--seeds needs at least one seed");
-    let (features, dim) = if matches!(
-        opts.policy,
-        replay::PolicyKind::MessPlus | replay::PolicyKind::MessPlusFb
-    ) {
+    let policies: Vec<replay::PolicyKind> = match (&args.policy, args.format) {
+        (Some(p), _) => p.iter().map(|p| p.parse()).collect::<Result<_, _>>()?,
+        (None, ReplayFormat::Mess) => vec![replay::PolicyKind::MessPlus],
+        (None, ReplayFormat::Routellm) => {
+            vec![replay::PolicyKind::MessPlus, replay::PolicyKind::MessPlusFb]
+        }
+    };
+    let needs_features = policies.iter().any(|p| {
+        matches!(
+            p,
+            replay::PolicyKind::MessPlus | replay::PolicyKind::MessPlusFb
+        )
+    });
+    // Question embeddings (cached under --cache-dir), for the policies that read them.
+    let features = |texts: Vec<&str>| -> anyhow::Result<(Vec<Arc<Vec<f32>>>, usize)> {
+        if !needs_features {
+            return Ok((Vec::new(), 0));
+        }
         let m = &args.embed.manifest(&args.registry)?;
-        let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
         let (embeddings, encode_s) =
             replay::cached_embeddings(&texts, &m.id, &args.embed.cache_dir, |texts| {
                 let enc = ferry_engine::encoder::SentenceEncoder::load(
@@ -711,60 +760,264 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             Some(s) => eprintln!("embedded {} questions in {s:.1} s", texts.len()),
             None => eprintln!("embeddings of {} questions from the cache", texts.len()),
         }
-        embeddings
-    } else {
-        (Vec::new(), 0)
+        Ok(embeddings)
     };
-    let t = std::time::Instant::now();
-    let (report, _, _) = replay::replay(&data, &features, dim, &opts)?;
-    eprintln!(
-        "replayed {} seeds in {:.1} s",
-        opts.seeds.len(),
-        t.elapsed().as_secs_f64()
-    );
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+    let trace_series = |name: &str, trace: &[(f64, f64)], cost: bool| plot::Series {
+        name: name.to_string(),
+        points: trace
+            .iter()
+            .enumerate()
+            .map(|(i, &(s, c))| ((i + 1) as f64, if cost { c } else { s }))
+            .collect(),
+    };
+
+    if args.format == ReplayFormat::Routellm {
+        // Token counts for the cost: the encoder's own tokenizer.json, without its truncation.
+        let m = args.embed.manifest(&args.registry)?;
+        let tok_path = ferry_engine::source::ModelLocation::of(&m, &args.registry.model_dir)
+            .file("tokenizer.json")?;
+        let mut tok = ferry_engine::tokenizer::from_file(&tok_path)?;
+        tok.with_truncation(None)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let count = |t: &str| tok.encode(t, false).map(|e| e.len()).unwrap_or(0);
+        let load = routellm::LoadOptions {
+            prices: routellm::Prices {
+                weak_per_mtok: args.price_weak,
+                strong_per_mtok: args.price_strong,
+            },
+            mt_bench_threshold: args.mt_bench_threshold,
+        };
+        let d = routellm::load(&args.input, &load, &count)?;
+        eprintln!(
+            "RouteLLM {}: {} requests, {} of {} excluded as contaminated",
+            d.benchmark.name(),
+            d.data.records.len(),
+            d.excluded,
+            d.rows
+        );
+        let (features, dim) = features(d.data.records.iter().map(|r| r.text.as_str()).collect())?;
+        let sweep = routellm::SweepOptions {
+            policies,
+            alphas: if args.alpha.is_empty() {
+                routellm::default_alphas(&d)
+            } else {
+                args.alpha.clone()
+            },
+            v: args.v.unwrap_or_else(|| d.data.default_v() * args.v_scale),
+            c: args.c,
+            seeds: args.seeds.clone(),
+        };
+        let t = std::time::Instant::now();
+        let report = routellm::evaluate(&d, &features, dim, &sweep)?;
+        eprintln!(
+            "swept {} alphas x {} policies x {} seeds in {:.1} s",
+            sweep.alphas.len(),
+            sweep.policies.len(),
+            sweep.seeds.len(),
+            t.elapsed().as_secs_f64()
+        );
+        if let Some(path) = &args.plot {
+            let (w, s) = (report.weak.performance, report.strong.performance);
+            let mut curves: Vec<plot::Series> = report
+                .policies
+                .iter()
+                .map(|p| plot::Series {
+                    name: format!("{} (APGR {:.3})", p.policy, p.apgr),
+                    points: routellm::with_endpoints(
+                        &p.sweep
+                            .iter()
+                            .map(|r| routellm::CurvePoint {
+                                strong_pct: r.strong_pct,
+                                performance: r.performance,
+                            })
+                            .collect::<Vec<_>>(),
+                        w,
+                        s,
+                    )
+                    .iter()
+                    .map(|c| (c.strong_pct, c.performance))
+                    .collect(),
+                })
+                .collect();
+            let mut random: Vec<(f64, f64)> = report
+                .random_router
+                .sweep
+                .iter()
+                .map(|c| (c.strong_pct, c.performance))
+                .collect();
+            random.sort_by(|a, b| a.0.total_cmp(&b.0));
+            curves.push(plot::Series {
+                name: format!("random router (APGR {:.3})", report.random_router.apgr),
+                points: random,
+            });
+            plot::draw_routellm(
+                path,
+                &format!(
+                    "RouteLLM {}: MESS+ over an α sweep, {} requests",
+                    report.benchmark.name(),
+                    report.requests
+                ),
+                report.benchmark.unit(),
+                &curves,
+                w,
+                s,
+            )?;
+            eprintln!("plot written to {}", path.display());
+        }
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", routellm::render(&report));
+        }
         return Ok(());
     }
-    println!(
+
+    anyhow::ensure!(
+        !args.alpha.is_empty(),
+        "--alpha is required for --format mess"
+    );
+    anyhow::ensure!(
+        policies.len() == 1,
+        "--format mess replays one --policy at a time"
+    );
+    let data = replay::Dataset::load(&args.input, args.models.as_deref(), &args.cost_prefix)?;
+    let mut opts = replay::ReplayOptions {
+        alpha: args.alpha[0],
+        v: args.v.unwrap_or_else(|| data.default_v() * args.v_scale),
+        c: args.c,
+        seeds: args.seeds.clone(),
+        policy: policies[0].clone(),
+    };
+    let (features, dim) = features(data.records.iter().map(|r| r.text.as_str()).collect())?;
+    let t = std::time::Instant::now();
+    let mut runs = Vec::new();
+    for &alpha in &args.alpha {
+        opts.alpha = alpha;
+        runs.push(replay::replay(&data, &features, dim, &opts)?);
+    }
+    eprintln!(
+        "replayed {} seeds x {} alphas in {:.1} s",
+        opts.seeds.len(),
+        args.alpha.len(),
+        t.elapsed().as_secs_f64()
+    );
+    if let Some(path) = &args.plot {
+        let (first, main, baselines) = &runs[0];
+        let named: Vec<(&str, &replay::RunSummary)> =
+            std::iter::once((first.policy.as_str(), main))
+                .chain(baselines.iter().map(|(k, v)| (k.as_str(), v)))
+                .collect();
+        let mut p = plot::ReplayPlot {
+            title: format!(
+                "ferry replay {}: {} vs baselines, {} requests (seed {})",
+                args.input.display(),
+                first.policy,
+                first.requests,
+                opts.seeds[0]
+            ),
+            cost_unit: args.cost_prefix.clone(),
+            alpha: first.alpha,
+            satisfaction: named
+                .iter()
+                .map(|(n, r)| trace_series(n, &r.trace, false))
+                .collect(),
+            cost: named
+                .iter()
+                .map(|(n, r)| trace_series(n, &r.trace, true))
+                .collect(),
+            ..Default::default()
+        };
+        if runs.len() > 1 {
+            let mut sat: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+            let mut cost: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+            for (r, _, _) in &runs {
+                let rows = std::iter::once((r.policy.clone(), r.satisfaction, r.cost_total)).chain(
+                    r.baselines
+                        .iter()
+                        .map(|(k, b)| (k.clone(), b.satisfaction, b.cost_total)),
+                );
+                for (name, s, c) in rows {
+                    sat.entry(name.clone()).or_default().push((r.alpha, s));
+                    cost.entry(name)
+                        .or_default()
+                        .push((r.alpha, c / r.requests as f64));
+                }
+            }
+            // The policy first, so it gets the first colour as in the per-request panels.
+            let order: Vec<String> = named.iter().map(|(n, _)| n.to_string()).collect();
+            let series = |m: &BTreeMap<String, Vec<(f64, f64)>>| {
+                order
+                    .iter()
+                    .filter_map(|n| {
+                        m.get(n).map(|p| plot::Series {
+                            name: n.clone(),
+                            points: p.clone(),
+                        })
+                    })
+                    .collect()
+            };
+            p.sweep_satisfaction = series(&sat);
+            p.sweep_cost = series(&cost);
+        }
+        plot::draw_replay(path, &p)?;
+        eprintln!("plot written to {}", path.display());
+    }
+    if args.json {
+        if runs.len() == 1 {
+            println!("{}", serde_json::to_string(&runs[0].0)?);
+        } else {
+            let reports: Vec<&replay::Report> = runs.iter().map(|r| &r.0).collect();
+            println!("{}", serde_json::to_string(&reports)?);
+        }
+        return Ok(());
+    }
+    for (i, (report, _, _)) in runs.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print_replay_report(report);
+    }
+    fn print_replay_report(report: &ferry_cli::replay::Report) {
+        println!(
         "{} requests ({} duplicates dropped) · models {:?} · alpha {} · V {:.3e} · c {} · seeds {:?}",
         report.requests, report.duplicates_dropped, report.models, report.alpha, report.v, report.c, report.seeds
     );
-    println!(
-        "{:<16} {:>12} {:>6} {:>14} {:>12}  calls",
-        "policy", "satisfaction", "SLA", "cost total", "cost/request"
-    );
-    let calls = |c: &std::collections::BTreeMap<String, f64>| {
-        report
-            .models
-            .iter()
-            .map(|m| format!("{m} {:.0}%", 100.0 * c.get(m).copied().unwrap_or(0.0)))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    };
-    println!(
-        "{:<16} {:>11.1}% {:>6} {:>14.0} {:>12.1}  {} (explore {:.1}%)",
-        report.policy,
-        100.0 * report.satisfaction,
-        if report.sla_met { "met" } else { "MISSED" },
-        report.cost_total,
-        report.cost_per_request,
-        calls(&report.calls),
-        100.0 * report.explore_fraction
-    );
-    for (name, b) in &report.baselines {
         println!(
-            "{:<16} {:>11.1}% {:>6} {:>14.0} {:>12.1}",
-            name,
-            100.0 * b.satisfaction,
-            if b.satisfaction >= report.alpha {
-                "met"
-            } else {
-                "-"
-            },
-            b.cost_total,
-            b.cost_total / report.requests as f64
+            "{:<16} {:>12} {:>6} {:>14} {:>12}  calls",
+            "policy", "satisfaction", "SLA", "cost total", "cost/request"
         );
+        let calls = |c: &std::collections::BTreeMap<String, f64>| {
+            report
+                .models
+                .iter()
+                .map(|m| format!("{m} {:.0}%", 100.0 * c.get(m).copied().unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!(
+            "{:<16} {:>11.1}% {:>6} {:>14.0} {:>12.1}  {} (explore {:.1}%)",
+            report.policy,
+            100.0 * report.satisfaction,
+            if report.sla_met { "met" } else { "MISSED" },
+            report.cost_total,
+            report.cost_per_request,
+            calls(&report.calls),
+            100.0 * report.explore_fraction
+        );
+        for (name, b) in &report.baselines {
+            println!(
+                "{:<16} {:>11.1}% {:>6} {:>14.0} {:>12.1}",
+                name,
+                100.0 * b.satisfaction,
+                if b.satisfaction >= report.alpha {
+                    "met"
+                } else {
+                    "-"
+                },
+                b.cost_total,
+                b.cost_total / report.requests as f64
+            );
+        }
     }
     Ok(())
 }

@@ -26,6 +26,9 @@ pub struct Record {
     pub text: String,
     pub satisfied: Vec<bool>,
     pub costs: Vec<f64>,
+    /// Quality of each model's answer in the data's own unit (RouteLLM's "performance": 100 or 0
+    /// for a correct or wrong answer, or a judge score); the 0/1 label for MESS+ data.
+    pub score: Vec<f64>,
 }
 
 /// A loaded data set.
@@ -168,11 +171,13 @@ impl Dataset {
                     &key,
                 )?);
             }
+            let score = satisfied.iter().map(|&s| f64::from(u8::from(s))).collect();
             records.push(Record {
                 key,
                 text,
                 satisfied,
                 costs,
+                score,
             });
         }
         if models.is_none() {
@@ -185,6 +190,7 @@ impl Dataset {
             for r in &mut records {
                 r.satisfied = order.iter().map(|&i| r.satisfied[i]).collect();
                 r.costs = order.iter().map(|&i| r.costs[i]).collect();
+                r.score = order.iter().map(|&i| r.score[i]).collect();
             }
         }
         Ok(Dataset {
@@ -274,6 +280,8 @@ pub struct RunSummary {
     /// Fraction of requests whose served answer came from each model.
     pub calls: BTreeMap<String, f64>,
     pub explore_fraction: f64,
+    /// Mean score of the served answers ([`Record::score`]; equals `satisfaction` on MESS+ data).
+    pub performance: f64,
     /// Running satisfaction and cumulative cost after each request (first seed), for plots.
     #[serde(skip)]
     pub trace: Vec<(f64, f64)>,
@@ -306,15 +314,26 @@ pub struct BaselineSummary {
     pub cost_total: f64,
 }
 
+/// What one seed's run produced.
+struct OnceResult {
+    satisfaction: f64,
+    cost: f64,
+    calls: Vec<u64>,
+    explored: u64,
+    performance: f64,
+    trace: Vec<(f64, f64)>,
+}
+
 /// Runs `policy` over the records in `order`; returns per-seed figures.
 fn run_once(
     data: &Dataset,
     features: &[std::sync::Arc<Vec<f32>>],
     order: &[usize],
     policy: &mut dyn ZooPolicy,
-) -> (f64, f64, Vec<u64>, u64, Vec<(f64, f64)>) {
+) -> OnceResult {
     let n = data.models.len();
     let (mut sat, mut cost, mut explored) = (0u64, 0.0, 0u64);
+    let mut score = 0.0;
     let mut calls = vec![0u64; n];
     let mut trace = Vec::with_capacity(order.len());
     for (i, &r) in order.iter().enumerate() {
@@ -347,18 +366,20 @@ fn run_once(
         };
         policy.observe(x, d, &obs);
         calls[served] += 1;
+        score += rec.score.get(served).copied().unwrap_or(0.0);
         if rec.satisfied[served] {
             sat += 1;
         }
         trace.push((sat as f64 / (i + 1) as f64, cost));
     }
-    (
-        sat as f64 / order.len() as f64,
+    OnceResult {
+        satisfaction: sat as f64 / order.len() as f64,
         cost,
         calls,
         explored,
+        performance: score / order.len() as f64,
         trace,
-    )
+    }
 }
 
 /// The policy for one seed.
@@ -443,6 +464,7 @@ pub fn run_policy(
     let mut cost_total = 0.0;
     let mut calls = vec![0u64; data.models.len()];
     let mut explored = 0u64;
+    let mut performance = 0.0;
     let mut trace = Vec::new();
     for (i, &seed) in opts.seeds.iter().enumerate() {
         let mut order: Vec<usize> = (0..data.records.len()).collect();
@@ -455,15 +477,16 @@ pub fn run_policy(
                 order_pos: 0,
             });
         }
-        let (s, c, k, e, t) = run_once(data, features, &order, policy.as_mut());
-        sats.push(s);
-        cost_total += c;
-        for (a, b) in calls.iter_mut().zip(k) {
+        let once = run_once(data, features, &order, policy.as_mut());
+        sats.push(once.satisfaction);
+        cost_total += once.cost;
+        for (a, b) in calls.iter_mut().zip(once.calls) {
             *a += b;
         }
-        explored += e;
+        explored += once.explored;
+        performance += once.performance;
         if i == 0 {
-            trace = t;
+            trace = once.trace;
         }
     }
     let runs = opts.seeds.len() as f64;
@@ -481,6 +504,7 @@ pub fn run_policy(
             .zip(calls.iter().map(|&c| c as f64 / total_requests))
             .collect(),
         explore_fraction: explored as f64 / total_requests,
+        performance: performance / runs,
         trace,
     })
 }
