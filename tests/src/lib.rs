@@ -5,11 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use ferry_cli::client::Client;
 use ferry_edge::{EdgeConfig, RunningServer};
 use ferry_proto::v1 as pb;
 use futures::StreamExt;
-use pb::inference_client::InferenceClient;
-use tonic::transport::Channel;
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
@@ -38,6 +37,7 @@ pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 pub fn test_config(state_dir: &Path) -> EdgeConfig {
     let mut c = EdgeConfig::default();
     c.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    c.server.http_addr = "127.0.0.1:0".parse().unwrap();
     c.server.shutdown_grace_s = 5;
     c.models.manifest_dir = repo_root().join("models");
     c.models.model_dir = model_dir();
@@ -50,7 +50,7 @@ pub fn test_config(state_dir: &Path) -> EdgeConfig {
 /// A started server with a connected client.
 pub struct TestServer {
     pub server: RunningServer,
-    pub client: InferenceClient<Channel>,
+    pub client: Client,
     pub _state_dir: tempfile::TempDir,
 }
 
@@ -72,7 +72,7 @@ impl TestServer {
 }
 
 /// Connects a client, retrying briefly while the listener comes up.
-pub async fn client(addr: &str) -> InferenceClient<Channel> {
+pub async fn client(addr: &str) -> Client {
     for _ in 0..100 {
         if let Ok(c) = ferry_cli::client::inference(addr).await {
             return c;
@@ -105,7 +105,7 @@ pub fn greedy(text: &str, max_tokens: u32) -> pb::GenerateRequest {
 
 /// Runs a request to the end: (concatenated deltas, number of deltas, completion).
 pub async fn run(
-    client: &mut InferenceClient<Channel>,
+    client: &mut Client,
     req: pb::GenerateRequest,
 ) -> Result<(String, usize, pb::Completion), tonic::Status> {
     let mut stream = client.generate(req).await?.into_inner();
@@ -158,4 +158,80 @@ pub const SECOND_MODEL: &str = "gemma3-270m-it";
 /// The local zoo in the router's order (ascending resident weight bytes, the cost proxy).
 pub fn local_zoo() -> Vec<String> {
     vec![DEFAULT_MODEL.to_string(), SECOND_MODEL.to_string()]
+}
+
+/// A plain HTTP/1.1 response: status, lower-cased headers, body (de-chunked).
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header of that (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`), read to the end: enough
+/// to look at exactly what ferryd puts on the wire, with no client library in between.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, rest) = text.split_once("\r\n\r\n").expect("header end");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        let mut out = String::new();
+        let mut rest = rest;
+        loop {
+            let (size, after) = rest.split_once("\r\n").expect("chunk size line");
+            let n = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
 }

@@ -22,6 +22,7 @@ fn start_ferryd(port: u16, state: &std::path::Path) -> Daemon {
         .current_dir(repo_root())
         .args(["--config", "configs/edge.toml"])
         .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+        .args(["--http-addr", "127.0.0.1:0"])
         .arg("--state-dir")
         .arg(state)
         .env("FERRY_MODEL_DIR", model_dir())
@@ -84,7 +85,12 @@ async fn ferry_chat_streams_from_ferryd_and_sigterm_drains() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let json_line = stdout.lines().last().unwrap();
     let v: serde_json::Value = serde_json::from_str(json_line).unwrap();
-    assert_eq!(v["model"], "smollm2-135m-instruct");
+    // configs/edge.toml routes `auto` over the local zoo.
+    let served = v["model"].as_str().unwrap();
+    assert!(
+        ferry_integration::local_zoo().iter().any(|m| m == served),
+        "{served}"
+    );
     assert_eq!(v["tier"], "TIER_LOCAL");
     assert!(v["completion_tokens"].as_u64().unwrap() >= 1);
 
@@ -211,15 +217,24 @@ async fn router_state_survives_kill_9() {
     })
     .await
     .unwrap();
-    // Let one save interval pass, then kill without any chance to save.
+    // Exploration steps finish after their answer (the rest of the zoo runs to measure it):
+    // wait until both requests are booked, let one save interval pass, then kill without any
+    // chance to save.
+    let mut before = pb::RouterStatus::default();
+    for _ in 0..300 {
+        before = c
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .routers[0]
+            .clone();
+        if before.models.iter().map(|m| m.calls).sum::<u64>() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before = c
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .routers[0]
-        .clone();
     assert!(
         before.saved_unix_ms > 0,
         "state written within the interval"
@@ -259,4 +274,83 @@ async fn router_state_survives_kill_9() {
         .map(|m| m["calls"].as_u64().unwrap())
         .sum();
     assert_eq!(calls, 2);
+}
+
+/// `ferry token new` writes a hashed line; ferryd started with that file refuses `ferry status`
+/// without the token and answers with it; SIGHUP loads a token added while it runs.
+#[tokio::test]
+async fn token_file_from_ferry_token_new_and_sighup_reload() {
+    let state = tempfile::tempdir().unwrap();
+    let tokens = state.path().join("tokens");
+    let new_token = |name: &str| {
+        let out = Command::new(binary("ferry"))
+            .args(["token", "new", "--name", name, "--file"])
+            .arg(&tokens)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let first = new_token("first");
+    let text = std::fs::read_to_string(&tokens).unwrap();
+    assert!(
+        text.starts_with("first sha256:") && !text.contains(&first),
+        "hashed at rest"
+    );
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(binary("ferryd"))
+        .current_dir(repo_root())
+        .args([
+            "--config",
+            "configs/edge.toml",
+            "--load",
+            "smollm2-135m-instruct",
+        ])
+        .args(["--router-enabled", "false"])
+        .args(["--grpc-addr", &addr, "--http-addr", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--tokens-file")
+        .arg(&tokens)
+        .env("FERRY_MODEL_DIR", model_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon(child);
+    wait_serving(&format!("http://{addr}")).await;
+    let status = |token: Option<&str>| {
+        let mut cmd = Command::new(binary("ferry"));
+        cmd.args(["status", "--addr", &addr]);
+        if let Some(t) = token {
+            cmd.env("FERRY_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = status(None);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"));
+    assert!(status(Some(&first)).status.success());
+    let second = new_token("second");
+    assert!(!status(Some(&second)).status.success(), "not loaded yet");
+    assert!(Command::new("kill")
+        .args(["-HUP", &daemon.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut ok = false;
+    for _ in 0..50 {
+        if status(Some(&second)).status.success() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "SIGHUP loaded the new token");
 }

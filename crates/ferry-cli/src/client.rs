@@ -1,8 +1,30 @@
-//! Connecting to ferryd: `http://host:port`, `host:port`, or `unix:/path/to/socket`.
+//! Connecting to ferryd: `http://host:port`, `host:port`, or `unix:/path/to/socket`, with an
+//! optional bearer token (needed over TCP when ferryd has `auth.tokens_file`).
 
 use ferry_core::{Error, Result};
 use ferry_proto::v1::inference_client::InferenceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// An `Inference` client, with or without a token.
+pub type Client = InferenceClient<InterceptedService<Channel, Bearer>>;
 
 /// Opens a channel to a ferryd address.
 pub async fn connect(addr: &str) -> Result<Channel> {
@@ -34,7 +56,23 @@ pub async fn connect(addr: &str) -> Result<Channel> {
         .map_err(|e| Error::Unavailable(format!("connecting to {addr}: {e}")))
 }
 
-/// An `Inference` client for `addr`.
-pub async fn inference(addr: &str) -> Result<InferenceClient<Channel>> {
-    Ok(InferenceClient::new(connect(addr).await?).max_decoding_message_size(64 * 1024 * 1024))
+/// An `Inference` client for `addr`, without a token.
+pub async fn inference(addr: &str) -> Result<Client> {
+    inference_with_token(addr, None).await
+}
+
+/// An `Inference` client for `addr` that presents `token` as a bearer token.
+pub async fn inference_with_token(addr: &str, token: Option<&str>) -> Result<Client> {
+    let bearer = match token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| Error::invalid("token", "must be printable ASCII"))?,
+        ),
+        None => None,
+    };
+    Ok(
+        InferenceClient::with_interceptor(connect(addr).await?, Bearer(bearer))
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
 }

@@ -19,6 +19,9 @@ use ferry_proto::v1 as pb;
     about = "ferry: edge-cloud LLM inference, from the command line"
 )]
 struct Cli {
+    /// Bearer token for a ferryd with `auth.tokens_file` (not needed on its Unix socket).
+    #[arg(long, env = "FERRY_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +42,9 @@ enum Command {
     /// Model manifests and files.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Bearer tokens for ferryd's `auth.tokens_file`.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Benchmarks: the engine (default) beside llama.cpp, or `energy` for the sampler's cost.
     Bench(BenchCmd),
     /// Energy sources on this machine.
@@ -267,6 +273,46 @@ struct ChatArgs {
 }
 
 #[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a random token, append its hash to FILE (created 0600 if missing) and print the
+    /// token once; ferryd picks it up on SIGHUP. Revoke by deleting its line and sending SIGHUP.
+    New {
+        /// A name for the app or person holding the token (no spaces).
+        #[arg(long)]
+        name: String,
+        /// The token file ferryd reads (auth.tokens_file).
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+fn token_new(name: &str, file: &Path) -> anyhow::Result<()> {
+    use rand::RngCore;
+    use std::os::unix::fs::OpenOptionsExt;
+    anyhow::ensure!(
+        !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c == '#'),
+        "--name must be non-empty, without spaces or #"
+    );
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!("ferry_{}", hex::encode(bytes));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("opening {}", file.display()))?;
+    writeln!(f, "{}", ferry_core::token::token_line(name, &token))
+        .with_context(|| format!("writing {}", file.display()))?;
+    eprintln!(
+        "added `{name}` to {}; send ferryd SIGHUP to load it. The token (shown once):",
+        file.display()
+    );
+    println!("{token}");
+    Ok(())
+}
+
+#[derive(Subcommand)]
 enum ModelsCommand {
     /// List the models of the manifest directory (or, with --addr, of a running ferryd).
     List {
@@ -333,8 +379,8 @@ fn load_manifests(dir: &Path) -> anyhow::Result<Vec<ModelManifest>> {
     ModelManifest::load_dir(dir).with_context(|| format!("reading manifests in {}", dir.display()))
 }
 
-async fn chat(args: ChatArgs) -> anyhow::Result<()> {
-    let mut c = client::inference(&args.addr).await?;
+async fn chat(args: ChatArgs, token: Option<String>) -> anyhow::Result<()> {
+    let mut c = client::inference_with_token(&args.addr, token.as_deref()).await?;
     let text = |role: pb::Role, t: &str| pb::Message {
         role: role as i32,
         parts: vec![pb::ContentPart {
@@ -409,8 +455,8 @@ async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(addr: String, json: bool) -> anyhow::Result<()> {
-    let mut c = client::inference(&addr).await?;
+async fn status(addr: String, json: bool, token: Option<String>) -> anyhow::Result<()> {
+    let mut c = client::inference_with_token(&addr, token.as_deref()).await?;
     let s = c
         .status(pb::StatusRequest {})
         .await
@@ -431,9 +477,14 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("ferryd answered {:?}: {}", s.code(), s.message())
 }
 
-async fn models_list(registry: Registry, addr: Option<String>, json: bool) -> anyhow::Result<()> {
+async fn models_list(
+    registry: Registry,
+    addr: Option<String>,
+    json: bool,
+    token: Option<String>,
+) -> anyhow::Result<()> {
     if let Some(addr) = addr {
-        let mut c = client::inference(&addr).await?;
+        let mut c = client::inference_with_token(&addr, token.as_deref()).await?;
         let models = c
             .list_models(pb::ListModelsRequest {})
             .await
@@ -1076,14 +1127,16 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let token = cli.token;
     match cli.command {
-        Command::Chat(args) => tokio_main(chat(args)),
-        Command::Status { addr, json } => tokio_main(status(addr, json)),
+        Command::Chat(args) => tokio_main(chat(args, token)),
+        Command::Status { addr, json } => tokio_main(status(addr, json, token)),
+        Command::Token(TokenCommand::New { name, file }) => token_new(&name, &file),
         Command::Models(ModelsCommand::List {
             registry,
             addr,
             json,
-        }) => tokio_main(models_list(registry, addr, json)),
+        }) => tokio_main(models_list(registry, addr, json, token)),
         Command::Models(ModelsCommand::Fetch {
             registry,
             ids,

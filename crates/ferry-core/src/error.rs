@@ -26,6 +26,8 @@ pub enum ErrorKind {
     Cancelled,
     /// The operation needs a state the system is not in (e.g. a model that is not loaded).
     FailedPrecondition,
+    /// The caller did not prove who it is (missing, wrong or revoked token).
+    Unauthenticated,
     /// A bug or an unexpected failure of a component.
     Internal,
 }
@@ -41,6 +43,7 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
             ErrorKind::Cancelled => tonic::Code::Cancelled,
             ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+            ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
             ErrorKind::Internal => tonic::Code::Internal,
         }
     }
@@ -56,7 +59,45 @@ impl ErrorKind {
             // nginx's "client closed request"; never seen by the client, but logged.
             ErrorKind::Cancelled => 499,
             ErrorKind::FailedPrecondition => 409,
+            ErrorKind::Unauthenticated => 401,
             ErrorKind::Internal => 500,
+        }
+    }
+
+    /// The kind a gRPC status code stands for: the inverse of [`ErrorKind::grpc_code`], so that
+    /// a status that crossed a gRPC hop (a stream's mid-flight failure, an upstream's answer) is
+    /// reported on HTTP the same way as the error that produced it. Codes ferry never sends map
+    /// to their nearest kind.
+    pub fn from_grpc_code(code: tonic::Code) -> Self {
+        use tonic::Code as C;
+        match code {
+            C::InvalidArgument | C::OutOfRange => ErrorKind::InvalidArgument,
+            C::NotFound => ErrorKind::NotFound,
+            C::ResourceExhausted => ErrorKind::ResourceExhausted,
+            C::Unavailable | C::Aborted => ErrorKind::Unavailable,
+            C::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            C::Cancelled => ErrorKind::Cancelled,
+            C::Unauthenticated | C::PermissionDenied => ErrorKind::Unauthenticated,
+            C::FailedPrecondition | C::AlreadyExists | C::Unimplemented => {
+                ErrorKind::FailedPrecondition
+            }
+            _ => ErrorKind::Internal,
+        }
+    }
+
+    /// A stable snake_case name (`invalid_argument`, `resource_exhausted`, ...), used as the
+    /// `error.code` of HTTP error bodies and as a metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::FailedPrecondition => "failed_precondition",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::Internal => "internal",
         }
     }
 
@@ -69,6 +110,7 @@ impl ErrorKind {
             ErrorKind::Unavailable | ErrorKind::DeadlineExceeded => "service_unavailable_error",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::FailedPrecondition => "invalid_request_error",
+            ErrorKind::Unauthenticated => "authentication_error",
             ErrorKind::Internal => "server_error",
         }
     }
@@ -77,6 +119,9 @@ impl ErrorKind {
 /// Everything that can go wrong in ferry's libraries.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The caller is not authenticated. The message never says which check failed.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     /// A request field failed validation; `field` names it so clients can fix it.
     #[error("invalid `{field}`: {reason}")]
     InvalidArgument { field: String, reason: String },
@@ -157,6 +202,7 @@ impl Error {
             Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             Error::ModelNotFound(_) | Error::RequestNotFound(_) => ErrorKind::NotFound,
             Error::Overloaded(_) => ErrorKind::ResourceExhausted,
+            Error::Unauthenticated(_) => ErrorKind::Unauthenticated,
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::DeadlineExceeded(_) => ErrorKind::DeadlineExceeded,
             Error::Cancelled(_) => ErrorKind::Cancelled,
@@ -208,8 +254,14 @@ mod tests {
                 504,
             ),
             (Error::Engine("boom".into()), tonic::Code::Internal, 500),
+            (
+                Error::Unauthenticated("no token".into()),
+                tonic::Code::Unauthenticated,
+                401,
+            ),
         ];
         for (err, code, http) in cases {
+            assert_eq!(ErrorKind::from_grpc_code(code), err.kind(), "{err}");
             assert_eq!(err.kind().grpc_code(), code, "{err}");
             assert_eq!(err.kind().http_status(), http, "{err}");
             let status: tonic::Status = err.into();

@@ -7,6 +7,7 @@
 pub mod error;
 pub mod manifest;
 pub mod request;
+pub mod token;
 
 pub use error::{Error, ErrorKind, Result};
 pub use manifest::{

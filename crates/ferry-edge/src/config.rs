@@ -21,7 +21,21 @@ pub struct EdgeConfig {
     pub energy: EnergyConfig,
     pub state: StateConfig,
     pub router: RouterConfig,
+    pub auth: AuthConfig,
     pub log: LogConfig,
+}
+
+/// Who may call ferryd over TCP (gRPC and HTTP). The Unix socket is trusted: its file
+/// permissions decide.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer tokens, hashed (`<name> sha256:<hex>` per line; `ferry token new` writes them);
+    /// reloaded on SIGHUP. Unset: no authentication.
+    pub tokens_file: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without `tokens_file`. Off: ferryd refuses to
+    /// start exposed and open.
+    pub allow_unauthenticated_network: bool,
 }
 
 /// MESS+ routing of `model: "auto"` over the loaded local models.
@@ -71,6 +85,10 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// Optional Unix socket path served in addition to TCP.
     pub unix_socket: Option<PathBuf>,
+    /// Serve the HTTP surface: OpenAI-compatible API, /metrics, /healthz, /readyz.
+    pub http_enabled: bool,
+    /// HTTP listen address. Loopback by default, like gRPC.
+    pub http_addr: SocketAddr,
     /// Requests generating at the same time.
     pub max_concurrent: usize,
     /// Requests waiting for a slot; beyond it new requests get RESOURCE_EXHAUSTED.
@@ -84,6 +102,8 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_addr: "127.0.0.1:50051".parse().expect("valid default address"),
             unix_socket: None,
+            http_enabled: true,
+            http_addr: "127.0.0.1:8080".parse().expect("valid default address"),
             max_concurrent: 1,
             max_queue: 16,
             shutdown_grace_s: 30,
@@ -193,6 +213,14 @@ impl EdgeConfig {
         self.energy
             .validate()
             .map_err(|e| bad("energy", &e.to_string()))?;
+        let exposed = !self.server.grpc_addr.ip().is_loopback()
+            || (self.server.http_enabled && !self.server.http_addr.ip().is_loopback());
+        if exposed && self.auth.tokens_file.is_none() && !self.auth.allow_unauthenticated_network {
+            return Err(bad(
+                "auth.tokens_file",
+                "ferryd would listen on a non-loopback address with no authentication; set auth.tokens_file (see `ferry token new`) or auth.allow_unauthenticated_network = true",
+            ));
+        }
         let r = &self.router;
         if !matches!(r.policy.as_str(), "mess-plus" | "mess-plus-fb") {
             return Err(bad(
@@ -244,6 +272,12 @@ pub struct Cli {
     /// Also serve on this Unix socket.
     #[arg(long, env = "FERRY_UNIX_SOCKET")]
     pub unix_socket: Option<PathBuf>,
+    /// Serve the HTTP API, /metrics and probes (true/false).
+    #[arg(long, env = "FERRY_HTTP_ENABLED")]
+    pub http_enabled: Option<bool>,
+    /// HTTP listen address (OpenAI-compatible API, /metrics, /healthz, /readyz).
+    #[arg(long, env = "FERRY_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
     /// Requests generating at once.
     #[arg(long, env = "FERRY_MAX_CONCURRENT")]
     pub max_concurrent: Option<usize>,
@@ -337,6 +371,12 @@ pub struct Cli {
     /// Least milliseconds between two saves of the router's state.
     #[arg(long, env = "FERRY_ROUTER_SAVE_INTERVAL_MS")]
     pub router_save_interval_ms: Option<u64>,
+    /// Bearer token file (hashed tokens; reloaded on SIGHUP).
+    #[arg(long, env = "FERRY_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Allow a non-loopback listener without a token file (true/false).
+    #[arg(long, env = "FERRY_ALLOW_UNAUTHENTICATED_NETWORK")]
+    pub allow_unauthenticated_network: Option<bool>,
     /// Log format: text or json.
     #[arg(long, env = "FERRY_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -361,6 +401,8 @@ impl Cli {
         if self.unix_socket.is_some() {
             c.server.unix_socket = self.unix_socket.clone();
         }
+        set(&mut c.server.http_enabled, &self.http_enabled);
+        set(&mut c.server.http_addr, &self.http_addr);
         set(&mut c.server.max_concurrent, &self.max_concurrent);
         set(&mut c.server.max_queue, &self.max_queue);
         set(&mut c.server.shutdown_grace_s, &self.shutdown_grace_s);
@@ -396,6 +438,13 @@ impl Cli {
         set(
             &mut c.router.save_interval_ms,
             &self.router_save_interval_ms,
+        );
+        if self.tokens_file.is_some() {
+            c.auth.tokens_file = self.tokens_file.clone();
+        }
+        set(
+            &mut c.auth.allow_unauthenticated_network,
+            &self.allow_unauthenticated_network,
         );
         set(&mut c.log.format, &self.log_format);
         set(&mut c.log.level, &self.log_level);
@@ -436,6 +485,17 @@ mod tests {
         assert_eq!(c.energy.sources, vec!["rapl", "estimate"]);
         assert_eq!(c.energy.sample_hz, file.energy.sample_hz);
         assert_eq!(c.server.max_queue, file.server.max_queue);
+    }
+
+    #[test]
+    fn refuses_to_listen_exposed_without_tokens() {
+        let exposed = "[server]\ngrpc_addr = \"0.0.0.0:50051\"\n";
+        let err = EdgeConfig::from_toml(exposed, Path::new("x")).unwrap_err();
+        assert!(err.to_string().contains("auth.tokens_file"), "{err}");
+        let with_tokens = format!("{exposed}[auth]\ntokens_file = \"/etc/ferry/tokens\"\n");
+        assert!(EdgeConfig::from_toml(&with_tokens, Path::new("x")).is_ok());
+        let opted_out = format!("{exposed}[auth]\nallow_unauthenticated_network = true\n");
+        assert!(EdgeConfig::from_toml(&opted_out, Path::new("x")).is_ok());
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! The binary in `main.rs` only parses the command line and calls [`RunningServer`].
 
 pub mod admission;
+pub mod auth;
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod records;
 pub mod router;
 pub mod server;

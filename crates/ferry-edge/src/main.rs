@@ -1,4 +1,5 @@
-//! `ferryd`: parse the command line, start the server, stop it on SIGTERM or Ctrl-C.
+//! `ferryd`: parse the command line, start the server, reload tokens on SIGHUP, stop it on
+//! SIGTERM or Ctrl-C.
 
 use std::time::Duration;
 
@@ -31,6 +32,17 @@ async fn main() -> anyhow::Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    // SIGHUP re-reads the token file; a broken file keeps the tokens in force.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let state = server.state.clone();
+    tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            if let Err(e) = state.auth.reload() {
+                tracing::error!(error = %e, "SIGHUP: token file not reloaded; previous tokens stay in force");
+            }
+        }
+    });
     let stop_reason = tokio::select! {
         ready = server.wait_ready() => {
             ready.context("loading models")?;

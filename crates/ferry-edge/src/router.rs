@@ -284,8 +284,10 @@ impl ZooRouter {
         &self.zoo
     }
 
-    /// Chooses the model for a question (blocking: embeds the text on this thread).
-    pub fn route(&self, question: &str) -> Result<Routed> {
+    /// Chooses the model for a question (blocking: embeds the text on this thread). From here
+    /// on the request waits for feedback, which may arrive before [`ZooRouter::finished`]
+    /// (an exploration step finishes only after the rest of the zoo ran).
+    pub fn route(&self, request_id: &str, question: &str) -> Result<Routed> {
         let started = Instant::now();
         let features = self
             .encoder
@@ -296,6 +298,8 @@ impl ZooRouter {
         let p = inner.mess.exploration_probability();
         let (decision, s_hat) = inner.mess.decide_scored(&features);
         let q = inner.mess.q_tracked();
+        let features = Arc::new(features.to_vec());
+        self.remember(&mut inner, request_id, features.clone(), decision);
         drop(inner);
         self.dirty.store(true, Ordering::Release);
         let served = decision.served(self.zoo.len());
@@ -317,31 +321,40 @@ impl ZooRouter {
             served,
             model: self.zoo[served].clone(),
             predicted,
-            features: Arc::new(features.to_vec()),
+            features,
             reason,
             route_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
 
-    /// Books a finished routed request: the joules of each zoo model that ran (zoo order), and
-    /// `Q`'s move by the predicted satisfaction. The request then waits for feedback.
-    pub fn finished(&self, request_id: &str, routed: &Routed, joules: &[Option<f64>]) {
+    /// Books a finished routed request: the joules of each zoo model that ran (zoo order),
+    /// `Q`'s move by the predicted satisfaction, and the call.
+    pub fn finished(&self, routed: &Routed, joules: &[Option<f64>]) {
         let mut inner = self.inner.lock().expect("router lock");
         inner.mess.record_costs(joules);
         inner.mess.record_unjudged(routed.predicted);
         if let Some(c) = inner.stats.calls.get_mut(routed.served) {
             *c += 1;
         }
+        drop(inner);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    fn remember(
+        &self,
+        inner: &mut Inner,
+        request_id: &str,
+        features: Arc<Vec<f32>>,
+        decision: Decision,
+    ) {
+        let fresh = Pending {
+            features,
+            decision,
+            judged: false,
+        };
         if inner
             .pending
-            .insert(
-                request_id.to_string(),
-                Pending {
-                    features: routed.features.clone(),
-                    decision: routed.decision,
-                    judged: false,
-                },
-            )
+            .insert(request_id.to_string(), fresh)
             .is_none()
         {
             inner.order.push_back(request_id.to_string());
@@ -351,8 +364,6 @@ impl ZooRouter {
                 inner.pending.remove(&old);
             }
         }
-        drop(inner);
-        self.dirty.store(true, Ordering::Release);
     }
 
     /// Feedback on a request; true when the policy learned from it (a routed request still

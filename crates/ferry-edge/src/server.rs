@@ -27,11 +27,14 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub struct RunningServer {
     /// The bound TCP address (useful with port 0).
     pub local_addr: SocketAddr,
+    /// The bound HTTP address, when the HTTP surface is enabled.
+    pub http_addr: Option<SocketAddr>,
     /// Shared state, for tests and status.
     pub state: Arc<AppState>,
     health: HealthReporter,
     stop_tx: watch::Sender<bool>,
     servers: Vec<JoinHandle<std::result::Result<(), tonic::transport::Error>>>,
+    http_server: Option<JoinHandle<std::io::Result<()>>>,
     loader: JoinHandle<Result<()>>,
 }
 
@@ -40,11 +43,38 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status(SERVICE_NAME, status).await;
 }
 
+/// Checks the bearer token of a TCP caller (a no-op when authentication is off).
+#[derive(Clone)]
+struct BearerCheck(Arc<AppState>);
+
+impl tonic::service::Interceptor for BearerCheck {
+    fn call(
+        &mut self,
+        req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match self.0.auth.check(header) {
+            Ok(_) => Ok(req),
+            Err(e) => {
+                crate::metrics::request_rejected(e.kind());
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// The gRPC services. Over TCP (`authenticate`), `Inference` and reflection need a bearer token
+/// when `auth.tokens_file` is set; health stays open for probes and reveals nothing. Over the
+/// Unix socket the file permissions decide and no token is asked.
 fn router(
     state: &Arc<AppState>,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    authenticate: bool,
 ) -> Result<tonic::transport::server::Router> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
@@ -53,10 +83,20 @@ fn router(
         .map_err(|e| Error::Engine(format!("reflection service: {e}")))?;
     let inference = InferenceServer::new(InferenceService::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    Ok(Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(inference))
+    let builder = Server::builder().add_service(health_service);
+    Ok(if authenticate && state.auth.enabled() {
+        let check = BearerCheck(state.clone());
+        builder
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                reflection,
+                check.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                inference, check,
+            ))
+    } else {
+        builder.add_service(reflection).add_service(inference)
+    })
 }
 
 /// Writes the router's state whenever it changed, at most once per `every`, until stopped.
@@ -103,7 +143,7 @@ impl RunningServer {
             .local_addr()
             .map_err(|e| Error::io("reading the bound address", e))?;
         let mut servers = Vec::new();
-        let tcp = router(&state, health_service.clone())?.serve_with_incoming_shutdown(
+        let tcp = router(&state, health_service.clone(), true)?.serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             stopped(stop_rx.clone()),
         );
@@ -114,13 +154,42 @@ impl RunningServer {
             let _ = std::fs::remove_file(&path);
             let uds = tokio::net::UnixListener::bind(&path)
                 .map_err(|e| Error::io(format!("binding Unix socket {}", path.display()), e))?;
+            // Owner and group only: the socket is trusted without a token.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(
+                    |e| Error::io(format!("restricting Unix socket {}", path.display()), e),
+                )?;
+            }
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
-            let serve = router(&state, health_service)?
-                .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
+            let serve = router(&state, health_service, false)?
+                .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
             servers.push(tokio::spawn(serve));
             tracing::info!(path = %path.display(), "serving gRPC on Unix socket");
         }
         tracing::info!(addr = %local_addr, "serving gRPC");
+
+        let mut http_addr = None;
+        let mut http_server = None;
+        if state.config.server.http_enabled {
+            crate::metrics::install();
+            let addr = state.config.server.http_addr;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("binding HTTP address {addr}"), e))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| Error::io("reading the bound HTTP address", e))?;
+            let app = crate::http::router(Arc::new(InferenceService::new(state.clone())));
+            let stop = stopped(stop_rx.clone());
+            http_server = Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }));
+            tracing::info!(addr = %bound, "serving HTTP (OpenAI API, /metrics, /healthz, /readyz)");
+            http_addr = Some(bound);
+        }
 
         let load_state = state.clone();
         let load_health = health.clone();
@@ -150,6 +219,8 @@ impl RunningServer {
 
         Ok(RunningServer {
             local_addr,
+            http_addr,
+            http_server,
             state,
             health,
             stop_tx,
@@ -200,6 +271,13 @@ impl RunningServer {
                 Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
                 Ok(_) => {}
                 Err(_) => tracing::warn!("listener did not close within 5 s"),
+            }
+        }
+        if let Some(h) = self.http_server {
+            match tokio::time::timeout(Duration::from_secs(5), h).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+                Ok(_) => {}
+                Err(_) => tracing::warn!("HTTP listener did not close within 5 s"),
             }
         }
         if let Some(path) = &self.state.config.server.unix_socket {

@@ -33,154 +33,12 @@ impl InferenceService {
     pub fn new(state: Arc<AppState>) -> Self {
         InferenceService { state }
     }
-}
 
-type Item = Result<pb::GenerateResponse, Status>;
-
-/// Forwards generated text into the response channel.
-struct ChannelSink {
-    tx: mpsc::Sender<Item>,
-    abort: tokio_util::sync::CancellationToken,
-    arrived: Instant,
-    first_text_ms: Option<f64>,
-}
-
-impl GenerationEvent for ChannelSink {
-    fn text(&mut self, delta: &str) -> ControlFlow<()> {
-        if self.first_text_ms.is_none() {
-            self.first_text_ms = Some(self.arrived.elapsed().as_secs_f64() * 1e3);
-        }
-        let msg = pb::GenerateResponse {
-            event: Some(pb::generate_response::Event::Delta(pb::TextDelta {
-                text: delta.to_string(),
-            })),
-        };
-        match self.tx.blocking_send(Ok(msg)) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        }
-    }
-
-    fn cancelled(&self) -> bool {
-        self.tx.is_closed() || self.abort.is_cancelled()
-    }
-}
-
-/// Discards the text of the zoo models that run only to be measured (exploration steps).
-struct MeasureOnly {
-    abort: tokio_util::sync::CancellationToken,
-}
-
-impl GenerationEvent for MeasureOnly {
-    fn text(&mut self, _delta: &str) -> ControlFlow<()> {
-        ControlFlow::Continue(())
-    }
-
-    fn cancelled(&self) -> bool {
-        self.abort.is_cancelled()
-    }
-}
-
-/// The text the router sees: the last user message.
-fn question(req: &ValidatedRequest) -> String {
-    req.messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::User)
-        .map(|m| m.joined_text())
-        .unwrap_or_default()
-}
-
-/// Why a request ran where it did, for the final message.
-fn placement_for(
-    model: &LoadedModel,
-    req: &ValidatedRequest,
-    routed: Option<&Routed>,
-) -> pb::Placement {
-    let images = req.messages.iter().flat_map(|m| m.images()).count();
-    let mut reason = match (req.model.is_some(), routed) {
-        (true, _) => "model named by the request".to_string(),
-        (false, Some(r)) => r.reason.clone(),
-        (false, None) => "default model (no routing policy configured)".to_string(),
-    };
-    if images > 0 && !model.info().capabilities.iter().any(|c| c == "image") {
-        reason.push_str(&format!(
-            "; {images} image(s) not sent: model `{}` is text-only",
-            model.info().id
-        ));
-    }
-    pb::Placement {
-        fallback: false,
-        reason,
-        modalities_sent: Vec::new(),
-    }
-}
-
-/// Books a routed request with its router: on an exploration step first runs the rest of the
-/// zoo on the same prompt (holding the request's slot, after the client has its answer) to
-/// measure what each model costs.
-async fn learn_from_routed(
-    state: &Arc<AppState>,
-    request_id: &str,
-    routed: &Routed,
-    req: &ValidatedRequest,
-    served_joules: Option<f64>,
-    slot: Option<crate::admission::Slot>,
-) {
-    let Some(router) = state.router().cloned() else {
-        return;
-    };
-    let zoo = router.zoo().to_vec();
-    let mut joules = vec![None; zoo.len()];
-    joules[routed.served] = served_joules;
-    if routed.decision == ferry_router::Decision::Explore {
-        let others: Vec<(usize, Arc<LoadedModel>)> = zoo
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != routed.served)
-            .filter_map(|(i, id)| state.model(id).map(|m| (i, m)))
-            .collect();
-        let st = state.clone();
-        let messages = req.messages.clone();
-        let sampling = req.sampling.clone();
-        let measured = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            for (i, model) in others {
-                let Ok(prompt) = model.encode_chat(&messages) else {
-                    continue;
-                };
-                let mut sink = MeasureOnly {
-                    abort: st.abort.clone(),
-                };
-                let account = st.energy.begin();
-                let result =
-                    model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
-                let energy = st.energy.end(account);
-                st.add_model_energy(&model.info().id, &energy);
-                if result.is_ok() {
-                    out.push((i, energy.joules));
-                }
-            }
-            drop(slot);
-            out
-        })
-        .await
-        .unwrap_or_default();
-        for (i, j) in measured {
-            joules[i] = Some(j);
-        }
-    }
-    router.finished(request_id, routed, &joules);
-}
-
-#[tonic::async_trait]
-impl Inference for InferenceService {
-    type GenerateStream = ReceiverStream<Item>;
-
-    async fn generate(
-        &self,
-        request: Request<pb::GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
+    /// Validates, routes and admits a request, then streams it: the code path behind both the
+    /// gRPC `Generate` and the OpenAI-compatible HTTP API. Errors before the stream (bad input,
+    /// unknown model, full queue, not ready) come back here; failures after it started come as
+    /// the stream's last item.
+    pub async fn start(&self, request: pb::GenerateRequest) -> Result<ReceiverStream<Item>, Error> {
         let arrived = Instant::now();
         let state = &self.state;
         state
@@ -193,7 +51,8 @@ impl Inference for InferenceService {
                 .requests_rejected
                 .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "request refused");
-            Status::from(e)
+            crate::metrics::request_rejected(e.kind());
+            e
         };
         if state.is_draining() {
             return Err(refuse(Error::Unavailable("ferryd is shutting down".into())));
@@ -203,17 +62,18 @@ impl Inference for InferenceService {
                 "ferryd is still loading its models".into(),
             )));
         }
-        let req = ValidatedRequest::from_proto(
-            request.into_inner(),
-            &state.config.limits,
-            state.next_seed(),
-        )
-        .map_err(refuse)?;
+        let req = ValidatedRequest::from_proto(request, &state.config.limits, state.next_seed())
+            .map_err(refuse)?;
+        let request_id = req
+            .request_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let (model, routed) = match (req.model.as_deref(), state.router()) {
             (None, Some(router)) => {
                 let router = router.clone();
                 let text = question(&req);
-                let routed = tokio::task::spawn_blocking(move || router.route(&text))
+                let id = request_id.clone();
+                let routed = tokio::task::spawn_blocking(move || router.route(&id, &text))
                     .await
                     .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
                     .and_then(|r| r)
@@ -239,10 +99,6 @@ impl Inference for InferenceService {
             )));
         }
         let ticket = state.admission.admit().map_err(refuse)?;
-        let request_id = req
-            .request_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let placement = placement_for(&model, &req, routed.as_ref());
 
         let (tx, rx) = mpsc::channel::<Item>(64);
@@ -260,6 +116,7 @@ impl Inference for InferenceService {
                 }
             };
             let queue_ms = arrived.elapsed().as_secs_f64() * 1e3;
+            metrics::histogram!("ferry_queue_wait_seconds").record(queue_ms / 1e3);
             let span =
                 tracing::info_span!("generate", request_id = %request_id, model = %model.info().id);
             let gen_state = state.clone();
@@ -358,6 +215,15 @@ impl Inference for InferenceService {
                         .stats
                         .requests_completed
                         .fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::request_finished(
+                        "local",
+                        &model.info().id,
+                        "ok",
+                        out.prompt_tokens as u64,
+                        out.completion_tokens as u64,
+                        total_ms / 1e3,
+                        first_text_ms.map(|ms| ms / 1e3),
+                    );
                     let msg = pb::GenerateResponse {
                         event: Some(pb::generate_response::Event::Completion(completion)),
                     };
@@ -370,12 +236,20 @@ impl Inference for InferenceService {
                     drop(tx);
                     if let Some(routed) = routed {
                         let served_joules = energy.as_ref().map(|e| e.joules);
-                        learn_from_routed(&state, &request_id, &routed, &req, served_joules, slot)
-                            .await;
+                        learn_from_routed(&state, &routed, &req, served_joules, slot).await;
                     }
                 }
                 Err(Error::Cancelled(why)) if state.abort.is_cancelled() && !tx.is_closed() => {
                     state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::request_finished(
+                        "local",
+                        &model.info().id,
+                        "shutdown",
+                        0,
+                        0,
+                        total_ms / 1e3,
+                        None,
+                    );
                     let _ = tx
                         .send(Err(Status::unavailable(format!(
                             "ferryd shut down before the request finished ({why})"
@@ -388,15 +262,188 @@ impl Inference for InferenceService {
                         .requests_abandoned
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(request_id = %request_id, "client went away: {why}");
+                    crate::metrics::request_finished(
+                        "local",
+                        &model.info().id,
+                        "cancelled",
+                        0,
+                        0,
+                        total_ms / 1e3,
+                        None,
+                    );
                 }
                 Err(e) => {
                     state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(request_id = %request_id, error = %e, "generation failed");
+                    crate::metrics::request_finished(
+                        "local",
+                        &model.info().id,
+                        "failed",
+                        0,
+                        0,
+                        total_ms / 1e3,
+                        None,
+                    );
                     let _ = tx.send(Err(e.into())).await;
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+}
+
+type Item = Result<pb::GenerateResponse, Status>;
+
+/// Forwards generated text into the response channel.
+struct ChannelSink {
+    tx: mpsc::Sender<Item>,
+    abort: tokio_util::sync::CancellationToken,
+    arrived: Instant,
+    first_text_ms: Option<f64>,
+}
+
+impl GenerationEvent for ChannelSink {
+    fn text(&mut self, delta: &str) -> ControlFlow<()> {
+        if self.first_text_ms.is_none() {
+            self.first_text_ms = Some(self.arrived.elapsed().as_secs_f64() * 1e3);
+        }
+        let msg = pb::GenerateResponse {
+            event: Some(pb::generate_response::Event::Delta(pb::TextDelta {
+                text: delta.to_string(),
+            })),
+        };
+        match self.tx.blocking_send(Ok(msg)) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.tx.is_closed() || self.abort.is_cancelled()
+    }
+}
+
+/// Discards the text of the zoo models that run only to be measured (exploration steps).
+struct MeasureOnly {
+    abort: tokio_util::sync::CancellationToken,
+}
+
+impl GenerationEvent for MeasureOnly {
+    fn text(&mut self, _delta: &str) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
+    fn cancelled(&self) -> bool {
+        self.abort.is_cancelled()
+    }
+}
+
+/// The text the router sees: the last user message.
+fn question(req: &ValidatedRequest) -> String {
+    req.messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::User)
+        .map(|m| m.joined_text())
+        .unwrap_or_default()
+}
+
+/// Why a request ran where it did, for the final message.
+fn placement_for(
+    model: &LoadedModel,
+    req: &ValidatedRequest,
+    routed: Option<&Routed>,
+) -> pb::Placement {
+    let images = req.messages.iter().flat_map(|m| m.images()).count();
+    let mut reason = match (req.model.is_some(), routed) {
+        (true, _) => "model named by the request".to_string(),
+        (false, Some(r)) => r.reason.clone(),
+        (false, None) => "default model (no routing policy configured)".to_string(),
+    };
+    if images > 0 && !model.info().capabilities.iter().any(|c| c == "image") {
+        reason.push_str(&format!(
+            "; {images} image(s) not sent: model `{}` is text-only",
+            model.info().id
+        ));
+    }
+    pb::Placement {
+        fallback: false,
+        reason,
+        modalities_sent: Vec::new(),
+    }
+}
+
+/// Books a routed request with its router: on an exploration step first runs the rest of the
+/// zoo on the same prompt (holding the request's slot, after the client has its answer) to
+/// measure what each model costs.
+async fn learn_from_routed(
+    state: &Arc<AppState>,
+    routed: &Routed,
+    req: &ValidatedRequest,
+    served_joules: Option<f64>,
+    slot: Option<crate::admission::Slot>,
+) {
+    let Some(router) = state.router().cloned() else {
+        return;
+    };
+    let zoo = router.zoo().to_vec();
+    let mut joules = vec![None; zoo.len()];
+    joules[routed.served] = served_joules;
+    if routed.decision == ferry_router::Decision::Explore {
+        let others: Vec<(usize, Arc<LoadedModel>)> = zoo
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != routed.served)
+            .filter_map(|(i, id)| state.model(id).map(|m| (i, m)))
+            .collect();
+        let st = state.clone();
+        let messages = req.messages.clone();
+        let sampling = req.sampling.clone();
+        let measured = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for (i, model) in others {
+                let Ok(prompt) = model.encode_chat(&messages) else {
+                    continue;
+                };
+                let mut sink = MeasureOnly {
+                    abort: st.abort.clone(),
+                };
+                let account = st.energy.begin();
+                let result =
+                    model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
+                let energy = st.energy.end(account);
+                st.add_model_energy(&model.info().id, &energy);
+                if result.is_ok() {
+                    out.push((i, energy.joules));
+                }
+            }
+            drop(slot);
+            out
+        })
+        .await
+        .unwrap_or_default();
+        for (i, j) in measured {
+            joules[i] = Some(j);
+        }
+    }
+    router.finished(routed, &joules);
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = ReceiverStream<Item>;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let stream = self.start(request.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 
     async fn status(

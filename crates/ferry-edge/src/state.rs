@@ -13,6 +13,7 @@ use ferry_energy::meter::EnergyMeter;
 use ferry_engine::LoadedModel;
 
 use crate::admission::Admission;
+use crate::auth::Auth;
 use crate::config::EdgeConfig;
 use crate::records::RecordStore;
 use crate::router::ZooRouter;
@@ -51,6 +52,8 @@ pub struct AppState {
     router: OnceLock<Arc<ZooRouter>>,
     /// When the state was built, for uptime.
     pub started: Instant,
+    /// Bearer-token check for TCP callers.
+    pub auth: Auth,
 }
 
 impl AppState {
@@ -72,6 +75,10 @@ impl AppState {
             }
         }
         let records = RecordStore::new(config.state.max_records, Some(&config.state.dir))?;
+        let auth = match &config.auth.tokens_file {
+            Some(path) => Auth::from_file(path)?,
+            None => Auth::off(),
+        };
         let sources = ferry_energy::open_sources(&config.energy)
             .map_err(|e| Error::invalid("energy.sources", e.to_string()))?;
         let energy = EnergyMeter::start(sources, config.energy.sample_hz)
@@ -97,6 +104,7 @@ impl AppState {
             seed_state: AtomicU64::new(seed),
             router: OnceLock::new(),
             started: Instant::now(),
+            auth,
         })
     }
 

@@ -1,0 +1,602 @@
+//! The HTTP surface of ferryd (axum): the OpenAI-compatible API, Prometheus metrics, and the
+//! liveness/readiness probes.
+//!
+//! - `POST /v1/chat/completions`: streaming (SSE, `data: [DONE]` at the end) and non-streaming,
+//!   with `usage`; image content parts as `data:` URLs. It drives the same code path as the gRPC
+//!   `Generate` ([`InferenceService::start`]), so validation, routing, admission, energy and
+//!   records behave identically. Routing metadata (tier, model, joules, fallback, reason) is in a
+//!   `ferry` extension object of the response (the last chunk when streaming) and in `x-ferry-*`
+//!   headers (non-streaming; a stream's headers leave before the outcome is known).
+//! - `GET /v1/models`: the models ferryd can serve, plus `auto`.
+//! - `GET /metrics`: Prometheus text exposition of every `ferry_*` metric.
+//! - `GET /healthz` (the process answers) and `GET /readyz` (models loaded and router state
+//!   restored, not draining).
+//!
+//! With `auth.tokens_file` set, the API and `/metrics` need `Authorization: Bearer <token>`
+//! (401 with an OpenAI-style body otherwise); the probes stay open and reveal nothing.
+//!
+//! Errors are OpenAI-style bodies `{"error": {"message", "type", "param", "code"}}` with the HTTP
+//! status of `ferry_core::ErrorKind`, the same mapping the gRPC API uses.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use ferry_core::{Error, ErrorKind};
+use ferry_proto::v1 as pb;
+
+use crate::service::InferenceService;
+
+/// Largest request body accepted (requests may carry images as data URLs).
+const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// An OpenAI-style error response.
+pub struct ApiError {
+    kind: ErrorKind,
+    message: String,
+    param: Option<String>,
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let param = match &e {
+            Error::InvalidArgument { field, .. } => Some(field.clone()),
+            _ => None,
+        };
+        ApiError {
+            kind: e.kind(),
+            message: e.to_string(),
+            param,
+        }
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(s: tonic::Status) -> Self {
+        ApiError {
+            kind: ErrorKind::from_grpc_code(s.code()),
+            message: s.message().to_string(),
+            param: None,
+        }
+    }
+}
+
+impl ApiError {
+    fn body(&self) -> Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind.openai_type(),
+                "param": self.param,
+                "code": self.kind.as_str(),
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.kind.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.body())).into_response()
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
+    Error::invalid(field, reason).into()
+}
+
+/// `stop`: one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct ImageUrl {
+    url: String,
+}
+
+/// A typed content part.
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+    image_url: Option<ImageUrl>,
+}
+
+/// Message content: a string, or a list of parts.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The subset of OpenAI's chat-completions request ferryd implements; other fields are
+/// ignored, and fields whose meaning it cannot honour (`n` > 1, tools, logprobs) are refused.
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    /// Not in OpenAI's API; vLLM and llama.cpp accept it too.
+    top_k: Option<u32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    logprobs: Option<bool>,
+    tools: Option<Vec<Value>>,
+    /// ferry extensions: idempotency/feedback id and dialogue grouping.
+    request_id: Option<String>,
+    dialogue_id: Option<String>,
+}
+
+/// Decodes a `data:<mime>;base64,<payload>` URL. Remote URLs are refused: ferryd does not fetch
+/// from the network on a client's behalf.
+fn data_url(url: &str, field: &str) -> Result<pb::Image, ApiError> {
+    let rest = url.strip_prefix("data:").ok_or_else(|| {
+        invalid(
+            field,
+            "only data: URLs are accepted (data:image/png;base64,...); ferryd does not download images",
+        )
+    })?;
+    let (meta, payload) = rest
+        .split_once(',')
+        .ok_or_else(|| invalid(field, "malformed data: URL (no comma)"))?;
+    let mime = meta
+        .strip_suffix(";base64")
+        .ok_or_else(|| invalid(field, "data: URL must be base64-encoded"))?;
+    if !mime.starts_with("image/") {
+        return Err(invalid(field, format!("`{mime}` is not an image type")));
+    }
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map_err(|e| invalid(field, format!("bad base64: {e}")))?;
+    Ok(pb::Image {
+        data,
+        mime_type: mime.to_string(),
+        source: field.to_string(),
+    })
+}
+
+fn to_proto(req: ChatRequest) -> Result<(pb::GenerateRequest, bool, bool), ApiError> {
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(invalid("n", "only n = 1 is supported"));
+    }
+    if req.logprobs == Some(true) {
+        return Err(invalid("logprobs", "log probabilities are not supported"));
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(invalid("tools", "tool calling is not supported"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.into_iter().enumerate() {
+        let field = format!("messages[{i}]");
+        let role = match m.role.as_str() {
+            "system" | "developer" => pb::Role::System,
+            "user" => pb::Role::User,
+            "assistant" => pb::Role::Assistant,
+            other => {
+                return Err(invalid(
+                    &format!("{field}.role"),
+                    format!("role `{other}` is not supported (system, developer, user, assistant)"),
+                ))
+            }
+        };
+        let text = |t: String| pb::ContentPart {
+            kind: Some(pb::content_part::Kind::Text(t)),
+        };
+        let parts = match m.content {
+            None => Vec::new(),
+            Some(Content::Text(t)) => vec![text(t)],
+            Some(Content::Parts(parts)) => {
+                let mut out = Vec::with_capacity(parts.len());
+                for (j, p) in parts.into_iter().enumerate() {
+                    let pf = format!("{field}.content[{j}]");
+                    match (p.kind.as_str(), p.text, p.image_url) {
+                        ("text", Some(t), _) => out.push(text(t)),
+                        ("image_url", _, Some(u)) => out.push(pb::ContentPart {
+                            kind: Some(pb::content_part::Kind::Image(data_url(
+                                &u.url,
+                                &format!("{pf}.image_url"),
+                            )?)),
+                        }),
+                        (kind, _, _) => {
+                            return Err(invalid(
+                                &pf,
+                                format!("part of type `{kind}` is missing its field or is not supported (text, image_url)"),
+                            ))
+                        }
+                    }
+                }
+                out
+            }
+        };
+        messages.push(pb::Message {
+            role: role as i32,
+            parts,
+        });
+    }
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    let include_usage = req.stream_options.unwrap_or_default().include_usage;
+    Ok((
+        pb::GenerateRequest {
+            model: req.model.unwrap_or_else(|| "auto".into()),
+            messages,
+            max_tokens: req.max_completion_tokens.or(req.max_tokens),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            // OpenAI's seed is a signed integer; keep its bits.
+            seed: req.seed.map(|s| s as u64),
+            stop,
+            request_id: req
+                .request_id
+                .unwrap_or_else(|| format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())),
+            dialogue_id: req.dialogue_id.unwrap_or_default(),
+        },
+        req.stream,
+        include_usage,
+    ))
+}
+
+fn finish_reason(c: &pb::Completion) -> &'static str {
+    match pb::FinishReason::try_from(c.finish_reason) {
+        Ok(pb::FinishReason::Length) => "length",
+        _ => "stop",
+    }
+}
+
+fn tier(c: &pb::Completion) -> &'static str {
+    match pb::Tier::try_from(c.tier) {
+        Ok(pb::Tier::Cloud) => "cloud",
+        _ => "local",
+    }
+}
+
+/// The `ferry` extension object: where and how the request ran.
+fn ferry_ext(c: &pb::Completion) -> Value {
+    let energy = c.energy.clone().unwrap_or_default();
+    let placement = c.placement.clone().unwrap_or_default();
+    let latency = c.latency.unwrap_or_default();
+    json!({
+        "request_id": c.request_id,
+        "tier": tier(c),
+        "model": c.model,
+        "joules": energy.joules,
+        "energy_source": energy.source,
+        "cost_usd": c.cost_usd,
+        "fallback": placement.fallback,
+        "reason": placement.reason,
+        "modalities_sent": placement.modalities_sent,
+        "latency_ms": {
+            "queue": latency.queue_ms,
+            "time_to_first_token": latency.time_to_first_token_ms,
+            "total": latency.total_ms,
+        },
+    })
+}
+
+fn usage(c: &pb::Completion) -> Value {
+    let u = c.usage.unwrap_or_default();
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+fn unix_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn header(v: impl ToString) -> HeaderValue {
+    HeaderValue::from_str(&v.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+async fn chat_completions(
+    State(svc): State<Arc<InferenceService>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = serde_json::from_slice(&body)
+        .map_err(|e| invalid("body", format!("not a chat completion request: {e}")))?;
+    let requested_model = req.model.clone().unwrap_or_else(|| "auto".into());
+    let (proto, stream, include_usage) = to_proto(req)?;
+    let id = proto.request_id.clone();
+    let created = unix_s();
+    let mut events = svc.start(proto).await?;
+
+    if !stream {
+        let mut text = String::new();
+        let mut done = None;
+        while let Some(item) = events.next().await {
+            match item?.event {
+                Some(pb::generate_response::Event::Delta(d)) => text.push_str(&d.text),
+                Some(pb::generate_response::Event::Completion(c)) => done = Some(c),
+                None => {}
+            }
+        }
+        let c = done.ok_or_else(|| ApiError::from(Error::Engine("stream ended early".into())))?;
+        let body = json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": c.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason(&c),
+                "logprobs": null,
+            }],
+            "usage": usage(&c),
+            "ferry": ferry_ext(&c),
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ferry-request-id", header(&c.request_id));
+        headers.insert("x-ferry-tier", header(tier(&c)));
+        headers.insert("x-ferry-model", header(&c.model));
+        if let Some(j) = c.energy.as_ref().and_then(|e| e.joules) {
+            headers.insert("x-ferry-joules", header(format!("{j:.6}")));
+        }
+        headers.insert(
+            "x-ferry-fallback",
+            header(c.placement.as_ref().is_some_and(|p| p.fallback)),
+        );
+        return Ok((headers, Json(body)).into_response());
+    }
+
+    let stream_id = header(&id);
+    // Streaming: OpenAI's chunk sequence. The first chunk carries the role; the model id is the
+    // one asked for until the completion names the one that served.
+    let chunk = move |model: &str, delta: Value, finish: Option<&str>| {
+        json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+        })
+    };
+    let first = chunk(
+        &requested_model,
+        json!({"role": "assistant", "content": ""}),
+        None,
+    );
+    let sse = futures::stream::once(async move { first })
+        .chain(events.map(move |item| match item {
+            Ok(pb::GenerateResponse {
+                event: Some(pb::generate_response::Event::Delta(d)),
+            }) => chunk(&requested_model, json!({"content": d.text}), None),
+            Ok(pb::GenerateResponse {
+                event: Some(pb::generate_response::Event::Completion(c)),
+            }) => {
+                let mut last = chunk(&c.model, json!({}), Some(finish_reason(&c)));
+                last["ferry"] = ferry_ext(&c);
+                if include_usage {
+                    last["usage"] = usage(&c);
+                }
+                last
+            }
+            Ok(_) => json!({}),
+            // A failure after the stream began: an error object in the stream, as OpenAI does.
+            Err(status) => ApiError::from(status).body(),
+        }))
+        .filter(|v| futures::future::ready(v.as_object().is_some_and(|o| !o.is_empty())))
+        .map(|v| Ok::<_, Infallible>(Event::default().data(v.to_string())))
+        .chain(futures::stream::once(async {
+            Ok::<_, Infallible>(Event::default().data("[DONE]"))
+        }));
+    let mut headers = HeaderMap::new();
+    headers.insert("x-ferry-request-id", stream_id);
+    Ok((headers, Sse::new(sse)).into_response())
+}
+
+async fn models(State(svc): State<Arc<InferenceService>>) -> Response {
+    let state = svc.state();
+    let created = unix_s();
+    let mut data = vec![json!({
+        "id": "auto",
+        "object": "model",
+        "created": created,
+        "owned_by": "ferry",
+        "ferry": {"routed": state.router().is_some()},
+    })];
+    for m in &state.manifests {
+        let loaded = state.model(&m.id).is_some();
+        data.push(json!({
+            "id": m.id,
+            "object": "model",
+            "created": created,
+            "owned_by": "ferry",
+            "ferry": {"tier": m.tier.as_str(), "family": m.family, "loaded": loaded, "capabilities": m.capabilities},
+        }));
+    }
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(svc): State<Arc<InferenceService>>) -> Response {
+    let state = svc.state();
+    if state.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if state.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading\n").into_response()
+    }
+}
+
+async fn metrics_text(State(svc): State<Arc<InferenceService>>) -> Response {
+    crate::metrics::refresh_gauges(svc.state());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+/// Refuses callers without a valid bearer token (when `auth.tokens_file` is set).
+async fn require_token(
+    State(svc): State<Arc<InferenceService>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match svc.state().auth.check(header) {
+        Ok(_) => next.run(req).await,
+        Err(e) => {
+            crate::metrics::request_rejected(e.kind());
+            let mut r = ApiError::from(e).into_response();
+            r.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    }
+}
+
+/// The HTTP router: the API and `/metrics` behind the token check, the probes open.
+pub fn router(svc: Arc<InferenceService>) -> Router {
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics_text))
+        .route_layer(axum::middleware::from_fn_with_state(
+            svc.clone(),
+            require_token,
+        ));
+    Router::new()
+        .merge(protected)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(svc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<(pb::GenerateRequest, bool, bool), ApiError> {
+        to_proto(serde_json::from_value(v).unwrap())
+    }
+
+    #[test]
+    fn maps_an_openai_request() {
+        let png = base64::engine::general_purpose::STANDARD.encode([0x89, b'P', b'N', b'G']);
+        let (r, stream, usage) = parse(json!({
+            "model": "smollm2-135m-instruct",
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{png}")}}
+                ]}
+            ],
+            "max_completion_tokens": 7, "stop": "END", "seed": -1, "stream": true,
+            "stream_options": {"include_usage": true}, "frequency_penalty": 0.5
+        }))
+        .ok()
+        .unwrap();
+        assert!(stream && usage);
+        assert_eq!(r.max_tokens, Some(7));
+        assert_eq!(r.stop, vec!["END"]);
+        assert_eq!(r.seed, Some(u64::MAX));
+        assert_eq!(r.messages[0].role, pb::Role::System as i32);
+        match &r.messages[1].parts[1].kind {
+            Some(pb::content_part::Kind::Image(i)) => {
+                assert_eq!(i.mime_type, "image/png");
+                assert_eq!(i.data, vec![0x89, b'P', b'N', b'G']);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(r.request_id.starts_with("chatcmpl-"));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_honour() {
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        for (extra, field) in [
+            (json!({"n": 2}), "n"),
+            (json!({"logprobs": true}), "logprobs"),
+            (json!({"tools": [{"type": "function"}]}), "tools"),
+        ] {
+            let mut v = json!({"messages": msgs});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let e = parse(v).err().unwrap();
+            assert_eq!(e.kind, ErrorKind::InvalidArgument);
+            assert_eq!(e.param.as_deref(), Some(field));
+        }
+        let e = parse(json!({"messages": [{"role": "tool", "content": "x"}]}))
+            .err()
+            .unwrap();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = parse(json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}))
+        .err()
+        .unwrap();
+        assert!(e.message.contains("data: URLs"), "{}", e.message);
+    }
+
+    #[test]
+    fn error_body_is_openai_shaped() {
+        let e: ApiError = Error::Overloaded("queue full".into()).into();
+        let b = e.body();
+        assert_eq!(b["error"]["type"], "rate_limit_error");
+        assert_eq!(b["error"]["code"], "resource_exhausted");
+        let r = e.into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+}

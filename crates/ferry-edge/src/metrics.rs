@@ -1,0 +1,144 @@
+//! ferryd's metrics: names, the Prometheus recorder behind `GET /metrics`, and the gauges read
+//! from live state at scrape time.
+//!
+//! Every name starts with `ferry_`; labels are bounded (model ids come from the configured
+//! manifests, tiers and outcomes from fixed sets, energy sources from the probed kinds):
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `ferry_requests_total` | counter | `tier`, `model`, `outcome` (`ok`, `cancelled`, `failed`, `shutdown`) |
+//! | `ferry_requests_rejected_total` | counter | `reason` (error kind: `invalid_argument`, `resource_exhausted`, ...) |
+//! | `ferry_tokens_total` | counter | `model`, `kind` (`prompt`, `completion`) |
+//! | `ferry_request_duration_seconds` | histogram | `tier`, `model` |
+//! | `ferry_time_to_first_token_seconds` | histogram | `tier`, `model` |
+//! | `ferry_queue_wait_seconds` | histogram | — |
+//! | `ferry_request_energy_joules` | histogram | `model`, `source` |
+//! | `ferry_model_energy_joules` | gauge | `model`, `source` |
+//! | `ferry_energy_joules` | gauge | `source`, `account` (`measured`, `attributed`, `idle`) |
+//! | `ferry_fallbacks_total` | counter | `from_tier`, `reason` |
+//! | `ferry_requests_running`, `ferry_requests_queued` | gauge | — |
+//! | `ferry_ready` | gauge | — (1 when models are loaded and state restored) |
+//! | `ferry_router_q`, `ferry_router_q_tracked`, `ferry_router_alpha` | gauge | `tier` |
+//! | `ferry_router_satisfaction` | gauge | `tier` (satisfied / judged, once feedback arrived) |
+//! | `ferry_router_requests`, `ferry_router_explored` | gauge | `tier` |
+//! | `ferry_router_calls` | gauge | `tier`, `model` |
+//!
+//! The recorder is process-global: the first server in a process installs it; when another
+//! recorder is already installed (a test's debugging recorder), `/metrics` renders nothing and
+//! the metrics go to that recorder instead.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::state::AppState;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process; false when another recorder was first.
+pub fn install() -> bool {
+    HANDLE
+        .get_or_init(|| {
+            let secs = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ];
+            let joules = [
+                0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &secs)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_joules".into()), &joules))
+                .map(|b| b.build_recorder());
+            match recorder {
+                Ok(recorder) => {
+                    let handle = recorder.handle();
+                    match metrics::set_global_recorder(recorder) {
+                        Ok(()) => Some(handle),
+                        Err(_) => {
+                            tracing::debug!(
+                                "a metrics recorder is already installed; /metrics stays empty"
+                            );
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Prometheus recorder not built");
+                    None
+                }
+            }
+        })
+        .is_some()
+}
+
+/// The Prometheus text exposition of everything recorded so far.
+pub fn render() -> String {
+    HANDLE
+        .get()
+        .and_then(|h| h.as_ref())
+        .map(|h| h.render())
+        .unwrap_or_default()
+}
+
+/// Sets the gauges that are read off live state rather than counted as events.
+pub fn refresh_gauges(state: &AppState) {
+    let running = state.admission.running();
+    metrics::gauge!("ferry_requests_running").set(running as f64);
+    metrics::gauge!("ferry_requests_queued")
+        .set(state.admission.in_system().saturating_sub(running) as f64);
+    metrics::gauge!("ferry_ready").set(if state.is_ready() && !state.is_draining() {
+        1.0
+    } else {
+        0.0
+    });
+    if let Some(router) = state.router() {
+        let s = router.status();
+        let tier = s.tier.clone();
+        metrics::gauge!("ferry_router_q", "tier" => tier.clone()).set(s.q);
+        metrics::gauge!("ferry_router_q_tracked", "tier" => tier.clone()).set(s.q_tracked);
+        metrics::gauge!("ferry_router_alpha", "tier" => tier.clone()).set(s.alpha);
+        metrics::gauge!("ferry_router_requests", "tier" => tier.clone()).set(s.requests as f64);
+        metrics::gauge!("ferry_router_explored", "tier" => tier.clone()).set(s.explored as f64);
+        if s.feedback > 0 {
+            metrics::gauge!("ferry_router_satisfaction", "tier" => tier.clone())
+                .set(s.satisfied as f64 / s.feedback as f64);
+        }
+        for (model, calls) in s.zoo.iter().zip(&s.calls) {
+            metrics::gauge!("ferry_router_calls", "tier" => tier.clone(), "model" => model.clone())
+                .set(*calls as f64);
+        }
+    }
+}
+
+/// Books a finished request.
+pub fn request_finished(
+    tier: &'static str,
+    model: &str,
+    outcome: &'static str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_s: f64,
+    first_token_s: Option<f64>,
+) {
+    let model = model.to_string();
+    metrics::counter!("ferry_requests_total", "tier" => tier, "model" => model.clone(), "outcome" => outcome)
+        .increment(1);
+    if outcome != "ok" {
+        return;
+    }
+    metrics::counter!("ferry_tokens_total", "model" => model.clone(), "kind" => "prompt")
+        .increment(prompt_tokens);
+    metrics::counter!("ferry_tokens_total", "model" => model.clone(), "kind" => "completion")
+        .increment(completion_tokens);
+    metrics::histogram!("ferry_request_duration_seconds", "tier" => tier, "model" => model.clone())
+        .record(total_s);
+    if let Some(t) = first_token_s {
+        metrics::histogram!("ferry_time_to_first_token_seconds", "tier" => tier, "model" => model)
+            .record(t);
+    }
+}
+
+/// Books a request refused before it started.
+pub fn request_rejected(kind: ferry_core::ErrorKind) {
+    metrics::counter!("ferry_requests_rejected_total", "reason" => kind.as_str()).increment(1);
+}
