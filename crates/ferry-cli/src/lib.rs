@@ -6,6 +6,7 @@ pub mod bench;
 pub mod client;
 pub mod fetch;
 pub mod plot;
+pub mod policy;
 pub mod replay;
 pub mod routellm;
 pub mod status;

@@ -52,6 +52,9 @@ enum Command {
     Energy(EnergyCommand),
     /// Replay recorded per-request outcomes through a routing policy (MESS+ data format).
     Replay(ReplayArgs),
+    /// TMO placement policies: train on the M4A1 dialogue log, evaluate beside the baselines.
+    #[command(subcommand)]
+    Policy(ferry_cli::policy::PolicyCommand),
 }
 
 #[derive(Args)]
@@ -1166,6 +1169,7 @@ fn main() -> anyhow::Result<()> {
         }) => bench_router(registry, input, embed, json),
         Command::Energy(EnergyCommand::Probe { energy, json }) => energy_probe(energy, json),
         Command::Replay(args) => run_replay(args),
+        Command::Policy(cmd) => ferry_cli::policy::run(cmd),
     }
 }
 
