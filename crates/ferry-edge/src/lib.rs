@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod records;
 pub mod router;
+pub mod sdnotify;
 pub mod server;
 pub mod service;
 pub mod state;

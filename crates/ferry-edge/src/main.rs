@@ -1,5 +1,5 @@
-//! `ferryd`: parse the command line, start the server, reload tokens on SIGHUP, stop it on
-//! SIGTERM or Ctrl-C.
+//! `ferryd`: parse the command line, start the server, tell systemd when it is ready (and feed
+//! its watchdog), reload tokens on SIGHUP, stop it on SIGTERM or Ctrl-C.
 
 use std::time::Duration;
 
@@ -43,9 +43,25 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
+    let notifier = std::sync::Arc::new(ferry_edge::sdnotify::Notifier::from_env());
+    notifier.notify("STATUS=loading models");
     let stop_reason = tokio::select! {
         ready = server.wait_ready() => {
             ready.context("loading models")?;
+            // Ready means: models loaded and router state restored (wait_ready covers both).
+            notifier.notify("READY=1\nSTATUS=serving");
+            if let Some(every) = notifier.watchdog_interval() {
+                let n = notifier.clone();
+                // Fed from the runtime itself: a wedged runtime stops the pings and systemd
+                // restarts the service.
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    loop {
+                        tick.tick().await;
+                        n.notify("WATCHDOG=1");
+                    }
+                });
+            }
             tokio::select! {
                 _ = sigterm.recv() => "SIGTERM",
                 _ = tokio::signal::ctrl_c() => "SIGINT",
@@ -55,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => "SIGINT",
     };
     tracing::info!(signal = stop_reason, "shutting down");
+    notifier.notify("STOPPING=1\nSTATUS=draining");
     server.shutdown(grace).await;
     Ok(())
 }
