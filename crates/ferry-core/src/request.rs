@@ -188,6 +188,8 @@ pub struct ValidatedRequest {
     pub request_id: Option<String>,
     /// Dialogue the request belongs to, if any.
     pub dialogue_id: Option<String>,
+    /// Task category for the placement policy, if given.
+    pub task: Option<String>,
 }
 
 impl ValidatedRequest {
@@ -350,6 +352,18 @@ impl ValidatedRequest {
             m => Some(m.to_string()),
         };
         let non_empty = |s: String| (!s.trim().is_empty()).then_some(s);
+        for (field, value) in [
+            ("request_id", &req.request_id),
+            ("dialogue_id", &req.dialogue_id),
+            ("task", &req.task),
+        ] {
+            if value.len() > 256 {
+                return Err(Error::invalid(
+                    field,
+                    format!("is {} bytes, over the limit of 256", value.len()),
+                ));
+            }
+        }
         Ok(ValidatedRequest {
             model,
             messages,
@@ -363,6 +377,7 @@ impl ValidatedRequest {
             },
             request_id: non_empty(req.request_id),
             dialogue_id: non_empty(req.dialogue_id),
+            task: non_empty(req.task),
         })
     }
 }

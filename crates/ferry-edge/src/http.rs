@@ -159,9 +159,10 @@ struct ChatRequest {
     n: Option<u32>,
     logprobs: Option<bool>,
     tools: Option<Vec<Value>>,
-    /// ferry extensions: idempotency/feedback id and dialogue grouping.
+    /// ferry extensions: feedback id, dialogue grouping and task category for placement.
     request_id: Option<String>,
     dialogue_id: Option<String>,
+    task: Option<String>,
 }
 
 /// Decodes a `data:<mime>;base64,<payload>` URL. Remote URLs are refused: ferryd does not fetch
@@ -271,6 +272,7 @@ fn to_proto(req: ChatRequest) -> Result<(pb::GenerateRequest, bool, bool), ApiEr
                 .request_id
                 .unwrap_or_else(|| format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())),
             dialogue_id: req.dialogue_id.unwrap_or_default(),
+            task: req.task.unwrap_or_default(),
         },
         req.stream,
         include_usage,

@@ -70,6 +70,10 @@ pub struct GenerateRequest {
     /// Groups the turns of one multi-turn dialogue for placement policies; optional.
     #[prost(string, tag = "10")]
     pub dialogue_id: ::prost::alloc::string::String,
+    /// Task category of this turn for the placement policy (one of the policy's task names, e.g.
+    /// "Query"); empty uses the daemon's placement.default_task.
+    #[prost(string, tag = "11")]
+    pub task: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
