@@ -5,7 +5,8 @@
 //! a vendored protoc and fails when the checked-in code drifts from the `.proto` files; run it with
 //! `FERRY_BLESS=1` to rewrite `src/gen/` after editing a `.proto`.
 
-/// `ferry.v1`: the app-facing `Inference` service and its messages.
+/// `ferry.v1`: the app-facing `Inference` service (`inference.proto`), the edge-to-cloud
+/// `Offload` service (`offload.proto`), and their messages.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     include!("gen/ferry.v1.rs");

@@ -15,7 +15,10 @@ fn generate(out: &Path) {
     let protoc = protoc_bin_vendored::protoc_bin_path().expect("vendored protoc");
     // SAFETY: single-threaded at this point of the test; prost-build reads PROTOC from the env.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    let protos = [root.join("proto/ferry/v1/inference.proto")];
+    let protos = [
+        root.join("proto/ferry/v1/inference.proto"),
+        root.join("proto/ferry/v1/offload.proto"),
+    ];
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -974,3 +974,480 @@ pub mod inference_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct OffloadRequest {
+    /// Required. Identifies the request across retries: while a request with this id runs, another
+    /// one is refused with FAILED_PRECONDITION; once it finished, a retry with the same id replays
+    /// the stored answer (marked `replayed`) instead of generating and paying again.
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    /// Required: a model id from ListModels (no "auto": the edge chose the model).
+    #[prost(string, tag = "2")]
+    pub model: ::prost::alloc::string::String,
+    /// The conversation, with the parts the edge chose to send.
+    #[prost(message, repeated, tag = "3")]
+    pub messages: ::prost::alloc::vec::Vec<Message>,
+    /// Upper bound on generated tokens; unset uses ferry-cloud's default. 0 is rejected.
+    #[prost(uint32, optional, tag = "4")]
+    pub max_tokens: ::core::option::Option<u32>,
+    /// 0 or unset means greedy decoding.
+    #[prost(float, optional, tag = "5")]
+    pub temperature: ::core::option::Option<f32>,
+    /// Nucleus sampling mass in (0, 1\]; unset disables it.
+    #[prost(float, optional, tag = "6")]
+    pub top_p: ::core::option::Option<f32>,
+    /// Sample among the k most likely tokens; unset or 0 disables it.
+    #[prost(uint32, optional, tag = "7")]
+    pub top_k: ::core::option::Option<u32>,
+    /// Seed for sampling.
+    #[prost(uint64, optional, tag = "8")]
+    pub seed: ::core::option::Option<u64>,
+    /// Generation stops before the first occurrence of any of these strings.
+    #[prost(string, repeated, tag = "9")]
+    pub stop: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The request's deadline, as the time left in milliseconds when the request was sent (edge
+    /// and cloud clocks are not assumed to agree). ferry-cloud counts it from arrival and also
+    /// honours the gRPC deadline (grpc-timeout); the earlier one wins. Unset: no deadline beyond
+    /// the gRPC one. 0 is rejected.
+    #[prost(uint32, optional, tag = "10")]
+    pub timeout_ms: ::core::option::Option<u32>,
+}
+/// The last event of every successful stream.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct OffloadCompletion {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    /// The cloud model id that served the request.
+    #[prost(string, tag = "2")]
+    pub model: ::prost::alloc::string::String,
+    #[prost(enumeration = "FinishReason", tag = "3")]
+    pub finish_reason: i32,
+    #[prost(message, optional, tag = "4")]
+    pub usage: ::core::option::Option<Usage>,
+    /// Energy of the request on the cloud side. Measured ("nvml", "rapl", "estimate") when
+    /// ferry-cloud runs the model itself; "hint" when an upstream engine served it and the model's
+    /// configured joules-per-token hint was applied to the token count; "none" (joules unset)
+    /// when nothing can say.
+    #[prost(message, optional, tag = "5")]
+    pub energy: ::core::option::Option<Energy>,
+    /// Monetary cost in US dollars from the model's price per million tokens; unset when the model
+    /// has no price.
+    #[prost(double, optional, tag = "6")]
+    pub cost_usd: ::core::option::Option<f64>,
+    /// Times measured inside ferry-cloud (queue_ms is time waiting for a slot).
+    #[prost(message, optional, tag = "7")]
+    pub latency: ::core::option::Option<Latency>,
+    /// What served it: "candle" (ferry-cloud itself) or "openai" (an OpenAI-compatible engine).
+    #[prost(string, tag = "8")]
+    pub backend: ::prost::alloc::string::String,
+    /// True when this is the stored answer of an earlier run with the same request id.
+    #[prost(bool, tag = "9")]
+    pub replayed: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct OffloadResponse {
+    #[prost(oneof = "offload_response::Event", tags = "1, 2")]
+    pub event: ::core::option::Option<offload_response::Event>,
+}
+/// Nested message and enum types in `OffloadResponse`.
+pub mod offload_response {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Event {
+        #[prost(message, tag = "1")]
+        Delta(super::TextDelta),
+        #[prost(message, tag = "2")]
+        Completion(super::OffloadCompletion),
+    }
+}
+/// Generated client implementations.
+pub mod offload_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct OffloadClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl OffloadClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> OffloadClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> OffloadClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            OffloadClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Runs one chat completion on a cloud model and streams it: zero or more `delta` events, then
+        /// exactly one `completion` event, then the stream closes with OK.
+        pub async fn generate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::OffloadRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::OffloadResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferry.v1.Offload/Generate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("ferry.v1.Offload", "Generate"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Lists the cloud zoo: every model ferry-cloud serves, with its capabilities ("text",
+        /// "image") and cost hints (US dollars per million tokens, joules per token). `tier` is
+        /// TIER_CLOUD for all of them.
+        pub async fn list_models(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListModelsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListModelsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferry.v1.Offload/ListModels",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferry.v1.Offload", "ListModels"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod offload_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with OffloadServer.
+    #[async_trait]
+    pub trait Offload: std::marker::Send + std::marker::Sync + 'static {
+        /// Server streaming response type for the Generate method.
+        type GenerateStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::OffloadResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Runs one chat completion on a cloud model and streams it: zero or more `delta` events, then
+        /// exactly one `completion` event, then the stream closes with OK.
+        async fn generate(
+            &self,
+            request: tonic::Request<super::OffloadRequest>,
+        ) -> std::result::Result<tonic::Response<Self::GenerateStream>, tonic::Status>;
+        /// Lists the cloud zoo: every model ferry-cloud serves, with its capabilities ("text",
+        /// "image") and cost hints (US dollars per million tokens, joules per token). `tier` is
+        /// TIER_CLOUD for all of them.
+        async fn list_models(
+            &self,
+            request: tonic::Request<super::ListModelsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListModelsResponse>,
+            tonic::Status,
+        >;
+    }
+    #[derive(Debug)]
+    pub struct OffloadServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> OffloadServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for OffloadServer<T>
+    where
+        T: Offload,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/ferry.v1.Offload/Generate" => {
+                    #[allow(non_camel_case_types)]
+                    struct GenerateSvc<T: Offload>(pub Arc<T>);
+                    impl<
+                        T: Offload,
+                    > tonic::server::ServerStreamingService<super::OffloadRequest>
+                    for GenerateSvc<T> {
+                        type Response = super::OffloadResponse;
+                        type ResponseStream = T::GenerateStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::OffloadRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Offload>::generate(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GenerateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferry.v1.Offload/ListModels" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListModelsSvc<T: Offload>(pub Arc<T>);
+                    impl<
+                        T: Offload,
+                    > tonic::server::UnaryService<super::ListModelsRequest>
+                    for ListModelsSvc<T> {
+                        type Response = super::ListModelsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListModelsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Offload>::list_models(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListModelsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for OffloadServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "ferry.v1.Offload";
+    impl<T> tonic::server::NamedService for OffloadServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
