@@ -21,6 +21,7 @@ pub struct EdgeConfig {
     pub energy: EnergyConfig,
     pub state: StateConfig,
     pub router: RouterConfig,
+    pub placement: crate::placement::PlacementConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
 }
@@ -371,6 +372,12 @@ pub struct Cli {
     /// Least milliseconds between two saves of the router's state.
     #[arg(long, env = "FERRY_ROUTER_SAVE_INTERVAL_MS")]
     pub router_save_interval_ms: Option<u64>,
+    /// TMO placement policy file from `ferry policy train` (reloaded on SIGHUP).
+    #[arg(long, env = "FERRY_PLACEMENT_POLICY")]
+    pub placement_policy: Option<PathBuf>,
+    /// Task category of requests that name none.
+    #[arg(long, env = "FERRY_PLACEMENT_DEFAULT_TASK")]
+    pub placement_default_task: Option<String>,
     /// Bearer token file (hashed tokens; reloaded on SIGHUP).
     #[arg(long, env = "FERRY_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
@@ -439,6 +446,12 @@ impl Cli {
             &mut c.router.save_interval_ms,
             &self.router_save_interval_ms,
         );
+        if self.placement_policy.is_some() {
+            c.placement.policy_file = self.placement_policy.clone();
+        }
+        if self.placement_default_task.is_some() {
+            c.placement.default_task = self.placement_default_task.clone();
+        }
         if self.tokens_file.is_some() {
             c.auth.tokens_file = self.tokens_file.clone();
         }

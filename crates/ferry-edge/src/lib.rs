@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod placement;
 pub mod records;
 pub mod router;
 pub mod sdnotify;

@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    // SIGHUP re-reads the token file; a broken file keeps the tokens in force.
+    // SIGHUP re-reads the token file and the placement policy; a broken file keeps what runs.
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let state = server.state.clone();
@@ -40,6 +40,11 @@ async fn main() -> anyhow::Result<()> {
         while sighup.recv().await.is_some() {
             if let Err(e) = state.auth.reload() {
                 tracing::error!(error = %e, "SIGHUP: token file not reloaded; previous tokens stay in force");
+            }
+            if let Some(p) = &state.placement {
+                if let Err(e) = p.reload() {
+                    tracing::error!(error = %e, "SIGHUP: placement policy not reloaded; the running one stays");
+                }
             }
         }
     });

@@ -68,6 +68,14 @@ impl InferenceService {
             .request_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // Where it runs (TMO), then which model of that tier (MESS+ or the named one).
+        let placed = match &state.placement {
+            Some(p) => Some(
+                p.decide(req.dialogue_id.as_deref(), req.task.as_deref())
+                    .map_err(refuse)?,
+            ),
+            None => None,
+        };
         let (model, routed) = match (req.model.as_deref(), state.router()) {
             (None, Some(router)) => {
                 let router = router.clone();
@@ -99,7 +107,11 @@ impl InferenceService {
             )));
         }
         let ticket = state.admission.admit().map_err(refuse)?;
-        let placement = placement_for(&model, &req, routed.as_ref());
+        let mut placement = placement_for(&model, &req, routed.as_ref());
+        if let Some(p) = &placed {
+            placement.reason = format!("{}; {}", p.reason, placement.reason);
+            placement.fallback = p.fallback;
+        }
 
         let (tx, rx) = mpsc::channel::<Item>(64);
         let state = self.state.clone();
@@ -234,6 +246,10 @@ impl InferenceService {
                             .fetch_add(1, Ordering::Relaxed);
                     }
                     drop(tx);
+                    if let (Some(placer), Some(p)) = (&state.placement, &placed) {
+                        // Local runs cost no dollars; the cloud tier will report its own.
+                        placer.record(p, total_ms / 1e3, 0.0);
+                    }
                     if let Some(routed) = routed {
                         let served_joules = energy.as_ref().map(|e| e.joules);
                         learn_from_routed(&state, &routed, &req, served_joules, slot).await;

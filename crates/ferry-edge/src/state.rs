@@ -54,6 +54,8 @@ pub struct AppState {
     pub started: Instant,
     /// Bearer-token check for TCP callers.
     pub auth: Auth,
+    /// TMO placement, when `placement.policy_file` is set.
+    pub placement: Option<crate::placement::Placer>,
 }
 
 impl AppState {
@@ -79,6 +81,7 @@ impl AppState {
             Some(path) => Auth::from_file(path)?,
             None => Auth::off(),
         };
+        let placement = crate::placement::Placer::from_config(&config.placement)?;
         let sources = ferry_energy::open_sources(&config.energy)
             .map_err(|e| Error::invalid("energy.sources", e.to_string()))?;
         let energy = EnergyMeter::start(sources, config.energy.sample_hz)
@@ -105,6 +108,7 @@ impl AppState {
             router: OnceLock::new(),
             started: Instant::now(),
             auth,
+            placement,
         })
     }
 

@@ -1,0 +1,254 @@
+//! TMO placement in ferryd: for each request, a trained policy (`ferry policy train`) decides
+//! whether it runs locally or in the cloud and which images go with it; MESS+ then picks the
+//! model within the chosen tier.
+//!
+//! The policy sees the live dialogue as it saw the simulated one (`ferry_router::tmo`'s
+//! `DialogueState`): the previous placements and views of this `dialogue_id`, the turn's task
+//! category (`GenerateRequest.task`, or `placement.default_task`), and the budgets left after the
+//! latency and dollars this dialogue really spent. Requests without a `dialogue_id` are
+//! one-turn dialogues.
+//!
+//! There is no cloud tier yet: a cloud action is reported in the completion (`fallback: true`,
+//! the reason names the action) and the request runs locally; the dialogue records what actually
+//! ran, so the budgets and the history stay true. The policy file is read at start (a malformed
+//! file or one for another observation/action layout stops the daemon with the reason) and again
+//! on SIGHUP (a bad file then keeps the running policy).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use ferry_core::{Error, Result};
+use ferry_router::tmo::{Action, DialogueState, PlacementPolicy};
+
+/// `[placement]` settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// A policy written by `ferry policy train`; unset: every request is placed locally.
+    pub policy_file: Option<PathBuf>,
+    /// Budgets per dialogue; unset: the ones the policy was trained for (30 s, $0.05).
+    pub latency_budget_s: Option<f64>,
+    pub usd_budget: Option<f64>,
+    /// Task category of requests that name none; unset: the policy's first task.
+    pub default_task: Option<String>,
+    /// Dialogues remembered (least recently used are forgotten); 0 means 10 000.
+    pub max_dialogues: usize,
+}
+
+/// A placement decision for one request.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// What the policy chose.
+    pub chosen: Action,
+    /// What runs (local while there is no cloud tier).
+    pub executed: Action,
+    pub task: usize,
+    pub dialogue_id: Option<String>,
+    /// For the completion's placement reason.
+    pub reason: String,
+    /// True when the chosen placement could not be honoured.
+    pub fallback: bool,
+}
+
+struct Dialogues {
+    states: HashMap<String, DialogueState>,
+    order: VecDeque<String>,
+}
+
+/// The loaded policy and the live dialogues.
+pub struct Placer {
+    cfg: PlacementConfig,
+    path: PathBuf,
+    policy: RwLock<Arc<PlacementPolicy>>,
+    dialogues: Mutex<Dialogues>,
+}
+
+fn load_policy(path: &Path) -> Result<PlacementPolicy> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(format!("reading placement policy {}", path.display()), e))?;
+    PlacementPolicy::from_bytes(&bytes).map_err(|e| Error::InvalidFile {
+        what: "placement policy",
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn views(a: Action) -> String {
+    let v: Vec<String> = (0..3)
+        .filter(|&i| a.sends(i))
+        .map(|i| i.to_string())
+        .collect();
+    if v.is_empty() {
+        "text only".to_string()
+    } else {
+        format!("views [{}]", v.join(","))
+    }
+}
+
+impl Placer {
+    /// Loads the policy named by `cfg.policy_file`; `None` when placement is not configured.
+    pub fn from_config(cfg: &PlacementConfig) -> Result<Option<Self>> {
+        let Some(path) = &cfg.policy_file else {
+            return Ok(None);
+        };
+        let policy = load_policy(path)?;
+        let placer = Placer {
+            cfg: cfg.clone(),
+            path: path.clone(),
+            policy: RwLock::new(Arc::new(policy)),
+            dialogues: Mutex::new(Dialogues {
+                states: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+        };
+        placer.check_default_task(&placer.policy())?;
+        tracing::info!(
+            path = %path.display(),
+            method = %placer.policy().meta().method(),
+            tasks = ?placer.policy().meta().tasks,
+            "placement policy loaded"
+        );
+        Ok(Some(placer))
+    }
+
+    fn check_default_task(&self, p: &PlacementPolicy) -> Result<()> {
+        if let Some(t) = &self.cfg.default_task {
+            if !p.meta().tasks.iter().any(|x| x == t) {
+                return Err(Error::invalid(
+                    "placement.default_task",
+                    format!(
+                        "`{t}` is not one of the policy's tasks {:?}",
+                        p.meta().tasks
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The running policy.
+    pub fn policy(&self) -> Arc<PlacementPolicy> {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    /// Re-reads the policy file (SIGHUP). On error the running policy stays.
+    pub fn reload(&self) -> Result<String> {
+        let p = load_policy(&self.path)?;
+        self.check_default_task(&p)?;
+        let method = p.meta().method();
+        *self.policy.write().expect("policy lock") = Arc::new(p);
+        tracing::info!(path = %self.path.display(), %method, "placement policy reloaded");
+        Ok(method)
+    }
+
+    fn budgets(&self, p: &PlacementPolicy) -> (f64, f64) {
+        (
+            self.cfg
+                .latency_budget_s
+                .unwrap_or(p.meta().latency_budget_s),
+            self.cfg.usd_budget.unwrap_or(p.meta().usd_budget),
+        )
+    }
+
+    /// Places one request of `dialogue_id` with task category `task`.
+    pub fn decide(&self, dialogue_id: Option<&str>, task: Option<&str>) -> Result<Placement> {
+        let p = self.policy();
+        let tasks = &p.meta().tasks;
+        let name = task
+            .or(self.cfg.default_task.as_deref())
+            .unwrap_or_else(|| tasks.first().map(String::as_str).unwrap_or(""));
+        let task = tasks.iter().position(|t| t == name).ok_or_else(|| {
+            Error::invalid(
+                "task",
+                format!("`{name}` is not a task of the placement policy; one of {tasks:?}"),
+            )
+        })?;
+        let (latency, usd) = self.budgets(&p);
+        let obs = match dialogue_id {
+            Some(id) => {
+                let d = self.dialogues.lock().expect("dialogues lock");
+                d.states
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| DialogueState::new(latency, usd))
+                    .observe(task)
+            }
+            None => DialogueState::new(latency, usd).observe(task),
+        };
+        let chosen = p.act(&obs);
+        let method = p.meta().method();
+        let local = Action::from_index(0).expect("action 0 exists");
+        let (executed, fallback, reason) = if chosen.is_local() {
+            (
+                local,
+                false,
+                format!("tmo {method}: local (task {name}, turn {})", obs.turn + 1),
+            )
+        } else {
+            (
+                local,
+                true,
+                format!(
+                    "tmo {method} chose cloud with {} (task {name}, turn {}); no cloud tier is configured, so it ran locally",
+                    views(chosen),
+                    obs.turn + 1
+                ),
+            )
+        };
+        if fallback {
+            metrics::counter!("ferry_fallbacks_total", "from_tier" => "cloud", "reason" => "cloud_unavailable")
+                .increment(1);
+        }
+        metrics::counter!("ferry_placements_total", "chosen" => if chosen.is_local() { "local" } else { "cloud" })
+            .increment(1);
+        Ok(Placement {
+            chosen,
+            executed,
+            task,
+            dialogue_id: dialogue_id.map(str::to_string),
+            reason,
+            fallback,
+        })
+    }
+
+    /// Books what a placed request really spent, so the dialogue's next turn sees it.
+    pub fn record(&self, placement: &Placement, latency_s: f64, usd: f64) {
+        let Some(id) = &placement.dialogue_id else {
+            return;
+        };
+        let p = self.policy();
+        let (latency, budget_usd) = self.budgets(&p);
+        let max = if self.cfg.max_dialogues == 0 {
+            10_000
+        } else {
+            self.cfg.max_dialogues
+        };
+        let mut d = self.dialogues.lock().expect("dialogues lock");
+        if !d.states.contains_key(id) {
+            d.order.push_back(id.clone());
+        }
+        d.states
+            .entry(id.clone())
+            .or_insert_with(|| DialogueState::new(latency, budget_usd))
+            .record(placement.task, placement.executed, latency_s, usd);
+        while d.order.len() > max {
+            if let Some(old) = d.order.pop_front() {
+                d.states.remove(&old);
+            }
+        }
+    }
+
+    /// Turns taken so far in a dialogue (for tests and status).
+    pub fn turns(&self, dialogue_id: &str) -> usize {
+        self.dialogues
+            .lock()
+            .expect("dialogues lock")
+            .states
+            .get(dialogue_id)
+            .map(|s| s.observe(0).turn)
+            .unwrap_or(0)
+    }
+}
