@@ -260,6 +260,7 @@ impl LoadedModel {
                     }
                     None => Backbone::from_gguf(content, &mut file, &path, device)?,
                 };
+                let resident = backbone.resident_bytes().unwrap_or(resident);
                 (backbone, tok, arch, meta_ctx, vec![path], resident)
             }
             ModelFormat::Safetensors => {
@@ -391,6 +392,12 @@ impl LoadedModel {
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// Token ids that end a generation: the EOS of the model's metadata, the end-of-turn markers
+    /// its vocabulary has, and the manifest's `eos_tokens`.
+    pub fn stop_token_ids(&self) -> &BTreeSet<u32> {
+        &self.eos_ids
     }
 
     /// Renders the conversation with the chat template and tokenises it.

@@ -4,12 +4,15 @@
 //! whose tensors share the weights' storage, with its own empty KV cache — so concurrent requests
 //! never see each other's attention state.
 
+pub mod gemma3;
+
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, quantized_gemma3, quantized_llama, qwen2};
+use candle_transformers::models::{llama, quantized_llama, qwen2};
 
 use crate::candle_err;
 use ferry_core::{Error, Result};
@@ -22,8 +25,8 @@ pub const SUPPORTED: &str = "GGUF: llama, gemma3; safetensors: llama, qwen2";
 pub enum Backbone {
     /// Quantized llama-family GGUF (llama, SmolLM2, Mistral, ...).
     QuantizedLlama(quantized_llama::ModelWeights),
-    /// Quantized Gemma 3 GGUF.
-    QuantizedGemma3(quantized_gemma3::ModelWeights),
+    /// Quantized Gemma 3 GGUF (ferry's own forward pass, see [`gemma3`]).
+    QuantizedGemma3(Arc<gemma3::Gemma3>),
     /// Full-precision llama from safetensors.
     Llama {
         model: llama::Llama,
@@ -67,8 +70,8 @@ impl Backbone {
             "llama" => quantized_llama::ModelWeights::from_gguf(content, file, device)
                 .map(Backbone::QuantizedLlama)
                 .map_err(bad),
-            "gemma3" => quantized_gemma3::ModelWeights::from_gguf(content, file, device)
-                .map(Backbone::QuantizedGemma3)
+            "gemma3" => gemma3::Gemma3::from_gguf(&content, file, device)
+                .map(|m| Backbone::QuantizedGemma3(Arc::new(m)))
                 .map_err(bad),
             other => Err(Error::InvalidFile {
                 what: "GGUF model",
@@ -130,9 +133,19 @@ impl Backbone {
     pub fn max_positions(&self) -> Option<usize> {
         match self {
             Backbone::QuantizedLlama(_) => Some(quantized_llama::MAX_SEQ_LEN),
-            Backbone::QuantizedGemma3(_) => Some(quantized_gemma3::MAX_SEQ_LEN),
+            // RoPE angles are computed per position: no table bounds the context.
+            Backbone::QuantizedGemma3(_) => None,
             Backbone::Llama { config, .. } => Some(config.max_position_embeddings),
             Backbone::Qwen2(_) => None,
+        }
+    }
+
+    /// Bytes of weights resident in memory when the backbone knows better than the file size
+    /// (Gemma 3 requantizes some tensors at load).
+    pub fn resident_bytes(&self) -> Option<u64> {
+        match self {
+            Backbone::QuantizedGemma3(m) => Some(m.resident_bytes),
+            _ => None,
         }
     }
 
@@ -144,8 +157,10 @@ impl Backbone {
                 m.clear_kv_cache();
                 SessionState::QuantizedLlama(m)
             }
-            // The loaded copy never runs `forward`, so its clone starts with an empty cache.
-            Backbone::QuantizedGemma3(m) => SessionState::QuantizedGemma3(m.clone()),
+            Backbone::QuantizedGemma3(m) => SessionState::QuantizedGemma3 {
+                cache: m.new_cache(),
+                model: m.clone(),
+            },
             Backbone::Llama {
                 model,
                 config,
@@ -232,7 +247,10 @@ pub fn gguf_architecture(content: &gguf_file::Content) -> String {
 
 enum SessionState {
     QuantizedLlama(quantized_llama::ModelWeights),
-    QuantizedGemma3(quantized_gemma3::ModelWeights),
+    QuantizedGemma3 {
+        model: Arc<gemma3::Gemma3>,
+        cache: gemma3::Gemma3Cache,
+    },
     Llama {
         model: llama::Llama,
         cache: llama::Cache,
@@ -256,7 +274,7 @@ impl Session {
         let pos = self.position;
         let logits = match &mut self.state {
             SessionState::QuantizedLlama(m) => m.forward(&input, pos),
-            SessionState::QuantizedGemma3(m) => m.forward(&input, pos),
+            SessionState::QuantizedGemma3 { model, cache } => model.forward(cache, tokens, pos),
             SessionState::Llama { model, cache } => model.forward(&input, pos, cache),
             SessionState::Qwen2(m) => m.forward(&input, pos),
         }

@@ -1,0 +1,405 @@
+//! Quantized Gemma 3 (text) for GGUF files.
+//!
+//! ferry runs its own forward pass instead of candle 0.11's `quantized_gemma3`, which on Gemma
+//! 3 270M (1) gates the MLP with SiLU where Gemma uses GELU (tanh approximation), so greedy
+//! answers go wrong; (2) precomputes RoPE tables for 131072 positions in every layer and
+//! dequantizes the 262144-row embedding to f32, 3.6 GB resident for a 253 MB file; (3) lets
+//! sliding-window layers see every cached token while decoding.
+//!
+//! Here the weights stay quantized: the embedding is shared with the tied output head and only
+//! the rows a request looks up are dequantized (on the CPU), RoPE angles are computed for the
+//! positions being fed, and sliding-window layers keep only the last `window - 1` keys. On the
+//! CPU, weights in formats that candle 0.11 has no SIMD kernel for (Q4_1, Q5_0, Q5_1) are
+//! requantized to Q8_0 at load (AVX2 kernel; Q8_0 keeps 255 levels per 32-value block).
+
+use std::sync::Arc;
+
+use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Result, Tensor};
+use candle_transformers::quantized_nn::RmsNorm;
+
+/// Gemma 3 alternates five sliding-window layers with one global layer unless the file says
+/// otherwise.
+const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
+/// RoPE base of the sliding-window layers (the GGUF stores only the global one).
+const DEFAULT_LOCAL_ROPE_BASE: f64 = 10_000.0;
+
+/// Formats candle 0.11 multiplies with a scalar loop on the CPU.
+fn lacks_cpu_kernel(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+}
+
+/// The token embedding, also the output head's weight when the file ties them.
+#[derive(Debug, Clone)]
+enum Embedding {
+    /// Quantized rows, dequantized on lookup (CPU).
+    Rows(Arc<QTensor>),
+    /// Dequantized table (accelerators, where row slicing of quantized storage is not exposed).
+    Dense(Tensor),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => {
+                let ids = Tensor::new(ids, device)?;
+                t.index_select(&ids, 0)?.unsqueeze(0)
+            }
+            Embedding::Rows(qt) => {
+                let (rows, dim) = qt.shape().dims2()?;
+                let dtype = qt.dtype();
+                let row_bytes = dim / dtype.block_size() * dtype.type_size();
+                let data = qt.data()?;
+                let mut out = Vec::with_capacity(ids.len() * dim);
+                for &id in ids {
+                    let id = id as usize;
+                    if id >= rows {
+                        candle_core::bail!("token id {id} is outside the {rows}-row embedding");
+                    }
+                    let raw = &data[id * row_bytes..(id + 1) * row_bytes];
+                    let row = ggml_file::qtensor_from_ggml(dtype, raw, vec![dim], &Device::Cpu)?;
+                    out.extend(row.dequantize(&Device::Cpu)?.to_vec1::<f32>()?);
+                }
+                Tensor::from_vec(out, (1, ids.len(), dim), device)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    attn_norm: RmsNorm,
+    post_attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    post_ffn_norm: RmsNorm,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    /// `Some(window)` for sliding-window layers.
+    window: Option<usize>,
+}
+
+/// Gemma 3 weights, shared by every session.
+#[derive(Debug)]
+pub struct Gemma3 {
+    embedding: Embedding,
+    hidden: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    /// RoPE inverse frequencies of the global and the sliding-window layers.
+    inv_freq_global: Vec<f64>,
+    inv_freq_local: Vec<f64>,
+    /// Linear RoPE scaling of the global layers (positions are divided by it).
+    global_scale: f64,
+    /// Attention logit scale, 1 / sqrt(query_pre_attn_scalar).
+    attn_scale: f64,
+    /// Bytes of weights held (quantized, after any requantization).
+    pub resident_bytes: u64,
+    device: Device,
+}
+
+/// Per-session attention cache: keys and values per layer, `(batch, kv_heads, len, head_dim)`.
+#[derive(Debug, Clone, Default)]
+pub struct Gemma3Cache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+fn inv_freq(base: f64, head_dim: usize) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / base.powf(2.0 * i as f64 / head_dim as f64))
+        .collect()
+}
+
+impl Gemma3 {
+    /// Loads the weights of a `gemma3` GGUF file.
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        device: &Device,
+    ) -> Result<Self> {
+        let md = |key: &str| ct.metadata.get(&format!("gemma3.{key}"));
+        let need = |key: &str| {
+            md(key).ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks gemma3.{key}")))
+        };
+        let n_head = need("attention.head_count")?.to_u32()? as usize;
+        let n_kv_head = need("attention.head_count_kv")?.to_u32()? as usize;
+        let n_layer = need("block_count")?.to_u32()? as usize;
+        let hidden = need("embedding_length")?.to_u32()? as usize;
+        let head_dim = need("attention.key_length")?.to_u32()? as usize;
+        let eps = need("attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
+        let window = need("attention.sliding_window")?.to_u32()? as usize;
+        let pattern = md("attention.sliding_window_pattern")
+            .and_then(|v| v.to_u32().ok())
+            .map(|v| v as usize)
+            .unwrap_or(DEFAULT_SLIDING_WINDOW_PATTERN);
+        let global_base = md("rope.freq_base")
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
+            .unwrap_or(1_000_000.0);
+        let global_scale = md("rope.scaling.factor")
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
+            .filter(|f| *f > 0.0)
+            .unwrap_or(1.0);
+        if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) || !head_dim.is_multiple_of(2) {
+            candle_core::bail!(
+                "unsupported attention shape: {n_head} heads, {n_kv_head} kv heads, head dim {head_dim}"
+            );
+        }
+
+        let mut resident = 0u64;
+        let mut tensor = |name: &str| -> Result<QTensor> {
+            let t = ct.tensor(r, name, device)?;
+            let t = if device.is_cpu() && lacks_cpu_kernel(t.dtype()) {
+                QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?
+            } else {
+                t
+            };
+            resident += t.storage_size_in_bytes() as u64;
+            Ok(t)
+        };
+        let norm_of = |t: QTensor| RmsNorm::from_qtensor(t, eps);
+
+        let embed = Arc::new(tensor("token_embd.weight")?);
+        let output = if ct.tensor_infos.contains_key("output.weight") {
+            QMatMul::from_qtensor(tensor("output.weight")?)?
+        } else {
+            QMatMul::from_arc(embed.clone())?
+        };
+        let embedding = if device.is_cpu() {
+            Embedding::Rows(embed)
+        } else {
+            Embedding::Dense(embed.dequantize(device)?)
+        };
+        let norm = norm_of(tensor("output_norm.weight")?)?;
+        let mut layers = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let mut t = |name: &str| tensor(&format!("blk.{i}.{name}.weight"));
+            let sliding = (i + 1) % pattern != 0;
+            layers.push(Layer {
+                wq: QMatMul::from_qtensor(t("attn_q")?)?,
+                wk: QMatMul::from_qtensor(t("attn_k")?)?,
+                wv: QMatMul::from_qtensor(t("attn_v")?)?,
+                wo: QMatMul::from_qtensor(t("attn_output")?)?,
+                q_norm: norm_of(t("attn_q_norm")?)?,
+                k_norm: norm_of(t("attn_k_norm")?)?,
+                attn_norm: norm_of(t("attn_norm")?)?,
+                post_attn_norm: norm_of(t("post_attention_norm")?)?,
+                ffn_norm: norm_of(t("ffn_norm")?)?,
+                post_ffn_norm: norm_of(t("post_ffw_norm")?)?,
+                gate: QMatMul::from_qtensor(t("ffn_gate")?)?,
+                up: QMatMul::from_qtensor(t("ffn_up")?)?,
+                down: QMatMul::from_qtensor(t("ffn_down")?)?,
+                window: sliding.then_some(window),
+            });
+        }
+        Ok(Gemma3 {
+            embedding,
+            hidden,
+            n_head,
+            n_kv_head,
+            head_dim,
+            layers,
+            norm,
+            output,
+            inv_freq_global: inv_freq(global_base, head_dim),
+            inv_freq_local: inv_freq(DEFAULT_LOCAL_ROPE_BASE, head_dim),
+            global_scale,
+            // GGUF does not store query_pre_attn_scalar: it is the head dimension except for
+            // the 27B model (62 layers), where it is hidden / heads (as llama.cpp assumes).
+            attn_scale: if n_layer == 62 {
+                1.0 / ((hidden / n_head) as f64).sqrt()
+            } else {
+                1.0 / (head_dim as f64).sqrt()
+            },
+            resident_bytes: resident,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads a `gemma3` GGUF file.
+    pub fn from_gguf_file(path: &std::path::Path, device: &Device) -> Result<Self> {
+        let mut f = std::fs::File::open(path)?;
+        let ct = gguf_file::Content::read(&mut f)?;
+        Self::from_gguf(&ct, &mut f, device)
+    }
+
+    /// Sets the window of the sliding-window layers (tests use a short one to check that the
+    /// prefill mask and the decode-time cache trim agree).
+    pub fn set_sliding_window(&mut self, window: usize) {
+        for l in &mut self.layers {
+            if l.window.is_some() {
+                l.window = Some(window.max(2));
+            }
+        }
+    }
+
+    /// The same model with every matrix dequantized to f32. candle's quantized matmul quantizes
+    /// activations too, with kernels that differ by batch size, so quantized logits move by
+    /// up to a few units in the tail of the vocabulary with how a prompt is split into
+    /// forward passes; the f32 model gives the same logits for any split (tests), at ~4x the
+    /// memory.
+    pub fn dequantized(mut self) -> Result<Self> {
+        fn f32_matmul(m: &mut QMatMul) -> Result<()> {
+            if let QMatMul::QTensor(q) = m {
+                *m = QMatMul::Tensor(q.dequantize(&q.device())?);
+            }
+            Ok(())
+        }
+        for l in &mut self.layers {
+            for m in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                f32_matmul(m)?;
+            }
+        }
+        f32_matmul(&mut self.output)?;
+        Ok(self)
+    }
+
+    /// An empty cache for a new session.
+    pub fn new_cache(&self) -> Gemma3Cache {
+        Gemma3Cache {
+            kv: vec![None; self.layers.len()],
+        }
+    }
+
+    /// `(cos, sin)`, each `(len, head_dim / 2)`, for positions `start..start + len`.
+    fn rope(
+        &self,
+        inv_freq: &[f64],
+        scale: f64,
+        start: usize,
+        len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            let p = p as f64 / scale;
+            for f in inv_freq {
+                let a = p * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, half), &self.device)?,
+            Tensor::from_vec(sin, (len, half), &self.device)?,
+        ))
+    }
+
+    /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
+    pub fn forward(&self, cache: &mut Gemma3Cache, tokens: &[u32], pos: usize) -> Result<Tensor> {
+        let t = tokens.len();
+        let mut x = (self.embedding.lookup(tokens, &self.device)? * (self.hidden as f64).sqrt())?;
+        let global = self.rope(&self.inv_freq_global, self.global_scale, pos, t)?;
+        let local = self.rope(&self.inv_freq_local, 1.0, pos, t)?;
+        for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+            let (cos, sin) = if layer.window.is_some() {
+                &local
+            } else {
+                &global
+            };
+            let h = layer.attn_norm.forward(&x)?;
+            let h = self.attention(layer, kv, &h, pos, cos, sin)?;
+            x = (layer.post_attn_norm.forward(&h)? + x)?;
+            let h = layer.ffn_norm.forward(&x)?;
+            let h = (layer.gate.forward(&h)?.gelu()? * layer.up.forward(&h)?)?;
+            let h = layer.down.forward(&h)?;
+            x = (layer.post_ffn_norm.forward(&h)? + x)?;
+        }
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.output.forward(&self.norm.forward(&last)?)
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        kv: &mut Option<(Tensor, Tensor)>,
+        x: &Tensor,
+        pos: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = layer.q_norm.forward(&heads(layer.wq.forward(x)?, nh)?)?;
+        let k = layer.k_norm.forward(&heads(layer.wk.forward(x)?, nkv)?)?;
+        let v = heads(layer.wv.forward(x)?, nkv)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+
+        let cached = kv.as_ref().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+        let (k, v) = match kv.take() {
+            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+            None => (k, v),
+        };
+        let len = k.dim(2)?;
+        // Absolute position of key 0; queries sit at pos..pos + t.
+        let first = pos - cached;
+
+        // Grouped-query attention without copying keys: the query heads that share a key head
+        // are stacked along the sequence axis.
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scale = self.attn_scale;
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        let needs_mask = t > 1 || layer.window.is_some_and(|w| pos + t - first > w);
+        if needs_mask {
+            let mut mask = Vec::with_capacity(t * len);
+            for i in 0..t {
+                let qi = pos + i;
+                for j in 0..len {
+                    let kj = first + j;
+                    let visible = kj <= qi && layer.window.is_none_or(|w| qi - kj < w);
+                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+            // Rows are (query head in the group, query position), as stacked above.
+            let mask = Tensor::from_vec(mask, (t, len), &self.device)?
+                .repeat((rep, 1))?
+                .to_dtype(scores.dtype())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+
+        // A sliding-window layer never looks further back than window - 1 keys.
+        let (k, v) = match layer.window {
+            Some(w) if len > w - 1 => {
+                let keep = w - 1;
+                (
+                    k.narrow(2, len - keep, keep)?.contiguous()?,
+                    v.narrow(2, len - keep, keep)?.contiguous()?,
+                )
+            }
+            _ => (k, v),
+        };
+        *kv = Some((k, v));
+        layer.wo.forward(&out)
+    }
+}
