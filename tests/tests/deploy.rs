@@ -153,3 +153,12 @@ async fn ferryd_notifies_ready_only_when_serving_and_feeds_the_watchdog() {
     assert!(stopping, "STOPPING=1 on SIGTERM");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn jetson_config_is_valid_and_counts_the_power_rails() {
+    let c =
+        ferry_edge::EdgeConfig::from_file(&repo_root().join("deploy/jetson/edge.toml")).unwrap();
+    assert_eq!(c.energy.sources, vec!["ina3221"]);
+    assert!(c.server.grpc_addr.ip().is_loopback());
+    assert_eq!(c.server.max_concurrent, 1);
+}
