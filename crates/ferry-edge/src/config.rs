@@ -70,7 +70,7 @@ impl Default for RouterConfig {
             policy: "mess-plus-fb".to_string(),
             alpha: 0.7,
             v_per_joule: 0.01,
-            c: 1.0,
+            c: 0.1,
             seed: 42,
             encoder: "all-minilm-l6-v2".to_string(),
             save_interval_ms: 1000,
