@@ -1,0 +1,121 @@
+//! The candle backend: ferry-cloud serves a zoo model itself with ferry-engine's
+//! [`LoadedModel`] (the same engine as ferryd; CPU by default, the first CUDA GPU when built with
+//! the `cuda` feature), and measures each request's energy with ferry-energy's [`EnergyMeter`].
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use ferry_core::{Error, ErrorKind};
+use ferry_energy::meter::EnergyMeter;
+use ferry_engine::{GenerateOptions, GenerationEvent, LoadedModel};
+
+use crate::backend::{Backend, BackendOutcome, BackendRequest, EnergyFigure, Failure};
+
+/// A resident candle model.
+pub struct CandleBackend {
+    model: Arc<LoadedModel>,
+    energy: Arc<EnergyMeter>,
+    max_prompt_tokens: u32,
+}
+
+impl CandleBackend {
+    pub fn new(model: Arc<LoadedModel>, energy: Arc<EnergyMeter>, max_prompt_tokens: u32) -> Self {
+        CandleBackend {
+            model,
+            energy,
+            max_prompt_tokens,
+        }
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.model
+    }
+}
+
+/// Forwards generated text into the service's channel from the blocking generation thread.
+struct ChannelSink {
+    tx: mpsc::Sender<String>,
+    stop: CancellationToken,
+}
+
+impl GenerationEvent for ChannelSink {
+    fn text(&mut self, delta: &str) -> ControlFlow<()> {
+        match self.tx.blocking_send(delta.to_string()) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.stop.is_cancelled() || self.tx.is_closed()
+    }
+}
+
+#[tonic::async_trait]
+impl Backend for CandleBackend {
+    fn kind(&self) -> &'static str {
+        "candle"
+    }
+
+    async fn generate(
+        &self,
+        req: BackendRequest,
+        deltas: mpsc::Sender<String>,
+    ) -> Result<BackendOutcome, Failure> {
+        let model = self.model.clone();
+        let energy = self.energy.clone();
+        let max_prompt = self.max_prompt_tokens as usize;
+        let span =
+            tracing::info_span!("candle", request_id = %req.request_id, model = %model.info().id);
+        tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let prompt = model.encode_chat(&req.messages)?;
+            let limit = max_prompt.min(model.info().context_length.saturating_sub(1));
+            if prompt.len() > limit {
+                return Err(Error::invalid(
+                    "messages",
+                    format!(
+                        "the prompt is {} tokens, over the limit of {limit} tokens of model `{}`",
+                        prompt.len(),
+                        model.info().id
+                    ),
+                )
+                .into());
+            }
+            let mut sink = ChannelSink {
+                tx: deltas,
+                stop: req.stop.clone(),
+            };
+            let account = energy.begin();
+            let out = model.generate(
+                &prompt,
+                &req.sampling,
+                GenerateOptions::default(),
+                &mut sink,
+            );
+            let used = energy.end(account);
+            let out = out?;
+            Ok(BackendOutcome {
+                prompt_tokens: out.prompt_tokens as u32,
+                completion_tokens: out.completion_tokens as u32,
+                finish_reason: out.finish_reason,
+                energy: Some(EnergyFigure {
+                    joules: used.joules,
+                    source: used.source,
+                    devices: used.devices,
+                }),
+            })
+        })
+        .await
+        .map_err(|e| {
+            Failure::new(
+                ErrorKind::Internal,
+                format!("generation thread failed: {e}"),
+            )
+        })?
+    }
+}

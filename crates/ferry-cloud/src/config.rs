@@ -1,0 +1,468 @@
+//! ferry-cloud's configuration: a TOML file (`configs/cloud.toml`) whose scalar settings can each
+//! be overridden by a command-line flag or a `FERRY_CLOUD_*` environment variable (flag > env >
+//! file > built-in default), in the style of ferryd's. The model list (`[[models]]`) is set in
+//! the file only.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use ferry_core::{Error, RequestLimits, Result};
+use ferry_energy::EnergyConfig;
+
+/// The whole ferry-cloud configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudConfig {
+    pub server: ServerConfig,
+    pub candle: CandleConfig,
+    pub limits: RequestLimits,
+    pub energy: EnergyConfig,
+    pub log: LogConfig,
+    /// The cloud zoo, in the order ListModels reports it.
+    pub models: Vec<ModelConfig>,
+}
+
+/// Listening, admission control, retries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address. Loopback by default: exposing the cloud tier is an explicit choice
+    /// (mTLS/token authentication of the edge is not there yet).
+    pub listen: SocketAddr,
+    /// Requests generating at the same time, over all models.
+    pub max_concurrent: usize,
+    /// Requests waiting for a slot; beyond it new requests get RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM before they are stopped.
+    pub shutdown_grace_s: u64,
+    /// Finished answers kept by request id, so that a retry replays instead of running again.
+    pub replay_cache: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:50061".parse().expect("valid default address"),
+            max_concurrent: 4,
+            max_queue: 64,
+            shutdown_grace_s: 30,
+            replay_cache: 1024,
+        }
+    }
+}
+
+/// Where the candle backend finds its models (the same manifests and files as ferryd's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CandleConfig {
+    /// Directory of model manifests (`*.toml`).
+    pub manifest_dir: PathBuf,
+    /// Directory holding model files (`ferry models fetch` installs there).
+    pub model_dir: PathBuf,
+}
+
+impl Default for CandleConfig {
+    fn default() -> Self {
+        CandleConfig {
+            manifest_dir: PathBuf::from("models"),
+            model_dir: PathBuf::from("models/cache"),
+        }
+    }
+}
+
+/// Which backend serves a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// ferry-cloud runs the model itself with candle (ferry-engine).
+    Candle,
+    /// An OpenAI-compatible engine (vLLM, or any `/v1/chat/completions` server) serves it.
+    Openai,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Candle => "candle",
+            BackendKind::Openai => "openai",
+        }
+    }
+}
+
+/// One model of the cloud zoo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The id the edge names in `OffloadRequest.model`.
+    pub id: String,
+    pub backend: BackendKind,
+    /// candle: the manifest id under `candle.manifest_dir`; unset = `id`.
+    #[serde(default)]
+    pub manifest: Option<String>,
+    /// openai: the engine's API root, e.g. `http://127.0.0.1:8000/v1`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// openai: the model name the engine knows; unset = `id`.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    /// openai: environment variable holding the engine's API key (sent as a bearer token);
+    /// unset = no authentication. A named variable that is not set stops ferry-cloud at start.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// openai: stream from the engine (SSE) or ask for the whole answer at once.
+    #[serde(default = "yes")]
+    pub stream: bool,
+    /// openai: milliseconds to establish a connection to the engine.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// openai: most milliseconds between two reads from the engine (a stalled stream fails).
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    /// "text", "image". Images are refused for a model without "image". Unset: candle takes the
+    /// manifest's, openai `["text"]`.
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
+    /// Price hint, US dollars per million (prompt + completion) tokens; gives `cost_usd`.
+    #[serde(default)]
+    pub usd_per_million_tokens: Option<f64>,
+    /// Typical energy per token in joules; gives the "hint" energy of upstream-served requests.
+    #[serde(default)]
+    pub joules_per_token: Option<f64>,
+    /// Architecture family for ListModels (openai; candle reads the model's).
+    #[serde(default)]
+    pub family: Option<String>,
+    /// Context window in tokens for ListModels (openai; candle reads the model's).
+    #[serde(default)]
+    pub context_length: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_read_timeout_ms() -> u64 {
+    60_000
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// tracing filter directive, e.g. `info` or `ferry_cloud=debug,info`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".to_string(),
+            level: "info".to_string(),
+        }
+    }
+}
+
+impl CloudConfig {
+    /// Parses a config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses config text; `path` is for messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
+        let cfg: CloudConfig = toml::from_str(text).map_err(|e| Error::InvalidFile {
+            what: "config",
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, reason: &str| Error::invalid(field, reason);
+        if self.server.max_concurrent == 0 {
+            return Err(bad("server.max_concurrent", "must be at least 1"));
+        }
+        if self.limits.default_max_tokens == 0
+            || self.limits.default_max_tokens > self.limits.max_new_tokens
+        {
+            return Err(bad(
+                "limits.default_max_tokens",
+                "must be between 1 and limits.max_new_tokens",
+            ));
+        }
+        if self.limits.max_prompt_tokens == 0 {
+            return Err(bad("limits.max_prompt_tokens", "must be at least 1"));
+        }
+        self.energy
+            .validate()
+            .map_err(|e| bad("energy", &e.to_string()))?;
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(bad("log.format", "must be `text` or `json`"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let field = |k: &str| format!("models[{i}].{k}");
+            if m.id.trim().is_empty() || m.id == "auto" {
+                return Err(Error::invalid(
+                    field("id"),
+                    "must be a non-empty id other than `auto`",
+                ));
+            }
+            if !seen.insert(m.id.as_str()) {
+                return Err(Error::invalid(
+                    field("id"),
+                    format!("`{}` is listed twice", m.id),
+                ));
+            }
+            match m.backend {
+                BackendKind::Candle => {
+                    if m.base_url.is_some() || m.upstream_model.is_some() || m.api_key_env.is_some()
+                    {
+                        return Err(Error::invalid(
+                            field("backend"),
+                            "base_url, upstream_model and api_key_env belong to backend = \"openai\"",
+                        ));
+                    }
+                }
+                BackendKind::Openai => {
+                    let url = m.base_url.as_deref().unwrap_or("");
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(Error::invalid(
+                            field("base_url"),
+                            "backend = \"openai\" needs an http:// or https:// base_url, e.g. http://127.0.0.1:8000/v1",
+                        ));
+                    }
+                    if m.connect_timeout_ms == 0 || m.read_timeout_ms == 0 {
+                        return Err(Error::invalid(
+                            field("read_timeout_ms"),
+                            "connect_timeout_ms and read_timeout_ms must be at least 1",
+                        ));
+                    }
+                }
+            }
+            for (k, v) in [
+                ("usd_per_million_tokens", m.usd_per_million_tokens),
+                ("joules_per_token", m.joules_per_token),
+            ] {
+                if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                    return Err(Error::invalid(field(k), "must be a finite number >= 0"));
+                }
+            }
+            if let Some(caps) = &m.capabilities {
+                if let Some(c) = caps
+                    .iter()
+                    .find(|c| !matches!(c.as_str(), "text" | "image"))
+                {
+                    return Err(Error::invalid(
+                        field("capabilities"),
+                        format!("unknown capability `{c}` (text, image)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Command line of `ferry-cloud`. Every scalar setting of [`CloudConfig`] has a flag and a
+/// `FERRY_CLOUD_*` variable.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "ferry-cloud",
+    version,
+    about = "ferry cloud tier: serves the cloud zoo to ferryd over gRPC (ferry.v1.Offload)"
+)]
+pub struct Cli {
+    /// TOML config file; flags and FERRY_CLOUD_* variables override its values.
+    #[arg(long, env = "FERRY_CLOUD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "FERRY_CLOUD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Requests generating at once.
+    #[arg(long, env = "FERRY_CLOUD_MAX_CONCURRENT")]
+    pub max_concurrent: Option<usize>,
+    /// Requests allowed to wait for a slot.
+    #[arg(long, env = "FERRY_CLOUD_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Seconds to let in-flight requests finish on SIGTERM.
+    #[arg(long, env = "FERRY_CLOUD_SHUTDOWN_GRACE_S")]
+    pub shutdown_grace_s: Option<u64>,
+    /// Finished answers kept for retries by request id.
+    #[arg(long, env = "FERRY_CLOUD_REPLAY_CACHE")]
+    pub replay_cache: Option<usize>,
+    /// Directory of model manifests (candle backend).
+    #[arg(long, env = "FERRY_CLOUD_MANIFEST_DIR")]
+    pub manifest_dir: Option<PathBuf>,
+    /// Directory of model files (candle backend).
+    #[arg(long, env = "FERRY_CLOUD_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// Most messages per request.
+    #[arg(long, env = "FERRY_CLOUD_MAX_MESSAGES")]
+    pub max_messages: Option<usize>,
+    /// Most text bytes per request.
+    #[arg(long, env = "FERRY_CLOUD_MAX_TEXT_BYTES")]
+    pub max_text_bytes: Option<usize>,
+    /// Most images per request.
+    #[arg(long, env = "FERRY_CLOUD_MAX_IMAGES")]
+    pub max_images: Option<usize>,
+    /// Most bytes per image.
+    #[arg(long, env = "FERRY_CLOUD_MAX_IMAGE_BYTES")]
+    pub max_image_bytes: Option<usize>,
+    /// Most stop strings per request.
+    #[arg(long, env = "FERRY_CLOUD_MAX_STOP_SEQUENCES")]
+    pub max_stop_sequences: Option<usize>,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, env = "FERRY_CLOUD_MAX_NEW_TOKENS")]
+    pub max_new_tokens: Option<u32>,
+    /// max_tokens when a request sets none.
+    #[arg(long, env = "FERRY_CLOUD_DEFAULT_MAX_TOKENS")]
+    pub default_max_tokens: Option<u32>,
+    /// Most prompt tokens after the chat template (candle backend).
+    #[arg(long, env = "FERRY_CLOUD_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<u32>,
+    /// Energy sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
+    #[arg(long, env = "FERRY_CLOUD_ENERGY_SOURCES", value_delimiter = ',')]
+    pub energy_sources: Option<Vec<String>>,
+    /// Energy sampler rate in Hz.
+    #[arg(long, env = "FERRY_CLOUD_ENERGY_SAMPLE_HZ")]
+    pub energy_sample_hz: Option<f64>,
+    /// Estimate: package power at full CPU utilisation, watts.
+    #[arg(long, env = "FERRY_CLOUD_ENERGY_PACKAGE_WATTS")]
+    pub energy_package_watts: Option<f64>,
+    /// Estimate: idle package power, watts.
+    #[arg(long, env = "FERRY_CLOUD_ENERGY_IDLE_WATTS")]
+    pub energy_idle_watts: Option<f64>,
+    /// Root of the sysfs tree the energy sources read.
+    #[arg(long, env = "FERRY_CLOUD_ENERGY_SYSFS_ROOT")]
+    pub energy_sysfs_root: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "FERRY_CLOUD_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or ferry_cloud=debug.
+    #[arg(long, env = "FERRY_CLOUD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl Cli {
+    /// Loads the config file (if any) and applies flag/env overrides.
+    pub fn resolve(&self) -> Result<CloudConfig> {
+        let mut c = match &self.config {
+            Some(p) => CloudConfig::from_file(p)?,
+            None => CloudConfig::default(),
+        };
+        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        }
+        set(&mut c.server.listen, &self.listen);
+        set(&mut c.server.max_concurrent, &self.max_concurrent);
+        set(&mut c.server.max_queue, &self.max_queue);
+        set(&mut c.server.shutdown_grace_s, &self.shutdown_grace_s);
+        set(&mut c.server.replay_cache, &self.replay_cache);
+        set(&mut c.candle.manifest_dir, &self.manifest_dir);
+        set(&mut c.candle.model_dir, &self.model_dir);
+        set(&mut c.limits.max_messages, &self.max_messages);
+        set(&mut c.limits.max_text_bytes, &self.max_text_bytes);
+        set(&mut c.limits.max_images, &self.max_images);
+        set(&mut c.limits.max_image_bytes, &self.max_image_bytes);
+        set(&mut c.limits.max_stop_sequences, &self.max_stop_sequences);
+        set(&mut c.limits.max_new_tokens, &self.max_new_tokens);
+        set(&mut c.limits.default_max_tokens, &self.default_max_tokens);
+        set(&mut c.limits.max_prompt_tokens, &self.max_prompt_tokens);
+        set(&mut c.energy.sources, &self.energy_sources);
+        set(&mut c.energy.sample_hz, &self.energy_sample_hz);
+        set(&mut c.energy.package_watts, &self.energy_package_watts);
+        set(&mut c.energy.idle_watts, &self.energy_idle_watts);
+        set(&mut c.energy.sysfs_root, &self.energy_sysfs_root);
+        set(&mut c.log.format, &self.log_format);
+        set(&mut c.log.level, &self.log_level);
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_path() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/cloud.toml")
+    }
+
+    #[test]
+    fn sample_config_parses_and_flags_override() {
+        let file = CloudConfig::from_file(&sample_path()).unwrap();
+        assert_eq!(file.server.listen, "127.0.0.1:50061".parse().unwrap());
+        assert!(file.models.iter().any(|m| m.backend == BackendKind::Candle));
+        assert!(file.models.iter().any(|m| m.backend == BackendKind::Openai));
+        let cli = Cli::parse_from([
+            "ferry-cloud",
+            "--config",
+            sample_path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:6001",
+            "--log-level",
+            "debug",
+            "--max-new-tokens",
+            "99",
+            "--default-max-tokens",
+            "9",
+        ]);
+        let c = cli.resolve().unwrap();
+        assert_eq!(c.server.listen.port(), 6001);
+        assert_eq!(c.log.level, "debug");
+        assert_eq!(c.limits.max_new_tokens, 99);
+        assert_eq!(c.models, file.models);
+        assert_eq!(c.server.max_queue, file.server.max_queue);
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_valid() {
+        let c = CloudConfig::from_toml("", Path::new("x")).unwrap();
+        assert_eq!(c, CloudConfig::default());
+        assert!(c.server.listen.ip().is_loopback());
+        assert_eq!(c.server.listen.port(), 50061);
+    }
+
+    #[test]
+    fn rejects_bad_models() {
+        let cases = [
+            ("[[models]]\nid = \"a\"\nbackend = \"openai\"\n", "base_url"),
+            (
+                "[[models]]\nid = \"a\"\nbackend = \"candle\"\nbase_url = \"http://x/v1\"\n",
+                "backend",
+            ),
+            (
+                "[[models]]\nid = \"a\"\nbackend = \"candle\"\n[[models]]\nid = \"a\"\nbackend = \"candle\"\n",
+                "twice",
+            ),
+            (
+                "[[models]]\nid = \"a\"\nbackend = \"candle\"\ncapabilities = [\"audio\"]\n",
+                "audio",
+            ),
+            (
+                "[[models]]\nid = \"a\"\nbackend = \"candle\"\nusd_per_million_tokens = -1.0\n",
+                "usd_per_million_tokens",
+            ),
+            ("[[models]]\nid = \"a\"\nbackend = \"tgi\"\n", "backend"),
+            ("[server]\nbogus = 1\n", "bogus"),
+        ];
+        for (text, needle) in cases {
+            let err = CloudConfig::from_toml(text, Path::new("x")).unwrap_err();
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! ferry-cloud, the cloud tier.
+//!
+//! Serves `ferry.v1.Offload` (proto/ferry/v1/offload.proto) to ferryd: streaming Generate of a
+//! chat request on a model of the cloud zoo, ending with the request's accounting (tokens,
+//! energy and what measured it, cost), and ListModels with capabilities and cost hints. Each
+//! zoo model has a [`backend::Backend`]:
+//!
+//! - [`candle::CandleBackend`]: ferry-cloud runs the model itself with ferry-engine (CPU, or
+//!   CUDA with the `cuda` feature), energy measured per request by ferry-energy;
+//! - `openai` (next): an OpenAI-compatible engine (vLLM in production) serves it.
+//!
+//! The binary in `main.rs` only parses the command line and runs [`CloudServer`].
+
+pub mod backend;
+pub mod candle;
+pub mod config;
+pub mod server;
+pub mod service;
+
+pub use backend::{Backend, Failure};
+pub use config::{BackendKind, Cli, CloudConfig, ModelConfig};
+pub use server::CloudServer;

@@ -1,0 +1,43 @@
+//! `ferry-cloud --config configs/cloud.toml`: parse the command line, start the server, drain
+//! it on SIGTERM or Ctrl-C.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_cloud::{Cli, CloudServer};
+use tracing_subscriber::EnvFilter;
+
+fn init_tracing(format: &str, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = cli.resolve().context("invalid configuration")?;
+    init_tracing(&config.log.format, &config.log.level);
+    let grace = Duration::from_secs(config.server.shutdown_grace_s);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let server = tokio::select! {
+        s = CloudServer::start(config) => s.context("starting ferry-cloud")?,
+        _ = sigterm.recv() => return Ok(()),
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    };
+    let reason = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    };
+    tracing::info!(signal = reason, "shutting down");
+    server.shutdown(grace).await;
+    Ok(())
+}

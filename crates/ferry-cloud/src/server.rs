@@ -1,0 +1,219 @@
+//! Starting and stopping ferry-cloud: build the backends (loading the candle models), serve
+//! `ferry.v1.Offload` with the standard health and reflection services, and drain gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use ferry_core::{Error, ModelManifest, Result, Tier};
+use ferry_energy::meter::EnergyMeter;
+use ferry_engine::LoadedModel;
+use ferry_proto::v1 as pb;
+use pb::offload_server::{OffloadServer, SERVICE_NAME};
+
+use crate::backend::Backend;
+use crate::candle::CandleBackend;
+use crate::config::{BackendKind, CloudConfig};
+use crate::service::{CloudModel, CloudState, OffloadService};
+
+/// Largest gRPC message accepted (requests may carry images).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Builds every configured model's backend; loads the candle models (blocking: call it from a
+/// blocking thread).
+pub fn build_models(config: &CloudConfig) -> Result<Vec<Arc<CloudModel>>> {
+    let needs_candle = config
+        .models
+        .iter()
+        .any(|m| m.backend == BackendKind::Candle);
+    let (manifests, energy) = if needs_candle {
+        let manifests = ModelManifest::load_dir(&config.candle.manifest_dir)?;
+        let sources = ferry_energy::open_sources(&config.energy)
+            .map_err(|e| Error::invalid("energy.sources", e.to_string()))?;
+        let meter = EnergyMeter::start(sources, config.energy.sample_hz)
+            .map_err(|e| Error::invalid("energy", e.to_string()))?;
+        tracing::info!(source = meter.source_label(), devices = ?meter.devices(), "energy metering");
+        (manifests, Some(Arc::new(meter)))
+    } else {
+        (Vec::new(), None)
+    };
+    let device = ferry_engine::default_device();
+    let mut out = Vec::with_capacity(config.models.len());
+    for m in &config.models {
+        let (backend, family, context_length, caps, usd, jpt): (Arc<dyn Backend>, _, _, _, _, _) =
+            match m.backend {
+                BackendKind::Candle => {
+                    let manifest_id = m.manifest.as_deref().unwrap_or(&m.id);
+                    let manifest =
+                        manifests
+                            .iter()
+                            .find(|x| x.id == manifest_id)
+                            .ok_or_else(|| {
+                                Error::invalid(
+                                    format!("models[{}].manifest", m.id),
+                                    format!(
+                                        "no manifest `{manifest_id}` in {}",
+                                        config.candle.manifest_dir.display()
+                                    ),
+                                )
+                            })?;
+                    tracing::info!(model = %m.id, manifest = %manifest_id, "loading candle model");
+                    let loaded = Arc::new(LoadedModel::load(
+                        manifest,
+                        &config.candle.model_dir,
+                        &device,
+                    )?);
+                    let info = loaded.info().clone();
+                    let energy = energy.clone().expect("meter opened for candle models");
+                    (
+                        Arc::new(CandleBackend::new(
+                            loaded,
+                            energy,
+                            config.limits.max_prompt_tokens,
+                        )),
+                        info.family,
+                        info.context_length as u32,
+                        m.capabilities
+                            .clone()
+                            .unwrap_or_else(|| manifest.capabilities.clone()),
+                        m.usd_per_million_tokens
+                            .or(manifest.cost.usd_per_million_tokens),
+                        m.joules_per_token.or(manifest.cost.joules_per_token),
+                    )
+                }
+                BackendKind::Openai => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "model `{}`: the openai backend is not implemented yet",
+                        m.id
+                    )))
+                }
+            };
+        let info = pb::ModelInfo {
+            id: m.id.clone(),
+            family,
+            tier: pb::Tier::Cloud as i32,
+            capabilities: caps,
+            context_length,
+            loaded: true,
+            is_default: false,
+            usd_per_million_tokens: usd,
+            joules_per_token: jpt,
+        };
+        debug_assert_eq!(Tier::Cloud.as_str(), "cloud");
+        out.push(Arc::new(CloudModel {
+            config: m.clone(),
+            info,
+            backend,
+        }));
+    }
+    Ok(out)
+}
+
+/// A running ferry-cloud.
+pub struct CloudServer {
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    pub state: Arc<CloudState>,
+    health: HealthReporter,
+    stop_tx: watch::Sender<bool>,
+    server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}
+
+impl CloudServer {
+    /// Builds the backends (loading candle models), binds the listener and serves; health is
+    /// SERVING once this returns.
+    pub async fn start(config: CloudConfig) -> Result<Self> {
+        config.validate()?;
+        if !config.server.listen.ip().is_loopback() {
+            tracing::warn!(
+                addr = %config.server.listen,
+                "listening beyond loopback with no authentication (mTLS/token for the edge is not implemented yet)"
+            );
+        }
+        let cfg = config.clone();
+        let models = tokio::task::spawn_blocking(move || build_models(&cfg))
+            .await
+            .map_err(|e| Error::Engine(format!("model loader panicked: {e}")))??;
+        let state = Arc::new(CloudState::new(config, models));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Engine(format!("reflection service: {e}")))?;
+        let offload = OffloadServer::new(OffloadService::new(state.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+        let addr = state.config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("binding gRPC address {addr}"), e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the bound address", e))?;
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let server = tokio::spawn(
+            Server::builder()
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(offload)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                }),
+        );
+        set_health(&health, ServingStatus::Serving).await;
+        tracing::info!(addr = %local_addr, models = state.models.len(), "serving ferry.v1.Offload");
+        Ok(CloudServer {
+            local_addr,
+            state,
+            health,
+            stop_tx,
+            server,
+        })
+    }
+
+    /// Drains and stops: refuse new requests, let in-flight ones finish for up to `grace`, then
+    /// stop the rest (their streams end with UNAVAILABLE), then close the listener.
+    pub async fn shutdown(self, grace: Duration) {
+        tracing::info!(in_flight = self.state.in_system(), "draining");
+        self.state.start_draining();
+        set_health(&self.health, ServingStatus::NotServing).await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.state.in_system() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.state.in_system() > 0 {
+            tracing::warn!(
+                in_flight = self.state.in_system(),
+                "grace period over; stopping in-flight requests"
+            );
+        }
+        self.state.abort.cancel();
+        // Let the stopped requests send their UNAVAILABLE before the listener closes.
+        let settle = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.state.in_system() > 0 && tokio::time::Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self.stop_tx.send(true);
+        match tokio::time::timeout(Duration::from_secs(5), self.server).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("listener did not close within 5 s"),
+        }
+        tracing::info!("stopped");
+    }
+}
