@@ -1,10 +1,12 @@
 //! ferry-cloud on loopback: the Offload gRPC API over the candle backend with the bundled
-//! SmolLM2, including bad input and deadlines.
+//! SmolLM2, and over the openai backend fronting a real OpenAI-compatible server — ferryd's own
+//! HTTP API, started in-process — including the upstream's errors, an unreachable upstream and
+//! deadlines.
 
 use std::time::Duration;
 
 use ferry_cloud::{BackendKind, CloudConfig, CloudServer, ModelConfig};
-use ferry_integration::{model_dir, repo_root, DEFAULT_MODEL};
+use ferry_integration::{free_port, model_dir, repo_root, TestServer, DEFAULT_MODEL};
 use ferry_proto::v1 as pb;
 use futures::StreamExt;
 use pb::offload_client::OffloadClient;
@@ -227,4 +229,125 @@ async fn candle_backend_streams_lists_and_refuses_bad_requests() {
     server.shutdown(Duration::from_secs(5)).await;
     assert!(state.is_draining());
     assert_eq!(state.in_system(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_backend_fronts_a_real_openai_compatible_server() {
+    // The upstream: ferryd's OpenAI-compatible HTTP API.
+    let mut edge = TestServer::start(|_| {}).await;
+    let upstream = format!("http://{}/v1", edge.server.http_addr.expect("HTTP enabled"));
+    let fronting = |id: &str, upstream_model: &str, stream: bool| {
+        let mut m = model(id, BackendKind::Openai);
+        m.base_url = Some(upstream.clone());
+        m.upstream_model = Some(upstream_model.to_string());
+        m.stream = stream;
+        m.usd_per_million_tokens = Some(2.0);
+        m.joules_per_token = Some(0.25);
+        m
+    };
+    let mut closed = model("closed", BackendKind::Openai);
+    closed.base_url = Some(format!("http://127.0.0.1:{}/v1", free_port()));
+    closed.connect_timeout_ms = 500;
+    let server = CloudServer::start(cloud_config(vec![
+        fronting("edge-sse", DEFAULT_MODEL, true),
+        fronting("edge-whole", DEFAULT_MODEL, false),
+        fronting("edge-unknown", "no-such-model", true),
+        closed,
+    ]))
+    .await
+    .expect("ferry-cloud starts");
+    let mut client = connect(&server).await;
+
+    let models = client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["edge-sse", "edge-whole", "edge-unknown", "closed"]);
+    assert_eq!(models[0].capabilities, vec!["text"]);
+    assert_eq!(models[0].joules_per_token, Some(0.25));
+    assert_eq!(models[0].usd_per_million_tokens, Some(2.0));
+
+    // What the upstream itself answers, for comparison.
+    let direct = ferry_integration::run(&mut edge.client, {
+        let mut r = ferry_integration::greedy(QUESTION, 12);
+        r.model = DEFAULT_MODEL.into();
+        r
+    })
+    .await
+    .unwrap();
+
+    // Streamed over SSE from the upstream, re-streamed over gRPC.
+    let (text, deltas, c) = run(&mut client, request("oa-1", "edge-sse", QUESTION, 12))
+        .await
+        .unwrap();
+    assert_eq!(text, direct.0, "same greedy answer through the cloud tier");
+    assert!(deltas >= 2, "streamed, got {deltas} deltas");
+    assert_eq!(
+        (c.model.as_str(), c.backend.as_str()),
+        ("edge-sse", "openai")
+    );
+    let usage = c.usage.unwrap();
+    assert_eq!(usage, direct.2.usage.unwrap(), "the upstream's usage");
+    let tokens = f64::from(usage.prompt_tokens + usage.completion_tokens);
+    let energy = c.energy.unwrap();
+    assert_eq!(energy.source, "hint");
+    assert!((energy.joules.unwrap() - 0.25 * tokens).abs() < 1e-9);
+    assert!((c.cost_usd.unwrap() - 2.0 * tokens / 1e6).abs() < 1e-12);
+    assert_eq!(
+        c.finish_reason,
+        pb::FinishReason::try_from(direct.2.finish_reason)
+            .map(|f| match f {
+                pb::FinishReason::StopSequence => pb::FinishReason::Stop,
+                f => f,
+            })
+            .unwrap() as i32
+    );
+
+    // Non-streaming upstream call: one delta with the whole answer, same accounting.
+    let (whole, deltas, c) = run(&mut client, request("oa-2", "edge-whole", QUESTION, 12))
+        .await
+        .unwrap();
+    assert_eq!(whole, direct.0);
+    assert_eq!(deltas, 1);
+    assert_eq!(c.usage.unwrap(), usage);
+
+    // The upstream does not know the model: its 404 is NOT_FOUND here, with its message.
+    let err = run(&mut client, request("oa-3", "edge-unknown", QUESTION, 4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(
+        err.message().contains("no-such-model") && err.message().contains("404"),
+        "{}",
+        err.message()
+    );
+
+    // Nothing listens on the upstream's port: UNAVAILABLE.
+    let err = run(&mut client, request("oa-4", "closed", QUESTION, 4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("cannot reach"), "{}", err.message());
+
+    // Bad input the upstream would also refuse is refused before it is sent.
+    let mut r = request("oa-5", "edge-sse", QUESTION, 4);
+    r.temperature = Some(-1.0);
+    let err = run(&mut client, r).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // A deadline shorter than the upstream's answer.
+    let mut r = request(
+        "oa-6",
+        "edge-sse",
+        "Tell me a long story about a ferry.",
+        200,
+    );
+    r.timeout_ms = Some(5);
+    let err = run(&mut client, r).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+
+    server.shutdown(Duration::from_secs(5)).await;
 }

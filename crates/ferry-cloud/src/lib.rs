@@ -7,13 +7,15 @@
 //!
 //! - [`candle::CandleBackend`]: ferry-cloud runs the model itself with ferry-engine (CPU, or
 //!   CUDA with the `cuda` feature), energy measured per request by ferry-energy;
-//! - `openai` (next): an OpenAI-compatible engine (vLLM in production) serves it.
+//! - [`openai::OpenAiBackend`]: an OpenAI-compatible engine (vLLM in production) serves it,
+//!   streamed over SSE, its errors mapped to ferry's statuses.
 //!
 //! The binary in `main.rs` only parses the command line and runs [`CloudServer`].
 
 pub mod backend;
 pub mod candle;
 pub mod config;
+pub mod openai;
 pub mod server;
 pub mod service;
 

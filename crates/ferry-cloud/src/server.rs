@@ -22,6 +22,7 @@ use pb::offload_server::{OffloadServer, SERVICE_NAME};
 use crate::backend::Backend;
 use crate::candle::CandleBackend;
 use crate::config::{BackendKind, CloudConfig};
+use crate::openai::OpenAiBackend;
 use crate::service::{CloudModel, CloudState, OffloadService};
 
 /// Largest gRPC message accepted (requests may carry images).
@@ -89,12 +90,16 @@ pub fn build_models(config: &CloudConfig) -> Result<Vec<Arc<CloudModel>>> {
                         m.joules_per_token.or(manifest.cost.joules_per_token),
                     )
                 }
-                BackendKind::Openai => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "model `{}`: the openai backend is not implemented yet",
-                        m.id
-                    )))
-                }
+                BackendKind::Openai => (
+                    Arc::new(OpenAiBackend::new(m)?),
+                    m.family.clone().unwrap_or_default(),
+                    m.context_length.unwrap_or(0),
+                    m.capabilities
+                        .clone()
+                        .unwrap_or_else(|| vec!["text".to_string()]),
+                    m.usd_per_million_tokens,
+                    m.joules_per_token,
+                ),
             };
         let info = pb::ModelInfo {
             id: m.id.clone(),
