@@ -351,3 +351,105 @@ async fn openai_backend_fronts_a_real_openai_compatible_server() {
 
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+/// The real `ferry-cloud` process: the sample config with flag and environment overrides, health,
+/// and SIGTERM letting an in-flight stream finish before it exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_cloud_binary_serves_the_sample_config_and_drains_on_sigterm() {
+    use std::process::{Command, Stdio};
+
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let port = free_port();
+    let mut child = Child(
+        Command::new(ferry_integration::binary("ferry-cloud"))
+            .current_dir(repo_root())
+            .args(["--config", "configs/cloud.toml"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("FERRY_CLOUD_MODEL_DIR", model_dir())
+            .env("FERRY_CLOUD_SHUTDOWN_GRACE_S", "20")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ferry-cloud starts"),
+    );
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut serving = false;
+    for _ in 0..600 {
+        if let Ok(ch) = Channel::from_shared(addr.clone()).unwrap().connect().await {
+            if let Ok(r) = HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: "ferry.v1.Offload".into(),
+                })
+                .await
+            {
+                if r.into_inner().status == ServingStatus::Serving as i32 {
+                    serving = true;
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(serving, "ferry-cloud at {addr} never became ready");
+    let mut client = OffloadClient::connect(addr.clone()).await.unwrap();
+    let ids: Vec<String> = client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(
+        ids,
+        [DEFAULT_MODEL, "llama-3.1-8b-instruct"],
+        "the sample zoo"
+    );
+
+    // SIGTERM while a stream is in flight: it still completes, and the process exits 0.
+    let mut stream = client
+        .generate(request(
+            "bin-1",
+            DEFAULT_MODEL,
+            "Tell me about ferries.",
+            30,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(matches!(
+        first.event,
+        Some(pb::offload_response::Event::Delta(_))
+    ));
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut completed = false;
+    while let Some(item) = stream.next().await {
+        if let Some(pb::offload_response::Event::Completion(c)) = item.unwrap().event {
+            assert_eq!(c.request_id, "bin-1");
+            completed = true;
+        }
+    }
+    assert!(completed, "in-flight stream finished after SIGTERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = child.0.wait().unwrap();
+        std::mem::forget(child);
+        s
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
