@@ -30,6 +30,19 @@ pub fn model_dir() -> PathBuf {
     dir
 }
 
+/// The Python of the test venv (`FERRY_TEST_PYTHON`, or `.venv` made by scripts/setup-python).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("FERRY_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/setup-python (scripts/test does this)",
+        p.display()
+    );
+    p
+}
+
 /// The id of the bundled default model.
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 

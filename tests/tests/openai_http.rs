@@ -3,22 +3,9 @@
 //! probes, and `/metrics` as Prometheus text whose counters move with traffic. One server per
 //! test binary is enough: the Prometheus recorder is process-global.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use ferry_integration::{http, repo_root, TestServer, DEFAULT_MODEL};
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("FERRY_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/setup-python (scripts/test does this)",
-        p.display()
-    );
-    p
-}
+use ferry_integration::{http, python, repo_root, TestServer, DEFAULT_MODEL};
 
 /// Parses Prometheus text: every non-comment line is `name{labels} value`; returns the samples.
 fn prometheus_samples(text: &str) -> Vec<(String, f64)> {
