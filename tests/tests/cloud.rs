@@ -16,6 +16,8 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 const QUESTION: &str = "Name three colours of the rainbow.";
+/// The variable the openai test's models read their upstream key from.
+const KEY_VAR: &str = "FERRY_TEST_CLOUD_UPSTREAM_KEY";
 
 fn model(id: &str, backend: BackendKind) -> ModelConfig {
     ModelConfig {
@@ -233,18 +235,33 @@ async fn candle_backend_streams_lists_and_refuses_bad_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_backend_fronts_a_real_openai_compatible_server() {
-    // The upstream: ferryd's OpenAI-compatible HTTP API.
-    let mut edge = TestServer::start(|_| {}).await;
+    // The upstream: ferryd's OpenAI-compatible HTTP API, with a bearer token required.
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("{}\n", ferry_core::token::token_line("cloud", "tok-cloud")),
+    )
+    .unwrap();
+    let tf = tokens.clone();
+    let edge = TestServer::start(move |c| c.auth.tokens_file = Some(tf)).await;
+    // SAFETY: set once, before anything in this process reads it.
+    unsafe { std::env::set_var(KEY_VAR, "tok-cloud") };
     let upstream = format!("http://{}/v1", edge.server.http_addr.expect("HTTP enabled"));
     let fronting = |id: &str, upstream_model: &str, stream: bool| {
         let mut m = model(id, BackendKind::Openai);
         m.base_url = Some(upstream.clone());
         m.upstream_model = Some(upstream_model.to_string());
+        m.api_key_env = Some(KEY_VAR.to_string());
         m.stream = stream;
         m.usd_per_million_tokens = Some(2.0);
         m.joules_per_token = Some(0.25);
         m
     };
+    let mut vision = fronting("edge-vision", DEFAULT_MODEL, true);
+    vision.capabilities = Some(vec!["text".into(), "image".into()]);
+    let mut no_key = fronting("edge-no-key", DEFAULT_MODEL, true);
+    no_key.api_key_env = None;
     let mut closed = model("closed", BackendKind::Openai);
     closed.base_url = Some(format!("http://127.0.0.1:{}/v1", free_port()));
     closed.connect_timeout_ms = 500;
@@ -253,6 +270,8 @@ async fn openai_backend_fronts_a_real_openai_compatible_server() {
         fronting("edge-whole", DEFAULT_MODEL, false),
         fronting("edge-unknown", "no-such-model", true),
         closed,
+        vision,
+        no_key,
     ]))
     .await
     .expect("ferry-cloud starts");
@@ -265,13 +284,28 @@ async fn openai_backend_fronts_a_real_openai_compatible_server() {
         .into_inner()
         .models;
     let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, ["edge-sse", "edge-whole", "edge-unknown", "closed"]);
+    assert_eq!(
+        ids,
+        [
+            "edge-sse",
+            "edge-whole",
+            "edge-unknown",
+            "closed",
+            "edge-vision",
+            "edge-no-key"
+        ]
+    );
+    assert_eq!(models[4].capabilities, vec!["text", "image"]);
     assert_eq!(models[0].capabilities, vec!["text"]);
     assert_eq!(models[0].joules_per_token, Some(0.25));
     assert_eq!(models[0].usd_per_million_tokens, Some(2.0));
 
     // What the upstream itself answers, for comparison.
-    let direct = ferry_integration::run(&mut edge.client, {
+    let edge_addr = format!("http://{}", edge.server.local_addr);
+    let mut edge_client = ferry_cli::client::inference_with_token(&edge_addr, Some("tok-cloud"))
+        .await
+        .unwrap();
+    let direct = ferry_integration::run(&mut edge_client, {
         let mut r = ferry_integration::greedy(QUESTION, 12);
         r.model = DEFAULT_MODEL.into();
         r
@@ -331,6 +365,31 @@ async fn openai_backend_fronts_a_real_openai_compatible_server() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(err.message().contains("cannot reach"), "{}", err.message());
+
+    // The upstream refuses ferry-cloud's missing credentials: nothing the edge can fix, so the
+    // cloud tier is UNAVAILABLE, and the message says why.
+    let err = run(&mut client, request("oa-7", "edge-no-key", QUESTION, 4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("401"), "{}", err.message());
+
+    // Images go upstream as data: URL content parts, which the upstream accepts.
+    let mut r = request("oa-8", "edge-vision", QUESTION, 4);
+    r.messages[0].parts.push(pb::ContentPart {
+        kind: Some(pb::content_part::Kind::Image(pb::Image {
+            data: vec![0x89, b'P', b'N', b'G', 0, 1, 2, 3],
+            mime_type: "image/png".into(),
+            source: "camera/front".into(),
+        })),
+    });
+    let (_, _, c) = run(&mut client, r.clone()).await.unwrap();
+    assert_eq!(c.model, "edge-vision");
+    // A text-only model refuses them before anything is sent.
+    r.request_id = "oa-9".into();
+    r.model = "edge-sse".into();
+    let err = run(&mut client, r).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 
     // Bad input the upstream would also refuse is refused before it is sent.
     let mut r = request("oa-5", "edge-sse", QUESTION, 4);
