@@ -234,10 +234,34 @@ async fn router_state_survives_kill_9() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The saver writes once per interval (1 s): wait for a save after the last change.
+    let settled_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for _ in 0..200 {
+        let r = c
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .routers[0]
+            .clone();
+        if r.saved_unix_ms >= settled_ms {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let saved = c
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .routers[0]
+        .saved_unix_ms;
     assert!(
-        before.saved_unix_ms > 0,
-        "state written within the interval"
+        saved >= settled_ms,
+        "state written after the last change ({saved} < {settled_ms})"
     );
     drop(c);
     let pid = daemon.0.id();

@@ -95,7 +95,6 @@ struct Inner {
     pending: HashMap<String, Pending>,
     order: VecDeque<String>,
     saved_unix_ms: Option<u64>,
-    last_save: Option<Instant>,
 }
 
 /// What `Status` shows of a router.
@@ -231,7 +230,6 @@ impl ZooRouter {
                 pending: HashMap::new(),
                 order: VecDeque::new(),
                 saved_unix_ms,
-                last_save: None,
             }),
         })
     }
@@ -416,19 +414,11 @@ impl ZooRouter {
         }
     }
 
-    /// Saves when something changed and the last save is older than the interval; true if it
-    /// wrote.
+    /// Saves when something changed since the last save; true if it wrote. Called once per
+    /// `save_interval_ms` by the saver task, which is what bounds both the write rate and the
+    /// learning a `kill -9` can lose to one interval.
     pub fn save_if_due(&self) -> Result<bool> {
         if !self.dirty.load(Ordering::Acquire) {
-            return Ok(false);
-        }
-        let due = {
-            let inner = self.inner.lock().expect("router lock");
-            inner
-                .last_save
-                .is_none_or(|t| t.elapsed().as_millis() >= u128::from(self.cfg.save_interval_ms))
-        };
-        if !due {
             return Ok(false);
         }
         self.save()?;
@@ -442,7 +432,7 @@ impl ZooRouter {
         self.dirty.store(false, Ordering::Release);
         let saved_unix_ms = unix_ms();
         let bytes = {
-            let mut inner = self.inner.lock().expect("router lock");
+            let inner = self.inner.lock().expect("router lock");
             let file = StateFile {
                 format: STATE_FORMAT.to_string(),
                 version: STATE_VERSION,
@@ -459,7 +449,6 @@ impl ZooRouter {
                     .map_err(|e| Error::Engine(e.to_string()))?,
                 stats: inner.stats.clone(),
             };
-            inner.last_save = Some(Instant::now());
             serde_json::to_vec(&file).map_err(|e| Error::Engine(format!("router state: {e}")))?
         };
         let result = write_atomically(&self.path, &bytes);
