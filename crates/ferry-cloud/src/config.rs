@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use ferry_core::config::LogConfig;
 use ferry_core::{Error, RequestLimits, Result};
 use ferry_energy::EnergyConfig;
 
@@ -149,40 +150,17 @@ fn default_read_timeout_ms() -> u64 {
     60_000
 }
 
-/// Log output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// `text` or `json`.
-    pub format: String,
-    /// tracing filter directive, e.g. `info` or `ferry_cloud=debug,info`; `RUST_LOG` wins.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: "text".to_string(),
-            level: "info".to_string(),
-        }
-    }
-}
-
 impl CloudConfig {
     /// Parses a config file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
-        Self::from_toml(&text, path)
+        let cfg: CloudConfig = ferry_core::config::read_toml(path)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Parses config text; `path` is for messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
-        let cfg: CloudConfig = toml::from_str(text).map_err(|e| Error::InvalidFile {
-            what: "config",
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let cfg: CloudConfig = ferry_core::config::parse_toml(text, path)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -193,23 +171,11 @@ impl CloudConfig {
         if self.server.max_concurrent == 0 {
             return Err(bad("server.max_concurrent", "must be at least 1"));
         }
-        if self.limits.default_max_tokens == 0
-            || self.limits.default_max_tokens > self.limits.max_new_tokens
-        {
-            return Err(bad(
-                "limits.default_max_tokens",
-                "must be between 1 and limits.max_new_tokens",
-            ));
-        }
-        if self.limits.max_prompt_tokens == 0 {
-            return Err(bad("limits.max_prompt_tokens", "must be at least 1"));
-        }
+        self.limits.validate()?;
         self.energy
             .validate()
             .map_err(|e| bad("energy", &e.to_string()))?;
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(bad("log.format", "must be `text` or `json`"));
-        }
+        self.log.validate()?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, m) in self.models.iter().enumerate() {
             let field = |k: &str| format!("models[{i}].{k}");

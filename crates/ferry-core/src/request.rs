@@ -177,6 +177,25 @@ impl Default for RequestLimits {
     }
 }
 
+impl RequestLimits {
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<()> {
+        if self.default_max_tokens == 0 || self.default_max_tokens > self.max_new_tokens {
+            return Err(Error::invalid(
+                "limits.default_max_tokens",
+                "must be between 1 and limits.max_new_tokens",
+            ));
+        }
+        if self.max_prompt_tokens == 0 {
+            return Err(Error::invalid(
+                "limits.max_prompt_tokens",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A `ferry.v1.GenerateRequest` after validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedRequest {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use ferry_core::config::LogConfig;
 use ferry_core::{Error, RequestLimits, Result};
 use ferry_energy::EnergyConfig;
 
@@ -156,40 +157,17 @@ impl Default for StateConfig {
     }
 }
 
-/// Log output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// `text` or `json`.
-    pub format: String,
-    /// tracing filter directive, e.g. `info` or `ferry_edge=debug,info`; `RUST_LOG` wins.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: "text".to_string(),
-            level: "info".to_string(),
-        }
-    }
-}
-
 impl EdgeConfig {
     /// Parses a config file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
-        Self::from_toml(&text, path)
+        let cfg: EdgeConfig = ferry_core::config::read_toml(path)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Parses config text; `path` is for messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
-        let cfg: EdgeConfig = toml::from_str(text).map_err(|e| Error::InvalidFile {
-            what: "config",
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let cfg: EdgeConfig = ferry_core::config::parse_toml(text, path)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -200,17 +178,7 @@ impl EdgeConfig {
         if self.server.max_concurrent == 0 {
             return Err(bad("server.max_concurrent", "must be at least 1"));
         }
-        if self.limits.default_max_tokens == 0
-            || self.limits.default_max_tokens > self.limits.max_new_tokens
-        {
-            return Err(bad(
-                "limits.default_max_tokens",
-                "must be between 1 and limits.max_new_tokens",
-            ));
-        }
-        if self.limits.max_prompt_tokens == 0 {
-            return Err(bad("limits.max_prompt_tokens", "must be at least 1"));
-        }
+        self.limits.validate()?;
         self.energy
             .validate()
             .map_err(|e| bad("energy", &e.to_string()))?;
@@ -241,9 +209,7 @@ impl EdgeConfig {
         if r.save_interval_ms == 0 {
             return Err(bad("router.save_interval_ms", "must be at least 1"));
         }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(bad("log.format", "must be `text` or `json`"));
-        }
+        self.log.validate()?;
         Ok(())
     }
 

@@ -1,0 +1,73 @@
+//! What the daemons' configurations share: reading a TOML file into a typed config with errors
+//! that name the file, and the `[log]` section.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Parses config text into `T`; `path` names the file in errors.
+pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    toml::from_str(text).map_err(|e| Error::InvalidFile {
+        what: "config",
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads and parses a config file into `T`.
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+    parse_toml(&text, path)
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// tracing filter directive, e.g. `info` or `ferry_edge=debug,info`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".to_string(),
+            level: "info".to_string(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// Checks the format name.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.format.as_str(), "text" | "json") {
+            return Err(Error::invalid("log.format", "must be `text` or `json`"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_file_and_unknown_keys_are_refused() {
+        let e = parse_toml::<LogConfig>("bogus = 1\n", Path::new("/etc/x.toml")).unwrap_err();
+        assert!(e.to_string().contains("/etc/x.toml"), "{e}");
+        let l: LogConfig = parse_toml("format = \"json\"\n", Path::new("x")).unwrap();
+        assert_eq!(l.level, "info");
+        assert!(LogConfig {
+            format: "xml".into(),
+            ..LogConfig::default()
+        }
+        .validate()
+        .is_err());
+    }
+}
