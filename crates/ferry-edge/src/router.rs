@@ -296,7 +296,7 @@ impl ZooRouter {
         let p = inner.mess.exploration_probability();
         let (decision, s_hat) = inner.mess.decide_scored(&features);
         let q = inner.mess.q_tracked();
-        let features = Arc::new(features.to_vec());
+        // The encoder already hands out a shared vector (also its cache entry): keep that.
         self.remember(&mut inner, request_id, features.clone(), decision);
         drop(inner);
         self.dirty.store(true, Ordering::Release);
