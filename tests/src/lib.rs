@@ -43,6 +43,29 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs a Python test client from `tests/python/` with the test venv (on a blocking thread) and
+/// checks that it exits 0 and prints `ok_line`.
+pub async fn run_python_client(script: &str, args: Vec<String>, ok_line: &str) {
+    let script = repo_root().join("tests/python").join(script);
+    let py = python();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(py)
+            .arg(script)
+            .args(args)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python client failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stdout.contains(ok_line), "{stdout}");
+}
+
 /// The id of the bundled default model.
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 

@@ -3,9 +3,7 @@
 //! probes, and `/metrics` as Prometheus text whose counters move with traffic. One server per
 //! test binary is enough: the Prometheus recorder is process-global.
 
-use std::process::Command;
-
-use ferry_integration::{http, python, repo_root, TestServer, DEFAULT_MODEL};
+use ferry_integration::{http, TestServer, DEFAULT_MODEL};
 
 /// Parses Prometheus text: every non-comment line is `name{labels} value`; returns the samples.
 fn prometheus_samples(text: &str) -> Vec<(String, f64)> {
@@ -68,25 +66,12 @@ async fn openai_sdk_sse_errors_probes_and_metrics() {
         format!("ferry_requests_total{{tier=\"local\",model=\"{DEFAULT_MODEL}\",outcome=\"ok\"}}");
 
     // The official SDK, unmodified.
-    let script = repo_root().join("tests/python/openai_client.py");
-    let base = format!("http://{addr}/v1");
-    let py = python();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(py)
-            .arg(script)
-            .args(["--base-url", &base])
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "openai SDK client failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
-    assert!(stdout.contains("python openai client: OK"), "{stdout}");
+    ferry_integration::run_python_client(
+        "openai_client.py",
+        vec!["--base-url".into(), format!("http://{addr}/v1")],
+        "python openai client: OK",
+    )
+    .await;
 
     // The wire format of a stream: data lines, the last chunk with finish_reason and the ferry
     // extension, then [DONE].
