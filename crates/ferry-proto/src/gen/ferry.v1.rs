@@ -298,6 +298,31 @@ pub struct EnergyStatus {
     #[prost(double, tag = "5")]
     pub idle_joules: f64,
 }
+/// A ferry-cloud endpoint this daemon may offload to.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CloudEndpointStatus {
+    #[prost(string, tag = "1")]
+    pub uri: ::prost::alloc::string::String,
+    /// The last health probe answered SERVING.
+    #[prost(bool, tag = "2")]
+    pub healthy: bool,
+    /// Circuit breaker state: "closed", "open" or "half_open".
+    #[prost(string, tag = "3")]
+    pub circuit: ::prost::alloc::string::String,
+    /// Offloads in flight to it now.
+    #[prost(uint32, tag = "4")]
+    pub in_flight: u32,
+    /// Model ids it listed.
+    #[prost(string, repeated, tag = "5")]
+    pub models: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Times its circuit opened since start.
+    #[prost(uint64, tag = "6")]
+    pub circuit_opened_total: u64,
+    /// Why the last probe failed; empty when healthy.
+    #[prost(string, tag = "7")]
+    pub last_error: ::prost::alloc::string::String,
+}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StatusResponse {
@@ -333,6 +358,9 @@ pub struct StatusResponse {
     pub requests_failed: u64,
     #[prost(uint64, tag = "14")]
     pub requests_rejected: u64,
+    /// The cloud tier's endpoints (empty when no cloud tier is configured).
+    #[prost(message, repeated, tag = "15")]
+    pub cloud_endpoints: ::prost::alloc::vec::Vec<CloudEndpointStatus>,
 }
 /// Who wrote a message.
 #[allow(clippy::all)]
@@ -554,7 +582,8 @@ pub mod inference_client {
                 .insert(GrpcMethod::new("ferry.v1.Inference", "Generate"));
             self.inner.server_streaming(req, path, codec).await
         }
-        /// Lists the models this daemon can route to, local and (once configured) cloud.
+        /// Lists the models this daemon can route to: the local zoo and the cloud zoo its ferry-cloud
+        /// endpoints list, each with its tier.
         pub async fn list_models(
             &mut self,
             request: impl tonic::IntoRequest<super::ListModelsRequest>,
@@ -655,7 +684,8 @@ pub mod inference_server {
             &self,
             request: tonic::Request<super::GenerateRequest>,
         ) -> std::result::Result<tonic::Response<Self::GenerateStream>, tonic::Status>;
-        /// Lists the models this daemon can route to, local and (once configured) cloud.
+        /// Lists the models this daemon can route to: the local zoo and the cloud zoo its ferry-cloud
+        /// endpoints list, each with its tier.
         async fn list_models(
             &self,
             request: tonic::Request<super::ListModelsRequest>,
