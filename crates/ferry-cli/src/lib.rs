@@ -3,6 +3,7 @@
 //! argument parsing and printing.
 
 pub mod bench;
+pub mod certs;
 pub mod client;
 pub mod fetch;
 pub mod plot;

@@ -45,6 +45,9 @@ enum Command {
     /// Bearer tokens for ferryd's `auth.tokens_file`.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Certificates for mutual TLS between ferryd and ferry-cloud.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Benchmarks: the engine (default) beside llama.cpp, or `energy` for the sampler's cost.
     Bench(BenchCmd),
     /// Energy sources on this machine.
@@ -312,6 +315,39 @@ fn token_new(name: &str, file: &Path) -> anyhow::Result<()> {
         file.display()
     );
     println!("{token}");
+    Ok(())
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a development CA with a server certificate for ferry-cloud and a client certificate
+    /// for ferryd (ca.pem/ca.key, cloud.pem/cloud.key, edge.pem/edge.key; keys mode 0600), and
+    /// print the config snippets. Use a real CA in production.
+    Dev {
+        /// Output directory.
+        #[arg(long, default_value = "certs/dev")]
+        out: PathBuf,
+        /// Another DNS name or IP address of ferry-cloud's certificate (repeatable); localhost,
+        /// 127.0.0.1 and ::1 are always there.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn certs_dev(opts: ferry_cli::certs::DevCertsOptions) -> anyhow::Result<()> {
+    let certs = ferry_cli::certs::write_dev_certs(&opts)?;
+    eprintln!(
+        "wrote {} in {} (development only: keep ca.key private, use a real CA in production)",
+        ferry_cli::certs::FILES.join(", "),
+        certs.dir.display()
+    );
+    print!("{}", ferry_cli::certs::config_snippets(&certs));
     Ok(())
 }
 
@@ -1135,6 +1171,17 @@ fn main() -> anyhow::Result<()> {
         Command::Chat(args) => tokio_main(chat(args, token)),
         Command::Status { addr, json } => tokio_main(status(addr, json, token)),
         Command::Token(TokenCommand::New { name, file }) => token_new(&name, &file),
+        Command::Certs(CertsCommand::Dev {
+            out,
+            sans,
+            days,
+            force,
+        }) => certs_dev(ferry_cli::certs::DevCertsOptions {
+            out,
+            sans,
+            days,
+            force,
+        }),
         Command::Models(ModelsCommand::List {
             registry,
             addr,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use ferry_core::auth::AuthConfig;
 use ferry_core::config::LogConfig;
 use ferry_core::{Error, RequestLimits, Result};
 use ferry_energy::EnergyConfig;
@@ -18,6 +19,8 @@ use ferry_energy::EnergyConfig;
 #[serde(default, deny_unknown_fields)]
 pub struct CloudConfig {
     pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
     pub candle: CandleConfig,
     pub limits: RequestLimits,
     pub energy: EnergyConfig,
@@ -30,8 +33,8 @@ pub struct CloudConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// gRPC listen address. Loopback by default: exposing the cloud tier is an explicit choice
-    /// (mTLS/token authentication of the edge is not there yet).
+    /// gRPC listen address. Loopback by default: exposing the cloud tier is an explicit choice,
+    /// and needs mutual TLS (`tls.client_ca_file`) or bearer tokens (`auth.tokens_file`).
     pub listen: SocketAddr,
     /// Requests generating at the same time, over all models.
     pub max_concurrent: usize,
@@ -52,6 +55,34 @@ impl Default for ServerConfig {
             shutdown_grace_s: 30,
             replay_cache: 1024,
         }
+    }
+}
+
+/// TLS on the gRPC listener. No certificate: plaintext (fine on loopback). `cert_file` +
+/// `key_file`: TLS with that server identity. `client_ca_file` as well: mutual TLS, every
+/// client must present a certificate signed by that CA (`ferry certs dev` makes a development
+/// set).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// The server certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// CA certificate(s), PEM, that sign the clients' certificates; set: a client certificate
+    /// is required (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// True when the gRPC listener speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    /// True when clients must present a certificate (mutual TLS).
+    pub fn mutual(&self) -> bool {
+        self.enabled() && self.client_ca_file.is_some()
     }
 }
 
@@ -176,6 +207,7 @@ impl CloudConfig {
             .validate()
             .map_err(|e| bad("energy", &e.to_string()))?;
         self.log.validate()?;
+        self.validate_security()?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, m) in self.models.iter().enumerate() {
             let field = |k: &str| format!("models[{i}].{k}");
@@ -241,6 +273,46 @@ impl CloudConfig {
     }
 }
 
+impl CloudConfig {
+    /// TLS files come in pairs, and an exposed listener needs authentication.
+    fn validate_security(&self) -> Result<()> {
+        let tls = &self.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            let missing = if tls.cert_file.is_none() {
+                "tls.cert_file"
+            } else {
+                "tls.key_file"
+            };
+            return Err(Error::invalid(
+                missing,
+                "tls.cert_file and tls.key_file are set together (the server's certificate and its key)",
+            ));
+        }
+        if tls.client_ca_file.is_some() && !tls.enabled() {
+            return Err(Error::invalid(
+                "tls.client_ca_file",
+                "mutual TLS needs the server's own tls.cert_file and tls.key_file too",
+            ));
+        }
+        let authenticated = tls.mutual() || self.auth.tokens_file.is_some();
+        if !self.server.listen.ip().is_loopback()
+            && !authenticated
+            && !self.auth.allow_unauthenticated_network
+        {
+            return Err(Error::invalid(
+                "auth.tokens_file",
+                format!(
+                    "ferry-cloud would listen on the non-loopback address {} with no authentication; \
+                     set tls.client_ca_file (mutual TLS; `ferry certs dev` makes development certificates) \
+                     or auth.tokens_file (`ferry token new`), or auth.allow_unauthenticated_network = true",
+                    self.server.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Command line of `ferry-cloud`. Every scalar setting of [`CloudConfig`] has a flag and a
 /// `FERRY_CLOUD_*` variable.
 #[derive(Debug, Parser, Default)]
@@ -268,6 +340,21 @@ pub struct Cli {
     /// Finished answers kept for retries by request id.
     #[arg(long, env = "FERRY_CLOUD_REPLAY_CACHE")]
     pub replay_cache: Option<usize>,
+    /// Server certificate chain, PEM (TLS on the gRPC listener).
+    #[arg(long, env = "FERRY_CLOUD_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Server private key, PEM.
+    #[arg(long, env = "FERRY_CLOUD_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA certificate(s), PEM, that sign client certificates; set: mutual TLS.
+    #[arg(long, env = "FERRY_CLOUD_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Bearer token file (hashed tokens, `ferry token new`; reloaded on SIGHUP).
+    #[arg(long, env = "FERRY_CLOUD_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Allow a non-loopback listener with neither mutual TLS nor tokens (true/false).
+    #[arg(long, env = "FERRY_CLOUD_ALLOW_UNAUTHENTICATED_NETWORK")]
+    pub allow_unauthenticated_network: Option<bool>,
     /// Directory of model manifests (candle backend).
     #[arg(long, env = "FERRY_CLOUD_MANIFEST_DIR")]
     pub manifest_dir: Option<PathBuf>,
@@ -338,6 +425,20 @@ impl Cli {
         set(&mut c.server.max_queue, &self.max_queue);
         set(&mut c.server.shutdown_grace_s, &self.shutdown_grace_s);
         set(&mut c.server.replay_cache, &self.replay_cache);
+        for (dst, src) in [
+            (&mut c.tls.cert_file, &self.tls_cert_file),
+            (&mut c.tls.key_file, &self.tls_key_file),
+            (&mut c.tls.client_ca_file, &self.tls_client_ca_file),
+            (&mut c.auth.tokens_file, &self.tokens_file),
+        ] {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        }
+        set(
+            &mut c.auth.allow_unauthenticated_network,
+            &self.allow_unauthenticated_network,
+        );
         set(&mut c.candle.manifest_dir, &self.manifest_dir);
         set(&mut c.candle.model_dir, &self.model_dir);
         set(&mut c.limits.max_messages, &self.max_messages);
@@ -401,6 +502,79 @@ mod tests {
         assert_eq!(c, CloudConfig::default());
         assert!(c.server.listen.ip().is_loopback());
         assert_eq!(c.server.listen.port(), 50061);
+    }
+
+    #[test]
+    fn refuses_to_listen_exposed_without_authentication() {
+        let exposed = "[server]\nlisten = \"0.0.0.0:50061\"\n";
+        let err = CloudConfig::from_toml(exposed, Path::new("x")).unwrap_err();
+        assert!(
+            err.to_string().contains("auth.tokens_file")
+                && err.to_string().contains("tls.client_ca_file"),
+            "{err}"
+        );
+        let tls = "[tls]\ncert_file = \"c.pem\"\nkey_file = \"c.key\"\n";
+        // Server-side TLS alone does not say who the client is.
+        assert!(CloudConfig::from_toml(&format!("{exposed}{tls}"), Path::new("x")).is_err());
+        for ok in [
+            format!("{exposed}{tls}client_ca_file = \"ca.pem\"\n"),
+            format!("{exposed}[auth]\ntokens_file = \"/etc/ferry/tokens\"\n"),
+            format!("{exposed}[auth]\nallow_unauthenticated_network = true\n"),
+            format!("{exposed}{tls}[auth]\ntokens_file = \"/etc/ferry/tokens\"\n"),
+        ] {
+            let c =
+                CloudConfig::from_toml(&ok, Path::new("x")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(!c.server.listen.ip().is_loopback());
+        }
+        // The flag/env override is checked the same way.
+        let cli = Cli::parse_from(["ferry-cloud", "--listen", "0.0.0.0:6001"]);
+        assert!(cli.resolve().is_err());
+        let cli = Cli::parse_from([
+            "ferry-cloud",
+            "--listen",
+            "0.0.0.0:6001",
+            "--tokens-file",
+            "/etc/ferry/tokens",
+        ]);
+        let c = cli.resolve().unwrap();
+        assert_eq!(c.auth.tokens_file, Some(PathBuf::from("/etc/ferry/tokens")));
+        let cli = Cli::parse_from([
+            "ferry-cloud",
+            "--listen",
+            "[::]:6001",
+            "--allow-unauthenticated-network",
+            "true",
+        ]);
+        assert!(cli.resolve().unwrap().auth.allow_unauthenticated_network);
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let cases = [
+            ("[tls]\ncert_file = \"c.pem\"\n", "tls.key_file"),
+            ("[tls]\nkey_file = \"c.key\"\n", "tls.cert_file"),
+            ("[tls]\nclient_ca_file = \"ca.pem\"\n", "tls.client_ca_file"),
+            ("[tls]\nca_file = \"ca.pem\"\n", "ca_file"),
+        ];
+        for (text, needle) in cases {
+            let err = CloudConfig::from_toml(text, Path::new("x")).unwrap_err();
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+        let c = CloudConfig::from_toml(
+            "[tls]\ncert_file = \"c.pem\"\nkey_file = \"c.key\"\nclient_ca_file = \"ca.pem\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert!(c.tls.enabled() && c.tls.mutual());
+        let cli = Cli::parse_from([
+            "ferry-cloud",
+            "--tls-cert-file",
+            "s.pem",
+            "--tls-key-file",
+            "s.key",
+        ]);
+        let c = cli.resolve().unwrap();
+        assert!(c.tls.enabled() && !c.tls.mutual());
     }
 
     #[test]

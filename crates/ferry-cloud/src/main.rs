@@ -1,5 +1,5 @@
-//! `ferry-cloud --config configs/cloud.toml`: parse the command line, start the server, drain
-//! it on SIGTERM or Ctrl-C.
+//! `ferry-cloud --config configs/cloud.toml`: parse the command line, start the server, reload
+//! the token file on SIGHUP, drain on SIGTERM or Ctrl-C.
 
 use std::time::Duration;
 
@@ -33,9 +33,19 @@ async fn main() -> anyhow::Result<()> {
         _ = sigterm.recv() => return Ok(()),
         _ = tokio::signal::ctrl_c() => return Ok(()),
     };
-    let reason = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
+    // SIGHUP re-reads the bearer token file (a broken file keeps the tokens in force).
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let reason = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = tokio::signal::ctrl_c() => break "SIGINT",
+            _ = sighup.recv() => {
+                if let Err(e) = server.state.auth.reload() {
+                    tracing::error!(error = %e, "reloading the token file failed; the previous tokens stay in force");
+                }
+            }
+        }
     };
     tracing::info!(signal = reason, "shutting down");
     server.shutdown(grace).await;

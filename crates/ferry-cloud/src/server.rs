@@ -1,7 +1,14 @@
 //! Starting and stopping ferry-cloud: build the backends (loading the candle models), serve
 //! `ferry.v1.Offload` with the standard health and reflection services, and drain gracefully.
+//!
+//! Security (`[tls]`, `[auth]`): the gRPC listener speaks TLS when `tls.cert_file` is set and
+//! requires a client certificate signed by `tls.client_ca_file` when that is set (mutual TLS,
+//! checked in the handshake); with `auth.tokens_file`, `Offload` and reflection also need an
+//! `authorization: Bearer <token>` header. Health stays open to whoever completes the
+//! handshake, for probes; it reveals nothing.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,10 +16,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use ferry_core::auth::Auth;
 use ferry_core::{Error, ModelManifest, Result, Tier};
 use ferry_energy::meter::EnergyMeter;
 use ferry_engine::LoadedModel;
@@ -21,7 +29,7 @@ use pb::offload_server::{OffloadServer, SERVICE_NAME};
 
 use crate::backend::Backend;
 use crate::candle::CandleBackend;
-use crate::config::{BackendKind, CloudConfig};
+use crate::config::{BackendKind, CloudConfig, TlsConfig};
 use crate::openai::OpenAiBackend;
 use crate::service::{CloudModel, CloudState, OffloadService};
 
@@ -122,6 +130,68 @@ pub fn build_models(config: &CloudConfig) -> Result<Vec<Arc<CloudModel>>> {
     Ok(out)
 }
 
+/// The gRPC listener's TLS from `[tls]`; `None` is plaintext. Reads the PEM files (an unreadable
+/// one is an error naming its key); their contents are checked when the server is built.
+pub fn server_tls(tls: &TlsConfig) -> Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) else {
+        return Ok(None);
+    };
+    let read = |field: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| Error::io(format!("reading {field} {}", path.display()), e))
+    };
+    let identity = Identity::from_pem(read("tls.cert_file", cert)?, read("tls.key_file", key)?);
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        // Required, not optional: a client without a certificate from this CA fails the handshake.
+        config = config
+            .client_ca_root(Certificate::from_pem(read("tls.client_ca_file", ca)?))
+            .client_auth_optional(false);
+    }
+    Ok(Some(config))
+}
+
+/// A gRPC server builder with `[tls]` applied.
+fn server_builder(tls: &TlsConfig) -> Result<Server> {
+    let builder = Server::builder();
+    match server_tls(tls)? {
+        None => Ok(builder),
+        Some(config) => builder.tls_config(config).map_err(|e| {
+            Error::invalid(
+                "tls",
+                format!(
+                    "cannot use the certificate/key in {} / {}{}: {e}",
+                    tls.cert_file.as_deref().unwrap_or(Path::new("")).display(),
+                    tls.key_file.as_deref().unwrap_or(Path::new("")).display(),
+                    tls.client_ca_file
+                        .as_deref()
+                        .map(|p| format!(" (client CA {})", p.display()))
+                        .unwrap_or_default()
+                ),
+            )
+        }),
+    }
+}
+
+/// Checks the bearer token of every call to the service it wraps (when `auth.tokens_file` is
+/// set).
+#[derive(Clone)]
+struct BearerCheck(Arc<CloudState>);
+
+impl tonic::service::Interceptor for BearerCheck {
+    fn call(
+        &mut self,
+        req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        match self.0.auth.check_metadata(req.metadata()) {
+            Ok(_) => Ok(req),
+            Err(e) => {
+                tracing::debug!(peer = ?req.remote_addr(), "gRPC call refused: bad bearer token");
+                Err(e.into())
+            }
+        }
+    }
+}
+
 /// A running ferry-cloud.
 pub struct CloudServer {
     /// The bound address (useful with port 0).
@@ -142,17 +212,21 @@ impl CloudServer {
     /// SERVING once this returns.
     pub async fn start(config: CloudConfig) -> Result<Self> {
         config.validate()?;
-        if !config.server.listen.ip().is_loopback() {
+        let auth = Auth::from_config(&config.auth)?;
+        // Built (files read and checked) before the models load: a bad certificate stops
+        // ferry-cloud at once.
+        let builder = server_builder(&config.tls)?;
+        if !config.server.listen.ip().is_loopback() && auth.enabled() && !config.tls.enabled() {
             tracing::warn!(
                 addr = %config.server.listen,
-                "listening beyond loopback with no authentication (mTLS/token for the edge is not implemented yet)"
+                "bearer tokens over plaintext beyond loopback: set tls.cert_file/tls.key_file so they cannot be read off the network"
             );
         }
         let cfg = config.clone();
         let models = tokio::task::spawn_blocking(move || build_models(&cfg))
             .await
             .map_err(|e| Error::Engine(format!("model loader panicked: {e}")))??;
-        let state = Arc::new(CloudState::new(config, models));
+        let state = Arc::new(CloudState::new(config, models, auth));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
@@ -162,6 +236,24 @@ impl CloudServer {
             .map_err(|e| Error::Engine(format!("reflection service: {e}")))?;
         let offload = OffloadServer::new(OffloadService::new(state.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut builder = builder;
+        let router = if state.auth.enabled() {
+            let check = BearerCheck(state.clone());
+            builder
+                .add_service(health_service)
+                .add_service(tonic::service::interceptor::InterceptedService::new(
+                    reflection,
+                    check.clone(),
+                ))
+                .add_service(tonic::service::interceptor::InterceptedService::new(
+                    offload, check,
+                ))
+        } else {
+            builder
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(offload)
+        };
 
         let addr = state.config.server.listen;
         let listener = TcpListener::bind(addr)
@@ -171,17 +263,21 @@ impl CloudServer {
             .local_addr()
             .map_err(|e| Error::io("reading the bound address", e))?;
         let (stop_tx, mut stop_rx) = watch::channel(false);
-        let server = tokio::spawn(
-            Server::builder()
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(offload)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                }),
-        );
+        let server = tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        ));
         set_health(&health, ServingStatus::Serving).await;
-        tracing::info!(addr = %local_addr, models = state.models.len(), "serving ferry.v1.Offload");
+        tracing::info!(
+            addr = %local_addr,
+            models = state.models.len(),
+            tls = state.config.tls.enabled(),
+            mutual_tls = state.config.tls.mutual(),
+            tokens = state.auth.enabled(),
+            "serving ferry.v1.Offload"
+        );
         Ok(CloudServer {
             local_addr,
             state,

@@ -22,6 +22,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use ferry_core::auth::Auth;
 use ferry_core::{Error, ErrorKind, ValidatedRequest};
 use ferry_proto::v1 as pb;
 use pb::offload_server::Offload;
@@ -105,6 +106,8 @@ pub struct CloudState {
     pub config: CloudConfig,
     pub models: Vec<Arc<CloudModel>>,
     pub stats: Stats,
+    /// Bearer tokens (`auth.tokens_file`); off when unset.
+    pub auth: Auth,
     /// Cancelled at the end of the shutdown grace period: in-flight requests stop.
     pub abort: CancellationToken,
     draining: AtomicBool,
@@ -115,7 +118,7 @@ pub struct CloudState {
 }
 
 impl CloudState {
-    pub fn new(config: CloudConfig, models: Vec<Arc<CloudModel>>) -> Self {
+    pub fn new(config: CloudConfig, models: Vec<Arc<CloudModel>>, auth: Auth) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -129,6 +132,7 @@ impl CloudState {
             config,
             models,
             stats: Stats::default(),
+            auth,
             abort: CancellationToken::new(),
             draining: AtomicBool::new(false),
             in_system: AtomicUsize::new(0),
