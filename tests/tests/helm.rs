@@ -44,6 +44,30 @@ fn http_addr(c: &CloudConfig) -> Option<SocketAddr> {
 /// (saying so), and the rest must still parse.
 fn parse_cloud_toml(toml: &str, name: &str) -> (CloudConfig, SocketAddr) {
     let known = http_addr(&CloudConfig::default()).is_some();
+    if !known {
+        // The shim below is only for a ferry-cloud without the probe listener: one configured
+        // under another name means the chart must change.
+        let all = serde_json::to_value(CloudConfig::default()).unwrap();
+        let keys: Vec<String> = all
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(k, v)| {
+                let inner = v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>());
+                std::iter::once(k.clone()).chain(
+                    inner
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |i| format!("{k}.{i}")),
+                )
+            })
+            .collect();
+        let http: Vec<&String> = keys.iter().filter(|k| k.contains("http")).collect();
+        assert!(
+            http.is_empty(),
+            "ferry-cloud configures its HTTP listener as {http:?}, the chart writes server.http_addr"
+        );
+    }
     let line = toml
         .lines()
         .find(|l| l.starts_with("http_addr = "))
