@@ -13,6 +13,7 @@ pub mod source;
 pub mod stream;
 pub mod template;
 pub mod tokenizer;
+pub mod vision;
 
 mod engine;
 
