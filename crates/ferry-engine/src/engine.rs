@@ -1,5 +1,9 @@
 //! A loaded model and its generation loop.
 
+mod multimodal;
+
+pub use multimodal::MultimodalPrompt;
+
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -11,7 +15,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use tokenizers::Tokenizer;
 
-use crate::model::{gguf_architecture, Backbone};
+use crate::model::{gguf_architecture, Backbone, Session};
 use crate::sampling::logits_processor;
 use crate::source::ModelLocation;
 use crate::stream::{Detokenizer, StopMatcher, StopScan};
@@ -103,6 +107,8 @@ pub struct LoadedModel {
     eos_ids: BTreeSet<u32>,
     device: Device,
     stats: Arc<EngineStats>,
+    /// Image preprocessing and placeholders, for vision-language models.
+    vision: Option<multimodal::VisionSupport>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -276,6 +282,12 @@ impl LoadedModel {
                     manifest.family.clone()
                 };
                 eos_ids.extend(json_ids(config.get("eos_token_id")));
+                // Vision-language configs keep the language model's ids in `text_config`.
+                eos_ids.extend(json_ids(
+                    config
+                        .get("text_config")
+                        .and_then(|t| t.get("eos_token_id")),
+                ));
                 if let Some(gen) = loc.optional_file("generation_config.json")? {
                     eos_ids.extend(json_ids(
                         read_json(&gen, "generation config")?.get("eos_token_id"),
@@ -346,8 +358,19 @@ impl LoadedModel {
                 eos_ids.insert(id);
             }
         }
+        let vision = multimodal::VisionSupport::load(&backbone, &loc, &tokenizer)?;
+        if vision.is_some() && manifest.chat_template.is_none() {
+            if let Some(t) = multimodal::processor_template(&loc)? {
+                template_src = Some(t);
+            }
+        }
+        let fallback_template = if vision.is_some() {
+            crate::template::LLAVA
+        } else {
+            CHATML
+        };
         let template = ChatTemplate::new(
-            template_src.as_deref().unwrap_or(CHATML),
+            template_src.as_deref().unwrap_or(fallback_template),
             &bos_token,
             &eos_token,
         )?;
@@ -376,6 +399,7 @@ impl LoadedModel {
             eos_ids,
             device: device.clone(),
             stats: Arc::new(EngineStats::default()),
+            vision,
         })
     }
 
@@ -402,6 +426,9 @@ impl LoadedModel {
 
     /// Renders the conversation with the chat template and tokenises it.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        if self.vision.is_some() {
+            return self.encode_multimodal_text(messages);
+        }
         let text = self.template.render(messages)?;
         // Templates that write the BOS token themselves must not get a second one.
         let add_special = self.bos_token.is_empty() || !text.starts_with(&self.bos_token);
@@ -431,18 +458,36 @@ impl LoadedModel {
                 "the prompt encodes to no tokens",
             ));
         }
+        self.run_generation(
+            prompt.len(),
+            &mut |session: &mut Session| session.forward(prompt),
+            params,
+            options,
+            sink,
+        )
+    }
+
+    /// The generation loop after the prompt: `prefill` feeds the prompt's `prompt_len`
+    /// positions to a fresh session and returns the logits of its last position.
+    fn run_generation(
+        &self,
+        prompt_len: usize,
+        prefill: &mut dyn FnMut(&mut Session) -> Result<candle_core::Tensor>,
+        params: &SamplingParams,
+        options: GenerateOptions,
+        sink: &mut dyn GenerationEvent,
+    ) -> Result<GenerationOutcome> {
         let ctx = self.info.context_length;
-        if prompt.len() >= ctx {
+        if prompt_len >= ctx {
             return Err(Error::invalid(
                 "messages",
                 format!(
-                    "the prompt is {} tokens; model `{}` has a context of {ctx} tokens",
-                    prompt.len(),
+                    "the prompt is {prompt_len} tokens; model `{}` has a context of {ctx} tokens",
                     self.info.id
                 ),
             ));
         }
-        let budget = (params.max_tokens as usize).min(ctx - prompt.len());
+        let budget = (params.max_tokens as usize).min(ctx - prompt_len);
         let mut session = self.backbone.session(&self.device)?;
         let mut sampler = logits_processor(params);
         let mut detok = Detokenizer::new(&self.tokenizer);
@@ -450,10 +495,10 @@ impl LoadedModel {
         let mut text = String::new();
 
         let t0 = Instant::now();
-        let mut logits = session.forward(prompt)?;
+        let mut logits = prefill(&mut session)?;
         self.stats
             .prompt_tokens
-            .fetch_add(prompt.len() as u64, Ordering::Relaxed);
+            .fetch_add(prompt_len as u64, Ordering::Relaxed);
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
 
@@ -523,7 +568,7 @@ impl LoadedModel {
         }
         self.stats.completed.fetch_add(1, Ordering::Relaxed);
         Ok(GenerationOutcome {
-            prompt_tokens: prompt.len(),
+            prompt_tokens: prompt_len,
             completion_tokens: generated,
             finish_reason: finish,
             text,

@@ -4,7 +4,9 @@
 //! a model's files (local directory or Hugging Face cache), loading GGUF (quantized llama) and
 //! safetensors (llama, qwen2) weights, building the tokenizer (from `tokenizer.json` or from the
 //! GGUF vocabulary), rendering the chat template, sampling, stop strings, and UTF-8-safe
-//! incremental detokenisation. It knows nothing about gRPC; `ferryd` and `ferry bench` drive it.
+//! incremental detokenisation. Vision-language models (LLaVA-1.5, LLaVA-NeXT) also get their
+//! images decoded and preprocessed ([`vision`]) and spliced into the prompt. It knows nothing
+//! about gRPC; `ferryd` and `ferry bench` drive it.
 
 pub mod encoder;
 pub mod model;
@@ -19,6 +21,7 @@ mod engine;
 
 pub use engine::{
     EngineStats, GenerateOptions, GenerationEvent, GenerationOutcome, LoadedModel, ModelInfo,
+    MultimodalPrompt,
 };
 pub use source::{adhoc_manifest, ModelLocation};
 

@@ -5,6 +5,7 @@
 //! never see each other's attention state.
 
 pub mod gemma3;
+pub mod llava;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use crate::candle_err;
 use ferry_core::{Error, Result};
 
 /// Architectures this engine can run, by weight format.
-pub const SUPPORTED: &str = "GGUF: llama, gemma3; safetensors: llama, qwen2";
+pub const SUPPORTED: &str =
+    "GGUF: llama, gemma3; safetensors: llama, qwen2; safetensors vision-language: llava, llava_next";
 
 /// Loaded weights of one model.
 #[derive(Clone)]
@@ -35,6 +37,8 @@ pub enum Backbone {
     },
     /// Full-precision Qwen2 from safetensors.
     Qwen2(qwen2::ModelForCausalLM),
+    /// LLaVA-1.5 or LLaVA-NeXT from safetensors: a vision-language model (see [`llava`]).
+    Llava(Arc<llava::Llava>),
 }
 
 impl std::fmt::Debug for Backbone {
@@ -50,6 +54,18 @@ impl Backbone {
             Backbone::QuantizedLlama(_) | Backbone::Llama { .. } => "llama",
             Backbone::QuantizedGemma3(_) => "gemma3",
             Backbone::Qwen2(_) => "qwen2",
+            Backbone::Llava(m) => match m.config.version {
+                llava::LlavaVersion::V1_5 => "llava",
+                llava::LlavaVersion::Next => "llava_next",
+            },
+        }
+    }
+
+    /// The vision-language model, when this backbone reads images.
+    pub fn vision(&self) -> Option<&Arc<llava::Llava>> {
+        match self {
+            Backbone::Llava(m) => Some(m),
+            _ => None,
         }
     }
 
@@ -121,6 +137,22 @@ impl Backbone {
                 let model = qwen2::ModelForCausalLM::new(&cfg, vb).map_err(candle_err)?;
                 Ok(Backbone::Qwen2(model))
             }
+            "llava" | "llava_next" => {
+                let bad = |reason: String| Error::InvalidFile {
+                    what: "model config",
+                    path: config_path.to_path_buf(),
+                    reason,
+                };
+                let value: serde_json::Value =
+                    serde_json::from_str(config_json).map_err(bad_config)?;
+                let cfg = llava::LlavaConfig::from_json(&value).map_err(bad)?;
+                let model = llava::Llava::load(cfg, vb).map_err(|e| Error::InvalidFile {
+                    what: "LLaVA weights",
+                    path: files.first().cloned().unwrap_or_default(),
+                    reason: e.to_string(),
+                })?;
+                Ok(Backbone::Llava(Arc::new(model)))
+            }
             other => Err(Error::InvalidFile {
                 what: "model config",
                 path: config_path.to_path_buf(),
@@ -137,6 +169,7 @@ impl Backbone {
             Backbone::QuantizedGemma3(_) => None,
             Backbone::Llama { config, .. } => Some(config.max_position_embeddings),
             Backbone::Qwen2(_) => None,
+            Backbone::Llava(m) => Some(m.config.llama.max_position_embeddings),
         }
     }
 
@@ -174,6 +207,10 @@ impl Backbone {
                 m.clear_kv_cache();
                 SessionState::Qwen2(m)
             }
+            Backbone::Llava(m) => SessionState::Llava {
+                cache: m.new_cache(device).map_err(candle_err)?,
+                model: m.clone(),
+            },
         };
         Ok(Session {
             state,
@@ -256,6 +293,10 @@ enum SessionState {
         cache: llama::Cache,
     },
     Qwen2(qwen2::ModelForCausalLM),
+    Llava {
+        model: Arc<llava::Llava>,
+        cache: llama::Cache,
+    },
 }
 
 /// Per-request decoding state: the KV cache and the position reached.
@@ -277,9 +318,31 @@ impl Session {
             SessionState::QuantizedGemma3 { model, cache } => model.forward(cache, tokens, pos),
             SessionState::Llama { model, cache } => model.forward(&input, pos, cache),
             SessionState::Qwen2(m) => m.forward(&input, pos),
+            SessionState::Llava { model, cache } => model.forward_tokens(&input, pos, cache),
         }
         .map_err(candle_err)?;
         self.position += tokens.len();
+        let logits = logits.flatten_all().map_err(candle_err)?;
+        logits.to_dtype(DType::F32).map_err(candle_err)
+    }
+
+    /// Feeds input embeddings (`(1, n, hidden_size)`, e.g. a prompt with image features spliced
+    /// in) after everything fed so far and returns the next-token logits (1-D, f32). Only
+    /// vision-language models take embeddings.
+    pub fn forward_embeds(&mut self, embeds: &Tensor) -> Result<Tensor> {
+        let pos = self.position;
+        let n = embeds.dim(1).map_err(candle_err)?;
+        let logits = match &mut self.state {
+            SessionState::Llava { model, cache } => model
+                .forward_embeds(embeds, pos, cache)
+                .map_err(candle_err)?,
+            _ => {
+                return Err(Error::Engine(
+                    "this model takes token ids, not input embeddings".to_string(),
+                ))
+            }
+        };
+        self.position += n;
         let logits = logits.flatten_all().map_err(candle_err)?;
         logits.to_dtype(DType::F32).map_err(candle_err)
     }

@@ -1,11 +1,55 @@
 //! Chat templates: the model's own Jinja template (from GGUF metadata or `tokenizer_config.json`)
 //! rendered with minijinja, with ChatML as the fallback for models that ship none.
 
-use ferry_core::{ChatMessage, Error, Result};
+use ferry_core::{ChatMessage, Error, Part, Result};
 use minijinja::{context, Environment, ErrorKind as JinjaErrorKind, Value};
 
 /// ChatML, used when a model ships no template.
 pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// The LLaVA conversation format (Vicuna's `USER:` / `ASSISTANT:` turns, each image as the
+/// model's image token on its own line before the turn's text), used for LLaVA checkpoints that
+/// ship no template. Like transformers' multimodal templates, it reads each message's `content`
+/// as a list of `{"type": "image"}` and `{"type": "text", "text": ...}` parts.
+pub const LLAVA: &str = r#"{%- for message in messages -%}
+{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') -%}
+{%- if message['role'] == 'system' -%}
+{{- text + ' ' -}}
+{%- elif message['role'] == 'user' -%}
+{{- 'USER: ' -}}
+{%- for part in message['content'] | selectattr('type', 'equalto', 'image') -%}
+{{- image_token + '\n' -}}
+{%- endfor -%}
+{{- text + ' ' -}}
+{%- else -%}
+{{- 'ASSISTANT: ' + text + eos_token -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- 'ASSISTANT:' -}}
+{%- endif -%}"#;
+
+/// Removes transformers' `{% generation %}` / `{% endgeneration %}` markers (they only mark the
+/// assistant's tokens for training masks, and minijinja has no such tag).
+fn strip_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let Some(len) = rest[start..].find("%}") else {
+            break;
+        };
+        let tag = &rest[start..start + len + 2];
+        let inner =
+            tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        out.push_str(&rest[..start]);
+        if inner != "generation" && inner != "endgeneration" {
+            out.push_str(tag);
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
+}
 
 /// A compiled chat template with the special tokens it may refer to.
 pub struct ChatTemplate {
@@ -45,7 +89,7 @@ impl ChatTemplate {
                 .build()
                 .map_err(|e| Error::Engine(format!("template syntax: {e}")))?,
         );
-        env.add_template_owned("chat", source.to_string())
+        env.add_template_owned("chat", strip_generation_tags(source))
             .map_err(|e| Error::Engine(format!("chat template does not compile: {e}")))?;
         Ok(ChatTemplate {
             env,
@@ -66,6 +110,38 @@ impl ChatTemplate {
                 ])
             })
             .collect();
+        self.render_values(msgs, "")
+    }
+
+    /// Renders the conversation for a vision-language model: each message's `content` is a
+    /// list of parts in order, `{"type": "text", "text": ...}` or `{"type": "image"}`, as
+    /// transformers' processors pass them, and `image_token` (the placeholder's text) is
+    /// available to the template.
+    pub fn render_multimodal(&self, messages: &[ChatMessage], image_token: &str) -> Result<String> {
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                let parts: Vec<Value> = m
+                    .parts
+                    .iter()
+                    .map(|p| match p {
+                        Part::Text(t) => Value::from_pairs([
+                            ("type", Value::from("text")),
+                            ("text", Value::from(t.as_str())),
+                        ]),
+                        Part::Image(_) => Value::from_pairs([("type", Value::from("image"))]),
+                    })
+                    .collect();
+                Value::from_pairs([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(parts)),
+                ])
+            })
+            .collect();
+        self.render_values(msgs, image_token)
+    }
+
+    fn render_values(&self, msgs: Vec<Value>, image_token: &str) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -75,6 +151,7 @@ impl ChatTemplate {
             add_generation_prompt => true,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
+            image_token => image_token,
         })
         .map_err(|e| match e.kind() {
             // The template itself refused the conversation (e.g. roles must alternate).
@@ -101,6 +178,67 @@ mod tests {
         assert_eq!(
             out,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    fn image() -> Part {
+        Part::Image(ferry_core::ImagePart {
+            data: vec![1],
+            mime_type: "image/png".into(),
+            source: String::new(),
+        })
+    }
+
+    #[test]
+    fn llava_template_puts_one_placeholder_line_per_image_before_the_text() {
+        let t = ChatTemplate::new(LLAVA, "<s>", "</s>").unwrap();
+        let out = t
+            .render_multimodal(
+                &[
+                    ChatMessage::text(Role::System, "Be brief."),
+                    ChatMessage {
+                        role: Role::User,
+                        parts: vec![
+                            Part::Text("What shape".into()),
+                            image(),
+                            Part::Text("is it?".into()),
+                            image(),
+                        ],
+                    },
+                    ChatMessage::text(Role::Assistant, "A circle."),
+                    ChatMessage::text(Role::User, "Colour?"),
+                ],
+                "<image>",
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "Be brief. USER: <image>\n<image>\nWhat shape\nis it? ASSISTANT: A circle.</s>USER: Colour? ASSISTANT:"
+        );
+    }
+
+    /// The shape of transformers' multimodal templates: content as a list filtered by type,
+    /// `{% generation %}` markers around the assistant's text.
+    #[test]
+    fn hf_multimodal_template_with_generation_markers() {
+        let src = "{% for m in messages %}{{ m['role'] }}:{% for c in m['content'] %}{% if c['type'] == 'image' %}[{{ image_token }}]{% endif %}{% endfor %}{% if m['role'] == 'assistant' %}{%- generation -%}{{ m['content'][0]['text'] }}{%- endgeneration -%}{% else %}{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{% endif %}|{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let out = t
+            .render_multimodal(
+                &[
+                    ChatMessage {
+                        role: Role::User,
+                        parts: vec![image(), Part::Text("hi".into())],
+                    },
+                    ChatMessage::text(Role::Assistant, "yo"),
+                ],
+                "<img>",
+            )
+            .unwrap();
+        assert_eq!(out, "user:[<img>]hi|assistant:yo|");
+        assert_eq!(
+            strip_generation_tags("a{% generation %}b{%- endgeneration -%}c{% if x %}"),
+            "abc{% if x %}"
         );
     }
 
