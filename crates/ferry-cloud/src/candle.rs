@@ -1,6 +1,12 @@
 //! The candle backend: ferry-cloud serves a zoo model itself with ferry-engine's
 //! [`LoadedModel`] (the same engine as ferryd; CPU by default, the first CUDA GPU when built with
 //! the `cuda` feature), and measures each request's energy with ferry-energy's [`EnergyMeter`].
+//!
+//! Vision-language models (LLaVA-1.5, LLaVA-NeXT) get the request's images: ferry-engine decodes
+//! and preprocesses them, places one image placeholder per image through the model's chat
+//! template, and splices the vision tower's features in at the placeholders. An image that does
+//! not decode is INVALID_ARGUMENT naming its field (`messages[i].parts[j].image`); the prompt's
+//! token count, for limits and usage, includes the context positions the images' features take.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -73,14 +79,24 @@ impl Backend for CandleBackend {
             tracing::info_span!("candle", request_id = %req.request_id, model = %model.info().id);
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
-            let prompt = model.encode_chat(&req.messages)?;
+            // Text-only models refuse images here too (ferry-cloud's capability check may be
+            // configured wider than the model).
+            let prompt = model.encode_multimodal(&req.messages)?;
             let limit = max_prompt.min(model.info().context_length.saturating_sub(1));
-            if prompt.len() > limit {
+            if prompt.positions() > limit {
+                let images = match prompt.image_count() {
+                    0 => String::new(),
+                    n => format!(
+                        " ({} of them for {n} image{})",
+                        prompt.image_positions(),
+                        if n == 1 { "" } else { "s" }
+                    ),
+                };
                 return Err(Error::invalid(
                     "messages",
                     format!(
-                        "the prompt is {} tokens, over the limit of {limit} tokens of model `{}`",
-                        prompt.len(),
+                        "the prompt is {} tokens{images}, over the limit of {limit} tokens of model `{}`",
+                        prompt.positions(),
                         model.info().id
                     ),
                 )
@@ -91,7 +107,7 @@ impl Backend for CandleBackend {
                 stop: req.stop.clone(),
             };
             let account = energy.begin();
-            let out = model.generate(
+            let out = model.generate_multimodal(
                 &prompt,
                 &req.sampling,
                 GenerateOptions::default(),
