@@ -424,6 +424,16 @@ async fn run(
     Ok((text, done.expect("stream ended without a completion")))
 }
 
+/// The README's example manifest for a real checkpoint parses and names a vision model.
+#[test]
+fn the_example_llava_manifest_parses() {
+    let m = ModelManifest::load(&repo_root().join("models/examples/llava-v1.6-mistral-7b-hf.toml"))
+        .unwrap();
+    assert!(m.accepts_images());
+    assert_eq!(m.family, "llava_next");
+    assert_eq!(m.hub.as_deref(), Some("llava-hf/llava-v1.6-mistral-7b-hf"));
+}
+
 #[test]
 fn a_real_easy_vqa_png_preprocesses_into_normalised_llava_next_views() {
     let (png, _) = easy_vqa(0);
