@@ -529,6 +529,30 @@ fn sha256_hex(text: &str) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
+/// `helm template` output checked against the Kubernetes schemas, as documents.
+fn schema_checked(yaml: &str, name: &str) -> Rendered {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let mut args = vec!["manifests", file.to_str().unwrap()];
+    for v in KUBE_VERSIONS {
+        args.extend(["--kube-version", v]);
+    }
+    let json = ok(&chart_check(&args), &format!("schema check ({name})"));
+    Rendered {
+        docs: serde_json::from_str(&json).unwrap(),
+    }
+}
+
+/// The defaults with `--set`s, rendered and schema-checked.
+fn render(helm: &Helm, sets: &[&str], name: &str) -> Rendered {
+    let yaml = ok(
+        &helm.template(None, sets),
+        &format!("helm template ({name})"),
+    );
+    schema_checked(&yaml, name)
+}
+
 /// Renders one values set, schema-checks it and checks what holds for every values set. Returns
 /// the manifests and the parsed cloud.toml for the scenario's own checks.
 fn render_and_check(
@@ -546,17 +570,7 @@ fn render_and_check(
         &helm.template(values, &[]),
         &format!("helm template ({name})"),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rendered.yaml");
-    std::fs::write(&file, &yaml).unwrap();
-    let mut args = vec!["manifests", file.to_str().unwrap()];
-    for v in KUBE_VERSIONS {
-        args.extend(["--kube-version", v]);
-    }
-    let json = ok(&chart_check(&args), &format!("schema check ({name})"));
-    let r = Rendered {
-        docs: serde_json::from_str(&json).unwrap(),
-    };
+    let r = schema_checked(&yaml, name);
 
     // Every document is named, labelled with the release, and unique.
     let mut names = std::collections::BTreeSet::new();
@@ -802,9 +816,15 @@ fn render_and_check(
             .into_iter()
             .find(|svc| selects(sel, get(svc, "metadata.labels")))
             .unwrap_or_else(|| panic!("{} selects no Service", s(sm, "metadata.name")));
+        let is_cloud = get(svc, "metadata.labels")["app.kubernetes.io/component"] == "cloud";
         for ep in arr(sm, "spec.endpoints") {
             assert_eq!(s(ep, "path"), "/metrics");
             svc_port(svc, s(ep, "port"));
+            if is_cloud && config.auth.tokens_file.is_some() {
+                // ferry-cloud's /metrics is behind the bearer tokens.
+                assert_eq!(s(ep, "authorization.type"), "Bearer");
+                assert!(!s(ep, "authorization.credentials.name").is_empty());
+            }
         }
     }
 
@@ -928,6 +948,11 @@ fn chart_refuses_values_that_cannot_work() {
         (vec!["tls.mutual=false"], "needs authentication"),
         // A model needs an engine.
         (vec!["vllm.enabled=false"], "needs a base_url"),
+        // With tokens, /metrics wants one too: a ServiceMonitor without it would only get 401s.
+        (
+            vec!["serviceMonitor.enabled=true", "auth.tokensSecretName=tok"],
+            "bearerTokenSecret",
+        ),
         // values.schema.json is enforced by helm itself.
         (vec!["vllm.gpus=0"], "gpus"),
         (vec!["replicas=-1"], "replicas"),
@@ -941,4 +966,115 @@ fn chart_refuses_values_that_cannot_work() {
     // Tokens alone are enough authentication.
     let out = helm.template(None, &["tls.enabled=false", "auth.tokensSecretName=tok"]);
     ok(&out, "tokens without TLS");
+}
+
+/// The Secret layout the chart mounts works with the real server: the rendered cloud.toml, its
+/// /etc/ferry paths moved under a temporary "pod root" holding the files the Secrets' items
+/// would (certificates from `ferry certs dev` as tls.crt/tls.key/ca.crt, a token file as
+/// `tokens`), starts ferry-cloud with mutual TLS and tokens; an edge with the dev client
+/// certificate and the token lists the chart's model, one without a certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_config_serves_mutual_tls_and_tokens_from_the_secret_layout() {
+    use ferry_cli::certs::{self, DevCertsOptions};
+    use ferry_proto::v1 as pb;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+    let Some(helm) = helm_or_skip("starting ferry-cloud on the rendered config") else {
+        return;
+    };
+    let r = render(
+        &helm,
+        &["auth.tokensSecretName=ferry-cloud-tokens"],
+        "tokens",
+    );
+    let cm = r.one("ConfigMap", "cloud").unwrap();
+    let toml = get(cm, "data")["cloud.toml"].as_str().unwrap();
+    let (rendered, http) = parse_cloud_toml(toml, "tokens");
+    assert!(rendered.tls.mutual() && rendered.auth.tokens_file.is_some());
+
+    let dir = tempfile::tempdir().unwrap();
+    let dev = certs::write_dev_certs(&DevCertsOptions {
+        out: dir.path().join("dev"),
+        days: 2,
+        ..DevCertsOptions::default()
+    })
+    .unwrap();
+    let root = dir.path().join("pod");
+    for (src, dst) in [
+        (certs::CLOUD_CERT, "etc/ferry/tls/tls.crt"),
+        (certs::CLOUD_KEY, "etc/ferry/tls/tls.key"),
+        (certs::CA_CERT, "etc/ferry/tls/ca.crt"),
+    ] {
+        std::fs::create_dir_all(root.join(dst).parent().unwrap()).unwrap();
+        std::fs::copy(dev.path(src), root.join(dst)).unwrap();
+    }
+    std::fs::create_dir_all(root.join("etc/ferry/auth")).unwrap();
+    let token = "helm-chart-token";
+    std::fs::write(
+        root.join("etc/ferry/auth/tokens"),
+        format!("{}\n", ferry_core::token::token_line("edge-1", token)),
+    )
+    .unwrap();
+    // The pod's paths under the temporary root, loopback instead of the pod network.
+    let mut local = toml
+        .to_string()
+        .replace("\"/etc/ferry/", &format!("\"{}/etc/ferry/", root.display()))
+        .replace(
+            &format!("listen = \"{}\"", rendered.server.listen),
+            "listen = \"127.0.0.1:0\"",
+        );
+    let http_line = format!("http_addr = \"{http}\"\n");
+    local = if http_addr(&CloudConfig::default()).is_some() {
+        local.replace(&http_line, "http_addr = \"127.0.0.1:0\"\n")
+    } else {
+        local.replace(&http_line, "")
+    };
+    assert!(!local.contains("/etc/ferry/tls") || local.contains(&*root.to_string_lossy()));
+    let config = CloudConfig::from_toml(&local, Path::new("cloud.toml")).unwrap();
+    let server = ferry_cloud::CloudServer::start(config)
+        .await
+        .expect("ferry-cloud starts on the chart's config and Secret layout");
+
+    let read = |f: &str| std::fs::read(dev.path(f)).unwrap();
+    let endpoint = |client_cert: bool| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(certs::CA_CERT)))
+            .domain_name(certs::CLOUD_DOMAIN_NAME);
+        if client_cert {
+            tls = tls.identity(Identity::from_pem(
+                read(certs::EDGE_CERT),
+                read(certs::EDGE_KEY),
+            ));
+        }
+        Channel::from_shared(format!("https://localhost:{}", server.local_addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(std::time::Duration::from_secs(5))
+    };
+    let channel = endpoint(true)
+        .connect()
+        .await
+        .expect("mutual TLS handshake");
+    let mut req = tonic::Request::new(pb::ListModelsRequest {});
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let models = pb::offload_client::OffloadClient::new(channel)
+        .list_models(req)
+        .await
+        .expect("ListModels with the edge certificate and the token")
+        .into_inner()
+        .models;
+    let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, vec!["llama-3.1-8b-instruct"]);
+    // No client certificate: the handshake or the first call fails.
+    let refused = match endpoint(false).connect().await {
+        Err(_) => true,
+        Ok(ch) => pb::offload_client::OffloadClient::new(ch)
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+    server.shutdown(std::time::Duration::from_secs(1)).await;
 }
