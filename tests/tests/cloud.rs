@@ -41,6 +41,8 @@ fn model(id: &str, backend: BackendKind) -> ModelConfig {
 fn cloud_config(models: Vec<ModelConfig>) -> CloudConfig {
     let mut c = CloudConfig::default();
     c.server.listen = "127.0.0.1:0".parse().unwrap();
+    // Several servers run at once: no fixed probe/metrics port.
+    c.server.http_addr = "127.0.0.1:0".parse().unwrap();
     c.server.shutdown_grace_s = 5;
     c.candle.manifest_dir = repo_root().join("models");
     c.candle.model_dir = model_dir();
@@ -433,6 +435,7 @@ async fn ferry_cloud_binary_serves_the_sample_config_and_drains_on_sigterm() {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("FERRY_CLOUD_MODEL_DIR", model_dir())
             .env("FERRY_CLOUD_SHUTDOWN_GRACE_S", "20")
+            .env("FERRY_CLOUD_HTTP_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,14 +1,17 @@
-//! ferry-cloud's security on loopback: mutual TLS with the certificates of `ferry certs dev`
-//! (a client without a certificate, or with one from another CA, is refused in the handshake),
-//! bearer tokens (missing or wrong: UNAUTHENTICATED with the one message), and the refusal to
-//! listen beyond loopback with no authentication.
+//! ferry-cloud's security and operations on loopback: mutual TLS with the certificates of
+//! `ferry certs dev` (a client without a certificate, or with one from another CA, is refused in
+//! the handshake), bearer tokens (missing or wrong: UNAUTHENTICATED with the one message), the
+//! refusal to listen beyond loopback with no authentication, and the HTTP probes and metrics:
+//! listening before the models load (`/readyz` 503, health NOT_SERVING, Offload UNAVAILABLE),
+//! ready after, and `/metrics` as Prometheus text whose counters move with requests.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use ferry_cli::certs::{self, DevCertsOptions};
 use ferry_cloud::{BackendKind, CloudConfig, CloudServer, ModelConfig};
-use ferry_integration::{free_port, model_dir, repo_root, DEFAULT_MODEL};
+use ferry_integration::{free_port, http_with_headers, model_dir, repo_root, DEFAULT_MODEL};
 use ferry_proto::v1 as pb;
 use futures::StreamExt;
 use pb::offload_client::OffloadClient;
@@ -50,6 +53,7 @@ fn candle_model() -> ModelConfig {
 fn cloud_config(models: Vec<ModelConfig>) -> CloudConfig {
     let mut c = CloudConfig::default();
     c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.http_addr = "127.0.0.1:0".parse().unwrap();
     c.server.shutdown_grace_s = 5;
     c.candle.manifest_dir = repo_root().join("models");
     c.candle.model_dir = model_dir();
@@ -402,4 +406,284 @@ fn ferry_certs_dev_writes_the_contract_files_and_refuses_to_overwrite() {
     let forced = run(&["--force"]);
     assert!(forced.status.success());
     assert_ne!(read(out.join("ca.pem")), ca);
+}
+
+/// One sample of the Prometheus text format: name, labels, value.
+type Sample = (String, BTreeMap<String, String>, f64);
+
+/// Parses Prometheus text exposition strictly enough to catch a malformed page: comment lines
+/// are `# HELP`/`# TYPE` with a known type, every other line is `name{k="v",...} value`.
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(c) = line.strip_prefix("# ") {
+            let mut f = c.split_whitespace();
+            match f.next() {
+                Some("TYPE") => {
+                    let _name = f.next().expect("TYPE names a metric");
+                    let ty = f.next().expect("TYPE has a type");
+                    assert!(
+                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&ty),
+                        "{line}"
+                    );
+                }
+                Some("HELP") => {}
+                _ => panic!("unexpected comment line: {line}"),
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("`series value`");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').expect("labels end with }");
+                let labels = body
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").expect("k=\"v\"");
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels)
+            }
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line}"
+        );
+        out.push((name, labels, value));
+    }
+    out
+}
+
+/// The sum of the samples named `name` whose labels include all of `labels`.
+fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+async fn scrape(addr: std::net::SocketAddr, token: &str) -> Vec<Sample> {
+    let auth = format!("Bearer {token}");
+    let r = http_with_headers(addr, "GET", "/metrics", &[("Authorization", &auth)], None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "{:?}",
+        r.headers
+    );
+    parse_prometheus(&r.body)
+}
+
+async fn health_status(server: &CloudServer) -> i32 {
+    let channel = Channel::from_shared(format!("http://{}", server.local_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "ferry.v1.Offload".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listens_before_loading_then_ready_and_metrics_count_requests() {
+    // A model id of this test's own, so that the process-wide counters it reads are its own.
+    const MODEL: &str = "sec-metrics-smollm2";
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("{}\n", ferry_core::token::token_line("ops", "tok-ops")),
+    )
+    .unwrap();
+    let mut config = cloud_config(vec![ModelConfig {
+        id: MODEL.into(),
+        manifest: Some(DEFAULT_MODEL.into()),
+        usd_per_million_tokens: Some(1.0),
+        ..candle_model()
+    }]);
+    config.auth.tokens_file = Some(tokens);
+
+    // Bound, not loaded: live, not ready; every call UNAVAILABLE with the reason.
+    let server = CloudServer::bind(config).await.expect("listeners bound");
+    let http = server.http_addr.expect("HTTP enabled");
+    let live = ferry_integration::http(http, "GET", "/healthz", None).await;
+    assert_eq!((live.status, live.body.as_str()), (200, "ok\n"));
+    let ready = ferry_integration::http(http, "GET", "/readyz", None).await;
+    assert_eq!((ready.status, ready.body.as_str()), (503, "loading\n"));
+    assert_eq!(
+        health_status(&server).await,
+        ServingStatus::NotServing as i32
+    );
+    let endpoint = || Channel::from_shared(format!("http://{}", server.local_addr)).unwrap();
+    let mut client = OffloadClient::new(endpoint().connect().await.unwrap());
+    let err = client
+        .generate(with_token(request("m-0", MODEL, 4), "tok-ops"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), "ferry-cloud is still loading its models");
+    let err = client
+        .list_models(with_token(pb::ListModelsRequest {}, "tok-ops"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let before = scrape(http, "tok-ops").await;
+    assert_eq!(sum(&before, "ferry_cloud_ready", &[]), 0.0);
+
+    // Loaded: ready.
+    server.load().await.expect("models load");
+    let ready = ferry_integration::http(http, "GET", "/readyz", None).await;
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    assert_eq!(health_status(&server).await, ServingStatus::Serving as i32);
+
+    // /metrics needs the token; a refusal is counted.
+    let refused = ferry_integration::http(http, "GET", "/metrics", None).await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert_eq!(refused.header("www-authenticate"), Some("Bearer"));
+    let wrong = client
+        .list_models(with_token(pb::ListModelsRequest {}, "tok-wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+
+    // One request, then its retry (a replay).
+    for _ in 0..2 {
+        let mut stream = client
+            .generate(with_token(request("m-1", MODEL, 6), "tok-ops"))
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(item) = stream.next().await {
+            item.unwrap();
+        }
+    }
+
+    let after = scrape(http, "tok-ops").await;
+    let ok = [("model", MODEL), ("backend", "candle"), ("outcome", "ok")];
+    assert_eq!(sum(&before, "ferry_cloud_requests_total", &ok), 0.0);
+    assert_eq!(sum(&after, "ferry_cloud_requests_total", &ok), 1.0);
+    assert_eq!(
+        sum(&after, "ferry_cloud_replays_total", &[("model", MODEL)]),
+        1.0
+    );
+    let prompt = sum(
+        &after,
+        "ferry_cloud_tokens_total",
+        &[("model", MODEL), ("kind", "prompt")],
+    );
+    let completion = sum(
+        &after,
+        "ferry_cloud_tokens_total",
+        &[("model", MODEL), ("kind", "completion")],
+    );
+    assert!(
+        prompt > 5.0 && (1.0..=6.0).contains(&completion),
+        "{prompt} {completion}"
+    );
+    for h in [
+        "ferry_cloud_request_duration_seconds_count",
+        "ferry_cloud_time_to_first_token_seconds_count",
+    ] {
+        assert_eq!(
+            sum(&after, h, &[("model", MODEL), ("backend", "candle")]),
+            1.0,
+            "{h}"
+        );
+    }
+    assert_eq!(
+        sum(
+            &after,
+            "ferry_cloud_queue_wait_seconds_count",
+            &[("model", MODEL)]
+        ),
+        1.0
+    );
+    // Measured joules, labelled with the meter's source.
+    let energy: Vec<&Sample> = after
+        .iter()
+        .filter(|(n, l, _)| {
+            n == "ferry_cloud_request_energy_joules_sum"
+                && l.get("model").map(String::as_str) == Some(MODEL)
+        })
+        .collect();
+    assert_eq!(energy.len(), 1, "{energy:?}");
+    assert!(energy[0].2 > 0.0);
+    let source = energy[0].1.get("source").unwrap();
+    assert!(
+        !source.is_empty() && source != "hint" && source != "none",
+        "{source}"
+    );
+    // Histogram buckets are cumulative and end at +Inf.
+    assert!(after.iter().any(|(n, l, _)| {
+        n == "ferry_cloud_request_duration_seconds_bucket"
+            && l.get("le").map(String::as_str) == Some("+Inf")
+    }));
+    // Refusals moved: the loading calls, and the bad tokens on both surfaces.
+    let unavailable = [("reason", "unavailable")];
+    assert!(
+        sum(&after, "ferry_cloud_requests_rejected_total", &unavailable)
+            >= sum(&before, "ferry_cloud_requests_rejected_total", &unavailable)
+    );
+    assert!(
+        sum(&before, "ferry_cloud_requests_rejected_total", &unavailable) >= 1.0,
+        "the call while loading was counted"
+    );
+    for surface in ["grpc", "http"] {
+        let l = [("surface", surface)];
+        assert!(
+            sum(&after, "ferry_cloud_auth_refusals_total", &l)
+                > sum(&before, "ferry_cloud_auth_refusals_total", &l),
+            "{surface}"
+        );
+    }
+    assert_eq!(sum(&after, "ferry_cloud_ready", &[]), 1.0);
+    assert_eq!(sum(&after, "ferry_cloud_requests_running", &[]), 0.0);
+    assert_eq!(sum(&after, "ferry_cloud_requests_queued", &[]), 0.0);
+
+    // Draining: not ready any more.
+    server.state.start_draining();
+    let ready = ferry_integration::http(http, "GET", "/readyz", None).await;
+    assert_eq!((ready.status, ready.body.as_str()), (503, "draining\n"));
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_fails_to_load_leaves_the_server_live_but_not_ready() {
+    let mut config = cloud_config(vec![ModelConfig {
+        id: "sec-missing".into(),
+        manifest: Some("no-such-manifest".into()),
+        ..candle_model()
+    }]);
+    config.server.http_enabled = true;
+    let server = CloudServer::bind(config).await.expect("listeners bound");
+    let http = server.http_addr.unwrap();
+    let err = server.load().await.unwrap_err();
+    assert!(err.to_string().contains("no-such-manifest"), "{err}");
+    let ready = ferry_integration::http(http, "GET", "/readyz", None).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(
+        health_status(&server).await,
+        ServingStatus::NotServing as i32
+    );
+    server.shutdown(Duration::ZERO).await;
 }

@@ -36,6 +36,11 @@ pub struct ServerConfig {
     /// gRPC listen address. Loopback by default: exposing the cloud tier is an explicit choice,
     /// and needs mutual TLS (`tls.client_ca_file`) or bearer tokens (`auth.tokens_file`).
     pub listen: SocketAddr,
+    /// Serve `/healthz`, `/readyz` and `/metrics` over HTTP on `http_addr`.
+    pub http_enabled: bool,
+    /// HTTP listen address of the probes and metrics (plain HTTP; `/metrics` needs a bearer
+    /// token when `auth.tokens_file` is set, the probes are open).
+    pub http_addr: SocketAddr,
     /// Requests generating at the same time, over all models.
     pub max_concurrent: usize,
     /// Requests waiting for a slot; beyond it new requests get RESOURCE_EXHAUSTED.
@@ -50,6 +55,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:50061".parse().expect("valid default address"),
+            http_enabled: true,
+            http_addr: "127.0.0.1:9061".parse().expect("valid default address"),
             max_concurrent: 4,
             max_queue: 64,
             shutdown_grace_s: 30,
@@ -202,6 +209,15 @@ impl CloudConfig {
         if self.server.max_concurrent == 0 {
             return Err(bad("server.max_concurrent", "must be at least 1"));
         }
+        if self.server.http_enabled
+            && self.server.http_addr == self.server.listen
+            && self.server.listen.port() != 0
+        {
+            return Err(bad(
+                "server.http_addr",
+                "must differ from server.listen (the probes and metrics have their own port)",
+            ));
+        }
         self.limits.validate()?;
         self.energy
             .validate()
@@ -328,6 +344,12 @@ pub struct Cli {
     /// gRPC listen address.
     #[arg(long, env = "FERRY_CLOUD_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Serve /healthz, /readyz and /metrics over HTTP (true/false).
+    #[arg(long, env = "FERRY_CLOUD_HTTP_ENABLED")]
+    pub http_enabled: Option<bool>,
+    /// HTTP listen address of the probes and metrics.
+    #[arg(long, env = "FERRY_CLOUD_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
     /// Requests generating at once.
     #[arg(long, env = "FERRY_CLOUD_MAX_CONCURRENT")]
     pub max_concurrent: Option<usize>,
@@ -421,6 +443,8 @@ impl Cli {
             }
         }
         set(&mut c.server.listen, &self.listen);
+        set(&mut c.server.http_enabled, &self.http_enabled);
+        set(&mut c.server.http_addr, &self.http_addr);
         set(&mut c.server.max_concurrent, &self.max_concurrent);
         set(&mut c.server.max_queue, &self.max_queue);
         set(&mut c.server.shutdown_grace_s, &self.shutdown_grace_s);
@@ -487,11 +511,18 @@ mod tests {
             "99",
             "--default-max-tokens",
             "9",
+            "--http-addr",
+            "127.0.0.1:6002",
+            "--http-enabled",
+            "false",
         ]);
         let c = cli.resolve().unwrap();
         assert_eq!(c.server.listen.port(), 6001);
         assert_eq!(c.log.level, "debug");
         assert_eq!(c.limits.max_new_tokens, 99);
+        assert_eq!(c.server.http_addr.port(), 6002);
+        assert!(!c.server.http_enabled);
+        assert!(file.server.http_enabled);
         assert_eq!(c.models, file.models);
         assert_eq!(c.server.max_queue, file.server.max_queue);
     }
@@ -502,6 +533,9 @@ mod tests {
         assert_eq!(c, CloudConfig::default());
         assert!(c.server.listen.ip().is_loopback());
         assert_eq!(c.server.listen.port(), 50061);
+        assert!(c.server.http_enabled && c.server.http_addr.ip().is_loopback());
+        assert_eq!(c.server.http_addr.port(), 9061);
+        assert!(!c.tls.enabled() && c.auth.tokens_file.is_none());
     }
 
     #[test]
@@ -599,6 +633,10 @@ mod tests {
             ),
             ("[[models]]\nid = \"a\"\nbackend = \"tgi\"\n", "backend"),
             ("[server]\nbogus = 1\n", "bogus"),
+            (
+                "[server]\nlisten = \"127.0.0.1:7000\"\nhttp_addr = \"127.0.0.1:7000\"\n",
+                "server.http_addr",
+            ),
         ];
         for (text, needle) in cases {
             let err = CloudConfig::from_toml(text, Path::new("x")).unwrap_err();

@@ -10,11 +10,17 @@
 //! - [`openai::OpenAiBackend`]: an OpenAI-compatible engine (vLLM in production) serves it,
 //!   streamed over SSE, its errors mapped to ferry's statuses.
 //!
+//! Around them: mutual TLS and bearer tokens on the gRPC listener ([`config::TlsConfig`],
+//! [`ferry_core::auth`]), and an HTTP listener with `/healthz`, `/readyz` and Prometheus
+//! `/metrics` ([`http`], [`metrics`]). The listeners are bound before the models load.
+//!
 //! The binary in `main.rs` only parses the command line and runs [`CloudServer`].
 
 pub mod backend;
 pub mod candle;
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod openai;
 pub mod server;
 pub mod service;

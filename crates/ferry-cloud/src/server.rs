@@ -1,5 +1,7 @@
-//! Starting and stopping ferry-cloud: build the backends (loading the candle models), serve
-//! `ferry.v1.Offload` with the standard health and reflection services, and drain gracefully.
+//! Starting and stopping ferry-cloud: bind the gRPC and HTTP listeners first (health
+//! NOT_SERVING, `/readyz` 503, Offload UNAVAILABLE), then build the backends (loading the
+//! candle models), then turn SERVING; serve `ferry.v1.Offload` with the standard health and
+//! reflection services, and drain gracefully.
 //!
 //! Security (`[tls]`, `[auth]`): the gRPC listener speaks TLS when `tls.cert_file` is set and
 //! requires a client certificate signed by `tls.client_ca_file` when that is set (mutual TLS,
@@ -185,6 +187,7 @@ impl tonic::service::Interceptor for BearerCheck {
         match self.0.auth.check_metadata(req.metadata()) {
             Ok(_) => Ok(req),
             Err(e) => {
+                crate::metrics::auth_refused("grpc");
                 tracing::debug!(peer = ?req.remote_addr(), "gRPC call refused: bad bearer token");
                 Err(e.into())
             }
@@ -194,12 +197,15 @@ impl tonic::service::Interceptor for BearerCheck {
 
 /// A running ferry-cloud.
 pub struct CloudServer {
-    /// The bound address (useful with port 0).
+    /// The bound gRPC address (useful with port 0).
     pub local_addr: SocketAddr,
+    /// The bound HTTP address of the probes and metrics, when `server.http_enabled`.
+    pub http_addr: Option<SocketAddr>,
     pub state: Arc<CloudState>,
     health: HealthReporter,
     stop_tx: watch::Sender<bool>,
     server: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    http_server: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
@@ -208,13 +214,26 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 }
 
 impl CloudServer {
-    /// Builds the backends (loading candle models), binds the listener and serves; health is
-    /// SERVING once this returns.
+    /// Binds and serves, then loads the models: [`CloudServer::bind`] followed by
+    /// [`CloudServer::load`]. Health is SERVING once this returns; a loading failure closes
+    /// the listeners and is returned.
     pub async fn start(config: CloudConfig) -> Result<Self> {
+        let server = Self::bind(config).await?;
+        match server.load().await {
+            Ok(()) => Ok(server),
+            Err(e) => {
+                server.shutdown(Duration::ZERO).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Validates the config, reads the token file and certificates, binds the gRPC and HTTP
+    /// listeners and serves them with no models yet: gRPC health NOT_SERVING, every Offload
+    /// call UNAVAILABLE ("still loading"), `/readyz` 503, until [`CloudServer::load`].
+    pub async fn bind(config: CloudConfig) -> Result<Self> {
         config.validate()?;
         let auth = Auth::from_config(&config.auth)?;
-        // Built (files read and checked) before the models load: a bad certificate stops
-        // ferry-cloud at once.
         let builder = server_builder(&config.tls)?;
         if !config.server.listen.ip().is_loopback() && auth.enabled() && !config.tls.enabled() {
             tracing::warn!(
@@ -222,13 +241,10 @@ impl CloudServer {
                 "bearer tokens over plaintext beyond loopback: set tls.cert_file/tls.key_file so they cannot be read off the network"
             );
         }
-        let cfg = config.clone();
-        let models = tokio::task::spawn_blocking(move || build_models(&cfg))
-            .await
-            .map_err(|e| Error::Engine(format!("model loader panicked: {e}")))??;
-        let state = Arc::new(CloudState::new(config, models, auth));
+        let state = Arc::new(CloudState::new(config, auth));
 
         let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -262,29 +278,87 @@ impl CloudServer {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the bound address", e))?;
-        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let http_listener = if state.config.server.http_enabled {
+            let addr = state.config.server.http_addr;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("binding HTTP address {addr}"), e))?;
+            Some(l)
+        } else {
+            None
+        };
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
         let server = tokio::spawn(router.serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
-            async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            },
+            stopped(stop_rx.clone()),
         ));
-        set_health(&health, ServingStatus::Serving).await;
         tracing::info!(
             addr = %local_addr,
-            models = state.models.len(),
             tls = state.config.tls.enabled(),
             mutual_tls = state.config.tls.mutual(),
             tokens = state.auth.enabled(),
-            "serving ferry.v1.Offload"
+            "serving ferry.v1.Offload (NOT_SERVING until the models are loaded)"
         );
+
+        let mut http_addr = None;
+        let mut http_server = None;
+        if let Some(listener) = http_listener {
+            ferry_core::telemetry::install();
+            let bound = listener
+                .local_addr()
+                .map_err(|e| Error::io("reading the bound HTTP address", e))?;
+            let app = crate::http::router(state.clone());
+            let stop = stopped(stop_rx);
+            http_server = Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }));
+            tracing::info!(addr = %bound, "serving HTTP (/healthz, /readyz, /metrics)");
+            http_addr = Some(bound);
+        }
         Ok(CloudServer {
             local_addr,
+            http_addr,
             state,
             health,
             stop_tx,
             server,
+            http_server,
         })
+    }
+
+    /// Builds every model's backend (loading the candle models on a blocking thread), then
+    /// turns health SERVING and `/readyz` 200. An error leaves the server live but not ready.
+    pub async fn load(&self) -> Result<()> {
+        if self.state.is_ready() {
+            return Ok(());
+        }
+        let cfg = self.state.config.clone();
+        let started = std::time::Instant::now();
+        let models = tokio::task::spawn_blocking(move || build_models(&cfg))
+            .await
+            .map_err(|e| Error::Engine(format!("model loader panicked: {e}")))??;
+        let n = models.len();
+        if !self.state.set_models(models) {
+            return Err(Error::FailedPrecondition(
+                "the models were loaded twice".into(),
+            ));
+        }
+        if self.state.is_draining() {
+            return Ok(());
+        }
+        set_health(&self.health, ServingStatus::Serving).await;
+        tracing::info!(
+            models = n,
+            load_ms = started.elapsed().as_millis() as u64,
+            "models loaded; ready"
+        );
+        Ok(())
     }
 
     /// Drains and stops: refuse new requests, let in-flight ones finish for up to `grace`, then
@@ -314,6 +388,13 @@ impl CloudServer {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
             Ok(_) => {}
             Err(_) => tracing::warn!("listener did not close within 5 s"),
+        }
+        if let Some(h) = self.http_server {
+            match tokio::time::timeout(Duration::from_secs(5), h).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+                Ok(_) => {}
+                Err(_) => tracing::warn!("HTTP listener did not close within 5 s"),
+            }
         }
         tracing::info!("stopped");
     }

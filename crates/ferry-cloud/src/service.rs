@@ -8,11 +8,14 @@
 //! and the edge can still fall back. The deadline is the earlier of the request's `timeout_ms`
 //! and the gRPC deadline; when it passes the request ends with DEADLINE_EXCEEDED and its
 //! backend is stopped.
+//!
+//! Until the models are loaded (ferry-cloud listens before it loads) every call answers
+//! UNAVAILABLE, so that probes and clients see a live but not yet ready server.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -29,6 +32,10 @@ use pb::offload_server::Offload;
 
 use crate::backend::{Backend, BackendOutcome, BackendRequest, Failure};
 use crate::config::{CloudConfig, ModelConfig};
+use crate::metrics;
+
+/// The status of every call while the models load.
+pub const LOADING: &str = "ferry-cloud is still loading its models";
 
 /// Longest accepted request id.
 const MAX_REQUEST_ID_BYTES: usize = 256;
@@ -104,7 +111,8 @@ pub struct Stats {
 /// Everything the service shares.
 pub struct CloudState {
     pub config: CloudConfig,
-    pub models: Vec<Arc<CloudModel>>,
+    /// The zoo, set once when the models are loaded.
+    models: OnceLock<Vec<Arc<CloudModel>>>,
     pub stats: Stats,
     /// Bearer tokens (`auth.tokens_file`); off when unset.
     pub auth: Auth,
@@ -118,7 +126,8 @@ pub struct CloudState {
 }
 
 impl CloudState {
-    pub fn new(config: CloudConfig, models: Vec<Arc<CloudModel>>, auth: Auth) -> Self {
+    /// State with no models yet (every call UNAVAILABLE until [`CloudState::set_models`]).
+    pub fn new(config: CloudConfig, auth: Auth) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -130,7 +139,7 @@ impl CloudState {
                 ..Default::default()
             }),
             config,
-            models,
+            models: OnceLock::new(),
             stats: Stats::default(),
             auth,
             abort: CancellationToken::new(),
@@ -140,9 +149,32 @@ impl CloudState {
         }
     }
 
+    /// Installs the loaded zoo; false (and nothing changes) when it was already set.
+    pub fn set_models(&self, models: Vec<Arc<CloudModel>>) -> bool {
+        self.models.set(models).is_ok()
+    }
+
+    /// The zoo; empty while loading.
+    pub fn models(&self) -> &[Arc<CloudModel>] {
+        self.models.get().map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// True once the models are loaded.
+    pub fn is_ready(&self) -> bool {
+        self.models.get().is_some()
+    }
+
     /// The model with this id.
     pub fn model(&self, id: &str) -> Option<&Arc<CloudModel>> {
-        self.models.iter().find(|m| m.config.id == id)
+        self.models().iter().find(|m| m.config.id == id)
+    }
+
+    /// Requests generating now (holding an execution slot).
+    pub fn running(&self) -> usize {
+        self.config
+            .server
+            .max_concurrent
+            .saturating_sub(self.slots.available_permits())
     }
 
     /// Requests admitted and not finished (waiting or generating).
@@ -240,6 +272,9 @@ impl OffloadService {
         if state.is_draining() {
             return Err(Error::Unavailable("ferry-cloud is shutting down".into()).into());
         }
+        if !state.is_ready() {
+            return Err(Failure::new(ErrorKind::Unavailable, LOADING));
+        }
         let request_id = req.request_id.trim().to_string();
         if request_id.is_empty() {
             return Err(
@@ -317,6 +352,7 @@ impl OffloadService {
         match begun {
             Begin::Done(stored) if stored.model == model.config.id => {
                 state.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                metrics::replayed(&model.config.id);
                 let mut c = stored.completion;
                 c.replayed = true;
                 if !stored.text.is_empty() {
@@ -403,10 +439,23 @@ async fn run(
             ),
         )
     };
+    let backend = model.backend.kind();
     let fail = |f: Failure| {
         state.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let outcome = if state.abort.is_cancelled() {
+            "shutdown"
+        } else if f.kind == ErrorKind::DeadlineExceeded {
+            "deadline"
+        } else {
+            "failed"
+        };
+        metrics::request_ended(&model.config.id, backend, outcome);
         tracing::info!(request_id = %request_id, model = %model.config.id, error = %f, "request failed");
         Err::<pb::OffloadResponse, Status>(f.into())
+    };
+    let gone = || {
+        tracing::info!(request_id = %request_id, "client went away");
+        metrics::request_ended(&model.config.id, backend, "cancelled");
     };
 
     let slot = tokio::select! {
@@ -423,7 +472,10 @@ async fn run(
             let _ = tx.send(item).await;
             return;
         }
-        _ = tx.closed() => return,
+        _ = tx.closed() => {
+            gone();
+            return;
+        }
     };
     let queue_ms = arrived.elapsed().as_secs_f64() * 1e3;
 
@@ -439,7 +491,7 @@ async fn run(
                 first_ms.get_or_insert_with(|| arrived.elapsed().as_secs_f64() * 1e3);
                 text.push_str(&d);
                 if tx.send(Ok(delta(d))).await.is_err() {
-                    tracing::info!(request_id = %request_id, "client went away");
+                    gone();
                     return;
                 }
             }
@@ -450,7 +502,7 @@ async fn run(
                 "ferry-cloud shut down before the request finished",
             )),
             _ = tx.closed() => {
-                tracing::info!(request_id = %request_id, "client went away");
+                gone();
                 return;
             }
         }
@@ -460,13 +512,17 @@ async fn run(
         first_ms.get_or_insert_with(|| arrived.elapsed().as_secs_f64() * 1e3);
         text.push_str(&d);
         if tx.send(Ok(delta(d))).await.is_err() {
+            gone();
             return;
         }
     }
     drop(slot);
     let out: BackendOutcome = match result {
         Ok(out) => out,
-        Err(f) if f.kind == ErrorKind::Cancelled && tx.is_closed() => return,
+        Err(f) if f.kind == ErrorKind::Cancelled && tx.is_closed() => {
+            gone();
+            return;
+        }
         Err(f) => {
             // The id is free again before the caller hears of the failure.
             let item = fail(f);
@@ -525,6 +581,19 @@ async fn run(
         "request finished"
     );
     state.stats.completed.fetch_add(1, Ordering::Relaxed);
+    metrics::request_ok(metrics::Finished {
+        model: &model.config.id,
+        backend,
+        prompt_tokens: out.prompt_tokens,
+        completion_tokens: out.completion_tokens,
+        total_s: total_ms / 1e3,
+        first_token_s: first_ms.map(|ms| ms / 1e3),
+        queue_s: queue_ms / 1e3,
+        energy: done
+            .energy
+            .as_ref()
+            .and_then(|e| e.joules.map(|j| (j, e.source.as_str()))),
+    });
     // Stored (and the id released) before the caller has the completion, so that a retry
     // right after it replays.
     admitted.stored = Some(Stored {
@@ -549,6 +618,7 @@ impl Offload for OffloadService {
             Ok(rx) => rx,
             Err(f) => {
                 self.state.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::request_rejected(f.kind);
                 tracing::debug!(error = %f, "request refused");
                 return Err(f.into());
             }
@@ -569,7 +639,10 @@ impl Offload for OffloadService {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self.state.models.iter().map(|m| m.info.clone()).collect();
+        if !self.state.is_ready() {
+            return Err(Status::unavailable(LOADING));
+        }
+        let models = self.state.models().iter().map(|m| m.info.clone()).collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }

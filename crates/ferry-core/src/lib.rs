@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod manifest;
 pub mod request;
+pub mod telemetry;
 pub mod token;
 
 pub use error::{Error, ErrorKind, Result};

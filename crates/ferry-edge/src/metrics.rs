@@ -27,58 +27,9 @@
 //! recorder is already installed (a test's debugging recorder), `/metrics` renders nothing and
 //! the metrics go to that recorder instead.
 
-use std::sync::OnceLock;
-
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+pub use ferry_core::telemetry::{install, render};
 
 use crate::state::AppState;
-
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Installs the Prometheus recorder once per process; false when another recorder was first.
-pub fn install() -> bool {
-    HANDLE
-        .get_or_init(|| {
-            let secs = [
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-            ];
-            let joules = [
-                0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0,
-            ];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &secs)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_joules".into()), &joules))
-                .map(|b| b.build_recorder());
-            match recorder {
-                Ok(recorder) => {
-                    let handle = recorder.handle();
-                    match metrics::set_global_recorder(recorder) {
-                        Ok(()) => Some(handle),
-                        Err(_) => {
-                            tracing::debug!(
-                                "a metrics recorder is already installed; /metrics stays empty"
-                            );
-                            None
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Prometheus recorder not built");
-                    None
-                }
-            }
-        })
-        .is_some()
-}
-
-/// The Prometheus text exposition of everything recorded so far.
-pub fn render() -> String {
-    HANDLE
-        .get()
-        .and_then(|h| h.as_ref())
-        .map(|h| h.render())
-        .unwrap_or_default()
-}
 
 /// Sets the gauges that are read off live state rather than counted as events.
 pub fn refresh_gauges(state: &AppState) {
