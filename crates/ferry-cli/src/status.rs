@@ -1,6 +1,7 @@
 //! `ferry status`: how a running ferryd is doing, as a table for people or JSON for scripts —
-//! readiness, models, the admission queue, energy metering, and each MESS+ router's SLA target,
-//! virtual queues, call mix and satisfaction so far.
+//! readiness, models of both tiers, the admission queue, energy metering, the cloud endpoints
+//! (health, circuit state, load), and each MESS+ router's SLA target, virtual queues, call mix
+//! and satisfaction so far.
 
 use std::fmt::Write;
 
@@ -51,6 +52,15 @@ pub fn to_json(s: &pb::StatusResponse) -> serde_json::Value {
             "attributed_joules": energy.attributed_joules,
             "idle_joules": energy.idle_joules,
         },
+        "cloud_endpoints": s.cloud_endpoints.iter().map(|e| serde_json::json!({
+            "uri": e.uri,
+            "healthy": e.healthy,
+            "circuit": e.circuit,
+            "in_flight": e.in_flight,
+            "models": e.models,
+            "circuit_opened_total": e.circuit_opened_total,
+            "last_error": (!e.last_error.is_empty()).then_some(&e.last_error),
+        })).collect::<Vec<_>>(),
         "routers": s.routers.iter().map(|r| {
             let total: u64 = r.models.iter().map(|m| m.calls).sum();
             serde_json::json!({
@@ -121,6 +131,26 @@ pub fn render(s: &pb::StatusResponse) -> String {
             tier_name(m.tier),
             if m.loaded { "loaded" } else { "not loaded" },
             if m.is_default { ", default" } else { "" }
+        );
+    }
+    if s.cloud_endpoints.is_empty() {
+        let _ = writeln!(o, "cloud tier: not configured (every request runs locally)");
+    }
+    for e in &s.cloud_endpoints {
+        let _ = writeln!(
+            o,
+            "cloud endpoint {}: {}, circuit {} (opened {} times), {} in flight, models [{}]{}",
+            e.uri,
+            if e.healthy { "healthy" } else { "UNHEALTHY" },
+            e.circuit,
+            e.circuit_opened_total,
+            e.in_flight,
+            e.models.join(", "),
+            if e.last_error.is_empty() {
+                String::new()
+            } else {
+                format!(" — last probe: {}", e.last_error)
+            }
         );
     }
     if s.routers.is_empty() {
@@ -201,8 +231,31 @@ mod tests {
                 ],
                 ..Default::default()
             }],
+            cloud_endpoints: vec![pb::CloudEndpointStatus {
+                uri: "https://cloud-0:50061".into(),
+                healthy: false,
+                circuit: "open".into(),
+                circuit_opened_total: 2,
+                models: vec!["llama".into()],
+                last_error: "UNAVAILABLE: connection refused".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn cloud_endpoints_show_health_and_circuit() {
+        let t = render(&sample());
+        assert!(
+            t.contains("https://cloud-0:50061: UNHEALTHY, circuit open (opened 2 times)"),
+            "{t}"
+        );
+        assert!(t.contains("connection refused"), "{t}");
+        let v = to_json(&sample());
+        assert_eq!(v["cloud_endpoints"][0]["circuit"], "open");
+        assert_eq!(v["cloud_endpoints"][0]["healthy"], false);
+        assert!(render(&pb::StatusResponse::default()).contains("cloud tier: not configured"));
     }
 
     #[test]

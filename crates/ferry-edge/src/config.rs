@@ -23,6 +23,7 @@ pub struct EdgeConfig {
     pub state: StateConfig,
     pub router: RouterConfig,
     pub placement: crate::placement::PlacementConfig,
+    pub cloud: crate::cloud::CloudConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
 }
@@ -209,6 +210,7 @@ impl EdgeConfig {
         if r.save_interval_ms == 0 {
             return Err(bad("router.save_interval_ms", "must be at least 1"));
         }
+        self.cloud.validate()?;
         self.log.validate()?;
         Ok(())
     }
@@ -344,6 +346,25 @@ pub struct Cli {
     /// Task category of requests that name none.
     #[arg(long, env = "FERRY_PLACEMENT_DEFAULT_TASK")]
     pub placement_default_task: Option<String>,
+    /// ferry-cloud endpoints to offload to (comma-separated http:// or https:// URIs; empty
+    /// string: no cloud tier).
+    #[arg(long, env = "FERRY_CLOUD_ENDPOINTS", value_delimiter = ',')]
+    pub cloud_endpoints: Option<Vec<String>>,
+    /// CA certificate (PEM) of the cloud endpoints' TLS certificates.
+    #[arg(long, env = "FERRY_CLOUD_CA_FILE")]
+    pub cloud_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS with ferry-cloud.
+    #[arg(long, env = "FERRY_CLOUD_CERT_FILE")]
+    pub cloud_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS with ferry-cloud.
+    #[arg(long, env = "FERRY_CLOUD_KEY_FILE")]
+    pub cloud_key_file: Option<PathBuf>,
+    /// File holding the bearer token sent to ferry-cloud.
+    #[arg(long, env = "FERRY_CLOUD_TOKEN_FILE")]
+    pub cloud_token_file: Option<PathBuf>,
+    /// Time budget of an offloaded request without an app deadline, milliseconds.
+    #[arg(long, env = "FERRY_CLOUD_REQUEST_TIMEOUT_MS")]
+    pub cloud_request_timeout_ms: Option<u64>,
     /// Bearer token file (hashed tokens; reloaded on SIGHUP).
     #[arg(long, env = "FERRY_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
@@ -418,6 +439,23 @@ impl Cli {
         if self.placement_default_task.is_some() {
             c.placement.default_task = self.placement_default_task.clone();
         }
+        if let Some(e) = &self.cloud_endpoints {
+            c.cloud.endpoints = e.iter().filter(|s| !s.trim().is_empty()).cloned().collect();
+        }
+        for (dst, src) in [
+            (&mut c.cloud.ca_file, &self.cloud_ca_file),
+            (&mut c.cloud.cert_file, &self.cloud_cert_file),
+            (&mut c.cloud.key_file, &self.cloud_key_file),
+            (&mut c.cloud.token_file, &self.cloud_token_file),
+        ] {
+            if src.is_some() {
+                *dst = src.clone();
+            }
+        }
+        set(
+            &mut c.cloud.request_timeout_ms,
+            &self.cloud_request_timeout_ms,
+        );
         if self.tokens_file.is_some() {
             c.auth.tokens_file = self.tokens_file.clone();
         }

@@ -7,9 +7,11 @@
 
 pub mod admission;
 pub mod auth;
+pub mod cloud;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod offload;
 pub mod placement;
 pub mod records;
 pub mod router;

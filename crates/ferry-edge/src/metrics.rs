@@ -2,11 +2,12 @@
 //! from live state at scrape time.
 //!
 //! Every name starts with `ferry_`; labels are bounded (model ids come from the configured
-//! manifests, tiers and outcomes from fixed sets, energy sources from the probed kinds):
+//! manifests and the cloud zoo, endpoints from `cloud.endpoints`, tiers and outcomes from fixed
+//! sets, energy sources from the probed kinds):
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `ferry_requests_total` | counter | `tier`, `model`, `outcome` (`ok`, `cancelled`, `failed`, `shutdown`) |
+//! | `ferry_requests_total` | counter | `tier`, `model`, `outcome` (`ok`, `cancelled`, `failed`, `shutdown`, `interrupted`) |
 //! | `ferry_requests_rejected_total` | counter | `reason` (error kind: `invalid_argument`, `resource_exhausted`, ...) |
 //! | `ferry_tokens_total` | counter | `model`, `kind` (`prompt`, `completion`) |
 //! | `ferry_request_duration_seconds` | histogram | `tier`, `model` |
@@ -15,7 +16,14 @@
 //! | `ferry_request_energy_joules` | histogram | `model`, `source` |
 //! | `ferry_model_energy_joules` | gauge | `model`, `source` |
 //! | `ferry_energy_joules` | gauge | `source`, `account` (`measured`, `attributed`, `idle`) |
-//! | `ferry_fallbacks_total` | counter | `from_tier`, `reason` |
+//! | `ferry_fallbacks_total` | counter | `from_tier`, `reason` (`unavailable`, `deadline`, `circuit_open`, `no_healthy_endpoint`, `model_not_listed`, `endpoints_exhausted`, `no_cloud_zoo`, `cloud_unavailable`) |
+//! | `ferry_offload_attempts_total` | counter | `endpoint`, `outcome` (`ok`, `failed`, `timeout`, `refused`) |
+//! | `ferry_offload_deadline_total` | counter | — (offloads ended with DEADLINE_EXCEEDED, no fallback) |
+//! | `ferry_offloads_in_flight` | gauge | — |
+//! | `ferry_cloud_circuit_state` | gauge | `endpoint` (0 closed, 1 half-open, 2 open) |
+//! | `ferry_cloud_endpoint_healthy`, `ferry_cloud_endpoint_in_flight` | gauge | `endpoint` |
+//! | `ferry_cloud_energy_joules` | gauge | `model`, `source` (joules ferry-cloud reported, summed) |
+//! | `ferry_cloud_spend_usd` | gauge | — (dollars ferry-cloud reported, summed) |
 //! | `ferry_requests_running`, `ferry_requests_queued` | gauge | — |
 //! | `ferry_ready` | gauge | — (1 when models are loaded and state restored) |
 //! | `ferry_router_q`, `ferry_router_q_tracked`, `ferry_router_alpha` | gauge | `tier` |
@@ -42,7 +50,18 @@ pub fn refresh_gauges(state: &AppState) {
     } else {
         0.0
     });
-    if let Some(router) = state.router() {
+    if let Some(pool) = &state.cloud {
+        metrics::gauge!("ferry_offloads_in_flight").set(pool.in_flight() as f64);
+        for e in pool.status() {
+            metrics::gauge!("ferry_cloud_circuit_state", "endpoint" => e.uri.clone())
+                .set(e.circuit.gauge());
+            metrics::gauge!("ferry_cloud_endpoint_healthy", "endpoint" => e.uri.clone())
+                .set(if e.healthy { 1.0 } else { 0.0 });
+            metrics::gauge!("ferry_cloud_endpoint_in_flight", "endpoint" => e.uri)
+                .set(e.in_flight as f64);
+        }
+    }
+    for router in state.routers() {
         let s = router.status();
         let tier = s.tier.clone();
         metrics::gauge!("ferry_router_q", "tier" => tier.clone()).set(s.q);

@@ -8,11 +8,13 @@
 //! latency and dollars this dialogue really spent. Requests without a `dialogue_id` are
 //! one-turn dialogues.
 //!
-//! There is no cloud tier yet: a cloud action is reported in the completion (`fallback: true`,
-//! the reason names the action) and the request runs locally; the dialogue records what actually
-//! ran, so the budgets and the history stay true. The policy file is read at start (a malformed
-//! file or one for another observation/action layout stops the daemon with the reason) and again
-//! on SIGHUP (a bad file then keeps the running policy).
+//! A cloud action offloads the request to the cloud tier (`[cloud]` endpoints) with the images
+//! of the chosen views: view `i` is the request's `i`-th image. Without a cloud tier, a cloud
+//! action is reported in the completion (`fallback: true`, the reason names the action) and the
+//! request runs locally; so does an offload that fails before its first token. The dialogue
+//! records what actually ran, so the budgets and the history stay true. The policy file is read
+//! at start (a malformed file or one for another observation/action layout stops the daemon with
+//! the reason) and again on SIGHUP (a bad file then keeps the running policy).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -43,7 +45,7 @@ pub struct PlacementConfig {
 pub struct Placement {
     /// What the policy chose.
     pub chosen: Action,
-    /// What runs (local while there is no cloud tier).
+    /// What is attempted: the chosen action, or local when there is no cloud tier.
     pub executed: Action,
     pub task: usize,
     pub dialogue_id: Option<String>,
@@ -76,7 +78,8 @@ fn load_policy(path: &Path) -> Result<PlacementPolicy> {
     })
 }
 
-fn views(a: Action) -> String {
+/// The chosen views as words, e.g. "views [0,2]" or "text only".
+pub fn views(a: Action) -> String {
     let v: Vec<String> = (0..3)
         .filter(|&i| a.sends(i))
         .map(|i| i.to_string())
@@ -153,8 +156,14 @@ impl Placer {
         )
     }
 
-    /// Places one request of `dialogue_id` with task category `task`.
-    pub fn decide(&self, dialogue_id: Option<&str>, task: Option<&str>) -> Result<Placement> {
+    /// Places one request of `dialogue_id` with task category `task`; `cloud_tier` says whether
+    /// a cloud tier is configured.
+    pub fn decide(
+        &self,
+        dialogue_id: Option<&str>,
+        task: Option<&str>,
+        cloud_tier: bool,
+    ) -> Result<Placement> {
         let p = self.policy();
         let tasks = &p.meta().tasks;
         let name = task
@@ -187,6 +196,16 @@ impl Placer {
                 false,
                 format!("tmo {method}: local (task {name}, turn {})", obs.turn + 1),
             )
+        } else if cloud_tier {
+            (
+                chosen,
+                false,
+                format!(
+                    "tmo {method}: cloud with {} (task {name}, turn {})",
+                    views(chosen),
+                    obs.turn + 1
+                ),
+            )
         } else {
             (
                 local,
@@ -214,8 +233,9 @@ impl Placer {
         })
     }
 
-    /// Books what a placed request really spent, so the dialogue's next turn sees it.
-    pub fn record(&self, placement: &Placement, latency_s: f64, usd: f64) {
+    /// Books what a placed request really ran (`executed`: the placement's action, or local
+    /// after a fallback) and spent, so the dialogue's next turn sees it.
+    pub fn record(&self, placement: &Placement, executed: Action, latency_s: f64, usd: f64) {
         let Some(id) = &placement.dialogue_id else {
             return;
         };
@@ -233,7 +253,7 @@ impl Placer {
         d.states
             .entry(id.clone())
             .or_insert_with(|| DialogueState::new(latency, budget_usd))
-            .record(placement.task, placement.executed, latency_s, usd);
+            .record(placement.task, executed, latency_s, usd);
         while d.order.len() > max {
             if let Some(old) = d.order.pop_front() {
                 d.states.remove(&old);

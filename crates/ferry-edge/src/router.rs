@@ -125,7 +125,7 @@ pub struct ZooRouter {
     policy: String,
     zoo: Vec<String>,
     encoder_id: String,
-    encoder: SentenceEncoder,
+    encoder: Arc<SentenceEncoder>,
     cfg: RouterConfig,
     path: PathBuf,
     max_pending: usize,
@@ -171,7 +171,7 @@ impl ZooRouter {
         tier: &str,
         zoo: Vec<String>,
         encoder_id: &str,
-        encoder: SentenceEncoder,
+        encoder: Arc<SentenceEncoder>,
         cfg: &RouterConfig,
         state_dir: &Path,
         max_pending: usize,
@@ -383,6 +383,15 @@ impl ZooRouter {
         drop(guard);
         self.dirty.store(true, Ordering::Release);
         true
+    }
+
+    /// Forgets a routed request that its tier never served (it fell back to another tier, or
+    /// the app left before an answer), so its feedback teaches this router nothing.
+    pub fn abandon(&self, request_id: &str) {
+        let mut inner = self.inner.lock().expect("router lock");
+        if inner.pending.remove(request_id).is_some() {
+            inner.order.retain(|id| id != request_id);
+        }
     }
 
     /// What `Status` shows.

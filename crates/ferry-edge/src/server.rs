@@ -99,12 +99,8 @@ fn router(
     })
 }
 
-/// Writes the router's state whenever it changed, at most once per `every`, until stopped.
-async fn save_periodically(
-    router: Arc<crate::router::ZooRouter>,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Writes the routers' state whenever it changed, at most once per `every`, until stopped.
+async fn save_periodically(state: Arc<AppState>, every: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -112,11 +108,12 @@ async fn save_periodically(
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let r = router.clone();
-        match tokio::task::spawn_blocking(move || r.save_if_due()).await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "saving router state failed; will retry"),
-            Err(e) => tracing::warn!(error = %e, "router state saver panicked"),
-            Ok(Ok(_)) => {}
+        for r in state.routers() {
+            match tokio::task::spawn_blocking(move || r.save_if_due()).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "saving router state failed; will retry"),
+                Err(e) => tracing::warn!(error = %e, "router state saver panicked"),
+                Ok(Ok(_)) => {}
+            }
         }
     }
 }
@@ -191,6 +188,10 @@ impl RunningServer {
             http_addr = Some(bound);
         }
 
+        if let Some(pool) = state.cloud.clone() {
+            tokio::spawn(pool.probe_forever(state.abort.clone()));
+        }
+
         let load_state = state.clone();
         let load_health = health.clone();
         let saver_stop = stop_rx_saver;
@@ -201,10 +202,10 @@ impl RunningServer {
                 .map_err(|e| Error::Engine(format!("model loader panicked: {e}")))?;
             match loaded {
                 Ok(()) => {
-                    if let Some(router) = load_state.router().cloned() {
+                    if load_state.router().is_some() {
                         let every =
                             Duration::from_millis(load_state.config.router.save_interval_ms);
-                        tokio::spawn(save_periodically(router, every, saver_stop));
+                        tokio::spawn(save_periodically(load_state.clone(), every, saver_stop));
                     }
                     set_health(&load_health, ServingStatus::Serving).await;
                     tracing::info!(default = ?load_state.default_model_id(), "ready");
@@ -242,22 +243,24 @@ impl RunningServer {
     /// Drains and stops: refuse new requests, let in-flight ones finish for up to `grace`, then
     /// stop the rest (their streams end with UNAVAILABLE), then close the listeners.
     pub async fn shutdown(self, grace: Duration) {
-        tracing::info!(in_flight = self.state.admission.in_system(), "draining");
+        let in_flight =
+            |s: &AppState| s.admission.in_system() + s.cloud.as_ref().map_or(0, |c| c.in_flight());
+        tracing::info!(in_flight = in_flight(&self.state), "draining");
         self.state.start_draining();
         set_health(&self.health, ServingStatus::NotServing).await;
         let deadline = tokio::time::Instant::now() + grace;
-        while self.state.admission.in_system() > 0 && tokio::time::Instant::now() < deadline {
+        while in_flight(&self.state) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if self.state.admission.in_system() > 0 {
+        if in_flight(&self.state) > 0 {
             tracing::warn!(
-                in_flight = self.state.admission.in_system(),
+                in_flight = in_flight(&self.state),
                 "grace period over; stopping in-flight requests"
             );
         }
         self.state.abort.cancel();
         let _ = self.stop_tx.send(true);
-        if let Some(router) = self.state.router().cloned() {
+        for router in self.state.routers() {
             match tokio::task::spawn_blocking(move || router.save()).await {
                 Ok(Ok(())) => tracing::info!("router state saved"),
                 Ok(Err(e)) => tracing::error!(error = %e, "saving router state failed"),

@@ -1,9 +1,11 @@
-//! `ferry.v1.Inference` over the local engine.
+//! `ferry.v1.Inference`: validation, the choice of tier and model, and the local engine path.
 //!
-//! Generate validates and admits a request synchronously — so bad input and a full queue are
-//! answered with a status before any stream starts — then streams from a blocking generation
-//! thread through a bounded channel. A closed channel (client gone) stops decoding at the next
-//! token; the shutdown token stops it with UNAVAILABLE.
+//! Generate validates a request and decides where it runs synchronously — so bad input, an
+//! unknown model and a full queue are answered with a status before any stream starts. A local
+//! request is admitted and streamed from a blocking generation thread through a bounded channel;
+//! a closed channel (client gone) stops decoding at the next token, the shutdown token stops it
+//! with UNAVAILABLE. A cloud request is handed to [`crate::offload`], which falls back to this
+//! module's local path when the offload fails before its first token.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
@@ -34,26 +36,28 @@ impl InferenceService {
         InferenceService { state }
     }
 
-    /// Validates, routes and admits a request, then streams it: the code path behind both the
-    /// gRPC `Generate` and the OpenAI-compatible HTTP API. Errors before the stream (bad input,
-    /// unknown model, full queue, not ready) come back here; failures after it started come as
-    /// the stream's last item.
+    /// Validates, places, routes and admits a request, then streams it: the code path behind
+    /// both the gRPC `Generate` and the OpenAI-compatible HTTP API. Errors before the stream (bad
+    /// input, unknown model, full queue, not ready) come back here; failures after it started
+    /// come as the stream's last item.
     pub async fn start(&self, request: pb::GenerateRequest) -> Result<ReceiverStream<Item>, Error> {
+        self.start_with_deadline(request, None).await
+    }
+
+    /// [`InferenceService::start`] with the app's deadline (time left when the request
+    /// arrived), which bounds an offload to the cloud tier.
+    pub async fn start_with_deadline(
+        &self,
+        request: pb::GenerateRequest,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<ReceiverStream<Item>, Error> {
         let arrived = Instant::now();
         let state = &self.state;
         state
             .stats
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
-        let refuse = |e: Error| {
-            state
-                .stats
-                .requests_rejected
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(error = %e, "request refused");
-            crate::metrics::request_rejected(e.kind());
-            e
-        };
+        let refuse = |e: Error| refused(state, e);
         if state.is_draining() {
             return Err(refuse(Error::Unavailable("ferryd is shutting down".into())));
         }
@@ -71,239 +75,64 @@ impl InferenceService {
         // Where it runs (TMO), then which model of that tier (MESS+ or the named one).
         let placed = match &state.placement {
             Some(p) => Some(
-                p.decide(req.dialogue_id.as_deref(), req.task.as_deref())
-                    .map_err(refuse)?,
+                p.decide(
+                    req.dialogue_id.as_deref(),
+                    req.task.as_deref(),
+                    state.cloud.is_some(),
+                )
+                .map_err(refuse)?,
             ),
             None => None,
         };
-        let (model, routed) = match (req.model.as_deref(), state.router()) {
-            (None, Some(router)) => {
-                let router = router.clone();
-                let text = question(&req);
-                let id = request_id.clone();
-                let routed = tokio::task::spawn_blocking(move || router.route(&id, &text))
-                    .await
-                    .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
-                    .and_then(|r| r)
-                    .map_err(refuse)?;
-                let model = state.resolve_model(Some(&routed.model)).map_err(refuse)?;
-                (model, Some(routed))
+        let named_local = req
+            .model
+            .as_deref()
+            .is_some_and(|id| state.manifests.iter().any(|m| m.id == id));
+        let cloud_target = match (&state.cloud, req.model.as_deref()) {
+            (Some(pool), Some(id)) if !named_local => match pool.model(id) {
+                Some(_) => Some(crate::offload::CloudTarget::Named(id.to_string())),
+                None => {
+                    return Err(refuse(Error::ModelNotFound(format!(
+                        "{id} (not a local model, and no cloud endpoint lists it)"
+                    ))))
+                }
+            },
+            (Some(_), None) if placed.as_ref().is_some_and(|p| !p.executed.is_local()) => {
+                Some(crate::offload::CloudTarget::Auto)
             }
-            (requested, _) => (state.resolve_model(requested).map_err(refuse)?, None),
+            _ => None,
         };
-        let prompt = model.encode_chat(&req.messages).map_err(refuse)?;
-        let limit = (state.config.limits.max_prompt_tokens as usize)
-            .min(model.info().context_length.saturating_sub(1));
-        if prompt.len() > limit {
-            return Err(refuse(Error::invalid(
-                "messages",
-                format!(
-                    "the prompt is {} tokens, over the limit of {limit} tokens (limits.max_prompt_tokens {}, context of `{}` {})",
-                    prompt.len(),
-                    state.config.limits.max_prompt_tokens,
-                    model.info().id,
-                    model.info().context_length
-                ),
-            )));
-        }
-        let ticket = state.admission.admit().map_err(refuse)?;
-        let mut placement = placement_for(&model, &req, routed.as_ref());
-        if let Some(p) = &placed {
-            placement.reason = format!("{}; {}", p.reason, placement.reason);
-            placement.fallback = p.fallback;
-        }
-
         let (tx, rx) = mpsc::channel::<Item>(64);
-        let state = self.state.clone();
-        tokio::spawn(async move {
-            let slot = tokio::select! {
-                slot = ticket.run() => slot,
-                _ = tx.closed() => {
-                    state.stats.requests_abandoned.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                _ = state.abort.cancelled() => {
-                    let _ = tx.send(Err(Status::unavailable("ferryd is shutting down"))).await;
-                    return;
-                }
+        if let (Some(target), Some(pool)) = (cloud_target, state.cloud.clone()) {
+            let job = crate::offload::CloudJob {
+                state: state.clone(),
+                pool,
+                req,
+                request_id,
+                arrived,
+                deadline,
+                placed,
+                target,
             };
-            let queue_ms = arrived.elapsed().as_secs_f64() * 1e3;
-            metrics::histogram!("ferry_queue_wait_seconds").record(queue_ms / 1e3);
-            let span =
-                tracing::info_span!("generate", request_id = %request_id, model = %model.info().id);
-            let gen_state = state.clone();
-            let gen_model = model.clone();
-            let gen_tx = tx.clone();
-            let sampling = req.sampling.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let _enter = span.enter();
-                let mut sink = ChannelSink {
-                    tx: gen_tx,
-                    abort: gen_state.abort.clone(),
-                    arrived,
-                    first_text_ms: None,
-                };
-                // Energy is charged from here: queue time is not busy time.
-                let account = gen_state.energy.begin();
-                let out =
-                    gen_model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
-                let energy = gen_state.energy.end(account);
-                gen_state.add_model_energy(&gen_model.info().id, &energy);
-                (out, sink.first_text_ms, Some(energy), slot)
-            })
-            .await;
-            let (outcome, first_text_ms, energy, slot) = match result {
-                Ok((out, first, energy, slot)) => (out, first, energy, Some(slot)),
-                Err(join) => (
-                    Err(Error::Engine(format!("generation thread failed: {join}"))),
-                    None,
-                    None,
-                    None,
-                ),
-            };
-            // An exploration step keeps the slot to run the rest of the zoo after the answer.
-            let slot = match &routed {
-                Some(r) if r.decision == ferry_router::Decision::Explore && outcome.is_ok() => slot,
-                _ => {
-                    drop(slot);
-                    None
-                }
-            };
-            let total_ms = arrived.elapsed().as_secs_f64() * 1e3;
-            match outcome {
-                Ok(out) => {
-                    let finish: pb::FinishReason = out.finish_reason.into();
-                    state.records.insert(RequestRecord {
-                        request_id: request_id.clone(),
-                        model: model.info().id.clone(),
-                        tier: "local",
-                        finish_reason: format!("{:?}", out.finish_reason).to_lowercase(),
-                        prompt_tokens: out.prompt_tokens as u32,
-                        completion_tokens: out.completion_tokens as u32,
-                        total_ms,
-                        finished_unix_ms: unix_ms(),
-                    });
-                    let completion = pb::Completion {
-                        request_id: request_id.clone(),
-                        model: model.info().id.clone(),
-                        tier: pb::Tier::Local as i32,
-                        finish_reason: finish as i32,
-                        usage: Some(pb::Usage {
-                            prompt_tokens: out.prompt_tokens as u32,
-                            completion_tokens: out.completion_tokens as u32,
-                        }),
-                        latency: Some(pb::Latency {
-                            time_to_first_token_ms: first_text_ms.unwrap_or(total_ms),
-                            total_ms,
-                            queue_ms,
-                        }),
-                        energy: Some(match &energy {
-                            Some(e) => pb::Energy {
-                                joules: Some(e.joules),
-                                source: e.source.clone(),
-                                devices: e.devices.clone(),
-                            },
-                            None => pb::Energy {
-                                joules: None,
-                                source: "none".to_string(),
-                                devices: Vec::new(),
-                            },
-                        }),
-                        cost_usd: None,
-                        placement: Some(placement),
-                    };
-                    tracing::info!(
-                        request_id = %request_id,
-                        model = %model.info().id,
-                        prompt_tokens = out.prompt_tokens,
-                        completion_tokens = out.completion_tokens,
-                        finish = ?out.finish_reason,
-                        joules = energy.as_ref().map(|e| e.joules),
-                        queue_ms = queue_ms as u64,
-                        total_ms = total_ms as u64,
-                        "request finished"
-                    );
-                    state
-                        .stats
-                        .requests_completed
-                        .fetch_add(1, Ordering::Relaxed);
-                    crate::metrics::request_finished(
-                        "local",
-                        &model.info().id,
-                        "ok",
-                        out.prompt_tokens as u64,
-                        out.completion_tokens as u64,
-                        total_ms / 1e3,
-                        first_text_ms.map(|ms| ms / 1e3),
-                    );
-                    let msg = pb::GenerateResponse {
-                        event: Some(pb::generate_response::Event::Completion(completion)),
-                    };
-                    if tx.send(Ok(msg)).await.is_err() {
-                        state
-                            .stats
-                            .requests_abandoned
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    drop(tx);
-                    if let (Some(placer), Some(p)) = (&state.placement, &placed) {
-                        // Local runs cost no dollars; the cloud tier will report its own.
-                        placer.record(p, total_ms / 1e3, 0.0);
-                    }
-                    if let Some(routed) = routed {
-                        let served_joules = energy.as_ref().map(|e| e.joules);
-                        learn_from_routed(&state, &routed, &req, served_joules, slot).await;
-                    }
-                }
-                Err(Error::Cancelled(why)) if state.abort.is_cancelled() && !tx.is_closed() => {
-                    state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
-                    crate::metrics::request_finished(
-                        "local",
-                        &model.info().id,
-                        "shutdown",
-                        0,
-                        0,
-                        total_ms / 1e3,
-                        None,
-                    );
-                    let _ = tx
-                        .send(Err(Status::unavailable(format!(
-                            "ferryd shut down before the request finished ({why})"
-                        ))))
-                        .await;
-                }
-                Err(Error::Cancelled(why)) => {
-                    state
-                        .stats
-                        .requests_abandoned
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(request_id = %request_id, "client went away: {why}");
-                    crate::metrics::request_finished(
-                        "local",
-                        &model.info().id,
-                        "cancelled",
-                        0,
-                        0,
-                        total_ms / 1e3,
-                        None,
-                    );
-                }
-                Err(e) => {
-                    state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(request_id = %request_id, error = %e, "generation failed");
-                    crate::metrics::request_finished(
-                        "local",
-                        &model.info().id,
-                        "failed",
-                        0,
-                        0,
-                        total_ms / 1e3,
-                        None,
-                    );
-                    let _ = tx.send(Err(e.into())).await;
-                }
-            }
-        });
+            tokio::spawn(job.run(tx));
+            return Ok(ReceiverStream::new(rx));
+        }
+        let mut job = prepare_local(state, &req, req.model.as_deref(), &request_id)
+            .await
+            .map_err(refuse)?;
+        if let Some(p) = &placed {
+            job.placement.reason = format!("{}; {}", p.reason, job.placement.reason);
+            job.placement.fallback = p.fallback;
+        }
+        tokio::spawn(run_local(
+            state.clone(),
+            job,
+            req,
+            request_id,
+            arrived,
+            placed,
+            tx,
+        ));
         Ok(ReceiverStream::new(rx))
     }
 
@@ -313,7 +142,281 @@ impl InferenceService {
     }
 }
 
-type Item = Result<pb::GenerateResponse, Status>;
+/// One item of a response stream.
+pub(crate) type Item = Result<pb::GenerateResponse, Status>;
+
+/// A local request that passed routing, prompt checks and admission.
+pub(crate) struct LocalJob {
+    model: Arc<LoadedModel>,
+    routed: Option<Routed>,
+    prompt: Vec<u32>,
+    ticket: crate::admission::Ticket,
+    /// The completion's placement; callers prefix the tier decision's reason.
+    pub(crate) placement: pb::Placement,
+}
+
+/// Counts and logs a request refused before its stream started.
+pub(crate) fn refused(state: &AppState, e: Error) -> Error {
+    state
+        .stats
+        .requests_rejected
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(error = %e, "request refused");
+    crate::metrics::request_rejected(e.kind());
+    e
+}
+
+/// Chooses the local model (`requested`, or MESS+ / the default for `auto`), checks the prompt
+/// against the limits and admits the request.
+pub(crate) async fn prepare_local(
+    state: &Arc<AppState>,
+    req: &ValidatedRequest,
+    requested: Option<&str>,
+    request_id: &str,
+) -> Result<LocalJob, Error> {
+    let (model, routed) = match (requested, state.router()) {
+        (None, Some(router)) => {
+            let router = router.clone();
+            let text = question(req);
+            let id = request_id.to_string();
+            let routed = tokio::task::spawn_blocking(move || router.route(&id, &text))
+                .await
+                .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
+                .and_then(|r| r)?;
+            let model = state.resolve_model(Some(&routed.model))?;
+            (model, Some(routed))
+        }
+        (requested, _) => (state.resolve_model(requested)?, None),
+    };
+    let prompt = model.encode_chat(&req.messages)?;
+    let limit = (state.config.limits.max_prompt_tokens as usize)
+        .min(model.info().context_length.saturating_sub(1));
+    if prompt.len() > limit {
+        return Err(Error::invalid(
+            "messages",
+            format!(
+                "the prompt is {} tokens, over the limit of {limit} tokens (limits.max_prompt_tokens {}, context of `{}` {})",
+                prompt.len(),
+                state.config.limits.max_prompt_tokens,
+                model.info().id,
+                model.info().context_length
+            ),
+        ));
+    }
+    let ticket = state.admission.admit()?;
+    let placement = placement_for(&model, req, requested, routed.as_ref());
+    Ok(LocalJob {
+        model,
+        routed,
+        prompt,
+        ticket,
+        placement,
+    })
+}
+
+/// Runs an admitted local request to the end, streaming into `tx`.
+pub(crate) async fn run_local(
+    state: Arc<AppState>,
+    job: LocalJob,
+    req: ValidatedRequest,
+    request_id: String,
+    arrived: Instant,
+    placed: Option<crate::placement::Placement>,
+    tx: mpsc::Sender<Item>,
+) {
+    let LocalJob {
+        model,
+        routed,
+        prompt,
+        ticket,
+        placement,
+    } = job;
+    let slot = tokio::select! {
+        slot = ticket.run() => slot,
+        _ = tx.closed() => {
+            state.stats.requests_abandoned.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        _ = state.abort.cancelled() => {
+            let _ = tx.send(Err(Status::unavailable("ferryd is shutting down"))).await;
+            return;
+        }
+    };
+    let queue_ms = arrived.elapsed().as_secs_f64() * 1e3;
+    metrics::histogram!("ferry_queue_wait_seconds").record(queue_ms / 1e3);
+    let span = tracing::info_span!("generate", request_id = %request_id, model = %model.info().id);
+    let gen_state = state.clone();
+    let gen_model = model.clone();
+    let gen_tx = tx.clone();
+    let sampling = req.sampling.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        let mut sink = ChannelSink {
+            tx: gen_tx,
+            abort: gen_state.abort.clone(),
+            arrived,
+            first_text_ms: None,
+        };
+        // Energy is charged from here: queue time is not busy time.
+        let account = gen_state.energy.begin();
+        let out = gen_model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
+        let energy = gen_state.energy.end(account);
+        gen_state.add_model_energy(&gen_model.info().id, &energy);
+        (out, sink.first_text_ms, Some(energy), slot)
+    })
+    .await;
+    let (outcome, first_text_ms, energy, slot) = match result {
+        Ok((out, first, energy, slot)) => (out, first, energy, Some(slot)),
+        Err(join) => (
+            Err(Error::Engine(format!("generation thread failed: {join}"))),
+            None,
+            None,
+            None,
+        ),
+    };
+    // An exploration step keeps the slot to run the rest of the zoo after the answer.
+    let slot = match &routed {
+        Some(r) if r.decision == ferry_router::Decision::Explore && outcome.is_ok() => slot,
+        _ => {
+            drop(slot);
+            None
+        }
+    };
+    let total_ms = arrived.elapsed().as_secs_f64() * 1e3;
+    match outcome {
+        Ok(out) => {
+            let finish: pb::FinishReason = out.finish_reason.into();
+            state.records.insert(RequestRecord {
+                request_id: request_id.clone(),
+                model: model.info().id.clone(),
+                tier: "local",
+                finish_reason: format!("{:?}", out.finish_reason).to_lowercase(),
+                prompt_tokens: out.prompt_tokens as u32,
+                completion_tokens: out.completion_tokens as u32,
+                total_ms,
+                finished_unix_ms: unix_ms(),
+            });
+            let completion = pb::Completion {
+                request_id: request_id.clone(),
+                model: model.info().id.clone(),
+                tier: pb::Tier::Local as i32,
+                finish_reason: finish as i32,
+                usage: Some(pb::Usage {
+                    prompt_tokens: out.prompt_tokens as u32,
+                    completion_tokens: out.completion_tokens as u32,
+                }),
+                latency: Some(pb::Latency {
+                    time_to_first_token_ms: first_text_ms.unwrap_or(total_ms),
+                    total_ms,
+                    queue_ms,
+                }),
+                energy: Some(match &energy {
+                    Some(e) => pb::Energy {
+                        joules: Some(e.joules),
+                        source: e.source.clone(),
+                        devices: e.devices.clone(),
+                    },
+                    None => pb::Energy {
+                        joules: None,
+                        source: "none".to_string(),
+                        devices: Vec::new(),
+                    },
+                }),
+                cost_usd: None,
+                placement: Some(placement),
+            };
+            tracing::info!(
+                request_id = %request_id,
+                model = %model.info().id,
+                prompt_tokens = out.prompt_tokens,
+                completion_tokens = out.completion_tokens,
+                finish = ?out.finish_reason,
+                joules = energy.as_ref().map(|e| e.joules),
+                queue_ms = queue_ms as u64,
+                total_ms = total_ms as u64,
+                "request finished"
+            );
+            state
+                .stats
+                .requests_completed
+                .fetch_add(1, Ordering::Relaxed);
+            crate::metrics::request_finished(
+                "local",
+                &model.info().id,
+                "ok",
+                out.prompt_tokens as u64,
+                out.completion_tokens as u64,
+                total_ms / 1e3,
+                first_text_ms.map(|ms| ms / 1e3),
+            );
+            let msg = pb::GenerateResponse {
+                event: Some(pb::generate_response::Event::Completion(completion)),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                state
+                    .stats
+                    .requests_abandoned
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            drop(tx);
+            if let (Some(placer), Some(p)) = (&state.placement, &placed) {
+                // Local runs cost no dollars.
+                placer.record(p, ferry_router::tmo::Action::LOCAL, total_ms / 1e3, 0.0);
+            }
+            if let Some(routed) = routed {
+                let served_joules = energy.as_ref().map(|e| e.joules);
+                learn_from_routed(&state, &routed, &req, served_joules, slot).await;
+            }
+        }
+        Err(Error::Cancelled(why)) if state.abort.is_cancelled() && !tx.is_closed() => {
+            state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::request_finished(
+                "local",
+                &model.info().id,
+                "shutdown",
+                0,
+                0,
+                total_ms / 1e3,
+                None,
+            );
+            let _ = tx
+                .send(Err(Status::unavailable(format!(
+                    "ferryd shut down before the request finished ({why})"
+                ))))
+                .await;
+        }
+        Err(Error::Cancelled(why)) => {
+            state
+                .stats
+                .requests_abandoned
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(request_id = %request_id, "client went away: {why}");
+            crate::metrics::request_finished(
+                "local",
+                &model.info().id,
+                "cancelled",
+                0,
+                0,
+                total_ms / 1e3,
+                None,
+            );
+        }
+        Err(e) => {
+            state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(request_id = %request_id, error = %e, "generation failed");
+            crate::metrics::request_finished(
+                "local",
+                &model.info().id,
+                "failed",
+                0,
+                0,
+                total_ms / 1e3,
+                None,
+            );
+            let _ = tx.send(Err(e.into())).await;
+        }
+    }
+}
 
 /// Forwards generated text into the response channel.
 struct ChannelSink {
@@ -360,7 +463,7 @@ impl GenerationEvent for MeasureOnly {
 }
 
 /// The text the router sees: the last user message.
-fn question(req: &ValidatedRequest) -> String {
+pub(crate) fn question(req: &ValidatedRequest) -> String {
     req.messages
         .iter()
         .rev()
@@ -373,10 +476,11 @@ fn question(req: &ValidatedRequest) -> String {
 fn placement_for(
     model: &LoadedModel,
     req: &ValidatedRequest,
+    requested: Option<&str>,
     routed: Option<&Routed>,
 ) -> pb::Placement {
     let images = req.messages.iter().flat_map(|m| m.images()).count();
-    let mut reason = match (req.model.is_some(), routed) {
+    let mut reason = match (requested.is_some(), routed) {
         (true, _) => "model named by the request".to_string(),
         (false, Some(r)) => r.reason.clone(),
         (false, None) => "default model (no routing policy configured)".to_string(),
@@ -458,7 +562,15 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let stream = self.start(request.into_inner()).await?;
+        // The app's deadline (grpc-timeout) bounds an offload to the cloud tier.
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::cloud::parse_grpc_timeout);
+        let stream = self
+            .start_with_deadline(request.into_inner(), deadline)
+            .await?;
         Ok(Response::new(stream))
     }
 
@@ -470,11 +582,16 @@ impl Inference for InferenceService {
         let totals = state.energy.totals();
         let running = state.admission.running();
         let routers = state
-            .router()
+            .routers()
+            .iter()
             .map(|r| {
                 let s = r.status();
                 pb::RouterStatus {
-                    tier: pb::Tier::Local as i32,
+                    tier: if s.tier == "cloud" {
+                        pb::Tier::Cloud as i32
+                    } else {
+                        pb::Tier::Local as i32
+                    },
                     policy: s.policy,
                     alpha: s.alpha,
                     v_per_joule: s.v,
@@ -500,8 +617,25 @@ impl Inference for InferenceService {
                     saved_unix_ms: s.saved_unix_ms.unwrap_or(0),
                 }
             })
-            .into_iter()
             .collect();
+        let cloud_endpoints = state
+            .cloud
+            .as_ref()
+            .map(|pool| {
+                pool.status()
+                    .into_iter()
+                    .map(|e| pb::CloudEndpointStatus {
+                        uri: e.uri,
+                        healthy: e.healthy,
+                        circuit: e.circuit.as_str().to_string(),
+                        in_flight: e.in_flight as u32,
+                        models: e.models,
+                        circuit_opened_total: e.circuit_opened_total,
+                        last_error: e.last_error.unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let models = self
             .list_models(Request::new(pb::ListModelsRequest {}))
             .await?
@@ -528,6 +662,7 @@ impl Inference for InferenceService {
             requests_completed: state.stats.requests_completed.load(Ordering::Relaxed),
             requests_failed: state.stats.requests_failed.load(Ordering::Relaxed),
             requests_rejected: state.stats.requests_rejected.load(Ordering::Relaxed),
+            cloud_endpoints,
         }))
     }
 
@@ -536,7 +671,7 @@ impl Inference for InferenceService {
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let default = self.state.default_model_id();
-        let models = self
+        let mut models: Vec<pb::ModelInfo> = self
             .state
             .manifests
             .iter()
@@ -562,6 +697,18 @@ impl Inference for InferenceService {
                 }
             })
             .collect();
+        // Then the cloud zoo, as its endpoints listed it (a local id shadows a cloud one).
+        if let Some(pool) = &self.state.cloud {
+            for m in pool.models() {
+                if !models.iter().any(|x| x.id == m.id) {
+                    models.push(pb::ModelInfo {
+                        tier: pb::Tier::Cloud as i32,
+                        is_default: false,
+                        ..m
+                    });
+                }
+            }
+        }
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 
@@ -580,10 +727,13 @@ impl Inference for InferenceService {
                 score: req.score,
             },
         )?;
-        if let Some(router) = self.state.router() {
-            let learned = router.feedback(&req.request_id, req.satisfied);
-            tracing::debug!(request_id = %req.request_id, learned, replaced, "feedback");
-        }
+        // The request was routed by at most one tier's router.
+        let learned = self
+            .state
+            .routers()
+            .iter()
+            .any(|r| r.feedback(&req.request_id, req.satisfied));
+        tracing::debug!(request_id = %req.request_id, learned, replaced, "feedback");
         Ok(Response::new(pb::FeedbackResponse { replaced }))
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -14,9 +14,12 @@ use ferry_engine::LoadedModel;
 
 use crate::admission::Admission;
 use crate::auth::Auth;
+use crate::cloud::CloudPool;
 use crate::config::EdgeConfig;
 use crate::records::RecordStore;
 use crate::router::ZooRouter;
+use ferry_engine::encoder::SentenceEncoder;
+use ferry_proto::v1 as pb;
 
 /// Counters of the gRPC surface, read by tests and (later) metrics.
 #[derive(Debug, Default)]
@@ -56,6 +59,13 @@ pub struct AppState {
     pub auth: Auth,
     /// TMO placement, when `placement.policy_file` is set.
     pub placement: Option<crate::placement::Placer>,
+    /// The cloud tier's endpoints, when `cloud.endpoints` is set.
+    pub cloud: Option<Arc<CloudPool>>,
+    /// The sentence encoder of the routers (one copy for both tiers).
+    encoder: OnceLock<(String, Arc<SentenceEncoder>)>,
+    /// MESS+ over the cloud zoo; built when an `auto` request is first placed in the cloud,
+    /// since the zoo is known only once an endpoint answered ListModels.
+    cloud_router: Mutex<Option<Arc<ZooRouter>>>,
 }
 
 impl AppState {
@@ -82,6 +92,7 @@ impl AppState {
             None => Auth::off(),
         };
         let placement = crate::placement::Placer::from_config(&config.placement)?;
+        let cloud = CloudPool::from_config(&config.cloud)?;
         let sources = ferry_energy::open_sources(&config.energy)
             .map_err(|e| Error::invalid("energy.sources", e.to_string()))?;
         let energy = EnergyMeter::start(sources, config.energy.sample_hz)
@@ -109,6 +120,9 @@ impl AppState {
             started: Instant::now(),
             auth,
             placement,
+            cloud,
+            encoder: OnceLock::new(),
+            cloud_router: Mutex::new(None),
         })
     }
 
@@ -187,11 +201,12 @@ impl AppState {
                     ),
                 )
             })?;
-        let encoder = ferry_engine::encoder::SentenceEncoder::load(
+        let encoder = Arc::new(SentenceEncoder::load(
             &manifest,
             &self.config.models.model_dir,
             device,
-        )?;
+        )?);
+        let _ = self.encoder.set((manifest.id.clone(), encoder.clone()));
         let router = ZooRouter::new(
             "local",
             zoo,
@@ -208,6 +223,63 @@ impl AppState {
     /// The local tier's router, when routing is enabled and the models are loaded.
     pub fn router(&self) -> Option<&Arc<ZooRouter>> {
         self.router.get()
+    }
+
+    /// The cloud tier's router, once built.
+    pub fn cloud_router(&self) -> Option<Arc<ZooRouter>> {
+        self.cloud_router.lock().expect("cloud router lock").clone()
+    }
+
+    /// Every router built so far (local first), for saving and status.
+    pub fn routers(&self) -> Vec<Arc<ZooRouter>> {
+        self.router()
+            .cloned()
+            .into_iter()
+            .chain(self.cloud_router())
+            .collect()
+    }
+
+    /// The cloud tier's router over `zoo` (ferry-cloud's ListModels), built on first use
+    /// (blocking: restores its state file). `None` when routing is off for the cloud tier.
+    /// The zoo is fixed when the router is built, ordered by ascending price hint then joules
+    /// hint; a model the cloud lists later joins it at the next start (the state file of the
+    /// old zoo is then set aside as stale).
+    pub fn ensure_cloud_router(&self, zoo: &[pb::ModelInfo]) -> Result<Option<Arc<ZooRouter>>> {
+        if !(self.config.router.enabled && self.config.cloud.route_auto) || zoo.is_empty() {
+            return Ok(None);
+        }
+        let mut slot = self.cloud_router.lock().expect("cloud router lock");
+        if let Some(r) = slot.as_ref() {
+            return Ok(Some(r.clone()));
+        }
+        let Some((encoder_id, encoder)) = self.encoder.get().cloned() else {
+            return Ok(None);
+        };
+        let mut ordered: Vec<&pb::ModelInfo> = zoo.iter().collect();
+        ordered.sort_by(|a, b| {
+            let key = |m: &pb::ModelInfo| {
+                (
+                    m.usd_per_million_tokens.unwrap_or(0.0),
+                    m.joules_per_token.unwrap_or(0.0),
+                )
+            };
+            key(a)
+                .partial_cmp(&key(b))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let ids: Vec<String> = ordered.iter().map(|m| m.id.clone()).collect();
+        let router = Arc::new(ZooRouter::new(
+            "cloud",
+            ids,
+            &encoder_id,
+            encoder,
+            &self.config.router,
+            &self.config.state.dir,
+            self.config.state.max_records,
+        )?);
+        tracing::info!(zoo = ?router.zoo(), "MESS+ routes auto requests placed in the cloud");
+        *slot = Some(router.clone());
+        Ok(Some(router))
     }
 
     /// A loaded model by id.
