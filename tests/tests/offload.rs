@@ -1,0 +1,465 @@
+//! ferryd offloading to ferry-cloud over loopback, both real (ferry-cloud in process with the
+//! bundled SmolLM2 standing in for a large model, or the real binary where it must be killed),
+//! and the failures the offload path must survive, each ending with a terminal outcome for every
+//! request: the cloud gone before the request (fallback to local), killed mid-stream (a defined
+//! error with the accounting of what was delivered), slower than the deadline (fallback, or
+//! DEADLINE_EXCEEDED as configured), a flapping endpoint (the circuit opens and closes), and an
+//! app that leaves (the cloud request is cancelled too).
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ferry_cloud::{CloudConfig, CloudServer, ModelConfig};
+use ferry_edge::cloud::OnDeadline;
+use ferry_edge::EdgeConfig;
+use ferry_integration::{
+    binary, free_port, greedy, model_dir, repo_root, run, TestServer, DEFAULT_MODEL,
+};
+use ferry_proto::v1 as pb;
+use futures::StreamExt;
+
+/// The bundled SmolLM2 served by ferry-cloud under a cloud id.
+const CLOUD_MODEL: &str = "cloud-smollm2";
+const QUESTION: &str = "Name three colours of the rainbow.";
+/// A prompt that keeps a small model talking for hundreds of tokens.
+const LONG: &str = "Count from 1 to 500, writing every number in words, separated by commas.";
+
+fn candle_model(id: &str) -> ModelConfig {
+    serde_json::from_value(serde_json::json!({
+        "id": id,
+        "backend": "candle",
+        "manifest": DEFAULT_MODEL,
+        "usd_per_million_tokens": 0.2,
+    }))
+    .unwrap()
+}
+
+fn cloud_config(listen: &str, models: Vec<ModelConfig>) -> CloudConfig {
+    let mut c = CloudConfig::default();
+    c.server.listen = listen.parse().unwrap();
+    c.server.shutdown_grace_s = 1;
+    c.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.candle.manifest_dir = repo_root().join("models");
+    c.candle.model_dir = model_dir();
+    c.models = models;
+    c
+}
+
+async fn start_cloud(listen: &str) -> CloudServer {
+    CloudServer::start(cloud_config(listen, vec![candle_model(CLOUD_MODEL)]))
+        .await
+        .expect("ferry-cloud starts")
+}
+
+fn with_cloud(c: &mut EdgeConfig, endpoint: String) {
+    c.cloud.endpoints = vec![endpoint];
+    // Probes only at start (to list the zoo): the tests drive the circuit with requests.
+    c.cloud.health_interval_ms = 600_000;
+}
+
+/// Waits until ferryd lists `model` as a cloud model.
+async fn wait_for_cloud_model(client: &mut ferry_cli::client::Client, model: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let models = client
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .models;
+        if models
+            .iter()
+            .any(|m| m.id == model && m.tier == pb::Tier::Cloud as i32)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ferryd never listed {model}: {models:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn named(model: &str, text: &str, max_tokens: u32) -> pb::GenerateRequest {
+    let mut r = greedy(text, max_tokens);
+    r.model = model.into();
+    r
+}
+
+async fn status(t: &mut TestServer) -> pb::StatusResponse {
+    t.client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offload_streams_from_ferry_cloud_and_both_tiers_are_listed() {
+    let cloud = start_cloud("127.0.0.1:0").await;
+    let endpoint = format!("http://{}", cloud.local_addr);
+    let mut t = TestServer::start(|c| with_cloud(c, endpoint)).await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+
+    let models = t
+        .client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let local = models.iter().find(|m| m.id == DEFAULT_MODEL).unwrap();
+    assert_eq!(local.tier, pb::Tier::Local as i32);
+    let remote = models.iter().find(|m| m.id == CLOUD_MODEL).unwrap();
+    assert_eq!(remote.tier, pb::Tier::Cloud as i32);
+    assert_eq!(remote.usd_per_million_tokens, Some(0.2));
+
+    let (text, deltas, done) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 24))
+        .await
+        .unwrap();
+    assert!(deltas >= 2, "streamed, got {deltas} deltas");
+    assert_eq!(done.tier, pb::Tier::Cloud as i32);
+    assert_eq!(done.model, CLOUD_MODEL);
+    let p = done.placement.clone().unwrap();
+    assert!(!p.fallback, "{p:?}");
+    assert!(p.reason.contains("named by the request"), "{}", p.reason);
+    let energy = done.energy.clone().unwrap();
+    assert!(
+        energy.joules.is_some_and(|j| j > 0.0),
+        "cloud energy: {energy:?}"
+    );
+    let usage = done.usage.unwrap();
+    let cost = done.cost_usd.expect("the cloud model is priced");
+    let expected = 0.2 * f64::from(usage.prompt_tokens + usage.completion_tokens) / 1e6;
+    assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
+
+    // The same weights locally, greedy: the same words, so the offload forwarded faithfully.
+    let (local_text, _, local_done) = run(&mut t.client, named(DEFAULT_MODEL, QUESTION, 24))
+        .await
+        .unwrap();
+    assert_eq!(local_done.tier, pb::Tier::Local as i32);
+    assert_eq!(text, local_text);
+
+    // Feedback reaches the offloaded request's record.
+    t.client
+        .feedback(pb::FeedbackRequest {
+            request_id: done.request_id.clone(),
+            satisfied: true,
+            score: None,
+        })
+        .await
+        .unwrap();
+
+    let s = status(&mut t).await;
+    let e = &s.cloud_endpoints[0];
+    assert!(e.healthy && e.circuit == "closed", "{e:?}");
+    assert_eq!(e.models, vec![CLOUD_MODEL]);
+    assert_eq!(e.in_flight, 0);
+
+    // A name neither tier knows.
+    let err = run(&mut t.client, named("no-such-model", QUESTION, 4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    cloud.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_gone_before_the_request_falls_back_to_local() {
+    let cloud = start_cloud("127.0.0.1:0").await;
+    let endpoint = format!("http://{}", cloud.local_addr);
+    let mut t = TestServer::start(|c| with_cloud(c, endpoint)).await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    cloud.shutdown(Duration::from_millis(100)).await;
+
+    let (text, _, done) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 12))
+        .await
+        .expect("the request still gets an answer");
+    assert!(!text.trim().is_empty());
+    assert_eq!(done.tier, pb::Tier::Local as i32);
+    let p = done.placement.unwrap();
+    assert!(p.fallback, "{p:?}");
+    assert!(
+        p.reason.contains("fallback to local: unavailable"),
+        "{}",
+        p.reason
+    );
+    let stats = &t.server.state.stats;
+    assert_eq!(stats.requests_completed.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.requests_failed.load(Ordering::Relaxed), 0);
+    assert_eq!(t.server.state.cloud.as_ref().unwrap().in_flight(), 0);
+}
+
+/// A running ferry-cloud process, killed on drop.
+struct CloudProcess(std::process::Child);
+
+impl Drop for CloudProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_cloud_binary(port: u16, dir: &std::path::Path) -> CloudProcess {
+    let mut cfg = cloud_config(
+        &format!("127.0.0.1:{port}"),
+        vec![candle_model(CLOUD_MODEL)],
+    );
+    cfg.energy.sources = vec!["estimate".into()];
+    let path = dir.join("cloud.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let child = Command::new(binary("ferry-cloud"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("ferry-cloud starts");
+    CloudProcess(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_killed_mid_stream_ends_with_a_defined_error_and_the_accounting() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut cloud = spawn_cloud_binary(port, dir.path());
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut t = TestServer::start(|c| {
+        with_cloud(c, endpoint);
+        // The binary loads its model after ferryd starts: probe until it lists it.
+        c.cloud.health_interval_ms = 200;
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+
+    let mut stream = t
+        .client
+        .generate(named(CLOUD_MODEL, LONG, 400))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut deltas = 0u64;
+    let mut bytes = 0u64;
+    let mut killed = false;
+    let status = loop {
+        match stream.next().await {
+            Some(Ok(pb::GenerateResponse {
+                event: Some(pb::generate_response::Event::Delta(d)),
+            })) => {
+                deltas += 1;
+                bytes += d.text.len() as u64;
+                if deltas == 5 && !killed {
+                    cloud.0.kill().unwrap();
+                    cloud.0.wait().unwrap();
+                    killed = true;
+                }
+            }
+            Some(Ok(other)) => panic!("the cloud was killed, yet: {other:?}"),
+            Some(Err(s)) => break s,
+            None => panic!("the stream ended without a status"),
+        }
+    };
+    assert!(killed);
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("interrupted"),
+        "{}",
+        status.message()
+    );
+    let md = status.metadata();
+    let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert_eq!(get("x-ferry-tier").as_deref(), Some("cloud"));
+    assert_eq!(get("x-ferry-model").as_deref(), Some(CLOUD_MODEL));
+    // Exactly what reached the app, nothing duplicated or lost.
+    assert_eq!(get("x-ferry-delivered-deltas"), Some(deltas.to_string()));
+    assert_eq!(get("x-ferry-delivered-bytes"), Some(bytes.to_string()));
+
+    let state = &t.server.state;
+    assert_eq!(state.stats.requests_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(state.cloud.as_ref().unwrap().in_flight(), 0);
+}
+
+/// Accepts connections and never answers: an upstream engine that hangs.
+async fn black_hole() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slower_than_the_deadline_falls_back_or_fails_as_configured() {
+    let hole = black_hole().await;
+    let slow: ModelConfig = serde_json::from_value(serde_json::json!({
+        "id": "slow-model",
+        "backend": "openai",
+        "base_url": format!("http://{hole}/v1"),
+        "read_timeout_ms": 60_000,
+    }))
+    .unwrap();
+    let cloud = CloudServer::start(cloud_config("127.0.0.1:0", vec![slow]))
+        .await
+        .unwrap();
+    let endpoint = format!("http://{}", cloud.local_addr);
+
+    // Fallback (the default).
+    let e = endpoint.clone();
+    let mut t = TestServer::start(move |c| {
+        with_cloud(c, e);
+        c.cloud.request_timeout_ms = 800;
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, "slow-model").await;
+    let started = Instant::now();
+    let (_, _, done) = run(&mut t.client, named("slow-model", QUESTION, 8))
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    assert_eq!(done.tier, pb::Tier::Local as i32);
+    let p = done.placement.unwrap();
+    assert!(p.fallback && p.reason.contains("deadline"), "{p:?}");
+    drop(t);
+
+    // DEADLINE_EXCEEDED instead.
+    let mut t = TestServer::start(move |c| {
+        with_cloud(c, endpoint);
+        c.cloud.request_timeout_ms = 800;
+        c.cloud.on_deadline = OnDeadline::Error;
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, "slow-model").await;
+    let err = run(&mut t.client, named("slow-model", QUESTION, 8))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    let stats = &t.server.state.stats;
+    assert_eq!(stats.requests_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.requests_completed.load(Ordering::Relaxed), 0);
+    cloud.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_endpoint_opens_and_closes_its_circuit() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cloud = start_cloud(&listen).await;
+    let mut t = TestServer::start(|c| {
+        with_cloud(c, format!("http://{listen}"));
+        c.cloud.failure_threshold = 2;
+        // Long enough that the next request surely finds it open on a loaded CI machine.
+        c.cloud.open_ms = 6_000;
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    let tier = |d: &pb::Completion| d.tier;
+
+    let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4))
+        .await
+        .unwrap();
+    assert_eq!(tier(&d), pb::Tier::Cloud as i32);
+
+    cloud.shutdown(Duration::from_millis(100)).await;
+    for _ in 0..2 {
+        let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4))
+            .await
+            .unwrap();
+        let p = d.placement.unwrap();
+        assert!(p.fallback && p.reason.contains("unavailable"), "{p:?}");
+    }
+    let s = status(&mut t).await;
+    assert_eq!(
+        s.cloud_endpoints[0].circuit, "open",
+        "{:?}",
+        s.cloud_endpoints
+    );
+    assert_eq!(s.cloud_endpoints[0].circuit_opened_total, 1);
+
+    // While open, the endpoint is not even tried.
+    let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4))
+        .await
+        .unwrap();
+    let p = d.placement.unwrap();
+    assert!(p.fallback && p.reason.contains("circuit open"), "{p:?}");
+
+    // Back up; after open_ms one trial goes through and closes the circuit.
+    let cloud = start_cloud(&listen).await;
+    tokio::time::sleep(Duration::from_millis(6_100)).await;
+    let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4))
+        .await
+        .unwrap();
+    assert_eq!(tier(&d), pb::Tier::Cloud as i32, "{:?}", d.placement);
+    let s = status(&mut t).await;
+    assert_eq!(s.cloud_endpoints[0].circuit, "closed");
+
+    let stats = &t.server.state.stats;
+    assert_eq!(stats.requests_completed.load(Ordering::Relaxed), 5);
+    assert_eq!(stats.requests_failed.load(Ordering::Relaxed), 0);
+    cloud.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_leaves_cancels_the_cloud_request() {
+    let cloud = start_cloud("127.0.0.1:0").await;
+    let endpoint = format!("http://{}", cloud.local_addr);
+    let mut t = TestServer::start(|c| with_cloud(c, endpoint)).await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+
+    let mut req = named(CLOUD_MODEL, LONG, 1_500);
+    req.request_id = "leaves-early".into();
+    let mut stream = t.client.generate(req).await.unwrap().into_inner();
+    for _ in 0..3 {
+        match stream.next().await {
+            Some(Ok(pb::GenerateResponse {
+                event: Some(pb::generate_response::Event::Delta(_)),
+            })) => {}
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+    assert_eq!(cloud.state.in_system(), 1, "the cloud is generating");
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cloud.state.in_system() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cloud request was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Not finished on the cloud: the same id runs again rather than replaying a stored answer.
+    let mut direct =
+        pb::offload_client::OffloadClient::connect(format!("http://{}", cloud.local_addr))
+            .await
+            .unwrap();
+    let mut again = direct
+        .generate(pb::OffloadRequest {
+            request_id: "leaves-early".into(),
+            model: CLOUD_MODEL.into(),
+            messages: vec![ferry_integration::msg(pb::Role::User, QUESTION)],
+            max_tokens: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replayed = None;
+    while let Some(m) = again.next().await {
+        if let Some(pb::offload_response::Event::Completion(c)) = m.unwrap().event {
+            replayed = Some(c.replayed);
+        }
+    }
+    assert_eq!(
+        replayed,
+        Some(false),
+        "the cancelled request had been stored as finished"
+    );
+    assert_eq!(t.server.state.cloud.as_ref().unwrap().in_flight(), 0);
+    cloud.shutdown(Duration::from_millis(100)).await;
+}
