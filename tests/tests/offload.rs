@@ -463,3 +463,96 @@ async fn an_app_that_leaves_cancels_the_cloud_request() {
     assert_eq!(t.server.state.cloud.as_ref().unwrap().in_flight(), 0);
     cloud.shutdown(Duration::from_millis(100)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offload_over_mutual_tls_with_a_token_and_edges_without_credentials_are_refused() {
+    use ferry_cli::certs::{self, DevCertsOptions};
+    let dir = tempfile::tempdir().unwrap();
+    // `ferry certs dev`, through the library behind it.
+    let dev = certs::write_dev_certs(&DevCertsOptions {
+        out: dir.path().join("dev"),
+        days: 2,
+        ..DevCertsOptions::default()
+    })
+    .unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("{}\n", ferry_core::token::token_line("edge-1", "tok-edge")),
+    )
+    .unwrap();
+    let mut cfg = cloud_config("127.0.0.1:0", vec![candle_model(CLOUD_MODEL)]);
+    cfg.tls.cert_file = Some(dev.path(certs::CLOUD_CERT));
+    cfg.tls.key_file = Some(dev.path(certs::CLOUD_KEY));
+    cfg.tls.client_ca_file = Some(dev.path(certs::CA_CERT));
+    cfg.auth.tokens_file = Some(tokens);
+    let cloud = CloudServer::start(cfg).await.unwrap();
+    let endpoint = format!("https://localhost:{}", cloud.local_addr.port());
+    let token_file = dir.path().join("edge-token");
+    std::fs::write(&token_file, "tok-edge\n").unwrap();
+
+    // The edge as configured for production: CA, client certificate, token.
+    let tls = |c: &mut EdgeConfig, cert: bool, token: &std::path::Path| {
+        with_cloud(c, endpoint.clone());
+        c.cloud.ca_file = Some(dev.path(certs::CA_CERT));
+        if cert {
+            c.cloud.cert_file = Some(dev.path(certs::EDGE_CERT));
+            c.cloud.key_file = Some(dev.path(certs::EDGE_KEY));
+        }
+        c.cloud.token_file = Some(token.to_path_buf());
+    };
+    let mut t = TestServer::start(|c| tls(c, true, &token_file)).await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    let (text, deltas, done) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 12))
+        .await
+        .unwrap();
+    assert!(!text.trim().is_empty() && deltas >= 2);
+    assert_eq!(done.tier, pb::Tier::Cloud as i32, "{:?}", done.placement);
+    drop(t);
+
+    // A wrong token: ferry-cloud refuses to list its zoo (health stays open), and Status says why.
+    let wrong = dir.path().join("wrong-token");
+    std::fs::write(&wrong, "not-the-token\n").unwrap();
+    let mut t = TestServer::start(|c| {
+        tls(c, true, &wrong);
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(&mut t).await;
+        let e = &s.cloud_endpoints[0];
+        if e.last_error.contains("UNAUTHENTICATED") {
+            assert!(e.models.is_empty(), "{e:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "a wrong token was let in: {e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::NotFound,
+        "no endpoint lists it: {err:?}"
+    );
+    drop(t);
+
+    // No client certificate: the handshake fails, the probe says so.
+    let mut t = TestServer::start(|c| tls(c, false, &token_file)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(&mut t).await;
+        let e = &s.cloud_endpoints[0];
+        if !e.healthy {
+            assert!(e.models.is_empty());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a client without a certificate was let in: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cloud.shutdown(Duration::from_millis(100)).await;
+}

@@ -714,6 +714,7 @@ impl CloudPool {
         match verdict {
             Ok(()) => {
                 let listed = !ep.models.read().expect("models lock").is_empty();
+                let mut list_error = None;
                 if !listed || !was {
                     let mut req = tonic::Request::new(pb::ListModelsRequest {});
                     req.set_timeout(timeout);
@@ -724,13 +725,19 @@ impl CloudPool {
                             *ep.models.write().expect("models lock") = models;
                         }
                         Ok(Err(s)) => {
-                            tracing::warn!(endpoint = %ep.uri, error = %s.message(), "ListModels failed")
+                            let why = format!(
+                                "ListModels: {}: {}",
+                                format!("{:?}", s.code()).to_uppercase(),
+                                s.message()
+                            );
+                            tracing::warn!(endpoint = %ep.uri, error = %why, "the cloud zoo could not be listed");
+                            list_error = Some(why);
                         }
-                        Err(_) => tracing::warn!(endpoint = %ep.uri, "ListModels timed out"),
+                        Err(_) => list_error = Some("ListModels timed out".to_string()),
                     }
                 }
                 ep.healthy.store(true, Ordering::Release);
-                *ep.last_error.lock().expect("error lock") = None;
+                *ep.last_error.lock().expect("error lock") = list_error;
                 if !was {
                     tracing::info!(endpoint = %ep.uri, "cloud endpoint healthy again");
                 }
