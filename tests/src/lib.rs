@@ -286,3 +286,28 @@ pub async fn http_with_headers(
         body,
     }
 }
+
+/// Trains a TMO placement policy (`ferry policy train`'s library) for 500 steps on the M4A1 log
+/// and writes it to `out`.
+pub fn train_policy(algo: &str, out: &Path) {
+    use ferry_cli::policy::{self, EnvArgs, TrainArgs};
+    let data_path = repo_root().join("../shared/data/tmo-m4a1/M4A1.json");
+    let data = policy::load_data(&data_path).unwrap();
+    let args = TrainArgs {
+        env: policy::EnvName::M4a1,
+        algo: algo.into(),
+        steps: 500,
+        seed: 42,
+        out: out.to_path_buf(),
+        env_args: EnvArgs {
+            data: data_path,
+            device: "jetson-tx2".into(),
+            network: "wired".into(),
+        },
+        budget_sampling: "normal".into(),
+        hidden: vec![32],
+        json: false,
+    };
+    let (p, _, _) = policy::train(&data, &args).unwrap();
+    std::fs::write(out, p.to_bytes().unwrap()).unwrap();
+}

@@ -556,3 +556,86 @@ async fn offload_over_mutual_tls_with_a_token_and_edges_without_credentials_are_
     }
     cloud.shutdown(Duration::from_millis(100)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tmo_places_auto_requests_in_the_cloud_and_mess_plus_picks_the_cloud_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_file = dir.path().join("placement.safetensors");
+    ferry_integration::train_policy("rc-a2c", &policy_file);
+    let tasks = {
+        let bytes = std::fs::read(&policy_file).unwrap();
+        ferry_router::tmo::PlacementPolicy::from_bytes(&bytes)
+            .unwrap()
+            .meta()
+            .tasks
+            .clone()
+    };
+    // Two cloud models (the same weights at two prices) so MESS+ has a zoo to route over.
+    let mut cheap = candle_model("cloud-cheap");
+    cheap.usd_per_million_tokens = Some(0.1);
+    let mut dear = candle_model("cloud-dear");
+    dear.usd_per_million_tokens = Some(0.5);
+    let cloud = CloudServer::start(cloud_config("127.0.0.1:0", vec![dear, cheap]))
+        .await
+        .unwrap();
+    let endpoint = format!("http://{}", cloud.local_addr);
+    let mut t = TestServer::start(|c| {
+        with_cloud(c, endpoint);
+        c.placement.policy_file = Some(policy_file);
+        c.router.enabled = true;
+        // Explore at the first routed request: every cloud model runs, the dearest serves.
+        c.router.c = 1.0;
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, "cloud-cheap").await;
+
+    let mut cloud_turns = 0;
+    for (i, task) in tasks.iter().enumerate() {
+        let mut req = greedy(QUESTION, 4);
+        req.task = task.clone();
+        req.dialogue_id = format!("d-{i}");
+        let (_, _, done) = run(&mut t.client, req).await.unwrap();
+        let p = done.placement.unwrap();
+        assert!(!p.fallback, "{p:?}");
+        if p.reason.contains("cloud with") {
+            cloud_turns += 1;
+            assert_eq!(done.tier, pb::Tier::Cloud as i32, "{p:?}");
+            assert!(p.reason.contains("cloud mess-plus-fb"), "{}", p.reason);
+            assert!(done.model.starts_with("cloud-"), "{}", done.model);
+        } else {
+            assert_eq!(done.tier, pb::Tier::Local as i32, "{p:?}");
+        }
+    }
+    assert!(
+        cloud_turns > 0,
+        "the policy placed no task in the cloud: {tasks:?}"
+    );
+    let s = status(&mut t).await;
+    let r = s
+        .routers
+        .iter()
+        .find(|r| r.tier == pb::Tier::Cloud as i32)
+        .expect("a cloud router");
+    // Ascending price; the first routed request explored, so both cloud models have run.
+    let zoo: Vec<&str> = r.models.iter().map(|m| m.model.as_str()).collect();
+    assert_eq!(zoo, vec!["cloud-cheap", "cloud-dear"]);
+    assert!(r.explored >= 1 && r.requests == cloud_turns, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(&mut t).await;
+        let r = s
+            .routers
+            .iter()
+            .find(|r| r.tier == pb::Tier::Cloud as i32)
+            .unwrap();
+        if r.models.iter().all(|m| m.mean_joules.is_some()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exploration never measured the cloud zoo: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cloud.shutdown(Duration::from_millis(100)).await;
+}

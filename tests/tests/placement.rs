@@ -1,35 +1,13 @@
 //! TMO placement inside ferryd with a policy trained here on the authors' M4A1 log
 //! (../shared/data/tmo-m4a1): each request's completion says what the policy chose; a cloud
-//! choice, with no cloud tier yet, is a reported fallback to local; the dialogue's turns are
+//! choice, with no cloud tier configured, is a reported fallback to local (tests/offload.rs
+//! covers cloud choices with a cloud tier); the dialogue's turns are
 //! counted; an unknown task and a malformed policy file are refused clearly; a reload swaps the
 //! policy.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use ferry_cli::policy::{self, EnvArgs, TrainArgs};
-use ferry_integration::{greedy, repo_root, run, TestServer};
-
-fn train(algo: &str, out: &Path) {
-    let data_path = repo_root().join("../shared/data/tmo-m4a1/M4A1.json");
-    let data = policy::load_data(&data_path).unwrap();
-    let args = TrainArgs {
-        env: policy::EnvName::M4a1,
-        algo: algo.into(),
-        steps: 500,
-        seed: 42,
-        out: out.to_path_buf(),
-        env_args: EnvArgs {
-            data: data_path,
-            device: "jetson-tx2".into(),
-            network: "wired".into(),
-        },
-        budget_sampling: "normal".into(),
-        hidden: vec![32],
-        json: false,
-    };
-    let (p, _, _) = policy::train(&data, &args).unwrap();
-    std::fs::write(out, p.to_bytes().unwrap()).unwrap();
-}
+use ferry_integration::{greedy, run, train_policy as train, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_policy_decides_each_turn_and_reports_fallback() {
@@ -47,7 +25,7 @@ async fn placement_policy_decides_each_turn_and_reports_fallback() {
         let p = done.placement.unwrap();
         assert!(p.reason.starts_with("tmo RC-A2C"), "{}", p.reason);
         assert!(p.reason.contains(&format!("turn {turn}")), "{}", p.reason);
-        // No cloud tier yet: a cloud choice is a reported fallback, and it ran locally.
+        // No cloud tier configured: a cloud choice is a reported fallback, and it ran locally.
         assert_eq!(p.fallback, p.reason.contains("chose cloud"), "{}", p.reason);
         assert_eq!(done.tier, ferry_proto::v1::Tier::Local as i32);
     }
