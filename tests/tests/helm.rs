@@ -16,6 +16,9 @@
 //!   GPUs and a /health readiness probe, Services, ServiceMonitors and the NetworkPolicy select
 //!   the pods they mean. Without helm the render test prints why it skipped (and fails under CI,
 //!   where scripts/test has installed it).
+//! - The rendered config with the Secret layout starts the real server (in-process): mutual TLS
+//!   with `ferry certs dev` certificates and a bearer token serve ListModels, the kubelet's plain
+//!   HTTP /healthz and /readyz answer 200, /metrics wants the token.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,65 +31,37 @@ use serde_json::Value;
 
 const KUBE_VERSIONS: [&str; 2] = ["1.27", "1.35"];
 
-/// The HTTP port (probes, metrics) the chart and the image use: `server.http_addr`'s default.
-const HTTP_PORT: u16 = 9061;
-
-/// `server.http_addr` of a config, read through serde: this file compiles and checks the chart
-/// whether or not ferry-cloud's config has the field yet (it lands with the probe listener).
-fn http_addr(c: &CloudConfig) -> Option<SocketAddr> {
-    let v = serde_json::to_value(&c.server).unwrap();
-    v.get("http_addr")
-        .map(|a| a.as_str().unwrap().parse().unwrap())
+/// Parses a rendered cloud.toml with ferry-cloud's own parser; returns it and its HTTP address
+/// (`server.http_addr`: probes and metrics).
+fn parse_cloud_toml(toml: &str, name: &str) -> (CloudConfig, SocketAddr) {
+    let config = CloudConfig::from_toml(toml, Path::new("cloud.toml"))
+        .unwrap_or_else(|e| panic!("{name}: the rendered cloud.toml is refused: {e}\n{toml}"));
+    assert!(
+        config.server.http_enabled,
+        "{name}: the probes need the HTTP listener"
+    );
+    let http = config.server.http_addr;
+    (config, http)
 }
 
-/// Parses a rendered cloud.toml with ferry-cloud's own parser; returns it and its HTTP address.
-/// Before ferry-cloud knows `server.http_addr`, that one line is checked here and taken off
-/// (saying so), and the rest must still parse.
-fn parse_cloud_toml(toml: &str, name: &str) -> (CloudConfig, SocketAddr) {
-    let known = http_addr(&CloudConfig::default()).is_some();
-    if !known {
-        // The shim below is only for a ferry-cloud without the probe listener: one configured
-        // under another name means the chart must change.
-        let all = serde_json::to_value(CloudConfig::default()).unwrap();
-        let keys: Vec<String> = all
-            .as_object()
-            .unwrap()
-            .iter()
-            .flat_map(|(k, v)| {
-                let inner = v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>());
-                std::iter::once(k.clone()).chain(
-                    inner
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(move |i| format!("{k}.{i}")),
-                )
-            })
-            .collect();
-        let http: Vec<&String> = keys.iter().filter(|k| k.contains("http")).collect();
-        assert!(
-            http.is_empty(),
-            "ferry-cloud configures its HTTP listener as {http:?}, the chart writes server.http_addr"
-        );
-    }
-    let line = toml
-        .lines()
-        .find(|l| l.starts_with("http_addr = "))
-        .unwrap_or_else(|| panic!("{name}: no server.http_addr in\n{toml}"));
-    let text = if known {
-        toml.to_string()
-    } else {
-        eprintln!(
-            "NOTE {name}: this ferry-cloud has no server.http_addr yet; checked `{line}` alone"
-        );
-        toml.replace(&format!("{line}\n"), "")
-    };
-    let config = CloudConfig::from_toml(&text, Path::new("cloud.toml"))
-        .unwrap_or_else(|e| panic!("{name}: the rendered cloud.toml is refused: {e}\n{toml}"));
-    let from_line: SocketAddr = line.split('"').nth(1).unwrap().parse().unwrap();
-    if known {
-        assert_eq!(http_addr(&config), Some(from_line));
-    }
-    (config, from_line)
+/// Status code of a plain HTTP/1.1 GET (the probes' view).
+fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"))
 }
 
 fn chart() -> PathBuf {
@@ -213,8 +188,7 @@ fn dockerfile_builds_and_starts_the_ferry_cloud_binary_on_the_default_ports() {
         .map(|p| p.parse().unwrap())
         .collect();
     let grpc = defaults.server.listen.port();
-    let http = http_addr(&defaults).map_or(HTTP_PORT, |a| a.port());
-    assert_eq!(http, HTTP_PORT);
+    let http = defaults.server.http_addr.port();
     assert_eq!(expose, vec![grpc, http]);
     let values = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
     assert!(values.contains(&format!("\n  grpcPort: {grpc}\n")));
@@ -1016,19 +990,17 @@ async fn rendered_config_serves_mutual_tls_and_tokens_from_the_secret_layout() {
     )
     .unwrap();
     // The pod's paths under the temporary root, loopback instead of the pod network.
-    let mut local = toml
+    let local = toml
         .to_string()
         .replace("\"/etc/ferry/", &format!("\"{}/etc/ferry/", root.display()))
         .replace(
             &format!("listen = \"{}\"", rendered.server.listen),
             "listen = \"127.0.0.1:0\"",
         );
-    let http_line = format!("http_addr = \"{http}\"\n");
-    local = if http_addr(&CloudConfig::default()).is_some() {
-        local.replace(&http_line, "http_addr = \"127.0.0.1:0\"\n")
-    } else {
-        local.replace(&http_line, "")
-    };
+    let local = local.replace(
+        &format!("http_addr = \"{http}\"\n"),
+        "http_addr = \"127.0.0.1:0\"\n",
+    );
     assert!(!local.contains("/etc/ferry/tls") || local.contains(&*root.to_string_lossy()));
     let config = CloudConfig::from_toml(&local, Path::new("cloud.toml")).unwrap();
     let server = ferry_cloud::CloudServer::start(config)
@@ -1076,5 +1048,28 @@ async fn rendered_config_serves_mutual_tls_and_tokens_from_the_secret_layout() {
             .is_err(),
     };
     assert!(refused, "a client without a certificate was served");
+    // The kubelet's view: plain HTTP probes, no token, on the configured HTTP listener.
+    let probes = server.http_addr.expect("the HTTP listener is on");
+    let (healthz, readyz, metrics) = tokio::task::spawn_blocking(move || {
+        (
+            http_status(probes, "/healthz"),
+            // Ready once the models are set up (the listener binds before that).
+            (0..100)
+                .map(|_| {
+                    let code = http_status(probes, "/readyz");
+                    if code != 200 {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    code
+                })
+                .find(|&c| c == 200)
+                .unwrap_or(503),
+            http_status(probes, "/metrics"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((healthz, readyz), (200, 200));
+    assert_eq!(metrics, 401, "/metrics is behind the tokens");
     server.shutdown(std::time::Duration::from_secs(1)).await;
 }
