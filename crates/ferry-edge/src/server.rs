@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -141,7 +140,8 @@ impl RunningServer {
             .map_err(|e| Error::io("reading the bound address", e))?;
         let mut servers = Vec::new();
         let tcp = router(&state, health_service.clone(), true)?.serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            // Small gRPC frames (one token each) must not wait for Nagle and delayed ACKs.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
         servers.push(tokio::spawn(tcp));
@@ -180,6 +180,11 @@ impl RunningServer {
             let app = crate::http::router(Arc::new(InferenceService::new(state.clone())));
             let stop = stopped(stop_rx.clone());
             http_server = Some(tokio::spawn(async move {
+                use axum::serve::ListenerExt;
+                // SSE chunks are one token each: no Nagle delay.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 axum::serve(listener, app)
                     .with_graceful_shutdown(stop)
                     .await
