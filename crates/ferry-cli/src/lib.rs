@@ -6,6 +6,7 @@ pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod fetch;
+pub mod offload_bench;
 pub mod plot;
 pub mod policy;
 pub mod replay;

@@ -184,6 +184,33 @@ enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// What ferryd adds to an offloaded request: ferryd -> ferry-cloud beside a direct call to
+    /// ferry-cloud (real binaries on loopback, same run), p50/p99, and streams/s at a
+    /// concurrency.
+    Offload {
+        #[command(flatten)]
+        registry: Registry,
+        /// Model manifest served locally and, under the id `bench-cloud`, by ferry-cloud.
+        #[arg(long, default_value = "smollm2-135m-instruct")]
+        model: String,
+        /// Sequential requests per path for the latency figures.
+        #[arg(long, default_value_t = 500)]
+        requests: usize,
+        /// Streams in flight for the throughput figures.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Seconds of load per path.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// ferryd binary; default: next to this `ferry`.
+        #[arg(long)]
+        ferryd: Option<PathBuf>,
+        /// ferry-cloud binary; default: next to this `ferry`.
+        #[arg(long)]
+        ferry_cloud: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// CPU cost of the energy sampler at 10 Hz and 100 Hz, as a share of one core.
     Energy {
         #[command(flatten)]
@@ -1214,6 +1241,40 @@ fn main() -> anyhow::Result<()> {
                 }),
             ..
         }) => bench_router(registry, input, embed, json),
+        Command::Bench(BenchCmd {
+            what:
+                Some(BenchWhat::Offload {
+                    registry,
+                    model,
+                    requests,
+                    concurrency,
+                    seconds,
+                    ferryd,
+                    ferry_cloud,
+                    json,
+                }),
+            ..
+        }) => {
+            let opts = ferry_cli::offload_bench::OffloadBenchOptions {
+                manifest_dir: registry.manifest_dir,
+                model_dir: registry.model_dir,
+                model,
+                requests,
+                concurrency,
+                seconds,
+                ferryd,
+                ferry_cloud,
+            };
+            tokio_main(async {
+                let b = ferry_cli::offload_bench::run(&opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&b)?);
+                } else {
+                    print!("{}", ferry_cli::offload_bench::render(&b));
+                }
+                Ok(())
+            })
+        }
         Command::Energy(EnergyCommand::Probe { energy, json }) => energy_probe(energy, json),
         Command::Replay(args) => run_replay(args),
         Command::Policy(cmd) => ferry_cli::policy::run(cmd),
