@@ -16,6 +16,8 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 const QUESTION: &str = "Name three colours of the rainbow.";
+/// The bundled SmolLM2 as configs/cloud.toml names it (unlike the local id, so ferryd lists both).
+const SAMPLE_CLOUD_MODEL: &str = "smollm2-135m-instruct-cloud";
 /// The variable the openai test's models read their upstream key from.
 const KEY_VAR: &str = "FERRY_TEST_CLOUD_UPSTREAM_KEY";
 
@@ -472,7 +474,7 @@ async fn ferry_cloud_binary_serves_the_sample_config_and_drains_on_sigterm() {
         .collect();
     assert_eq!(
         ids,
-        [DEFAULT_MODEL, "llama-3.1-8b-instruct"],
+        [SAMPLE_CLOUD_MODEL, "llama-3.1-8b-instruct"],
         "the sample zoo"
     );
 
@@ -480,7 +482,7 @@ async fn ferry_cloud_binary_serves_the_sample_config_and_drains_on_sigterm() {
     let mut stream = client
         .generate(request(
             "bin-1",
-            DEFAULT_MODEL,
+            SAMPLE_CLOUD_MODEL,
             "Tell me about ferries.",
             30,
         ))
