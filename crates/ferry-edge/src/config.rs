@@ -28,18 +28,9 @@ pub struct EdgeConfig {
     pub log: LogConfig,
 }
 
-/// Who may call ferryd over TCP (gRPC and HTTP). The Unix socket is trusted: its file
-/// permissions decide.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// Bearer tokens, hashed (`<name> sha256:<hex>` per line; `ferry token new` writes them);
-    /// reloaded on SIGHUP. Unset: no authentication.
-    pub tokens_file: Option<PathBuf>,
-    /// Allow listening on a non-loopback address without `tokens_file`. Off: ferryd refuses to
-    /// start exposed and open.
-    pub allow_unauthenticated_network: bool,
-}
+/// Who may call ferryd over TCP (gRPC and HTTP): the same `[auth]` settings as ferry-cloud's.
+/// The Unix socket is trusted: its file permissions decide.
+pub use ferry_core::auth::AuthConfig;
 
 /// MESS+ routing of `model: "auto"` over the loaded local models.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

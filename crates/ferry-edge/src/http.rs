@@ -476,7 +476,7 @@ async fn metrics_text(State(svc): State<Arc<InferenceService>>) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            ferry_core::telemetry::CONTENT_TYPE,
         )],
         crate::metrics::render(),
     )
