@@ -596,7 +596,25 @@ impl CloudPool {
 
     /// A listed cloud model by id.
     pub fn model(&self, id: &str) -> Option<pb::ModelInfo> {
-        self.models().into_iter().find(|m| m.id == id)
+        self.endpoints.iter().find_map(|ep| {
+            ep.models
+                .read()
+                .expect("models lock")
+                .iter()
+                .find(|m| m.id == id)
+                .cloned()
+        })
+    }
+
+    /// Whether some endpoint lists `id`.
+    pub fn lists(&self, id: &str) -> bool {
+        self.endpoints.iter().any(|ep| {
+            ep.models
+                .read()
+                .expect("models lock")
+                .iter()
+                .any(|m| m.id == id)
+        })
     }
 
     /// Reserves the best endpoint for `model`, skipping those in `tried`.

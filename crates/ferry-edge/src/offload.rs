@@ -79,7 +79,11 @@ impl CloudJob {
     /// Runs the request: offload, fall back, stream into `tx`.
     pub(crate) async fn run(self, tx: mpsc::Sender<Item>) {
         let _in_flight = self.pool.track();
-        let zoo = self.pool.models();
+        // The whole zoo only when a router or default must choose from it.
+        let zoo = match &self.target {
+            CloudTarget::Named(id) => self.pool.model(id).into_iter().collect(),
+            CloudTarget::Auto => self.pool.models(),
+        };
         let (model, routed, route_reason) = match self.choose_model(&zoo).await {
             Ok(x) => x,
             Err(why) => {

@@ -89,9 +89,9 @@ impl InferenceService {
             .as_deref()
             .is_some_and(|id| state.manifests.iter().any(|m| m.id == id));
         let cloud_target = match (&state.cloud, req.model.as_deref()) {
-            (Some(pool), Some(id)) if !named_local => match pool.model(id) {
-                Some(_) => Some(crate::offload::CloudTarget::Named(id.to_string())),
-                None => {
+            (Some(pool), Some(id)) if !named_local => match pool.lists(id) {
+                true => Some(crate::offload::CloudTarget::Named(id.to_string())),
+                false => {
                     return Err(refuse(Error::ModelNotFound(format!(
                         "{id} (not a local model, and no cloud endpoint lists it)"
                     ))))
