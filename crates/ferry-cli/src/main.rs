@@ -503,8 +503,17 @@ async fn chat(args: ChatArgs, token: Option<String>) -> anyhow::Result<()> {
         });
         println!("{v}");
     } else {
+        let tier = pb::Tier::try_from(c.tier)
+            .map(|t| t.as_str_name().trim_start_matches("TIER_").to_lowercase())
+            .unwrap_or_default();
+        let fallback = c
+            .placement
+            .as_ref()
+            .filter(|p| p.fallback)
+            .map(|p| format!(" · fallback: {}", p.reason))
+            .unwrap_or_default();
         eprintln!(
-            "[{} · {} prompt + {} completion tokens · first token {:.0} ms · total {:.0} ms · {}]",
+            "[{} ({tier}) · {} prompt + {} completion tokens · first token {:.0} ms · total {:.0} ms · {}{fallback}]",
             c.model,
             usage.prompt_tokens,
             usage.completion_tokens,
