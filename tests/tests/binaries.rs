@@ -192,6 +192,34 @@ fn ferry_energy_probe_reports_every_source_with_a_reason() {
     assert_eq!(rapl["available"], false);
     assert!(rapl["reason"].as_str().unwrap().contains("powercap"));
     assert!(v["selected"].as_str().unwrap().contains("ina3221"));
+
+    // A measured window: the utilisation estimate is always readable and counts > 0 J.
+    let out = Command::new(binary("ferry"))
+        .args([
+            "energy",
+            "probe",
+            "--json",
+            "--sources",
+            "estimate",
+            "--measure-s",
+            "0.5",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &v["measured"][0];
+    assert_eq!(m["source"], "estimate");
+    let (j, s, w) = (
+        m["joules"].as_f64().unwrap(),
+        m["seconds"].as_f64().unwrap(),
+        m["mean_watts"].as_f64().unwrap(),
+    );
+    assert!(j > 0.0 && s >= 0.5 && (w - j / s).abs() < 1e-9, "{m}");
 }
 
 /// `kill -9` in the middle of learning: the restarted daemon has everything the router learned

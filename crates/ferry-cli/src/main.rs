@@ -258,6 +258,10 @@ enum EnergyCommand {
     Probe {
         #[command(flatten)]
         energy: EnergyArgs,
+        /// Also read every readable source for this many seconds and report the joules each
+        /// counted and its mean power (does the sensor move with load?).
+        #[arg(long)]
+        measure_s: Option<f64>,
         #[arg(long)]
         json: bool,
     },
@@ -779,7 +783,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn energy_probe(args: EnergyArgs, json: bool) -> anyhow::Result<()> {
+fn energy_probe(args: EnergyArgs, measure_s: Option<f64>, json: bool) -> anyhow::Result<()> {
     let cfg = args.config();
     let results = ferry_energy::probe(&cfg);
     let chosen = ferry_energy::open_sources(&cfg)
@@ -790,11 +794,15 @@ fn energy_probe(args: EnergyArgs, json: bool) -> anyhow::Result<()> {
                 .join("+")
         })
         .unwrap_or_else(|e| format!("none ({e})"));
+    let measured = match measure_s {
+        Some(secs) => measure_sources(&args, &results, secs)?,
+        None => Vec::new(),
+    };
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"sources": results, "selected": chosen})
+                &serde_json::json!({"sources": results, "selected": chosen, "measured": measured})
             )?
         );
         return Ok(());
@@ -813,7 +821,54 @@ fn energy_probe(args: EnergyArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     println!("ferryd would use: {chosen}");
+    for m in &measured {
+        println!(
+            "{}: {:.2} J over {:.2} s = {:.2} W mean",
+            m["source"].as_str().unwrap_or("?"),
+            m["joules"].as_f64().unwrap_or(f64::NAN),
+            m["seconds"].as_f64().unwrap_or(f64::NAN),
+            m["mean_watts"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     Ok(())
+}
+
+/// Reads each readable source over `secs` seconds (sampling at 10 Hz, as ferryd does, so power
+/// sources integrate and counters cannot wrap unseen): joules and mean watts per source.
+fn measure_sources(
+    args: &EnergyArgs,
+    results: &[ferry_energy::ProbeResult],
+    secs: f64,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    anyhow::ensure!(
+        secs.is_finite() && secs > 0.0,
+        "--measure-s must be a positive number of seconds"
+    );
+    let mut out = Vec::new();
+    for r in results.iter().filter(|r| r.available) {
+        let mut cfg = args.config();
+        cfg.sources = vec![r.kind.as_str().to_string()];
+        let mut sources = ferry_energy::open_sources(&cfg)?;
+        let Some(source) = sources.first_mut() else {
+            continue;
+        };
+        let start = std::time::Instant::now();
+        let first = source.read_joules()?;
+        let mut last = first;
+        while start.elapsed().as_secs_f64() < secs {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            last = source.read_joules()?;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        out.push(serde_json::json!({
+            "source": r.kind.as_str(),
+            "devices": source.devices(),
+            "joules": last - first,
+            "seconds": seconds,
+            "mean_watts": (last - first) / seconds,
+        }));
+    }
+    Ok(out)
 }
 
 fn bench_energy(args: EnergyArgs, seconds: f64, json: bool) -> anyhow::Result<()> {
@@ -1284,7 +1339,11 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Energy(EnergyCommand::Probe { energy, json }) => energy_probe(energy, json),
+        Command::Energy(EnergyCommand::Probe {
+            energy,
+            measure_s,
+            json,
+        }) => energy_probe(energy, measure_s, json),
         Command::Replay(args) => run_replay(args),
         Command::Policy(cmd) => ferry_cli::policy::run(cmd),
     }
