@@ -3,25 +3,10 @@
 
 use ferry_core::{Error, Result};
 use ferry_proto::v1::inference_client::InferenceClient;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-/// Adds `authorization: Bearer <token>` to every call when a token is set.
-#[derive(Clone, Default)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut req: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
+pub use ferry_core::auth::Bearer;
 
 /// An `Inference` client, with or without a token.
 pub type Client = InferenceClient<InterceptedService<Channel, Bearer>>;
@@ -63,16 +48,9 @@ pub async fn inference(addr: &str) -> Result<Client> {
 
 /// An `Inference` client for `addr` that presents `token` as a bearer token.
 pub async fn inference_with_token(addr: &str, token: Option<&str>) -> Result<Client> {
-    let bearer = match token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| Error::invalid("token", "must be printable ASCII"))?,
-        ),
-        None => None,
-    };
+    let bearer = Bearer::new(token, "token")?;
     Ok(
-        InferenceClient::with_interceptor(connect(addr).await?, Bearer(bearer))
+        InferenceClient::with_interceptor(connect(addr).await?, bearer)
             .max_decoding_message_size(64 * 1024 * 1024),
     )
 }

@@ -18,6 +18,42 @@ use serde::{Deserialize, Serialize};
 use crate::token::digest;
 use crate::{Error, Result};
 
+/// The client side: adds `authorization: Bearer <token>` to every gRPC call when a token is set
+/// (the `ferry` CLI to ferryd, ferryd to ferry-cloud).
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// A token to present, or none; `field` names the setting in the error for a token a header
+    /// cannot carry.
+    pub fn new(token: Option<&str>, field: &str) -> Result<Self> {
+        match token {
+            Some(t) => format!("Bearer {t}")
+                .parse()
+                .map(|v| Bearer(Some(v)))
+                .map_err(|_| Error::invalid(field, "the token must be printable ASCII")),
+            None => Ok(Bearer(None)),
+        }
+    }
+
+    /// Whether a token is presented.
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
 /// The message of every refusal.
 pub const REFUSED: &str = "missing or invalid bearer token";
 

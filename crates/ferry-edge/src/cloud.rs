@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use ferry_core::auth::Bearer;
 use ferry_core::{Error, Result};
 use ferry_proto::v1 as pb;
 use pb::offload_client::OffloadClient;
@@ -353,22 +353,6 @@ impl Endpoint {
     }
 }
 
-/// Adds the bearer token to every call.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut req: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
 /// An Offload client on one endpoint's channel with the bearer token.
 pub type Client = OffloadClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
@@ -507,15 +491,7 @@ impl CloudPool {
         }
         cfg.validate()?;
         let token = load_token(cfg)?;
-        let bearer = Bearer(match token {
-            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                Error::invalid(
-                    "cloud.token_file",
-                    "the token has characters a header cannot carry",
-                )
-            })?),
-            None => None,
-        });
+        let bearer = Bearer::new(token.as_deref(), "cloud.token_file")?;
         let tls = match &cfg.ca_file {
             Some(ca) => {
                 let mut tls = ClientTlsConfig::new()
@@ -565,7 +541,7 @@ impl CloudPool {
         for ep in &endpoints {
             ep.export_circuit(CircuitState::Closed);
         }
-        tracing::info!(endpoints = ?cfg.endpoints, tls = tls.is_some(), mutual_tls = cfg.cert_file.is_some(), token = bearer.0.is_some(), "cloud tier configured");
+        tracing::info!(endpoints = ?cfg.endpoints, tls = tls.is_some(), mutual_tls = cfg.cert_file.is_some(), token = bearer.is_set(), "cloud tier configured");
         Ok(Some(Arc::new(CloudPool {
             cfg: cfg.clone(),
             endpoints,

@@ -684,55 +684,38 @@ impl CloudJob {
 
     /// The app left while the cloud answered.
     fn cancelled(&self, ctx: &StreamCtx, delivered: &Delivered) {
-        self.state
-            .stats
-            .requests_abandoned
-            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(request_id = %self.request_id, model = %ctx.model, deltas = delivered.deltas, "client went away; cloud request cancelled");
-        crate::metrics::request_finished(
-            "cloud",
-            &ctx.model,
-            "cancelled",
-            0,
-            0,
-            self.arrived.elapsed().as_secs_f64(),
-            None,
-        );
-        if let Some((router, _)) = &ctx.routed {
-            router.abandon(&self.request_id);
-        }
+        self.ended_unanswered(&ctx.model, ctx.routed.as_ref(), "cancelled");
     }
 
     /// The app left before the first token.
     fn abandoned(&self, routed: Option<&(Arc<ZooRouter>, RoutedCloud)>, model: &str) {
-        self.state
-            .stats
-            .requests_abandoned
-            .fetch_add(1, Ordering::Relaxed);
-        crate::metrics::request_finished(
-            "cloud",
-            model,
-            "cancelled",
-            0,
-            0,
-            self.arrived.elapsed().as_secs_f64(),
-            None,
-        );
-        if let Some((router, _)) = routed {
-            router.abandon(&self.request_id);
-        }
+        self.ended_unanswered(model, routed, "cancelled");
     }
 
     /// The request ended with an error before any token, without a fallback.
     fn failed_request(&self, model: &str, routed: Option<&(Arc<ZooRouter>, RoutedCloud)>) {
-        self.state
-            .stats
-            .requests_failed
-            .fetch_add(1, Ordering::Relaxed);
+        self.ended_unanswered(model, routed, "failed");
+    }
+
+    /// Books a request that ends without a full answer (`outcome`: `cancelled` or `failed`): the
+    /// counter, the metric, and the cloud router forgets it.
+    fn ended_unanswered(
+        &self,
+        model: &str,
+        routed: Option<&(Arc<ZooRouter>, RoutedCloud)>,
+        outcome: &'static str,
+    ) {
+        let counter = if outcome == "failed" {
+            &self.state.stats.requests_failed
+        } else {
+            &self.state.stats.requests_abandoned
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         crate::metrics::request_finished(
             "cloud",
             model,
-            "failed",
+            outcome,
             0,
             0,
             self.arrived.elapsed().as_secs_f64(),
