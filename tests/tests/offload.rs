@@ -717,3 +717,55 @@ async fn sample_configs_offload_to_each_other_out_of_the_box() {
         "{p:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_endpoints_share_the_load_and_a_dead_one_is_retried_on_the_other() {
+    let a = start_cloud("127.0.0.1:0").await;
+    let b = start_cloud("127.0.0.1:0").await;
+    let endpoints = vec![
+        format!("http://{}", a.local_addr),
+        format!("http://{}", b.local_addr),
+    ];
+    let mut t = TestServer::start(move |c| {
+        with_cloud(c, String::new());
+        c.cloud.endpoints = endpoints;
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    // Both listed before the load: wait until each endpoint has answered its first probe.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&mut t)
+        .await
+        .cloud_endpoints
+        .iter()
+        .any(|e| e.models.is_empty())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "an endpoint never listed its zoo"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Equally idle endpoints take turns.
+    for _ in 0..4 {
+        let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 2))
+            .await
+            .unwrap();
+        assert_eq!(d.tier, pb::Tier::Cloud as i32);
+    }
+    let served = |s: &CloudServer| s.state.stats.completed.load(Ordering::Relaxed);
+    assert_eq!((served(&a), served(&b)), (2, 2), "balanced");
+
+    // One dies: before the first token the next endpoint is tried, so no request falls back.
+    a.shutdown(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 2))
+            .await
+            .unwrap();
+        assert_eq!(d.tier, pb::Tier::Cloud as i32, "{:?}", d.placement);
+        assert!(!d.placement.unwrap().fallback);
+    }
+    assert_eq!(served(&b), 5);
+    b.shutdown(Duration::from_millis(100)).await;
+}
