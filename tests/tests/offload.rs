@@ -769,3 +769,72 @@ async fn two_endpoints_share_the_load_and_a_dead_one_is_retried_on_the_other() {
     assert_eq!(served(&b), 5);
     b.shutdown(Duration::from_millis(100)).await;
 }
+
+/// The same mid-stream failure through the OpenAI-compatible API: the SSE stream ends with an
+/// OpenAI-style error object that carries the accounting, then `[DONE]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_killed_mid_stream_over_http_ends_the_sse_with_an_error_and_the_accounting() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cloud = spawn_cloud_binary(port, dir.path());
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut t = TestServer::start(|c| {
+        with_cloud(c, endpoint);
+        c.cloud.health_interval_ms = 200;
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    let http = t.server.http_addr.unwrap();
+    let pid = cloud.0.id();
+    // Kill once the answer is under way (first token ~0.1-0.5 s; 400 tokens take many seconds).
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let body = serde_json::json!({
+        "model": CLOUD_MODEL,
+        "stream": true,
+        "max_tokens": 400,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": LONG}],
+    })
+    .to_string();
+    let r = ferry_integration::http(http, "POST", "/v1/chat/completions", Some(&body)).await;
+    killer.await.unwrap();
+    drop(cloud);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events: Vec<&str> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let parsed: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let content = parsed
+        .iter()
+        // The first chunk only opens the assistant turn (empty content).
+        .filter(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .count();
+    let err = parsed.last().unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted"),
+        "{err}"
+    );
+    assert_eq!(err["ferry"]["tier"], "cloud");
+    assert_eq!(
+        err["ferry"]["delivered_deltas"],
+        content.to_string(),
+        "{err}"
+    );
+    assert!(content > 0);
+}

@@ -420,8 +420,26 @@ async fn chat_completions(
                 last
             }
             Ok(_) => json!({}),
-            // A failure after the stream began: an error object in the stream, as OpenAI does.
-            Err(status) => ApiError::from(status).body(),
+            // A failure after the stream began: an error object in the stream, as OpenAI does,
+            // with the accounting of an interrupted offload (the x-ferry-* trailers) under `ferry`.
+            Err(status) => {
+                let accounting: serde_json::Map<String, serde_json::Value> = status
+                    .metadata()
+                    .iter()
+                    .filter_map(|kv| match kv {
+                        tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                            let k = k.as_str().strip_prefix("x-ferry-")?;
+                            Some((k.replace('-', "_"), json!(v.to_str().ok()?)))
+                        }
+                        tonic::metadata::KeyAndValueRef::Binary(..) => None,
+                    })
+                    .collect();
+                let mut body = ApiError::from(status).body();
+                if !accounting.is_empty() {
+                    body["ferry"] = serde_json::Value::Object(accounting);
+                }
+                body
+            }
         }))
         .filter(|v| futures::future::ready(v.as_object().is_some_and(|o| !o.is_empty())))
         .map(|v| Ok::<_, Infallible>(Event::default().data(v.to_string())))
