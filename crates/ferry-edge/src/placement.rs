@@ -15,6 +15,10 @@
 //! records what actually ran, so the budgets and the history stay true. The policy file is read
 //! at start (a malformed file or one for another observation/action layout stops the daemon with
 //! the reason) and again on SIGHUP (a bad file then keeps the running policy).
+//!
+//! The file is `ferry policy train`'s safetensors, or (`placement.policy_format =
+//! "torchscript"`, or a `.pt`/`.pth`/`.ts` name) a TorchScript module exported from PyTorch,
+//! which needs ferryd built with the `torch` feature (refused with that reason otherwise).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -23,7 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use ferry_core::{Error, Result};
-use ferry_router::tmo::{Action, DialogueState, PlacementPolicy};
+use ferry_router::tmo::{Action, DialogueState, PolicyFormat, ServedPolicy};
 
 /// `[placement]` settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -31,6 +35,9 @@ use ferry_router::tmo::{Action, DialogueState, PlacementPolicy};
 pub struct PlacementConfig {
     /// A policy written by `ferry policy train`; unset: every request is placed locally.
     pub policy_file: Option<PathBuf>,
+    /// `safetensors` or `torchscript` (needs the `torch` feature); unset: by the file's
+    /// extension (`.pt`, `.pth`, `.ts`, `.jit`, `.torchscript` are TorchScript).
+    pub policy_format: Option<PolicyFormat>,
     /// Budgets per dialogue; unset: the ones the policy was trained for (30 s, $0.05).
     pub latency_budget_s: Option<f64>,
     pub usd_budget: Option<f64>,
@@ -64,14 +71,19 @@ struct Dialogues {
 pub struct Placer {
     cfg: PlacementConfig,
     path: PathBuf,
-    policy: RwLock<Arc<PlacementPolicy>>,
+    format: PolicyFormat,
+    policy: RwLock<Arc<ServedPolicy>>,
     dialogues: Mutex<Dialogues>,
 }
 
-fn load_policy(path: &Path) -> Result<PlacementPolicy> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::io(format!("reading placement policy {}", path.display()), e))?;
-    PlacementPolicy::from_bytes(&bytes).map_err(|e| Error::InvalidFile {
+fn load_policy(path: &Path, format: PolicyFormat) -> Result<ServedPolicy> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(Error::io(
+            format!("reading placement policy {}", path.display()),
+            e,
+        ));
+    }
+    ServedPolicy::load(path, format).map_err(|e| Error::InvalidFile {
         what: "placement policy",
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -97,10 +109,14 @@ impl Placer {
         let Some(path) = &cfg.policy_file else {
             return Ok(None);
         };
-        let policy = load_policy(path)?;
+        let format = cfg
+            .policy_format
+            .unwrap_or_else(|| PolicyFormat::from_path(path));
+        let policy = load_policy(path, format)?;
         let placer = Placer {
             cfg: cfg.clone(),
             path: path.clone(),
+            format,
             policy: RwLock::new(Arc::new(policy)),
             dialogues: Mutex::new(Dialogues {
                 states: HashMap::new(),
@@ -110,6 +126,7 @@ impl Placer {
         placer.check_default_task(&placer.policy())?;
         tracing::info!(
             path = %path.display(),
+            %format,
             method = %placer.policy().meta().method(),
             tasks = ?placer.policy().meta().tasks,
             "placement policy loaded"
@@ -117,7 +134,7 @@ impl Placer {
         Ok(Some(placer))
     }
 
-    fn check_default_task(&self, p: &PlacementPolicy) -> Result<()> {
+    fn check_default_task(&self, p: &ServedPolicy) -> Result<()> {
         if let Some(t) = &self.cfg.default_task {
             if !p.meta().tasks.iter().any(|x| x == t) {
                 return Err(Error::invalid(
@@ -133,13 +150,13 @@ impl Placer {
     }
 
     /// The running policy.
-    pub fn policy(&self) -> Arc<PlacementPolicy> {
+    pub fn policy(&self) -> Arc<ServedPolicy> {
         self.policy.read().expect("policy lock").clone()
     }
 
     /// Re-reads the policy file (SIGHUP). On error the running policy stays.
     pub fn reload(&self) -> Result<String> {
-        let p = load_policy(&self.path)?;
+        let p = load_policy(&self.path, self.format)?;
         self.check_default_task(&p)?;
         let method = p.meta().method();
         *self.policy.write().expect("policy lock") = Arc::new(p);
@@ -147,7 +164,7 @@ impl Placer {
         Ok(method)
     }
 
-    fn budgets(&self, p: &PlacementPolicy) -> (f64, f64) {
+    fn budgets(&self, p: &ServedPolicy) -> (f64, f64) {
         (
             self.cfg
                 .latency_budget_s
@@ -270,5 +287,45 @@ impl Placer {
             .get(dialogue_id)
             .map(|s| s.observe(0).turn)
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torchscript_is_chosen_by_extension_or_key_and_needs_the_torch_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let pt = dir.path().join("policy.pt");
+        let bin = dir.path().join("policy.bin");
+        for f in [&pt, &bin] {
+            std::fs::write(f, b"not a policy").unwrap();
+        }
+        let err = |cfg: PlacementConfig| match Placer::from_config(&cfg) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => e.to_string(),
+        };
+        let by_ext = err(PlacementConfig {
+            policy_file: Some(pt),
+            ..Default::default()
+        });
+        let by_key = err(PlacementConfig {
+            policy_file: Some(bin.clone()),
+            policy_format: Some(PolicyFormat::Torchscript),
+            ..Default::default()
+        });
+        for e in [by_ext, by_key] {
+            if ferry_router::tmo::TORCHSCRIPT_SUPPORTED {
+                assert!(e.contains("not a TorchScript module"), "{e}");
+            } else {
+                assert!(e.contains("`torch` feature"), "{e}");
+            }
+        }
+        let e = err(PlacementConfig {
+            policy_file: Some(bin),
+            ..Default::default()
+        });
+        assert!(e.contains("not a safetensors file"), "{e}");
     }
 }

@@ -67,7 +67,9 @@
 //! [`PlacementPolicy`] is loaded from a safetensors file and answers
 //! [`PlacementPolicy::act`] for an [`Observation`] built by a [`DialogueState`] from the live
 //! dialogue: previous placements and views, the task category, and the remaining budgets after
-//! the measured latency and cost of earlier turns.
+//! the measured latency and cost of earlier turns. With the `torch` feature, a TorchScript module
+//! exported from PyTorch / Stable-Baselines3 serves instead ([`torch`], [`ServedPolicy`]), with
+//! the same observation, actions and mask.
 
 pub mod bandit;
 pub mod data;
@@ -78,7 +80,10 @@ pub mod learn;
 mod nn;
 pub mod policy;
 pub mod profiles;
+pub mod serve;
 pub mod state;
+#[cfg(feature = "torch")]
+pub mod torch;
 
 pub use bandit::{BanditConfig, ConstrainedBandit};
 pub use data::{Dataset, Dialogue, Turn};
@@ -88,6 +93,7 @@ pub use knn::Knn;
 pub use learn::{train, Algorithm, TrainConfig, TrainReport, Variant};
 pub use policy::{PlacementPolicy, PolicyMeta};
 pub use profiles::{CostModel, DeviceProfile, NetworkProfile};
+pub use serve::{PolicyFormat, ServedPolicy, TORCHSCRIPT_SUPPORTED};
 pub use state::{feasible, DialogueState, Observation};
 
 /// Camera views (X).

@@ -96,6 +96,41 @@ pub(crate) fn masked_softmax(logits: &[f32], mask: &[bool; ACTIONS]) -> [f64; AC
     p
 }
 
+/// The network input for `obs` under `meta` (the budget features only for the constrained
+/// variant). Shared with the TorchScript policies, which take the same observation.
+pub(crate) fn features_for(meta: &PolicyMeta, obs: &Observation) -> Vec<f32> {
+    obs.features(match meta.variant {
+        Variant::Plain => None,
+        Variant::Constrained => Some(meta.budget_scale),
+    })
+}
+
+/// Allowed actions under `meta`: all for the plain variant, the budget mask for the
+/// constrained one.
+pub(crate) fn mask_for(meta: &PolicyMeta, costs: &CostModel, obs: &Observation) -> [bool; ACTIONS] {
+    match meta.variant {
+        Variant::Plain => [true; ACTIONS],
+        Variant::Constrained => feasible(obs, costs),
+    }
+}
+
+/// The most probable action (the first on ties); local when the probabilities could not be
+/// computed.
+pub(crate) fn most_probable(p: Result<[f64; ACTIONS], TmoError>) -> Action {
+    match p {
+        Ok(p) => {
+            let mut best = 0;
+            for i in 1..ACTIONS {
+                if p[i] > p[best] {
+                    best = i;
+                }
+            }
+            Action::from_index(best).expect("index in range")
+        }
+        Err(_) => Action::LOCAL,
+    }
+}
+
 impl PlacementPolicy {
     /// Freshly initialised networks (SB3's orthogonal initialisation).
     pub(crate) fn init(meta: PolicyMeta, rng: &mut PolicyRng) -> Result<Self, TmoError> {
@@ -128,18 +163,12 @@ impl PlacementPolicy {
 
     /// The network input for `obs`.
     pub fn features(&self, obs: &Observation) -> Vec<f32> {
-        obs.features(match self.meta.variant {
-            Variant::Plain => None,
-            Variant::Constrained => Some(self.meta.budget_scale),
-        })
+        features_for(&self.meta, obs)
     }
 
     /// Allowed actions: all for the plain variant, the budget mask for the constrained one.
     pub fn mask(&self, obs: &Observation) -> [bool; ACTIONS] {
-        match self.meta.variant {
-            Variant::Plain => [true; ACTIONS],
-            Variant::Constrained => feasible(obs, &self.costs),
-        }
+        mask_for(&self.meta, &self.costs, obs)
     }
 
     /// Action probabilities (masked actions have 0).
@@ -152,18 +181,7 @@ impl PlacementPolicy {
     /// on the shapes a loaded policy guarantees; if it did, the answer is local (the cheap,
     /// always-allowed action).
     pub fn act(&self, obs: &Observation) -> Action {
-        match self.probabilities(obs) {
-            Ok(p) => {
-                let mut best = 0;
-                for i in 1..ACTIONS {
-                    if p[i] > p[best] {
-                        best = i;
-                    }
-                }
-                Action::from_index(best).expect("index in range")
-            }
-            Err(_) => Action::LOCAL,
-        }
+        most_probable(self.probabilities(obs))
     }
 
     /// The critic's value of `obs`.
