@@ -96,6 +96,23 @@ async fn status(t: &mut TestServer) -> pb::StatusResponse {
         .into_inner()
 }
 
+/// Polls ferryd's Status until `done` holds (then returns it), failing with `what` after 20 s.
+async fn wait_for_status(
+    t: &mut TestServer,
+    what: &str,
+    done: impl Fn(&pb::StatusResponse) -> bool,
+) -> pb::StatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(t).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offload_streams_from_ferry_cloud_and_both_tiers_are_listed() {
     let cloud = start_cloud("127.0.0.1:0").await;
@@ -517,17 +534,11 @@ async fn offload_over_mutual_tls_with_a_token_and_edges_without_credentials_are_
         tls(c, true, &wrong);
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = status(&mut t).await;
-        let e = &s.cloud_endpoints[0];
-        if e.last_error.contains("UNAUTHENTICATED") {
-            assert!(e.models.is_empty(), "{e:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "a wrong token was let in: {e:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = wait_for_status(&mut t, "a wrong token was let in", |s| {
+        s.cloud_endpoints[0].last_error.contains("UNAUTHENTICATED")
+    })
+    .await;
+    assert!(s.cloud_endpoints[0].models.is_empty());
     let err = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4))
         .await
         .unwrap_err();
@@ -540,20 +551,11 @@ async fn offload_over_mutual_tls_with_a_token_and_edges_without_credentials_are_
 
     // No client certificate: the handshake fails, the probe says so.
     let mut t = TestServer::start(|c| tls(c, false, &token_file)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = status(&mut t).await;
-        let e = &s.cloud_endpoints[0];
-        if !e.healthy {
-            assert!(e.models.is_empty());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a client without a certificate was let in: {e:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = wait_for_status(&mut t, "a client without a certificate was let in", |s| {
+        !s.cloud_endpoints[0].healthy
+    })
+    .await;
+    assert!(s.cloud_endpoints[0].models.is_empty());
     cloud.shutdown(Duration::from_millis(100)).await;
 }
 
@@ -620,23 +622,13 @@ async fn tmo_places_auto_requests_in_the_cloud_and_mess_plus_picks_the_cloud_mod
     let zoo: Vec<&str> = r.models.iter().map(|m| m.model.as_str()).collect();
     assert_eq!(zoo, vec!["cloud-cheap", "cloud-dear"]);
     assert!(r.explored >= 1 && r.requests == cloud_turns, "{r:?}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = status(&mut t).await;
-        let r = s
-            .routers
+    wait_for_status(&mut t, "exploration never measured the cloud zoo", |s| {
+        s.routers
             .iter()
-            .find(|r| r.tier == pb::Tier::Cloud as i32)
-            .unwrap();
-        if r.models.iter().all(|m| m.mean_joules.is_some()) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "exploration never measured the cloud zoo: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .filter(|r| r.tier == pb::Tier::Cloud as i32)
+            .all(|r| r.models.iter().all(|m| m.mean_joules.is_some()))
+    })
+    .await;
     cloud.shutdown(Duration::from_millis(100)).await;
 }
 
@@ -733,19 +725,10 @@ async fn two_endpoints_share_the_load_and_a_dead_one_is_retried_on_the_other() {
     .await;
     wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
     // Both listed before the load: wait until each endpoint has answered its first probe.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while status(&mut t)
-        .await
-        .cloud_endpoints
-        .iter()
-        .any(|e| e.models.is_empty())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "an endpoint never listed its zoo"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_status(&mut t, "an endpoint never listed its zoo", |s| {
+        s.cloud_endpoints.iter().all(|e| !e.models.is_empty())
+    })
+    .await;
 
     // Equally idle endpoints take turns.
     for _ in 0..4 {
