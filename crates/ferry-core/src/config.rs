@@ -44,6 +44,21 @@ impl Default for LogConfig {
 }
 
 impl LogConfig {
+    /// Installs the process's log subscriber (stderr; `RUST_LOG` overrides `level`). For the
+    /// binaries' `main`, once.
+    pub fn install_subscriber(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&self.level));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        if self.format == "json" {
+            builder.json().init();
+        } else {
+            builder.init();
+        }
+    }
+
     /// Checks the format name.
     pub fn validate(&self) -> Result<()> {
         if !matches!(self.format.as_str(), "text" | "json") {

@@ -6,25 +6,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use ferry_edge::{Cli, RunningServer};
-use tracing_subscriber::EnvFilter;
-
-fn init_tracing(format: &str, level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.resolve().context("invalid configuration")?;
-    init_tracing(&config.log.format, &config.log.level);
+    config.log.install_subscriber();
     let grace = Duration::from_secs(config.server.shutdown_grace_s);
     let mut server = RunningServer::start(config)
         .await
