@@ -58,6 +58,15 @@ fn with_cloud(c: &mut EdgeConfig, endpoint: String) {
     c.cloud.health_interval_ms = 600_000;
 }
 
+/// ferry-cloud in process with the cloud model, and ferryd offloading to it, once ferryd lists it.
+async fn cloud_and_edge() -> (CloudServer, TestServer) {
+    let cloud = start_cloud("127.0.0.1:0").await;
+    let endpoint = format!("http://{}", cloud.local_addr);
+    let mut t = TestServer::start(|c| with_cloud(c, endpoint)).await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    (cloud, t)
+}
+
 /// Waits until ferryd lists `model` as a cloud model.
 async fn wait_for_cloud_model(client: &mut ferry_cli::client::Client, model: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -115,10 +124,7 @@ async fn wait_for_status(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offload_streams_from_ferry_cloud_and_both_tiers_are_listed() {
-    let cloud = start_cloud("127.0.0.1:0").await;
-    let endpoint = format!("http://{}", cloud.local_addr);
-    let mut t = TestServer::start(|c| with_cloud(c, endpoint)).await;
-    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    let (cloud, mut t) = cloud_and_edge().await;
 
     let models = t
         .client
@@ -185,10 +191,7 @@ async fn offload_streams_from_ferry_cloud_and_both_tiers_are_listed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_gone_before_the_request_falls_back_to_local() {
-    let cloud = start_cloud("127.0.0.1:0").await;
-    let endpoint = format!("http://{}", cloud.local_addr);
-    let mut t = TestServer::start(|c| with_cloud(c, endpoint)).await;
-    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    let (cloud, mut t) = cloud_and_edge().await;
     cloud.shutdown(Duration::from_millis(100)).await;
 
     let (text, _, done) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 12))
@@ -424,10 +427,7 @@ async fn a_flapping_endpoint_opens_and_closes_its_circuit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_that_leaves_cancels_the_cloud_request() {
-    let cloud = start_cloud("127.0.0.1:0").await;
-    let endpoint = format!("http://{}", cloud.local_addr);
-    let mut t = TestServer::start(|c| with_cloud(c, endpoint)).await;
-    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    let (cloud, mut t) = cloud_and_edge().await;
 
     let mut req = named(CLOUD_MODEL, LONG, 1_500);
     req.request_id = "leaves-early".into();
