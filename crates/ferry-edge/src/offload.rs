@@ -563,12 +563,18 @@ impl CloudJob {
         let mut joules = vec![None; zoo.len()];
         joules[rc.routed.served] = served_joules;
         if rc.routed.decision == ferry_router::Decision::Explore {
-            let messages = ChosenImages::select(&self.req.messages, None, true).messages;
             for (i, model) in zoo.iter().enumerate() {
                 if i == rc.routed.served {
                     continue;
                 }
-                joules[i] = self.measure(model, messages.clone()).await;
+                // Images only to models that read them (a text-only model refuses them).
+                let reads_images = self
+                    .pool
+                    .model(model)
+                    .is_some_and(|m| m.capabilities.iter().any(|c| c == "image"));
+                let messages =
+                    ChosenImages::select(&self.req.messages, None, reads_images).messages;
+                joules[i] = self.measure(model, messages).await;
             }
         }
         router.finished(&rc.routed, &joules);
