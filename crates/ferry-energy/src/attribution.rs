@@ -61,6 +61,39 @@ impl Ledger {
         self.totals.attributed_joules += delta_joules;
     }
 
+    /// Books a signed correction of the joules booked since the last exact reading of an
+    /// interpolating source (its ticks overshot or undershot the counter). Since every request
+    /// start and end is an exact reading, the requests running now are exactly those that ran
+    /// through all of those intervals, so a positive correction goes to them like any interval,
+    /// and a negative one is taken back from them in equal parts (from idle when none runs).
+    /// Nothing goes below zero: what cannot be taken back is counted as ignored.
+    pub fn correct(&mut self, delta_joules: f64) {
+        if !delta_joules.is_finite() {
+            return;
+        }
+        if delta_joules >= 0.0 {
+            self.record(delta_joules);
+            return;
+        }
+        let mut owed = -delta_joules;
+        if !self.active.is_empty() {
+            let share = owed / self.active.len() as f64;
+            let mut taken = 0.0;
+            for j in self.active.values_mut() {
+                let t = share.min(*j);
+                *j -= t;
+                taken += t;
+            }
+            self.totals.attributed_joules -= taken;
+            self.totals.measured_joules -= taken;
+            owed -= taken;
+        }
+        let t = owed.min(self.totals.idle_joules);
+        self.totals.idle_joules -= t;
+        self.totals.measured_joules -= t;
+        self.totals.ignored_negative_joules += owed - t;
+    }
+
     /// Opens an account for a request that starts running now.
     pub fn begin(&mut self) -> u64 {
         let id = self.next_id;
@@ -113,8 +146,34 @@ mod tests {
         assert_eq!(l.end(a), 0.0, "an account closes once");
     }
 
+    #[test]
+    fn corrections_go_to_the_requests_running() {
+        let mut l = Ledger::new();
+        l.record(10.0);
+        let a = l.begin();
+        let b = l.begin();
+        l.record(6.0);
+        // The ticks overshot by 2 J: taken back from both.
+        l.correct(-2.0);
+        assert_eq!(l.so_far(a), Some(2.0));
+        l.correct(1.0);
+        assert_eq!(l.end(a), 2.5);
+        assert_eq!(l.end(b), 2.5);
+        l.correct(-3.0);
+        let t = l.totals();
+        assert_eq!(
+            (t.measured_joules, t.idle_joules, t.attributed_joules),
+            (12.0, 7.0, 5.0)
+        );
+        // More than there is: the rest is ignored, nothing goes negative.
+        l.correct(-100.0);
+        let t = l.totals();
+        assert_eq!((t.idle_joules, t.ignored_negative_joules), (0.0, 93.0));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
+        Correct(f64),
         Record(f64),
         Begin,
         End(usize),
@@ -122,6 +181,7 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
+            (-20.0f64..20.0).prop_map(Op::Correct),
             (-1.0f64..50.0).prop_map(Op::Record),
             Just(Op::Begin),
             (0usize..8).prop_map(Op::End),
@@ -137,6 +197,7 @@ mod tests {
             for o in ops {
                 match o {
                     Op::Record(j) => l.record(j),
+                    Op::Correct(j) => l.correct(j),
                     Op::Begin => open.push(l.begin()),
                     Op::End(i) if !open.is_empty() => {
                         let id = open.remove(i % open.len());

@@ -90,9 +90,31 @@ pub trait PowerSource: Send {
     fn kind(&self) -> SourceKind;
     /// The devices counted (GPU names, RAPL domains, rail names, "cpu").
     fn devices(&self) -> Vec<String>;
-    /// Cumulative energy in joules since the source was opened; never decreases. Sources that
-    /// only report power integrate it between calls.
+    /// Cumulative energy in joules since the source was opened, as exact as the source can
+    /// read it; never decreases, except that an [`interpolating`](Self::interpolates) source
+    /// steps back by what its ticks overshot. Sources that only report power integrate it
+    /// between calls. The meter reads this way at every request start and end.
     fn read_joules(&mut self) -> Result<f64, EnergyError>;
+
+    /// The same for the background sampler's tick, where the read must be cheap: a source whose
+    /// exact reading is costly (NVML's total-energy counter) may interpolate it from a cheaper
+    /// one here. By default the same as [`read_joules`](Self::read_joules).
+    fn read_joules_tick(&mut self) -> Result<f64, EnergyError> {
+        self.read_joules()
+    }
+
+    /// Whether ticks interpolate, so that an exact reading may come back lower than the tick
+    /// before it: that step is a correction of the joules booked since the last exact reading,
+    /// not a counter reset.
+    fn interpolates(&self) -> bool {
+        false
+    }
+
+    /// For an interpolating source: exact joules per joule of the cheap reading, as calibrated
+    /// so far (1 before any calibration).
+    fn calibration(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// Settings for opening sources.
