@@ -33,6 +33,9 @@ pub struct EngineResult {
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
     pub load_s: f64,
+    /// Where it ran (`cpu`, `cuda:0`; ferry only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Weight bytes resident for decoding (ferry only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resident_weight_bytes: Option<u64>,
@@ -53,7 +56,8 @@ pub fn run_ferry(
     opts: &BenchOptions,
 ) -> Result<EngineResult> {
     let t0 = Instant::now();
-    let model = LoadedModel::load(manifest, model_dir, &ferry_engine::default_device())?;
+    let dev = ferry_engine::default_device();
+    let model = LoadedModel::load(manifest, model_dir, &dev)?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut ids = Vec::new();
     while ids.len() < opts.prompt_tokens {
@@ -84,6 +88,7 @@ pub fn run_ferry(
         prefill_tok_s: median(prefill),
         decode_tok_s: median(decode),
         load_s,
+        device: Some(ferry_engine::device_label(&dev)),
         resident_weight_bytes: Some(model.info().resident_weight_bytes),
     })
 }
@@ -139,6 +144,7 @@ pub fn run_llama_cpp(
         prefill_tok_s: parsed.prefill_tok_s,
         decode_tok_s: parsed.decode_tok_s,
         load_s: parsed.load_s,
+        device: None,
         resident_weight_bytes: None,
     })
 }
@@ -369,4 +375,309 @@ pub fn router_bench(
         replay_encode_s,
         replay_policy_s,
     })
+}
+
+/// `ferry bench requests` settings.
+#[derive(Debug, Clone)]
+pub struct RequestsOptions {
+    pub prompt_tokens: usize,
+    /// Generated tokens of each request, cycled.
+    pub gen_tokens: Vec<usize>,
+    /// Requests per mode.
+    pub requests: usize,
+    pub sample_hz: f64,
+}
+
+/// One request: what the meter booked and what NVML's counter says over the same request.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestEnergyRow {
+    /// `exact`: the counter read at the request's start and end (ferryd's way); `ticks`: power
+    /// readings only, scaled by the calibration.
+    pub mode: String,
+    pub gen_tokens: usize,
+    pub seconds: f64,
+    pub meter_joules: f64,
+    pub counter_joules: f64,
+    pub error_percent: f64,
+}
+
+/// Per-mode summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestEnergyMode {
+    pub mode: String,
+    pub requests: usize,
+    pub max_abs_error_percent: f64,
+    pub median_abs_error_percent: f64,
+    pub meter_joules: f64,
+    pub counter_joules: f64,
+    pub total_error_percent: f64,
+}
+
+/// `ferry bench requests` figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestsBench {
+    pub model: String,
+    pub device: String,
+    pub source: String,
+    pub gpus: Vec<String>,
+    /// Median wall time of one read of NVML's total-energy counter, ms.
+    pub counter_read_ms: f64,
+    /// Median wall time of one power reading, µs.
+    pub power_read_us: f64,
+    pub sample_hz: f64,
+    pub modes: Vec<RequestEnergyMode>,
+    pub rows: Vec<RequestEnergyRow>,
+    /// Sampler thread CPU time over the whole run, as % of one core.
+    pub sampler_cpu_percent_of_core: Option<f64>,
+    pub sampler_seconds: f64,
+    pub ticks: u64,
+    pub exact_reads: u64,
+    /// Mean wall time of an exact read (what each request start and end costs), ms.
+    pub exact_read_ms: f64,
+    /// Mean wall time of a tick, µs.
+    pub tick_us: f64,
+    /// Exact joules per joule of the power integral, as calibrated at the end.
+    pub calibration: Option<f64>,
+}
+
+/// Runs `opts.requests` generations with the meter reading exactly at each start and end, then
+/// the same requests with power readings only, and holds each request's joules against NVML's
+/// own total-energy counter read around the same request. Needs an NVIDIA GPU.
+pub fn energy_requests(
+    manifest: &ModelManifest,
+    model_dir: &Path,
+    opts: &RequestsOptions,
+) -> Result<RequestsBench> {
+    use ferry_energy::meter::EnergyMeter;
+    use ferry_energy::nvml::{NvmlCounter, NvmlSource};
+    let unavailable = |e: ferry_energy::EnergyError| Error::Unavailable(e.to_string());
+    if opts.gen_tokens.is_empty() {
+        return Err(Error::Unavailable("no --gen-tokens value".into()));
+    }
+    let counter = NvmlCounter::open().map_err(unavailable)?;
+    let time_calls = |f: &dyn Fn() -> std::result::Result<f64, ferry_energy::EnergyError>,
+                      n: usize|
+     -> Result<f64> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            f().map_err(unavailable)?;
+            v.push(t.elapsed().as_secs_f64());
+        }
+        Ok(median(v))
+    };
+    let counter_read_ms = time_calls(&|| counter.joules(), 20)? * 1e3;
+    let power_read_us = time_calls(&|| counter.watts(), 200)? * 1e6;
+
+    let dev = ferry_engine::default_device();
+    let device = ferry_engine::device_label(&dev);
+    let model = LoadedModel::load(manifest, model_dir, &dev)?;
+    let mut ids = Vec::new();
+    while ids.len() < opts.prompt_tokens {
+        ids.extend(model.encode_text(PROMPT_TEXT)?);
+    }
+    ids.truncate(opts.prompt_tokens);
+    let generate = |n: usize| -> Result<()> {
+        let mut sink = |_: &str| std::ops::ControlFlow::Continue(());
+        model.generate(
+            &ids,
+            &SamplingParams::greedy(n as u32),
+            GenerateOptions { ignore_eos: true },
+            &mut sink,
+        )?;
+        Ok(())
+    };
+    // Warm-up: kernels compiled and weights resident before anything is measured.
+    generate(8)?;
+
+    let source = NvmlSource::open().map_err(unavailable)?;
+    let gpus = ferry_energy::PowerSource::devices(&source);
+    let meter = EnergyMeter::start(vec![Box::new(source)], opts.sample_hz).map_err(unavailable)?;
+    let cpu0 = meter.sampler_cpu_s();
+    let t_run = Instant::now();
+    let mut rows = Vec::new();
+    let mut modes = Vec::new();
+    for (mode, exact) in [("exact", true), ("ticks", false)] {
+        meter.set_exact_at_requests(exact);
+        let mut mode_rows = Vec::new();
+        for i in 0..opts.requests {
+            let n = opts.gen_tokens[i % opts.gen_tokens.len()];
+            // Reference and meter each read once before and once after the generation, in the
+            // same order, so both windows hold the generation plus one counter read.
+            let c0 = counter.joules().map_err(unavailable)?;
+            let t = Instant::now();
+            let account = meter.begin();
+            generate(n)?;
+            let c1 = counter.joules().map_err(unavailable)?;
+            let e = meter.end(account);
+            let counter_joules = c1 - c0;
+            mode_rows.push(RequestEnergyRow {
+                mode: mode.into(),
+                gen_tokens: n,
+                seconds: t.elapsed().as_secs_f64(),
+                meter_joules: e.joules,
+                counter_joules,
+                error_percent: (e.joules - counter_joules) / counter_joules * 100.0,
+            });
+        }
+        let meter_joules: f64 = mode_rows.iter().map(|r| r.meter_joules).sum();
+        let counter_joules: f64 = mode_rows.iter().map(|r| r.counter_joules).sum();
+        let abs: Vec<f64> = mode_rows.iter().map(|r| r.error_percent.abs()).collect();
+        modes.push(RequestEnergyMode {
+            mode: mode.into(),
+            requests: mode_rows.len(),
+            max_abs_error_percent: abs.iter().copied().fold(0.0, f64::max),
+            median_abs_error_percent: median(abs),
+            meter_joules,
+            counter_joules,
+            total_error_percent: (meter_joules - counter_joules) / counter_joules * 100.0,
+        });
+        rows.extend(mode_rows);
+    }
+    let sampler_seconds = t_run.elapsed().as_secs_f64();
+    let sampler_cpu_percent_of_core = match (cpu0, meter.sampler_cpu_s()) {
+        (Some(a), Some(b)) => Some((b - a) / sampler_seconds * 100.0),
+        _ => None,
+    };
+    let stats = meter.stats();
+    Ok(RequestsBench {
+        model: manifest.id.clone(),
+        device,
+        source: meter.source_label().to_string(),
+        gpus,
+        counter_read_ms,
+        power_read_us,
+        sample_hz: opts.sample_hz,
+        modes,
+        rows,
+        sampler_cpu_percent_of_core,
+        sampler_seconds,
+        ticks: stats.ticks,
+        exact_reads: stats.exact_reads,
+        exact_read_ms: stats.exact_read_s / stats.exact_reads.max(1) as f64 * 1e3,
+        tick_us: stats.tick_s / stats.ticks.max(1) as f64 * 1e6,
+        calibration: meter.calibration().first().map(|(_, k)| *k),
+    })
+}
+
+/// The text report of `ferry bench requests`.
+pub fn format_requests(r: &RequestsBench) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "model {} on {} · source {} ({}) · meter at {} Hz",
+        r.model,
+        r.device,
+        r.source,
+        r.gpus.join(", "),
+        r.sample_hz
+    );
+    let _ = writeln!(
+        s,
+        "NVML reads: total-energy counter {:.3} ms, power {:.1} us (median wall time)",
+        r.counter_read_ms, r.power_read_us
+    );
+    let _ = writeln!(
+        s,
+        "{:<6} {:>6} {:>8} {:>12} {:>12} {:>9}",
+        "mode", "tokens", "seconds", "meter J", "counter J", "error %"
+    );
+    for row in &r.rows {
+        let _ = writeln!(
+            s,
+            "{:<6} {:>6} {:>8.3} {:>12.3} {:>12.3} {:>+9.3}",
+            row.mode,
+            row.gen_tokens,
+            row.seconds,
+            row.meter_joules,
+            row.counter_joules,
+            row.error_percent
+        );
+    }
+    for m in &r.modes {
+        let _ = writeln!(
+            s,
+            "{}: {} requests, |error| max {:.3} % median {:.3} %, total {:.3} J vs {:.3} J ({:+.3} %)",
+            m.mode,
+            m.requests,
+            m.max_abs_error_percent,
+            m.median_abs_error_percent,
+            m.meter_joules,
+            m.counter_joules,
+            m.total_error_percent
+        );
+    }
+    let _ = writeln!(
+        s,
+        "sampler: {} over {:.1} s; {} ticks ({:.1} us each), {} exact reads ({:.3} ms each); calibration {}",
+        r.sampler_cpu_percent_of_core
+            .map(|p| format!("{p:.4} % of one core"))
+            .unwrap_or_else(|| "CPU time unreadable".into()),
+        r.sampler_seconds,
+        r.ticks,
+        r.tick_us,
+        r.exact_reads,
+        r.exact_read_ms,
+        r.calibration
+            .map(|k| format!("{k:.4}"))
+            .unwrap_or_else(|| "-".into())
+    );
+    s
+}
+
+#[cfg(test)]
+mod requests_tests {
+    use super::*;
+
+    #[test]
+    fn report_names_every_figure() {
+        let r = RequestsBench {
+            model: "smollm2-135m-instruct".into(),
+            device: "cuda:0".into(),
+            source: "nvml".into(),
+            gpus: vec!["gpu0 (NVIDIA H200)".into()],
+            counter_read_ms: 4.07,
+            power_read_us: 1.2,
+            sample_hz: 10.0,
+            modes: vec![RequestEnergyMode {
+                mode: "exact".into(),
+                requests: 1,
+                max_abs_error_percent: 0.5,
+                median_abs_error_percent: 0.5,
+                meter_joules: 100.5,
+                counter_joules: 100.0,
+                total_error_percent: 0.5,
+            }],
+            rows: vec![RequestEnergyRow {
+                mode: "exact".into(),
+                gen_tokens: 32,
+                seconds: 0.5,
+                meter_joules: 100.5,
+                counter_joules: 100.0,
+                error_percent: 0.5,
+            }],
+            sampler_cpu_percent_of_core: Some(0.0123),
+            sampler_seconds: 12.0,
+            ticks: 120,
+            exact_reads: 16,
+            exact_read_ms: 4.1,
+            tick_us: 3.0,
+            calibration: Some(1.0123),
+        };
+        let text = format_requests(&r);
+        for needle in [
+            "cuda:0",
+            "4.070 ms",
+            "+0.500",
+            "exact: 1 requests",
+            "0.0123 % of one core",
+            "calibration 1.0123",
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["modes"][0]["max_abs_error_percent"], 0.5);
+        assert_eq!(json["rows"][0]["counter_joules"], 100.0);
+    }
 }

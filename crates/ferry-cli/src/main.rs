@@ -211,13 +211,41 @@ enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// Per-request joules of the NVML source against NVML's own total-energy counter over the
+    /// same requests (exact reads at request starts and ends, then power readings alone), the
+    /// cost of the two NVML reads, and the sampler thread's CPU time. Needs an NVIDIA GPU (and a
+    /// `cuda` build to run the model on it).
+    Requests {
+        #[command(flatten)]
+        registry: Registry,
+        /// Model id from the manifests, or a path to a GGUF file or model directory.
+        #[arg(long, default_value = "smollm2-135m-instruct")]
+        model: String,
+        /// Requests per mode.
+        #[arg(long, default_value_t = 8)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        prompt_tokens: usize,
+        /// Generated tokens per request, cycled over the requests.
+        #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+        gen_tokens: Vec<usize>,
+        /// The meter's sampling rate (ferryd's default is 10 Hz).
+        #[arg(long, default_value_t = 10.0)]
+        sample_hz: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// CPU cost of the energy sampler at 10 Hz and 100 Hz, as a share of one core.
     Energy {
         #[command(flatten)]
         energy: EnergyArgs,
-        /// Seconds measured per rate.
+        /// Seconds measured per rate (NVML: over 10 s to include a read of the total-energy
+        /// counter, which ticks interpolate for at most 10 s).
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Sampling rates measured, Hz.
+        #[arg(long, value_delimiter = ',', default_value = "10,100")]
+        rates: Vec<f64>,
         #[arg(long)]
         json: bool,
     },
@@ -744,8 +772,12 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "model {} · prompt {} tokens · {} generated tokens · median of {} runs",
-        manifest.id, opts.prompt_tokens, opts.gen_tokens, opts.repeats
+        "model {} · prompt {} tokens · {} generated tokens · median of {} runs · {}",
+        manifest.id,
+        opts.prompt_tokens,
+        opts.gen_tokens,
+        opts.repeats,
+        ours.device.as_deref().unwrap_or("cpu")
     );
     println!(
         "{:<22} {:>14} {:>14} {:>8}",
@@ -871,10 +903,46 @@ fn measure_sources(
     Ok(out)
 }
 
-fn bench_energy(args: EnergyArgs, seconds: f64, json: bool) -> anyhow::Result<()> {
+fn bench_requests(
+    registry: Registry,
+    model: &str,
+    opts: bench::RequestsOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        opts.requests > 0 && !opts.gen_tokens.is_empty() && opts.gen_tokens.iter().all(|&n| n > 0),
+        "need --requests > 0 and positive --gen-tokens"
+    );
+    anyhow::ensure!(
+        opts.sample_hz > 0.0 && opts.sample_hz <= 1000.0,
+        "--sample-hz must be in (0, 1000]"
+    );
+    let manifests = load_manifests(&registry.manifest_dir).unwrap_or_default();
+    let manifest = match manifests.iter().find(|m| m.id == model) {
+        Some(m) => m.clone(),
+        None => ferry_engine::adhoc_manifest(model)?,
+    };
+    eprintln!(
+        "{} requests per mode on `{}`, meter at {} Hz ...",
+        opts.requests, manifest.id, opts.sample_hz
+    );
+    let r = bench::energy_requests(&manifest, &registry.model_dir, &opts)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    print!("{}", bench::format_requests(&r));
+    Ok(())
+}
+
+fn bench_energy(args: EnergyArgs, seconds: f64, rates: &[f64], json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        rates.iter().all(|&hz| hz > 0.0 && hz <= 1000.0),
+        "--rates must be in (0, 1000]"
+    );
     let cfg = args.config();
     let mut rows = Vec::new();
-    for hz in [10.0, 100.0] {
+    for &hz in rates {
         eprintln!("sampling at {hz} Hz for {seconds} s ...");
         rows.push(bench::sampler_overhead(&cfg, hz, seconds)?);
     }
@@ -1291,10 +1359,34 @@ fn main() -> anyhow::Result<()> {
                 Some(BenchWhat::Energy {
                     energy,
                     seconds,
+                    rates,
                     json,
                 }),
             ..
-        }) => bench_energy(energy, seconds, json),
+        }) => bench_energy(energy, seconds, &rates, json),
+        Command::Bench(BenchCmd {
+            what:
+                Some(BenchWhat::Requests {
+                    registry,
+                    model,
+                    requests,
+                    prompt_tokens,
+                    gen_tokens,
+                    sample_hz,
+                    json,
+                }),
+            ..
+        }) => bench_requests(
+            registry,
+            &model,
+            bench::RequestsOptions {
+                prompt_tokens,
+                gen_tokens,
+                requests,
+                sample_hz,
+            },
+            json,
+        ),
         Command::Bench(BenchCmd {
             what:
                 Some(BenchWhat::Router {

@@ -44,3 +44,13 @@ pub fn default_device() -> Device {
     }
     Device::Cpu
 }
+
+/// A device in the words figures carry: `cpu`, `cuda:0`, `metal:0`.
+pub fn device_label(device: &Device) -> String {
+    use candle_core::DeviceLocation;
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
