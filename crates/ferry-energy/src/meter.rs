@@ -157,6 +157,7 @@ impl EnergyMeter {
         let (inner2, stop2) = (inner.clone(), stop.clone());
         let sampler_tid = Arc::new(Mutex::new(None));
         let tid2 = sampler_tid.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let sampler = std::thread::Builder::new()
             .name("ferry-energy".into())
             .spawn(move || {
@@ -164,6 +165,7 @@ impl EnergyMeter {
                 *tid2.lock().expect("sampler tid lock") = std::fs::read_link("/proc/thread-self")
                     .ok()
                     .map(|p| p.to_string_lossy().into_owned());
+                let _ = ready_tx.send(());
                 // Ticks at fixed times, not fixed gaps: the rate stays sample_hz however long a
                 // read takes.
                 let mut next = std::time::Instant::now() + period;
@@ -181,6 +183,8 @@ impl EnergyMeter {
                 }
             })
             .map_err(|e| EnergyError::Config(format!("starting the sampler thread: {e}")))?;
+        // The thread's id is known before anyone asks for its CPU time.
+        let _ = ready_rx.recv();
         Ok(EnergyMeter {
             inner,
             stop,
@@ -357,6 +361,8 @@ mod tests {
         for gain in [1.3, 0.7, 1.0] {
             let gpu = FakeGpu::new(gain);
             let meter = EnergyMeter::start(vec![Box::new(gpu.clone())], 1000.0).unwrap();
+            #[cfg(target_os = "linux")]
+            assert!(meter.sampler_cpu_s().is_some(), "readable from the start");
             gpu.burn(5.0); // idle
             let a = meter.begin();
             gpu.burn(10.0);
