@@ -8,6 +8,7 @@
 
 pub mod baselines;
 pub mod mess;
+pub mod mixrank;
 pub mod predictor;
 pub mod rng;
 pub mod tmo;
@@ -42,12 +43,38 @@ pub struct Observation {
     pub feedback: bool,
 }
 
+/// What a policy may know about one request.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    /// Question embedding (empty when there is none).
+    pub features: &'a [f32],
+    /// The task the request names, if any (per-task satisfaction rates).
+    pub task: Option<&'a str>,
+    /// Whether a satisfaction label can come back; policies explore only on such requests.
+    pub feedback_expected: bool,
+}
+
 /// A model-selection policy over one tier's zoo.
 pub trait ZooPolicy {
     /// Short name for reports.
     fn name(&self) -> String;
     /// Chooses for a request with features `x`.
     fn decide(&mut self, x: &[f32]) -> Decision;
+    /// Chooses for a request with everything known about it (policies that read only the
+    /// features keep the default).
+    fn decide_for(&mut self, req: &RouteRequest) -> Decision {
+        self.decide(req.features)
+    }
+    /// The satisfaction each model was predicted to have on the request just decided, where
+    /// the policy predicts one (for calibration reports).
+    fn predicted(&self) -> Option<Vec<f64>> {
+        None
+    }
+    /// Requests on which the policy paid to learn (whole-zoo runs, or models tried while
+    /// uncertain).
+    fn explorations(&self) -> u64 {
+        0
+    }
     /// Learns from what happened to the request just decided.
     fn observe(&mut self, x: &[f32], decision: Decision, obs: &Observation);
 }

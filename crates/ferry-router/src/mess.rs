@@ -299,6 +299,14 @@ impl<P: Predictor> ZooPolicy for MessPlus<P> {
         Decision::Serve(self.argmin(&self.last_scores))
     }
 
+    fn predicted(&self) -> Option<Vec<f64>> {
+        (!self.last_scores.is_empty()).then(|| self.last_scores.clone())
+    }
+
+    fn explorations(&self) -> u64 {
+        self.explored
+    }
+
     fn observe(&mut self, x: &[f32], decision: Decision, obs: &Observation) {
         self.record_costs(&obs.costs);
         let served = decision.served(self.models);

@@ -1,0 +1,781 @@
+//! `mixrank`, ferry's default zoo router: the cheapest mix of models that meets the SLA, with
+//! each request ranked inside the mix by how much a costlier model would help it.
+//!
+//! Per request `x` (with an optional task):
+//! - **Satisfaction model.** `p_m(x) = σ(θ_m + δ_{m,task} − b(x))`: a Gaussian belief about each
+//!   model's ability (and its offset on the request's task) learned online from every labelled
+//!   answer, and a model-agnostic difficulty `b(x) = w₁·g(x) + w₂·δ_nn(x)` from a pretrained
+//!   prior `g` ([`prior`]) and the residuals of similar past questions `δ_nn` ([`knn`]), with the
+//!   weights `w` learned online too, so a prior or a neighbourhood that tells nothing about this
+//!   stream fades to 0 and the policy degrades to the plain mix.
+//! - **Price.** Serve `argmin_m c_m − λ·p_m(x)` with running mean costs `c_m`. The price of
+//!   satisfaction is `λ = λ_α · exp(η (D + m₀))`: `λ_α` is the price at which the expected
+//!   satisfaction of the recent requests meets α ([`lagrange`]; the feedforward, in whatever unit
+//!   the costs are, so no cost weight is configured), and `D = Σ(α − s)` is the SLA debt over the
+//!   answers that got feedback (a two-sided virtual queue, floored so a long surplus is not
+//!   banked forever), kept near `−m₀`, a few requests of surplus held as a margin. The debt
+//!   moves the *price*, not the target: paying a debt back buys satisfaction where it is
+//!   cheapest (the next cheap switch) long before a costly model becomes worth its price.
+//! - **Exploration** only on requests that can get feedback: there the mix and the choice are
+//!   made with the abilities' upper confidence bounds (optimism in the face of uncertainty), so a
+//!   model is tried while its uncertainty could put it into the mix, one call at a time, and
+//!   every such call is an ordinary served and charged answer. What optimism overstates comes
+//!   back as SLA debt, which raises the price. Costs are learned by serving each
+//!   model once, cheapest known first.
+
+pub mod irt;
+pub mod knn;
+pub mod lagrange;
+pub mod prior;
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use rand::Rng;
+
+use crate::rng::{seeded, PolicyRng, RngSnapshot};
+use crate::{Decision, Observation, RouteRequest, RouterError, ZooPolicy};
+use irt::{expected_sigmoid, Belief2, Levels};
+use knn::{Entry, Memory, MemorySnapshot};
+use prior::DifficultyPrior;
+
+/// Parameters. None depends on the zoo, the cost unit or the data: the defaults are the same
+/// for every deployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixRankConfig {
+    /// SLA target: the long-run fraction of satisfied requests.
+    pub alpha: f64,
+    pub seed: u64,
+    /// `W`: requests over which an SLA debt is paid back.
+    pub payback_requests: f64,
+    /// `m₀`: satisfied requests kept in hand as a margin against noise.
+    pub margin_requests: f64,
+    /// A debt above `escalate_after_requests + escalate_after_share × judged requests` is more
+    /// than noise: each further request of it multiplies the price by `e^escalation`.
+    pub escalate_after_requests: f64,
+    pub escalate_after_share: f64,
+    pub escalation: f64,
+    /// Largest surplus (in requests) the queue banks.
+    pub max_surplus_requests: f64,
+    /// Scale of the exploration bonus: `optimism · √(2 ln t) · var` logits on a model's rate
+    /// (0 turns exploration off).
+    pub optimism: f64,
+    /// Recent requests over which the threshold is set.
+    pub reference: usize,
+    /// Prior standard deviation of an ability (logit units; 1.5 is about a uniform rate).
+    pub ability_sd: f64,
+    /// Prior standard deviation of a model's offset on one task.
+    pub task_sd: f64,
+    /// Tasks with their own offsets; further tasks share the global abilities.
+    pub max_tasks: usize,
+    /// Neighbours and memory size of the local difficulty, and its prior precision.
+    pub neighbours: usize,
+    pub memory: usize,
+    pub neighbour_precision: f64,
+}
+
+impl MixRankConfig {
+    /// The defaults for SLA target `alpha`.
+    pub fn new(alpha: f64, seed: u64) -> Self {
+        MixRankConfig {
+            alpha,
+            seed,
+            payback_requests: 50.0,
+            margin_requests: 3.0,
+            escalate_after_requests: 3.0,
+            escalate_after_share: 0.003,
+            escalation: 0.5,
+            max_surplus_requests: 13.0,
+            optimism: 1.0,
+            reference: 128,
+            ability_sd: 1.5,
+            task_sd: 1.0,
+            max_tasks: 256,
+            neighbours: 32,
+            memory: 2048,
+            neighbour_precision: 1.0,
+        }
+    }
+}
+
+/// What a decision needs to be learned from later.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub model: usize,
+    /// Unit embedding (empty without features).
+    pub x: Vec<f32>,
+    pub task: Option<u32>,
+    /// `(g(x), δ_nn(x))` as computed when deciding.
+    pub difficulty: [f64; 2],
+}
+
+/// One decision and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed {
+    pub model: usize,
+    /// Predicted satisfaction of every model for this request (ability means).
+    pub predicted: Vec<f64>,
+    /// Whether the exploration bound changed the choice (a model was tried).
+    pub explored: bool,
+    /// Whether the model was served only to learn its cost.
+    pub probe: bool,
+    /// Price of satisfaction in the cost unit, and the SLA debt that set it.
+    pub lambda: f64,
+    pub debt: f64,
+    pub ticket: Ticket,
+}
+
+/// Per-model figures for reports and `ferry status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEstimate {
+    /// Satisfaction over the recent requests at the ability's mean, with a 95 % interval.
+    pub rate: f64,
+    pub rate_low: f64,
+    pub rate_high: f64,
+    /// Mean observed cost (`None` before the first).
+    pub cost: Option<f64>,
+    pub labels: u64,
+    pub served: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct RefEntry {
+    difficulty: [f64; 2],
+    task: Option<u32>,
+}
+
+/// The policy.
+pub struct MixRank {
+    cfg: MixRankConfig,
+    models: usize,
+    prior: Option<DifficultyPrior>,
+    /// Per-request satisfaction: `σ(ability − b(x))`, for ranking inside the mix.
+    abilities: Levels,
+    /// Population satisfaction rates (logits, no difficulty), for the mix itself.
+    rates: Levels,
+    tasks: HashMap<String, u32>,
+    weights: Belief2,
+    cost_sum: Vec<f64>,
+    cost_n: Vec<u64>,
+    labels: Vec<u64>,
+    served: Vec<u64>,
+    debt: f64,
+    t: u64,
+    explored: u64,
+    memory: Memory,
+    reference: Vec<RefEntry>,
+    ref_next: usize,
+    rng: PolicyRng,
+    last: Option<Routed>,
+}
+
+/// Everything [`MixRank`] has learned; restoring it continues the run exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixRankSnapshot {
+    pub abilities: Levels,
+    pub rates: Levels,
+    pub tasks: Vec<(String, u32)>,
+    pub weights: Belief2,
+    pub cost_sum: Vec<f64>,
+    pub cost_n: Vec<u64>,
+    pub labels: Vec<u64>,
+    pub served: Vec<u64>,
+    pub debt: f64,
+    pub t: u64,
+    pub explored: u64,
+    pub memory: MemorySnapshot,
+    reference: Vec<RefEntry>,
+    pub ref_next: usize,
+    pub rng: RngSnapshot,
+}
+
+impl MixRank {
+    /// A policy over `models` models; `dim` is the embedding size (0 without features).
+    pub fn new(
+        cfg: MixRankConfig,
+        models: usize,
+        dim: usize,
+        prior: Option<DifficultyPrior>,
+    ) -> Result<Self, RouterError> {
+        if models == 0 {
+            return Err(RouterError::Invalid("the zoo is empty".into()));
+        }
+        if models > usize::from(u16::MAX) {
+            return Err(RouterError::Invalid(format!("{models} models is too many")));
+        }
+        if !(0.0..=1.0).contains(&cfg.alpha) {
+            return Err(RouterError::Invalid(format!(
+                "alpha {} not in [0, 1]",
+                cfg.alpha
+            )));
+        }
+        let positive = [
+            cfg.payback_requests,
+            cfg.ability_sd,
+            cfg.task_sd,
+            cfg.neighbour_precision,
+        ];
+        let non_negative = [
+            cfg.margin_requests,
+            cfg.max_surplus_requests,
+            cfg.optimism,
+            cfg.escalate_after_requests,
+            cfg.escalate_after_share,
+            cfg.escalation,
+        ];
+        let valid = positive.iter().all(|v| v.is_finite() && *v > 0.0)
+            && non_negative.iter().all(|v| v.is_finite() && *v >= 0.0)
+            && cfg.reference > 0;
+        if !valid {
+            return Err(RouterError::Invalid(
+                "mixrank parameters must be finite, and positive where they scale".into(),
+            ));
+        }
+        if let Some(p) = &prior {
+            if p.dim != dim {
+                return Err(RouterError::Invalid(format!(
+                    "difficulty prior reads {}-dimensional embeddings, the encoder gives {dim}",
+                    p.dim
+                )));
+            }
+        }
+        // With a prior, trust its scale at first; the neighbourhood starts at full weight
+        // too (its estimate is already shrunk towards 0 by its own prior).
+        let weights = Belief2::new([if prior.is_some() { 1.0 } else { 0.0 }, 1.0], [0.5, 0.5]);
+        Ok(MixRank {
+            abilities: Levels::new(models, cfg.ability_sd),
+            rates: Levels::new(models, cfg.ability_sd),
+            tasks: HashMap::new(),
+            weights,
+            cost_sum: vec![0.0; models],
+            cost_n: vec![0; models],
+            labels: vec![0; models],
+            served: vec![0; models],
+            debt: 0.0,
+            t: 0,
+            explored: 0,
+            memory: Memory::new(dim, if dim == 0 { 0 } else { cfg.memory }),
+            reference: Vec::new(),
+            ref_next: 0,
+            rng: seeded(cfg.seed),
+            last: None,
+            prior,
+            models,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &MixRankConfig {
+        &self.cfg
+    }
+
+    pub fn models(&self) -> usize {
+        self.models
+    }
+
+    /// The difficulty prior in use.
+    pub fn prior(&self) -> Option<&DifficultyPrior> {
+        self.prior.as_ref()
+    }
+
+    /// SLA debt `D` (negative: surplus).
+    pub fn debt(&self) -> f64 {
+        self.debt
+    }
+
+    /// Requests decided and exploration choices so far.
+    pub fn t(&self) -> u64 {
+        self.t
+    }
+
+    pub fn explored(&self) -> u64 {
+        self.explored
+    }
+
+    /// The difficulty weights `(w_prior, w_neighbours)` learned so far.
+    pub fn difficulty_weights(&self) -> [f64; 2] {
+        self.weights.mean
+    }
+
+    fn mean_cost(&self, m: usize) -> Option<f64> {
+        (self.cost_n[m] > 0).then(|| self.cost_sum[m] / self.cost_n[m] as f64)
+    }
+
+    /// Logit mean and variance of model m's ability on `task`.
+    fn ability(&self, m: usize, task: Option<u32>) -> (f64, f64) {
+        self.abilities.get(m, task)
+    }
+
+    /// Predicted satisfaction of every model at difficulty `b`; `z > 0` gives the upper bounds.
+    fn predict(&self, b: f64, task: Option<u32>, shift: Option<&[f64]>) -> Vec<f64> {
+        (0..self.models)
+            .map(|m| {
+                let (mean, var) = self.ability(m, task);
+                match shift {
+                    Some(z) => irt::sigmoid(mean + z[m] * var.sqrt() - b),
+                    None => expected_sigmoid(mean - b, var),
+                }
+            })
+            .collect()
+    }
+
+    fn task_slot(&mut self, task: Option<&str>) -> Option<u32> {
+        let name = task?;
+        if let Some(&k) = self.tasks.get(name) {
+            return Some(k);
+        }
+        if self.tasks.len() >= self.cfg.max_tasks {
+            return None;
+        }
+        let k = self.abilities.add_task(self.cfg.task_sd);
+        self.rates.add_task(self.cfg.task_sd);
+        self.tasks.insert(name.to_string(), k);
+        Some(k)
+    }
+
+    /// `(g(x), δ_nn(x))` for a unit embedding.
+    fn difficulty_features(&mut self, x: &[f32]) -> [f64; 2] {
+        if x.is_empty() {
+            return [0.0, 0.0];
+        }
+        let g = self.prior.as_ref().map_or(0.0, |p| p.score(x));
+        // Residuals of the neighbours under the current abilities and prior weight (split
+        // borrows: the memory scans while the beliefs are read).
+        let MixRank {
+            memory,
+            abilities,
+            weights,
+            cfg,
+            ..
+        } = self;
+        let w_prior = weights.mean[0];
+        let delta = memory.local_offset(x, cfg.neighbours, cfg.neighbour_precision, |e: &Entry| {
+            let task = (e.task != u32::MAX).then_some(e.task);
+            let (theta, _) = abilities.get(usize::from(e.model), task);
+            let p = irt::sigmoid(theta - w_prior * f64::from(e.prior));
+            (f64::from(u8::from(e.satisfied)) - p, p * (1.0 - p))
+        });
+        [g, delta]
+    }
+
+    fn push_reference(&mut self, r: RefEntry) {
+        if self.reference.len() < self.cfg.reference {
+            self.reference.push(r);
+        } else {
+            self.reference[self.ref_next] = r;
+        }
+        self.ref_next = (self.ref_next + 1) % self.cfg.reference;
+    }
+
+    /// Decides for one request.
+    pub fn route(&mut self, req: &RouteRequest) -> Routed {
+        self.t += 1;
+        let x = knn::unit(req.features).unwrap_or_default();
+        let task = self.task_slot(req.task);
+        let difficulty = self.difficulty_features(&x);
+        self.push_reference(RefEntry { difficulty, task });
+        let b = self.weights.dot(difficulty);
+        let predicted = self.predict(b, task, None);
+        let debt = self.debt;
+        let ticket = |model| Ticket {
+            model,
+            x: x.clone(),
+            task,
+            difficulty,
+        };
+        // Costs are learned by serving each model once, in zoo order.
+        if let Some(m) = (0..self.models).find(|&m| self.cost_n[m] == 0 && self.served[m] == 0) {
+            self.served[m] += 1;
+            let routed = Routed {
+                model: m,
+                predicted,
+                explored: false,
+                probe: true,
+                lambda: 0.0,
+                debt,
+                ticket: ticket(m),
+            };
+            self.last = Some(routed.clone());
+            return routed;
+        }
+        let cost: Vec<f64> = (0..self.models)
+            .map(|m| self.mean_cost(m).unwrap_or(0.0))
+            .collect();
+        let explore = req.feedback_expected && self.cfg.optimism > 0.0;
+        // The bound widens like UCB's √(2 ln t), so a model unlucky in its first answers is
+        // retried, ever more rarely, however long the run.
+        let z = if explore {
+            self.cfg.optimism * (2.0 * (self.t as f64).max(1.0).ln()).sqrt().max(1.0)
+        } else {
+            0.0
+        };
+        let u = self.rng.random::<f64>();
+        let (model, lambda) = self.decide_model(b, task, &cost, z, u);
+        let explored = explore && self.decide_model(b, task, &cost, 0.0, u).0 != model;
+        self.explored += u64::from(explored);
+        self.served[model] += 1;
+        let routed = Routed {
+            model,
+            predicted,
+            explored,
+            probe: false,
+            lambda,
+            debt,
+            ticket: ticket(model),
+        };
+        self.last = Some(routed.clone());
+        routed
+    }
+
+    /// Population rates of every model on `task`: honest (`z = 0`, the rate's expectation
+    /// under its belief) or optimistic, `z · var` logits up. A bonus in the logit *variance*
+    /// is large for a model with a handful of answers (variance near the prior's) and gone
+    /// after a few dozen, which is where one more answer stops changing the mix.
+    fn task_rates(&self, task: Option<u32>, z: f64) -> Vec<f64> {
+        (0..self.models)
+            .map(|m| {
+                let (mean, var) = self.rates.get(m, task);
+                if z > 0.0 {
+                    irt::sigmoid(mean + z * var)
+                } else {
+                    expected_sigmoid(mean, var)
+                }
+            })
+            .collect()
+    }
+
+    /// The choice for a request of difficulty `b` on `task`, and the price it was made at.
+    ///
+    /// Mix first: the threshold over the recent requests, each at its task's rate (so only
+    /// tasks, not single requests, move the mix), gives the price `λ_α` that meets α and the
+    /// group of switches at that price. The debt moves how much of that group is taken: the
+    /// share `w` that meets `α + (D + m₀)/W`, so a debt is paid back over about `W` requests
+    /// through the mix's own models, never a costlier one, until it exceeds what noise
+    /// explains (see `escalate_*`) and the price rises above `λ_α`.
+    ///
+    /// Rank inside: a request whose task sits in that group goes to the upper model when its
+    /// predicted gain `p_hi(x) − p_lo(x)` ranks in the top `w` of the recent requests' gains
+    /// (`u` places it uniformly among ties, so with no signal this is a coin of weight `w`).
+    fn decide_model(
+        &self,
+        b: f64,
+        task: Option<u32>,
+        cost: &[f64],
+        z: f64,
+        u: f64,
+    ) -> (usize, f64) {
+        // Each recent request at its task's rates: optimistic ones choose the mix (a model is
+        // tried while it could belong to it), honest ones set how much of the mix's upper
+        // model is served.
+        let table = |zz: f64| {
+            let mut by_task: HashMap<Option<u32>, Vec<f64>> = HashMap::new();
+            for r in self.reference.iter().map(|r| r.task).chain([task]) {
+                by_task.entry(r).or_insert_with(|| self.task_rates(r, zz));
+            }
+            by_task
+        };
+        let optimistic = table(z);
+        let honest = table(0.0);
+        let rows: Vec<Vec<f64>> = self
+            .reference
+            .iter()
+            .map(|r| optimistic[&r.task].clone())
+            .collect();
+        let mine = &optimistic[&task];
+        let alpha = self.cfg.alpha;
+        let at_alpha = lagrange::threshold(&rows, cost, alpha);
+        if !at_alpha.reachable {
+            // Nothing believed meets α: the most promising model by UCB's widening bound, so
+            // a model unlucky in its first answers is retried however well the others are
+            // known.
+            let wide = if z > 0.0 {
+                (2.0 * (self.t as f64).max(1.0).ln()).sqrt().max(z)
+            } else {
+                0.0
+            };
+            let top =
+                lagrange::choose_with(&self.task_rates(task, wide), cost, f64::INFINITY, true);
+            return (top, f64::INFINITY);
+        }
+        // The mix's price: where α is crossed, or the first switch when the cheapest choices
+        // are believed to meet α already (their upper neighbour is the way to pay a debt).
+        let lambda = if at_alpha.lambda > 0.0 {
+            at_alpha.lambda
+        } else {
+            at_alpha.first_switch
+        };
+        if !lambda.is_finite() {
+            return (lagrange::choose_with(mine, cost, 0.0, false), 0.0);
+        }
+        let judged: u64 = self.labels.iter().sum();
+        let tolerated =
+            self.cfg.escalate_after_requests + self.cfg.escalate_after_share * judged as f64;
+        if self.debt > tolerated {
+            // Past the noise: take whole switch groups up to a price rising with the debt.
+            let log = self.cfg.escalation * (self.debt - tolerated);
+            let escalated = lambda * log.min(700.0).exp();
+            return (
+                lagrange::choose_with(mine, cost, escalated, true),
+                escalated,
+            );
+        }
+        // The share w of the switches at that price that meets the target on honest rates.
+        let target = (alpha + (self.debt + self.cfg.margin_requests) / self.cfg.payback_requests)
+            .clamp(0.0, 1.0);
+        let (mut fixed, mut span) = (0.0, 0.0);
+        for r in &self.reference {
+            let q = &optimistic[&r.task];
+            let h = &honest[&r.task];
+            let lo = lagrange::choose_with(q, cost, lambda, false);
+            let hi = lagrange::choose_with(q, cost, lambda, true);
+            fixed += h[lo];
+            span += h[hi] - h[lo];
+        }
+        let need = target * self.reference.len() as f64 - fixed;
+        let w = if span > 1e-12 {
+            (need / span).clamp(0.0, 1.0)
+        } else if need > 0.0 {
+            1.0
+        } else {
+            0.0
+        };
+        let lo = lagrange::choose_with(mine, cost, lambda, false);
+        let hi = lagrange::choose_with(mine, cost, lambda, true);
+        if lo == hi {
+            return (lo, lambda);
+        }
+        // Rank this request's gain among the recent requests of its task.
+        let gain = |b: f64| {
+            let (mh, vh) = self.ability(hi, task);
+            let (ml, vl) = self.ability(lo, task);
+            expected_sigmoid(mh - b, vh) - expected_sigmoid(ml - b, vl)
+        };
+        let own = gain(b);
+        let (mut below, mut ties, mut n) = (0usize, 0usize, 0usize);
+        for r in self.reference.iter().filter(|r| r.task == task) {
+            let g = gain(self.weights.dot(r.difficulty));
+            n += 1;
+            if (g - own).abs() <= 1e-12 {
+                ties += 1;
+            } else if g < own {
+                below += 1;
+            }
+        }
+        let rank = if n == 0 {
+            u
+        } else {
+            (below as f64 + u * ties as f64) / n as f64
+        };
+        (if rank >= 1.0 - w { hi } else { lo }, lambda)
+    }
+
+    /// Books the measured cost of a model's answer (any request, explored or not).
+    pub fn record_cost(&mut self, model: usize, cost: f64) {
+        if model < self.models && cost.is_finite() && cost >= 0.0 {
+            self.cost_sum[model] += cost;
+            self.cost_n[model] += 1;
+        }
+    }
+
+    /// The satisfaction label of a decided request: moves the SLA debt, the abilities, the
+    /// difficulty weights, and remembers the question for its neighbours.
+    pub fn record_feedback(&mut self, ticket: &Ticket, satisfied: bool) {
+        let m = ticket.model;
+        if m >= self.models {
+            return;
+        }
+        let s = f64::from(u8::from(satisfied));
+        self.debt = (self.debt + self.cfg.alpha - s).max(-self.cfg.max_surplus_requests);
+        let b = self.weights.dot(ticket.difficulty);
+        let task = ticket
+            .task
+            .filter(|&k| (k as usize) < self.abilities.tasks.len());
+        self.abilities.observe(m, task, -b, satisfied);
+        self.rates.observe(m, task, 0.0, satisfied);
+        let (theta, _) = self.ability(m, task);
+        if !ticket.x.is_empty() {
+            self.weights.observe(theta, ticket.difficulty, satisfied);
+        }
+        self.labels[m] += 1;
+        if ticket.x.len() == self.memory.dim() {
+            self.memory.push(
+                &ticket.x,
+                Entry {
+                    model: m as u16,
+                    task: task.unwrap_or(u32::MAX),
+                    satisfied,
+                    prior: ticket.difficulty[0] as f32,
+                },
+            );
+        }
+    }
+
+    /// Each model's expected satisfaction over the recent requests with a 95 % interval, its
+    /// mean cost and counts.
+    pub fn estimates(&self) -> Vec<ModelEstimate> {
+        let refs: Vec<(f64, Option<u32>)> = if self.reference.is_empty() {
+            vec![(0.0, None)]
+        } else {
+            self.reference
+                .iter()
+                .map(|r| (self.weights.dot(r.difficulty), r.task))
+                .collect()
+        };
+        (0..self.models)
+            .map(|m| {
+                let mut acc = [0.0; 3];
+                for &(b, k) in &refs {
+                    let (mean, var) = self.ability(m, k);
+                    let sd = var.sqrt();
+                    acc[0] += irt::sigmoid(mean - b);
+                    acc[1] += irt::sigmoid(mean - 1.96 * sd - b);
+                    acc[2] += irt::sigmoid(mean + 1.96 * sd - b);
+                }
+                let n = refs.len() as f64;
+                ModelEstimate {
+                    rate: acc[0] / n,
+                    rate_low: acc[1] / n,
+                    rate_high: acc[2] / n,
+                    cost: self.mean_cost(m),
+                    labels: self.labels[m],
+                    served: self.served[m],
+                }
+            })
+            .collect()
+    }
+
+    pub fn snapshot(&self) -> MixRankSnapshot {
+        let mut tasks: Vec<(String, u32)> =
+            self.tasks.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        tasks.sort_by_key(|t| t.1);
+        MixRankSnapshot {
+            abilities: self.abilities.clone(),
+            rates: self.rates.clone(),
+            tasks,
+            weights: self.weights,
+            cost_sum: self.cost_sum.clone(),
+            cost_n: self.cost_n.clone(),
+            labels: self.labels.clone(),
+            served: self.served.clone(),
+            debt: self.debt,
+            t: self.t,
+            explored: self.explored,
+            memory: self.memory.snapshot(),
+            reference: self.reference.clone(),
+            ref_next: self.ref_next,
+            rng: RngSnapshot::capture(&self.rng),
+        }
+    }
+
+    /// Continues from a snapshot of a policy over the same zoo and encoder.
+    pub fn restore(&mut self, s: &MixRankSnapshot) -> Result<(), RouterError> {
+        let bad = |why: String| Err(RouterError::State(why));
+        let n = self.models;
+        if [
+            s.cost_sum.len(),
+            s.cost_n.len(),
+            s.labels.len(),
+            s.served.len(),
+        ]
+        .iter()
+        .any(|&l| l != n)
+        {
+            return bad(format!(
+                "state for another zoo size, this one has {n} models"
+            ));
+        }
+        let ntasks = s.tasks.len();
+        if s.abilities.tasks.len() != ntasks
+            || s.rates.tasks.len() != ntasks
+            || s.tasks.iter().any(|(_, k)| *k as usize >= ntasks)
+        {
+            return bad("task offsets do not match the task list".into());
+        }
+        if !s.abilities.is_valid(n) || !s.rates.is_valid(n) || !s.weights.is_valid() {
+            return bad("abilities or weights are not finite with positive variance".into());
+        }
+        if !s.debt.is_finite()
+            || !s.cost_sum.iter().all(|c| c.is_finite() && *c >= 0.0)
+            || s.reference.len() > self.cfg.reference
+            || s.ref_next >= self.cfg.reference
+            || s.reference.iter().any(|r| {
+                !r.difficulty.iter().all(|d| d.is_finite())
+                    || r.task.is_some_and(|k| k as usize >= ntasks)
+            })
+        {
+            return bad("debt, costs or reference requests out of range".into());
+        }
+        if s.memory.dim != self.memory.dim() {
+            return bad(format!(
+                "difficulty memory of {}-dimensional embeddings, the encoder gives {}",
+                s.memory.dim,
+                self.memory.dim()
+            ));
+        }
+        let memory = Memory::restore(&s.memory, n)?;
+        self.rng = s.rng.restore()?;
+        self.abilities = s.abilities.clone();
+        self.rates = s.rates.clone();
+        self.tasks = s.tasks.iter().cloned().collect();
+        self.weights = s.weights;
+        self.cost_sum = s.cost_sum.clone();
+        self.cost_n = s.cost_n.clone();
+        self.labels = s.labels.clone();
+        self.served = s.served.clone();
+        self.debt = s.debt;
+        self.t = s.t;
+        self.explored = s.explored;
+        self.memory = memory;
+        self.reference = s.reference.clone();
+        self.ref_next = s.ref_next;
+        self.last = None;
+        Ok(())
+    }
+}
+
+impl ZooPolicy for MixRank {
+    fn name(&self) -> String {
+        "mixrank".into()
+    }
+
+    fn decide(&mut self, x: &[f32]) -> Decision {
+        self.decide_for(&RouteRequest {
+            features: x,
+            task: None,
+            feedback_expected: true,
+        })
+    }
+
+    fn decide_for(&mut self, req: &RouteRequest) -> Decision {
+        Decision::Serve(self.route(req).model)
+    }
+
+    fn predicted(&self) -> Option<Vec<f64>> {
+        self.last.as_ref().map(|r| r.predicted.clone())
+    }
+
+    fn explorations(&self) -> u64 {
+        self.explored
+    }
+
+    fn observe(&mut self, _x: &[f32], decision: Decision, obs: &Observation) {
+        for (m, c) in obs.costs.iter().enumerate() {
+            if let Some(c) = c {
+                self.record_cost(m, *c);
+            }
+        }
+        let Some(routed) = self.last.take() else {
+            return;
+        };
+        let m = decision.served(self.models);
+        if let (true, Some(Some(s))) = (obs.feedback, obs.satisfied.get(m)) {
+            let mut ticket = routed.ticket;
+            ticket.model = m;
+            self.record_feedback(&ticket, *s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,274 @@
+//! Tests of the mixrank policy on simulated IRT streams: the SLA is met, the mix is the cheap one, ranking pays when difficulty carries signal, and state round-trips.
+
+use super::*;
+use crate::baselines::cheapest_mix;
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::Rng;
+use rand::SeedableRng;
+
+/// A simulated stream: per request a difficulty, per model an ability; labels from the IRT
+/// model, costs fixed per model. Returns (satisfaction, cost per request, calls per model).
+struct Sim {
+    abilities: Vec<f64>,
+    costs: Vec<f64>,
+    /// Spread of the request difficulties.
+    spread: f64,
+    /// Whether the features reveal the difficulty (a 2-d embedding around its angle).
+    reveal: bool,
+}
+
+struct Outcome {
+    satisfaction: f64,
+    cost: f64,
+    calls: Vec<u64>,
+    random_alpha_cost: f64,
+}
+
+impl Sim {
+    fn rates(&self, rng: &mut StdRng, n: usize) -> Vec<f64> {
+        // Monte-Carlo rates for the random-α baseline.
+        let mut acc = vec![0.0; self.abilities.len()];
+        for _ in 0..n {
+            let b = self.spread * (rng.random::<f64>() * 2.0 - 1.0);
+            for (m, a) in self.abilities.iter().enumerate() {
+                acc[m] += irt::sigmoid(a - b) / n as f64;
+            }
+        }
+        acc
+    }
+
+    fn run(&self, policy: &mut MixRank, n: usize, seed: u64) -> Outcome {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let k = self.abilities.len();
+        let (mut sat, mut cost) = (0.0, 0.0);
+        let mut calls = vec![0u64; k];
+        for _ in 0..n {
+            let u = rng.random::<f64>() * 2.0 - 1.0;
+            let b = self.spread * u;
+            let angle = u * 1.2;
+            let x = if self.reveal {
+                vec![angle.cos() as f32, angle.sin() as f32]
+            } else {
+                vec![1.0, 0.0]
+            };
+            let d = policy.decide(&x);
+            let m = d.served(k);
+            let s = rng.random::<f64>() < irt::sigmoid(self.abilities[m] - b);
+            let mut costs = vec![None; k];
+            costs[m] = Some(self.costs[m]);
+            let mut labels = vec![None; k];
+            labels[m] = Some(s);
+            policy.observe(
+                &x,
+                d,
+                &Observation {
+                    costs,
+                    satisfied: labels,
+                    feedback: true,
+                },
+            );
+            sat += f64::from(u8::from(s));
+            cost += self.costs[m];
+            calls[m] += 1;
+        }
+        let rates = self.rates(&mut rng, 20_000);
+        let mix = cheapest_mix(&rates, &self.costs, policy.config().alpha).unwrap();
+        Outcome {
+            satisfaction: sat / n as f64,
+            cost: cost / n as f64,
+            calls,
+            random_alpha_cost: mix.iter().zip(&self.costs).map(|(p, c)| p * c).sum(),
+        }
+    }
+}
+
+#[test]
+fn without_signal_it_meets_alpha_near_the_cheapest_mix() {
+    // Rates about 0.45 / 0.7 / 0.8 at costs 1 / 5 / 25, alpha 0.6: the mix is models 0 and 1.
+    // The price of learning the rates (the dominated model's tries, the margin) is a fixed
+    // sum, a few percent of 10,000 requests.
+    let sim = Sim {
+        abilities: vec![-0.2, 0.85, 1.4],
+        costs: vec![1.0, 5.0, 25.0],
+        spread: 0.0,
+        reveal: false,
+    };
+    for seed in 0..3 {
+        let mut p = MixRank::new(MixRankConfig::new(0.6, seed), 3, 2, None).unwrap();
+        let o = sim.run(&mut p, 10_000, seed);
+        assert!(
+            o.satisfaction >= 0.6 - 0.005,
+            "seed {seed}: {}",
+            o.satisfaction
+        );
+        assert!(
+            o.cost <= o.random_alpha_cost * 1.10,
+            "seed {seed}: {} vs random-alpha {}",
+            o.cost,
+            o.random_alpha_cost
+        );
+        assert!(o.calls[2] < 150, "the dominated model served {:?}", o.calls);
+    }
+}
+
+#[test]
+fn with_signal_it_beats_the_cheapest_mix() {
+    // Difficulty spread over ±3 logits and revealed by the embedding's angle: the neighbours
+    // learn it, and the expensive model goes to the requests it rescues.
+    let sim = Sim {
+        abilities: vec![0.0, 2.0],
+        costs: vec![1.0, 10.0],
+        spread: 3.0,
+        reveal: true,
+    };
+    let mut p = MixRank::new(MixRankConfig::new(0.75, 1), 2, 2, None).unwrap();
+    let o = sim.run(&mut p, 4000, 1);
+    assert!(o.satisfaction >= 0.75 - 0.005, "{}", o.satisfaction);
+    assert!(
+        o.cost < 0.9 * o.random_alpha_cost,
+        "{} vs random-alpha {}",
+        o.cost,
+        o.random_alpha_cost
+    );
+    assert!(
+        p.difficulty_weights()[1] > 0.3,
+        "{:?}",
+        p.difficulty_weights()
+    );
+}
+
+#[test]
+fn the_same_numbers_hold_in_any_cost_unit() {
+    let run = |scale: f64| {
+        let sim = Sim {
+            abilities: vec![-0.5, 0.5, 1.0, 2.0],
+            costs: vec![1.0 * scale, 3.0 * scale, 8.0 * scale, 40.0 * scale],
+            spread: 1.0,
+            reveal: true,
+        };
+        let mut p = MixRank::new(MixRankConfig::new(0.7, 4), 4, 2, None).unwrap();
+        let o = sim.run(&mut p, 1500, 4);
+        (o.satisfaction, o.calls)
+    };
+    assert_eq!(run(1.0), run(1e-6), "joules vs dollars");
+}
+
+#[test]
+fn snapshot_restores_the_run_exactly() {
+    let sim = Sim {
+        abilities: vec![0.0, 1.0, 2.0],
+        costs: vec![1.0, 4.0, 20.0],
+        spread: 1.0,
+        reveal: true,
+    };
+    let mut cfg = MixRankConfig::new(0.7, 9);
+    cfg.memory = 64;
+    let mut a = MixRank::new(cfg.clone(), 3, 2, None).unwrap();
+    sim.run(&mut a, 300, 1);
+    let json = serde_json::to_string(&a.snapshot()).unwrap();
+    let mut b = MixRank::new(MixRankConfig { seed: 1234, ..cfg }, 3, 2, None).unwrap();
+    b.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+    let (oa, ob) = (sim.run(&mut a, 300, 2), sim.run(&mut b, 300, 2));
+    assert_eq!((oa.calls, oa.satisfaction), (ob.calls, ob.satisfaction));
+    assert_eq!(a.snapshot(), b.snapshot());
+    // Another zoo or corrupt numbers are refused.
+    let mut other = MixRank::new(MixRankConfig::new(0.7, 1), 2, 2, None).unwrap();
+    assert!(other.restore(&a.snapshot()).is_err());
+    let mut bad = a.snapshot();
+    bad.abilities.global[0].var = -1.0;
+    assert!(b.restore(&bad).is_err());
+    let mut bad = a.snapshot();
+    bad.debt = f64::NAN;
+    assert!(b.restore(&bad).is_err());
+}
+
+#[test]
+fn no_exploration_without_feedback() {
+    let mut p = MixRank::new(MixRankConfig::new(0.9, 1), 3, 0, None).unwrap();
+    for m in 0..3 {
+        p.record_cost(m, [1.0, 5.0, 25.0][m]);
+    }
+    for _ in 0..200 {
+        let r = p.route(&RouteRequest {
+            features: &[],
+            task: None,
+            feedback_expected: false,
+        });
+        assert!(!r.explored && !r.probe);
+    }
+    assert_eq!(p.explored(), 0);
+}
+
+#[test]
+fn tasks_get_their_own_rates() {
+    // Model 0 is good at task "a" (0.95) and bad at "b" (0.3); model 1 does 0.9 on both. At
+    // alpha 0.8 the cheapest policy sends every "a" and 41.7 % of the "b" requests to model 0
+    // (0.5·0.95 + 0.5·(0.417·0.3 + 0.583·0.9) = 0.8), which needs the per-task rates: the
+    // pooled rate of model 0 (0.625) would say nothing about which task to keep.
+    let mut p = MixRank::new(MixRankConfig::new(0.8, 2), 2, 0, None).unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    let (mut a_cheap, mut b_cheap, mut sat) = (0, 0, 0);
+    for i in 0..6000 {
+        let task = if i % 2 == 0 { "a" } else { "b" };
+        let r = p.route(&RouteRequest {
+            features: &[],
+            task: Some(task),
+            feedback_expected: true,
+        });
+        let rate = match (r.model, task) {
+            (0, "a") => 0.95,
+            (0, _) => 0.3,
+            _ => 0.9,
+        };
+        let s = rng.random::<f64>() < rate;
+        p.record_cost(r.model, [1.0, 10.0][r.model]);
+        p.record_feedback(&r.ticket, s);
+        if i >= 2000 {
+            a_cheap += usize::from(task == "a" && r.model == 0);
+            b_cheap += usize::from(task == "b" && r.model == 0);
+            sat += usize::from(s);
+        }
+    }
+    assert!(
+        a_cheap > 1900,
+        "task a served by the cheap model {a_cheap} of 2000 times"
+    );
+    assert!((650..1050).contains(&b_cheap), "task b: {b_cheap} of 2000");
+    assert!(sat as f64 / 4000.0 >= 0.79, "{sat}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Whatever the zoo and the labels: decisions index the zoo, predictions and intervals are
+    /// probabilities, the debt stays finite above its floor, and the snapshot restores.
+    #[test]
+    fn invariants_hold_on_arbitrary_streams(
+        costs in proptest::collection::vec(1e-9f64..1e3, 1..6),
+        alpha in 0.0f64..1.0,
+        labels in proptest::collection::vec(any::<bool>(), 1..150),
+        xs in proptest::collection::vec(-1.0f32..1.0, 300),
+        seed in 0u64..1000,
+    ) {
+        let k = costs.len();
+        let mut cfg = MixRankConfig::new(alpha, seed);
+        cfg.memory = 16;
+        cfg.reference = 8;
+        let mut p = MixRank::new(cfg.clone(), k, 2, None).unwrap();
+        for (i, &s) in labels.iter().enumerate() {
+            let x = [xs[2 * i % 300], xs[(2 * i + 1) % 300]];
+            let r = p.route(&RouteRequest { features: &x, task: Some(if i % 3 == 0 { "t" } else { "u" }), feedback_expected: i % 4 != 0 });
+            prop_assert!(r.model < k);
+            prop_assert!(r.predicted.iter().all(|q| (0.0..=1.0).contains(q)));
+            p.record_cost(r.model, costs[r.model]);
+            p.record_feedback(&r.ticket, s);
+            prop_assert!(p.debt().is_finite() && p.debt() >= -cfg.max_surplus_requests);
+        }
+        for e in p.estimates() {
+            prop_assert!(0.0 <= e.rate_low && e.rate_low <= e.rate + 1e-9 && e.rate <= e.rate_high + 1e-9 && e.rate_high <= 1.0);
+        }
+        let mut q = MixRank::new(cfg, k, 2, None).unwrap();
+        prop_assert!(q.restore(&p.snapshot()).is_ok());
+    }
+}
