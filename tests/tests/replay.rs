@@ -45,6 +45,7 @@ fn seeded_mess_plus_replay_is_fixed_and_repeatable() {
         c: 0.5,
         seeds: vec![42, 43],
         policy: PolicyKind::MessPlus,
+        prior: None,
     };
     let (a, _, _) = replay(&data, &features, enc.dim(), &opts).unwrap();
     let (b, _, _) = replay(&data, &features, enc.dim(), &opts).unwrap();
@@ -72,6 +73,63 @@ fn seeded_mess_plus_replay_is_fixed_and_repeatable() {
 
 /// MESS+ on mmlu_abstract_algebra, alpha 0.35, c 0.5, seeds 42 and 43 (updated only on purpose).
 const PINNED: &str = "0.415000 128319.059 0.2050";
+
+/// The default policy, mixrank, on the same stream: exactly repeatable, calibration reported
+/// for every model, and cheaper than always serving the largest model.
+#[test]
+fn seeded_mixrank_replay_is_fixed_and_reports_calibration() {
+    let data = Dataset::load(
+        &mess_data("mmlu_abstract_algebra"),
+        None,
+        "energy_consumption",
+    )
+    .unwrap();
+    let manifest = ModelManifest::load(&repo_root().join("models/all-minilm-l6-v2.toml")).unwrap();
+    let enc = ferry_engine::encoder::SentenceEncoder::load(
+        &manifest,
+        &model_dir(),
+        &ferry_engine::Device::Cpu,
+    )
+    .unwrap();
+    let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
+    let features = enc.embed(&texts).unwrap();
+    let opts = ReplayOptions {
+        alpha: 0.35,
+        v: data.default_v(),
+        c: 0.1,
+        seeds: vec![42, 43],
+        policy: PolicyKind::MixRank,
+        prior: None,
+    };
+    let (a, _, _) = replay(&data, &features, enc.dim(), &opts).unwrap();
+    let (b, _, _) = replay(&data, &features, enc.dim(), &opts).unwrap();
+    assert_eq!(
+        serde_json::to_string(&a).unwrap(),
+        serde_json::to_string(&b).unwrap()
+    );
+    assert_eq!(a.policy, "mixrank");
+    let calls: f64 = a.calls.values().sum();
+    assert!((calls - 1.0).abs() < 1e-9);
+    assert_eq!(a.calibration.len(), 3);
+    for c in &a.calibration {
+        assert!(
+            (0.0..=1.0).contains(&c.brier) && (0.0..=1.0).contains(&c.ece),
+            "{c:?}"
+        );
+        assert_eq!(c.predictions, 200);
+    }
+    assert!(a.cost_total < a.baselines["always:large"].cost_total);
+    assert_eq!(
+        format!(
+            "{:.6} {:.3} {:.4}",
+            a.satisfaction, a.cost_total, a.explore_fraction
+        ),
+        MIXRANK_PINNED
+    );
+}
+
+/// mixrank on mmlu_abstract_algebra, alpha 0.35, seeds 42 and 43 (updated only on purpose).
+const MIXRANK_PINNED: &str = "0.345000 60699.450 0.1850";
 
 // ---------------------------------------------------------------------------------------------
 // `ferry replay` as a command: --format routellm on a fixture cut from RouteLLM's labels
@@ -167,7 +225,7 @@ fn routellm_mmlu_fixture_report() {
     let policies = r["policies"].as_array().unwrap();
     assert_eq!(
         policies.iter().map(|p| &p["policy"]).collect::<Vec<_>>(),
-        ["mess-plus", "mess-plus-fb"]
+        ["mixrank", "mess-plus", "mess-plus-fb"]
     );
     for p in policies {
         let sweep = p["sweep"].as_array().unwrap();
@@ -314,7 +372,8 @@ fn replay_plot_and_alpha_list() {
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         serde_json::from_str::<serde_json::Value>(&ferry_replay(&a, cache.path())).unwrap()
     };
-    // One α: one object, with exactly the fields it always had.
+    // One α: one object, with exactly these fields (the running mean, the worst seed and
+    // calibration came with mixrank).
     let one = run(args("0.4", true));
     let keys: Vec<&str> = one
         .as_object()
@@ -339,6 +398,10 @@ fn replay_plot_and_alpha_list() {
         "explore_fraction",
         "baselines",
         "duplicates_dropped",
+        "running_satisfaction",
+        "satisfaction_min",
+        "sla_met_every_seed",
+        "calibration",
     ];
     let mut keys_sorted = keys.clone();
     keys_sorted.sort();

@@ -359,6 +359,7 @@ pub fn router_bench(
         c: 0.1,
         seeds: vec![42],
         policy: crate::replay::PolicyKind::MessPlus,
+        prior: None,
     };
     let t = Instant::now();
     crate::replay::run_policy(&data, &features, encoder.dim(), &opts.policy, &opts)?;

@@ -9,6 +9,8 @@ pub mod fetch;
 pub mod offload_bench;
 pub mod plot;
 pub mod policy;
+pub mod prior;
 pub mod replay;
 pub mod routellm;
 pub mod status;
+pub mod synthetic;

@@ -58,6 +58,9 @@ enum Command {
     /// TMO placement policies: train on the M4A1 dialogue log, evaluate beside the baselines.
     #[command(subcommand)]
     Policy(ferry_cli::policy::PolicyCommand),
+    /// The zoo router (mixrank): its pretrained difficulty prior.
+    #[command(subcommand)]
+    Router(RouterCommand),
 }
 
 #[derive(Args)]
@@ -81,8 +84,13 @@ struct ReplayArgs {
     format: ReplayFormat,
     /// mess: CSV/JSON file or directory (read recursively) in the MESS+ per-request format.
     /// routellm: a RouteLLM folder, e.g. ../shared/data/routellm/mmlu (or one of its CSV files).
+    #[arg(long, required_unless_present = "zoos")]
+    input: Option<PathBuf>,
+    /// synthetic: how many zoos (seeds from --zoo-offset).
     #[arg(long)]
-    input: PathBuf,
+    zoos: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    zoo_offset: u64,
     /// SLA target(s): fraction of requests that must be satisfied; a comma list sweeps α
     /// (e.g. 0.6,0.7,0.8). Required for --format mess; for routellm the default is 11 values
     /// from the weak model's satisfaction rate to the strong model's.
@@ -107,10 +115,18 @@ struct ReplayArgs {
     /// Cost columns are <prefix>_<model>.
     #[arg(long, default_value = "energy_consumption")]
     cost_prefix: String,
-    /// mess-plus (the paper's), mess-plus-fb (ours: also learns from served answers), always:<model>, random-alpha or oracle.
-    /// Default: mess-plus; with --format routellm a comma list, default mess-plus,mess-plus-fb.
+    /// mixrank (ferry's default router), mess-plus (the paper's), mess-plus-fb (ours: MESS+ that
+    /// also learns from served answers), always:<model>, random-alpha or oracle. Default:
+    /// mixrank; with --format routellm a comma list, default mixrank,mess-plus,mess-plus-fb.
     #[arg(long, value_delimiter = ',')]
     policy: Option<Vec<String>>,
+    /// mixrank's difficulty prior (a `ferry router train-prior` file). Replaying a benchmark
+    /// with a prior that saw it is refused: train one with `--exclude` it.
+    #[arg(long)]
+    prior: Option<PathBuf>,
+    /// Read each request's task from this column (per-task satisfaction rates in mixrank).
+    #[arg(long)]
+    task_column: Option<String>,
     /// routellm: GPT-4-1106-preview's blended price, $ per million tokens (RouteLLM's paper: 24.7).
     #[arg(long, default_value_t = 24.7)]
     price_strong: f64,
@@ -134,10 +150,37 @@ struct ReplayArgs {
     json: bool,
 }
 
+#[derive(Subcommand)]
+enum RouterCommand {
+    /// Train mixrank's difficulty prior on public per-question labels (the MESS+ authors'
+    /// Llama data and RouteLLM's MMLU and GSM8K labels) and write it as a versioned JSON file.
+    /// `--exclude` leaves benchmarks out (by family: every mmlu* is one), for leave-one-out
+    /// evaluation: `ferry replay` refuses a prior that saw the benchmark it replays.
+    TrainPrior {
+        #[command(flatten)]
+        registry: Registry,
+        #[command(flatten)]
+        embed: EmbedArgs,
+        /// MESS+ per-request data, one folder per benchmark.
+        #[arg(long, default_value = "../shared/data/mess-llama")]
+        mess: PathBuf,
+        /// RouteLLM's evaluation folders (mmlu, gsm8k).
+        #[arg(long, default_value = "../shared/data/routellm")]
+        routellm: PathBuf,
+        /// Benchmarks (families) to leave out, e.g. gsm8k,mmlu.
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ReplayFormat {
     Mess,
     Routellm,
+    /// Seeded random zoos (no --input): 2-11 models, any cost unit, alpha drawn per zoo.
+    Synthetic,
 }
 
 /// The sentence encoder that turns questions into routing features, and its cache.
@@ -979,17 +1022,59 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
     );
     let policies: Vec<replay::PolicyKind> = match (&args.policy, args.format) {
         (Some(p), _) => p.iter().map(|p| p.parse()).collect::<Result<_, _>>()?,
-        (None, ReplayFormat::Mess) => vec![replay::PolicyKind::MessPlus],
-        (None, ReplayFormat::Routellm) => {
-            vec![replay::PolicyKind::MessPlus, replay::PolicyKind::MessPlusFb]
-        }
+        (None, ReplayFormat::Mess | ReplayFormat::Synthetic) => vec![replay::PolicyKind::MixRank],
+        (None, ReplayFormat::Routellm) => vec![
+            replay::PolicyKind::MixRank,
+            replay::PolicyKind::MessPlus,
+            replay::PolicyKind::MessPlusFb,
+        ],
     };
-    let needs_features = policies.iter().any(|p| {
-        matches!(
-            p,
-            replay::PolicyKind::MessPlus | replay::PolicyKind::MessPlusFb
-        )
-    });
+    let needs_features = policies.iter().any(|p| p.needs_features());
+    if args.format == ReplayFormat::Synthetic {
+        let count = args.zoos.unwrap_or(30);
+        let rows = ferry_cli::synthetic::evaluate(
+            args.zoo_offset..args.zoo_offset + count,
+            &policies[0],
+            &args.seeds,
+        )?;
+        if args.json {
+            println!("{}", serde_json::to_string(&rows)?);
+            return Ok(());
+        }
+        let met = rows.iter().filter(|r| r.sla_met).count();
+        let mut log_ratio = 0.0;
+        for r in &rows {
+            log_ratio += r.ratio.ln();
+            println!(
+                "zoo {:>3} {:<58} a={:.3} sat={:.4} min={:.4} {} ratio {:.3} (vs always-best {:.3}) explore {:.1}%",
+                r.seed,
+                r.about,
+                r.alpha,
+                r.satisfaction,
+                r.satisfaction_min,
+                if r.sla_met { "met   " } else { "MISSED" },
+                r.ratio,
+                r.cost_per_request / r.always_best_cost,
+                100.0 * r.explore_fraction
+            );
+        }
+        println!(
+            "{}: alpha met on {met}/{} zoos; cost vs random-alpha: geometric mean {:.3}, worst {:.3}",
+            policies[0].name(),
+            rows.len(),
+            (log_ratio / rows.len().max(1) as f64).exp(),
+            rows.iter().map(|r| r.ratio).fold(0.0, f64::max)
+        );
+        return Ok(());
+    }
+    let input = args
+        .input
+        .clone()
+        .context("--input is required for --format mess and routellm")?;
+    let prior = match &args.prior {
+        Some(path) => Some(ferry_cli::prior::load(path, &args.embed.encoder)?),
+        None => None,
+    };
     // Question embeddings (cached under --cache-dir), for the policies that read them.
     let features = |texts: Vec<&str>| -> anyhow::Result<(Vec<Arc<Vec<f32>>>, usize)> {
         if !needs_features {
@@ -1036,7 +1121,7 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             },
             mt_bench_threshold: args.mt_bench_threshold,
         };
-        let d = routellm::load(&args.input, &load, &count)?;
+        let d = routellm::load(&input, &load, &count)?;
         eprintln!(
             "RouteLLM {}: {} requests, {} of {} excluded as contaminated",
             d.benchmark.name(),
@@ -1055,7 +1140,11 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             v: args.v.unwrap_or_else(|| d.data.default_v() * args.v_scale),
             c: args.c,
             seeds: args.seeds.clone(),
+            prior: prior.clone(),
         };
+        if let Some(p) = &prior {
+            ferry_cli::prior::refuse_if_trained_on(p, &[d.benchmark.name().to_string()])?;
+        }
         let t = std::time::Instant::now();
         let report = routellm::evaluate(&d, &features, dim, &sweep)?;
         eprintln!(
@@ -1129,13 +1218,22 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         policies.len() == 1,
         "--format mess replays one --policy at a time"
     );
-    let data = replay::Dataset::load(&args.input, args.models.as_deref(), &args.cost_prefix)?;
+    let data = replay::Dataset::load_with_task(
+        &input,
+        args.models.as_deref(),
+        &args.cost_prefix,
+        args.task_column.as_deref(),
+    )?;
+    if let Some(p) = &prior {
+        ferry_cli::prior::refuse_if_trained_on(p, &ferry_cli::prior::benchmarks_of(&data, &input))?;
+    }
     let mut opts = replay::ReplayOptions {
         alpha: args.alpha[0],
         v: args.v.unwrap_or_else(|| data.default_v() * args.v_scale),
         c: args.c,
         seeds: args.seeds.clone(),
         policy: policies[0].clone(),
+        prior,
     };
     let (features, dim) = features(data.records.iter().map(|r| r.text.as_str()).collect())?;
     let t = std::time::Instant::now();
@@ -1159,7 +1257,7 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         let mut p = plot::ReplayPlot {
             title: format!(
                 "ferry replay {}: {} vs baselines, {} requests (seed {})",
-                args.input.display(),
+                input.display(),
                 first.policy,
                 first.requests,
                 opts.seeds[0]
@@ -1268,6 +1366,68 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn train_prior(
+    registry: Registry,
+    embed: EmbedArgs,
+    mess: &Path,
+    routellm: &Path,
+    exclude: &[String],
+    out: &Path,
+) -> anyhow::Result<()> {
+    use ferry_cli::{prior, replay};
+    let m = embed.manifest(&registry)?;
+    let tok_path =
+        ferry_engine::source::ModelLocation::of(&m, &registry.model_dir).file("tokenizer.json")?;
+    let tok = ferry_engine::tokenizer::from_file(&tok_path)?;
+    let count = |t: &str| tok.encode(t, false).map(|e| e.len()).unwrap_or(0);
+    let sources = prior::sources(
+        mess.is_dir().then_some(mess),
+        routellm.is_dir().then_some(routellm),
+        exclude,
+        &count,
+    )?;
+    let mut encoder = None;
+    let mut embed_texts = |texts: &[&str]| -> ferry_core::Result<replay::Embeddings> {
+        let (e, secs) = replay::cached_embeddings(texts, &m.id, &embed.cache_dir, |texts| {
+            if encoder.is_none() {
+                encoder = Some(ferry_engine::encoder::SentenceEncoder::load(
+                    &m,
+                    &registry.model_dir,
+                    &ferry_engine::default_device(),
+                )?);
+            }
+            let enc = encoder.as_ref().expect("loaded above");
+            Ok((enc.embed(texts)?, enc.dim()))
+        })?;
+        if let Some(s) = secs {
+            eprintln!("embedded {} questions in {s:.1} s", texts.len());
+        }
+        Ok(e)
+    };
+    let mut command = String::from("ferry router train-prior");
+    if !exclude.is_empty() {
+        command.push_str(&format!(" --exclude {}", exclude.join(",")));
+    }
+    let t = std::time::Instant::now();
+    let p = prior::train(&sources, &m.id, &command, &mut embed_texts)?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(out, p.to_json()).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "prior trained on {} questions ({} labels) of {} in {:.1} s: l2 {}, held-out log-loss {:.4} (without the prior {:.4}) -> {}",
+        p.questions,
+        p.labels,
+        p.trained_on.join(", "),
+        t.elapsed().as_secs_f64(),
+        p.l2,
+        p.heldout_logloss,
+        p.heldout_logloss_without,
+        out.display()
+    );
     Ok(())
 }
 
@@ -1438,6 +1598,14 @@ fn main() -> anyhow::Result<()> {
         }) => energy_probe(energy, measure_s, json),
         Command::Replay(args) => run_replay(args),
         Command::Policy(cmd) => ferry_cli::policy::run(cmd),
+        Command::Router(RouterCommand::TrainPrior {
+            registry,
+            embed,
+            mess,
+            routellm,
+            exclude,
+            out,
+        }) => train_prior(registry, embed, &mess, &routellm, &exclude, &out),
     }
 }
 

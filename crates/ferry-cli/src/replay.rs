@@ -16,8 +16,10 @@ use serde::Serialize;
 use ferry_core::{Error, Result};
 use ferry_router::baselines::{cheapest_mix, oracle_choice, Always, RandomMix};
 use ferry_router::mess::{MessPlus, MessPlusConfig};
+use ferry_router::mixrank::prior::DifficultyPrior;
+use ferry_router::mixrank::{MixRank, MixRankConfig};
 use ferry_router::predictor::{MlpPredictor, SgdConfig};
-use ferry_router::{Decision, Observation, ZooPolicy};
+use ferry_router::{Decision, Observation, RouteRequest, ZooPolicy};
 
 /// One recorded request.
 #[derive(Debug, Clone)]
@@ -29,6 +31,8 @@ pub struct Record {
     /// Quality of each model's answer in the data's own unit (RouteLLM's "performance": 100 or 0
     /// for a correct or wrong answer, or a judge score); the 0/1 label for MESS+ data.
     pub score: Vec<f64>,
+    /// The task the request names (from `--task-column`), for per-task rates.
+    pub task: Option<String>,
 }
 
 /// A loaded data set.
@@ -117,6 +121,16 @@ impl Dataset {
     /// Loads every file under `input`. `models`: explicit zoo order, or `None` for the
     /// `label_*` columns ordered by mean cost.
     pub fn load(input: &Path, models: Option<&[String]>, cost_prefix: &str) -> Result<Self> {
+        Self::load_with_task(input, models, cost_prefix, None)
+    }
+
+    /// [`Dataset::load`], with each request's task read from `task_column` when given.
+    pub fn load_with_task(
+        input: &Path,
+        models: Option<&[String]>,
+        cost_prefix: &str,
+        task_column: Option<&str>,
+    ) -> Result<Self> {
         let mut files = Vec::new();
         files_under(input, &mut files)?;
         if files.is_empty() {
@@ -172,12 +186,19 @@ impl Dataset {
                 )?);
             }
             let score = satisfied.iter().map(|&s| f64::from(u8::from(s))).collect();
+            let task = match task_column {
+                Some(c) => Some(row.get(c).cloned().ok_or_else(|| {
+                    Error::invalid("task column", format!("no `{c}` in row `{key}`"))
+                })?),
+                None => None,
+            };
             records.push(Record {
                 key,
                 text,
                 satisfied,
                 costs,
                 score,
+                task,
             });
         }
         if models.is_none() {
@@ -232,6 +253,8 @@ impl Dataset {
 /// Which policy to replay.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PolicyKind {
+    /// ferry's default router (`ferry_router::mixrank`).
+    MixRank,
     MessPlus,
     /// MESS+ that also learns from every served answer with feedback (ours).
     MessPlusFb,
@@ -244,6 +267,7 @@ impl std::str::FromStr for PolicyKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
+            "mixrank" => PolicyKind::MixRank,
             "mess-plus" => PolicyKind::MessPlus,
             "mess-plus-fb" => PolicyKind::MessPlusFb,
             "random-alpha" => PolicyKind::RandomAlpha,
@@ -253,7 +277,7 @@ impl std::str::FromStr for PolicyKind {
                 None => {
                     return Err(Error::invalid(
                         "policy",
-                        format!("`{other}`: use mess-plus, mess-plus-fb, always:<model>, random-alpha or oracle"),
+                        format!("`{other}`: use mixrank, mess-plus, mess-plus-fb, always:<model>, random-alpha or oracle"),
                     ))
                 }
             },
@@ -269,6 +293,87 @@ pub struct ReplayOptions {
     pub c: f64,
     pub seeds: Vec<u64>,
     pub policy: PolicyKind,
+    /// mixrank's difficulty prior (never trained on the data being replayed).
+    pub prior: Option<DifficultyPrior>,
+}
+
+impl PolicyKind {
+    /// The name `--policy` takes.
+    pub fn name(&self) -> String {
+        match self {
+            PolicyKind::MixRank => "mixrank".into(),
+            PolicyKind::MessPlus => "mess-plus".into(),
+            PolicyKind::MessPlusFb => "mess-plus-fb".into(),
+            PolicyKind::Always(m) => format!("always:{m}"),
+            PolicyKind::RandomAlpha => "random-alpha".into(),
+            PolicyKind::Oracle => "oracle".into(),
+        }
+    }
+
+    /// Whether the policy reads the question embeddings.
+    pub fn needs_features(&self) -> bool {
+        matches!(
+            self,
+            PolicyKind::MixRank | PolicyKind::MessPlus | PolicyKind::MessPlusFb
+        )
+    }
+}
+
+/// How well predicted satisfaction matched the labels, for one model over every request the
+/// policy predicted (all models' labels are known in replay, served or not).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Calibration {
+    pub model: String,
+    pub predictions: u64,
+    /// Mean squared error of the predicted probability.
+    pub brier: f64,
+    /// Expected calibration error over 10 equal-width bins.
+    pub ece: f64,
+}
+
+/// Running sums behind [`Calibration`].
+#[derive(Debug, Clone, Default)]
+struct CalibrationSums {
+    n: u64,
+    sq: f64,
+    bins: [(u64, f64, f64); 10],
+}
+
+impl CalibrationSums {
+    fn add(&mut self, p: f64, y: bool) {
+        let y = f64::from(u8::from(y));
+        self.n += 1;
+        self.sq += (p - y) * (p - y);
+        let b = ((p * 10.0) as usize).min(9);
+        self.bins[b].0 += 1;
+        self.bins[b].1 += p;
+        self.bins[b].2 += y;
+    }
+
+    fn merge(&mut self, o: &CalibrationSums) {
+        self.n += o.n;
+        self.sq += o.sq;
+        for (a, b) in self.bins.iter_mut().zip(&o.bins) {
+            a.0 += b.0;
+            a.1 += b.1;
+            a.2 += b.2;
+        }
+    }
+
+    fn finish(&self, model: &str) -> Calibration {
+        let n = self.n.max(1) as f64;
+        Calibration {
+            model: model.to_string(),
+            predictions: self.n,
+            brier: self.sq / n,
+            ece: self
+                .bins
+                .iter()
+                .filter(|b| b.0 > 0)
+                .map(|b| (b.1 - b.2).abs() / n)
+                .sum(),
+        }
+    }
 }
 
 /// Outcome of one policy over all seeds.
@@ -282,6 +387,13 @@ pub struct RunSummary {
     pub explore_fraction: f64,
     /// Mean score of the served answers ([`Record::score`]; equals `satisfaction` on MESS+ data).
     pub performance: f64,
+    /// The MESS+ authors' headline metric: the running satisfaction averaged over every step
+    /// (mean over seeds), beside the final satisfaction above.
+    pub running_satisfaction: f64,
+    /// Lowest final satisfaction of any seed.
+    pub satisfaction_min: f64,
+    /// Predicted-satisfaction calibration per model (empty for policies that predict none).
+    pub calibration: Vec<Calibration>,
     /// Running satisfaction and cumulative cost after each request (first seed), for plots.
     #[serde(skip)]
     pub trace: Vec<(f64, f64)>,
@@ -299,11 +411,16 @@ pub struct Report {
     pub models: Vec<String>,
     pub satisfaction: f64,
     pub satisfaction_std: f64,
+    pub satisfaction_min: f64,
+    pub running_satisfaction: f64,
     pub sla_met: bool,
+    /// Every seed within half a point of α (the per-seed acceptance bar).
+    pub sla_met_every_seed: bool,
     pub cost_total: f64,
     pub cost_per_request: f64,
     pub calls: BTreeMap<String, f64>,
     pub explore_fraction: f64,
+    pub calibration: Vec<Calibration>,
     pub baselines: BTreeMap<String, BaselineSummary>,
     pub duplicates_dropped: usize,
 }
@@ -321,6 +438,8 @@ struct OnceResult {
     calls: Vec<u64>,
     explored: u64,
     performance: f64,
+    running: f64,
+    calibration: Vec<CalibrationSums>,
     trace: Vec<(f64, f64)>,
 }
 
@@ -336,10 +455,21 @@ fn run_once(
     let mut score = 0.0;
     let mut calls = vec![0u64; n];
     let mut trace = Vec::with_capacity(order.len());
+    let mut running = 0.0;
+    let mut calibration = vec![CalibrationSums::default(); n];
     for (i, &r) in order.iter().enumerate() {
         let rec = &data.records[r];
         let x = features.get(r).map(|v| v.as_slice()).unwrap_or(&[]);
-        let d = policy.decide(x);
+        let d = policy.decide_for(&RouteRequest {
+            features: x,
+            task: rec.task.as_deref(),
+            feedback_expected: true,
+        });
+        if let Some(p) = policy.predicted().filter(|p| p.len() == n) {
+            for m in 0..n {
+                calibration[m].add(p[m].clamp(0.0, 1.0), rec.satisfied[m]);
+            }
+        }
         let served = d.served(n);
         let obs = match d {
             Decision::Explore => {
@@ -371,8 +501,12 @@ fn run_once(
             sat += 1;
         }
         trace.push((sat as f64 / (i + 1) as f64, cost));
+        running += sat as f64 / (i + 1) as f64;
     }
+    explored = explored.max(policy.explorations());
     OnceResult {
+        running: running / order.len().max(1) as f64,
+        calibration,
         satisfaction: sat as f64 / order.len() as f64,
         cost,
         calls,
@@ -392,6 +526,15 @@ fn make_policy(
 ) -> Result<Box<dyn ZooPolicy>> {
     let n = data.models.len();
     Ok(match kind {
+        PolicyKind::MixRank => Box::new(
+            MixRank::new(
+                MixRankConfig::new(opts.alpha, seed),
+                n,
+                dim,
+                opts.prior.clone(),
+            )
+            .map_err(|e| Error::invalid("mixrank", e.to_string()))?,
+        ),
         PolicyKind::MessPlus | PolicyKind::MessPlusFb => {
             let predictor = MlpPredictor::new(dim, dim, n, SgdConfig::default(), seed)
                 .map_err(|e| Error::Engine(e.to_string()))?;
@@ -465,6 +608,8 @@ pub fn run_policy(
     let mut calls = vec![0u64; data.models.len()];
     let mut explored = 0u64;
     let mut performance = 0.0;
+    let mut running = 0.0;
+    let mut calibration = vec![CalibrationSums::default(); data.models.len()];
     let mut trace = Vec::new();
     for (i, &seed) in opts.seeds.iter().enumerate() {
         let mut order: Vec<usize> = (0..data.records.len()).collect();
@@ -485,6 +630,10 @@ pub fn run_policy(
         }
         explored += once.explored;
         performance += once.performance;
+        running += once.running;
+        for (a, b) in calibration.iter_mut().zip(&once.calibration) {
+            a.merge(b);
+        }
         if i == 0 {
             trace = once.trace;
         }
@@ -505,6 +654,17 @@ pub fn run_policy(
             .collect(),
         explore_fraction: explored as f64 / total_requests,
         performance: performance / runs,
+        running_satisfaction: running / runs,
+        satisfaction_min: sats.iter().cloned().fold(f64::INFINITY, f64::min),
+        calibration: if calibration.iter().any(|c| c.n > 0) {
+            calibration
+                .iter()
+                .zip(&data.models)
+                .map(|(c, m)| c.finish(m))
+                .collect()
+        } else {
+            Vec::new()
+        },
         trace,
     })
 }
@@ -531,13 +691,7 @@ pub fn replay(
             baselines.insert(name, run_policy(data, features, dim, &kind, opts)?);
         }
     }
-    let policy = match &opts.policy {
-        PolicyKind::MessPlus => "mess-plus".to_string(),
-        PolicyKind::MessPlusFb => "mess-plus-fb".to_string(),
-        PolicyKind::Always(m) => format!("always:{m}"),
-        PolicyKind::RandomAlpha => "random-alpha".into(),
-        PolicyKind::Oracle => "oracle".into(),
-    };
+    let policy = opts.policy.name();
     let report = Report {
         requests: data.records.len(),
         alpha: opts.alpha,
@@ -548,11 +702,16 @@ pub fn replay(
         models: data.models.clone(),
         satisfaction: main.satisfaction,
         satisfaction_std: main.satisfaction_std,
+        satisfaction_min: main.satisfaction_min,
+        running_satisfaction: main.running_satisfaction,
         sla_met: main.satisfaction >= opts.alpha,
+        sla_met_every_seed: main.satisfaction >= opts.alpha
+            && main.satisfaction_min >= opts.alpha - 0.005,
         cost_total: main.cost_total,
         cost_per_request: main.cost_total / data.records.len() as f64,
         calls: main.calls.clone(),
         explore_fraction: main.explore_fraction,
+        calibration: main.calibration.clone(),
         baselines: baselines
             .iter()
             .map(|(k, v)| {

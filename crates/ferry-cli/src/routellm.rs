@@ -241,6 +241,7 @@ pub fn load(
             tokens[0] += t[0] as f64;
             tokens[1] += t[1] as f64;
             records.push(Record {
+                task: None,
                 key: format!("{stem}/{i}"),
                 text: prompt.to_string(),
                 satisfied: ok.to_vec(),
@@ -386,6 +387,7 @@ fn load_mt_bench(
         tokens[0] += t[0] as f64;
         tokens[1] += t[1] as f64;
         records.push(Record {
+            task: None,
             key: format!("mt_bench/{id}"),
             // RouteLLM routes on the first turn.
             text: turns[0].to_string(),
@@ -648,6 +650,8 @@ pub struct SweepOptions {
     pub v: f64,
     pub c: f64,
     pub seeds: Vec<u64>,
+    /// mixrank's difficulty prior.
+    pub prior: Option<ferry_router::mixrank::prior::DifficultyPrior>,
 }
 
 /// Runs every policy over every α, and the reference rows.
@@ -682,6 +686,7 @@ pub fn evaluate(
                 c,
                 seeds: seeds.to_vec(),
                 policy: kind.clone(),
+                prior: o.prior.clone(),
             };
             let r = run_policy(data, features, dim, kind, &opts)?;
             if i == 0 {
@@ -707,7 +712,7 @@ pub fn evaluate(
             .collect();
         let m = Metrics::of(&with_endpoints(&points, weak, strong), weak, strong);
         out.push(PolicySweep {
-            policy: policy_name(kind),
+            policy: kind.name(),
             sweep,
             apgr: m.apgr,
             cpt50: m.cpt50,
@@ -739,17 +744,6 @@ pub fn evaluate(
         policies: out,
         random_router: random_router(&perf_pairs, seeds, weak, strong),
     })
-}
-
-/// The name `--policy` takes.
-pub fn policy_name(kind: &PolicyKind) -> String {
-    match kind {
-        PolicyKind::MessPlus => "mess-plus".into(),
-        PolicyKind::MessPlusFb => "mess-plus-fb".into(),
-        PolicyKind::Always(m) => format!("always:{m}"),
-        PolicyKind::RandomAlpha => "random-alpha".into(),
-        PolicyKind::Oracle => "oracle".into(),
-    }
 }
 
 /// The human-readable report.
