@@ -585,6 +585,7 @@ async fn tmo_places_auto_requests_in_the_cloud_and_mess_plus_picks_the_cloud_mod
         with_cloud(c, endpoint);
         c.placement.policy_file = Some(policy_file);
         c.router.enabled = true;
+        c.router.policy = "mess-plus-fb".into();
         // Explore at the first routed request: every cloud model runs, the dearest serves.
         c.router.c = 1.0;
     })

@@ -1,6 +1,7 @@
-//! MESS+ routing of `model: "auto"` inside ferryd, with the real models: decisions and their
-//! reasons, feedback moving `Q_tracked`, `Status`, and the learned state surviving a restart
-//! or being set aside when corrupt.
+//! Routing of `model: "auto"` inside ferryd, with the real models: MESS+ and mixrank (the
+//! default) decisions and their reasons, feedback moving `Q_tracked` or mixrank's SLA debt and
+//! rates, `Status`, and the learned state surviving a restart or being set aside when corrupt
+//! or learned by another policy.
 
 use ferry_integration::{greedy, run, TestServer};
 use ferry_proto::v1 as pb;
@@ -13,6 +14,7 @@ fn zoo() -> Vec<String> {
 fn routed(c: &mut ferry_edge::EdgeConfig, state_dir: Option<&std::path::Path>) {
     c.models.load = zoo();
     c.router.enabled = true;
+    c.router.policy = "mess-plus-fb".into();
     // No exploration: every decision is the argmin, so the test knows which path ran.
     c.router.c = 0.0;
     c.router.alpha = 0.7;
@@ -180,4 +182,148 @@ async fn learned_state_survives_restart_and_a_corrupt_file_is_set_aside() {
         .await
         .unwrap();
     t.server.shutdown(std::time::Duration::from_secs(5)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// mixrank, the default policy.
+
+fn mixrank(c: &mut ferry_edge::EdgeConfig, state_dir: &std::path::Path) {
+    c.models.load = zoo();
+    c.router.enabled = true;
+    c.router.alpha = 0.7;
+    c.router.save_interval_ms = 100;
+    c.state.dir = state_dir.to_path_buf();
+}
+
+fn asking_feedback(q: &str) -> pb::GenerateRequest {
+    let mut r = greedy(q, 3);
+    r.expect_feedback = true;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixrank_learns_costs_rates_and_debt_and_keeps_them_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let zoo = zoo();
+    let mut t = TestServer::start(|c| mixrank(c, dir.path())).await;
+    // Each model serves once, in zoo order, so its cost is known before it is weighed.
+    let mut ids = Vec::new();
+    for (i, q) in ["What is 2+2?", "Name a colour."].into_iter().enumerate() {
+        let (_, _, done) = run(&mut t.client, asking_feedback(q)).await.unwrap();
+        assert_eq!(done.model, zoo[i]);
+        let reason = done.placement.unwrap().reason;
+        assert!(
+            reason.starts_with("mixrank: first run, to learn its cost"),
+            "{reason}"
+        );
+        ids.push(done.request_id);
+    }
+    let r = status(&mut t).await;
+    assert_eq!(r.policy, "mixrank");
+    assert_eq!(r.requests, 2);
+    assert_eq!(r.debt, 0.0);
+    assert!(r.prior.is_empty());
+    for m in &r.models {
+        assert!(m.mean_joules.is_some_and(|j| j > 0.0), "{m:?}");
+        let (rate, lo, hi) = (m.rate.unwrap(), m.rate_low.unwrap(), m.rate_high.unwrap());
+        assert!(0.0 <= lo && lo <= rate && rate <= hi && hi <= 1.0, "{m:?}");
+        assert_eq!(m.labels, 0);
+    }
+    let prior_rate = r.models[0].rate.unwrap();
+
+    // A label moves the debt by alpha - s and the served model's rate.
+    assert!(!feedback(&mut t, &ids[0], false).await);
+    let r = status(&mut t).await;
+    assert!((r.debt - 0.7).abs() < 1e-9, "debt {}", r.debt);
+    assert_eq!(r.models[0].labels, 1);
+    assert!(r.models[0].rate.unwrap() < prior_rate);
+    assert!(feedback(&mut t, &ids[0], true).await, "a replacement");
+    assert!(!feedback(&mut t, &ids[1], true).await);
+    let r = status(&mut t).await;
+    assert!((r.debt - 0.4).abs() < 1e-9, "debt {}", r.debt);
+    assert_eq!((r.feedback, r.satisfied), (2, 1));
+    // Without expect_feedback nothing is tried.
+    let (_, _, done) = run(&mut t.client, greedy("Say hi.", 3)).await.unwrap();
+    let reason = done.placement.unwrap().reason;
+    assert!(
+        reason.starts_with("mixrank: predicted satisfaction"),
+        "{reason}"
+    );
+    let before = status(&mut t).await;
+    assert_eq!(before.explored, 0);
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+
+    let mut t = TestServer::start(|c| mixrank(c, dir.path())).await;
+    let after = status(&mut t).await;
+    assert_eq!(after.requests, 3);
+    assert_eq!(after.debt, before.debt);
+    assert_eq!(after.models, before.models);
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+
+    // State learned by another policy family is set aside as stale, not misread.
+    let mut t = TestServer::start(|c| {
+        mixrank(c, dir.path());
+        c.router.policy = "mess-plus".into();
+    })
+    .await;
+    assert_eq!(status(&mut t).await.requests, 0);
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+    let stale = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("router-local.json.stale-")
+        })
+        .count();
+    assert_eq!(stale, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixrank_loads_a_difficulty_prior_and_refuses_one_for_another_encoder() {
+    use ferry_router::mixrank::prior::{DifficultyPrior, FORMAT, VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let prior = |encoder: &str, dim: usize| DifficultyPrior {
+        format: FORMAT.into(),
+        version: VERSION,
+        encoder: encoder.into(),
+        dim,
+        weights: ferry_router::predictor::F32s(vec![0.01; dim]),
+        bias: 0.0,
+        trained_on: vec!["arc_easy".into(), "boolq".into()],
+        questions: 2,
+        labels: 6,
+        l2: 1.0,
+        heldout_logloss: 0.6,
+        heldout_logloss_without: 0.65,
+        command: "test".into(),
+    };
+    let good = dir.path().join("prior.json");
+    std::fs::write(&good, prior("all-minilm-l6-v2", 384).to_json()).unwrap();
+    let mut t = TestServer::start(|c| {
+        mixrank(c, dir.path());
+        c.router.prior = Some(good.clone());
+    })
+    .await;
+    let (_, _, done) = run(&mut t.client, asking_feedback("What is 2+2?"))
+        .await
+        .unwrap();
+    assert!(zoo().contains(&done.model));
+    let r = status(&mut t).await;
+    assert_eq!(
+        r.prior,
+        "ferry-difficulty-prior v1 trained on arc_easy,boolq"
+    );
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+
+    let bad = dir.path().join("other.json");
+    std::fs::write(&bad, prior("some-other-encoder", 384).to_json()).unwrap();
+    let mut cfg = ferry_edge::EdgeConfig::default();
+    mixrank(&mut cfg, dir.path());
+    cfg.router.prior = Some(bad);
+    let err =
+        ferry_edge::router::load_prior(cfg.router.prior.as_ref().unwrap(), "all-minilm-l6-v2", 384)
+            .unwrap_err();
+    assert!(err.to_string().contains("some-other-encoder"), "{err}");
 }

@@ -73,6 +73,8 @@ pub fn to_json(s: &pb::StatusResponse) -> serde_json::Value {
                 "requests": r.requests,
                 "explored": r.explored,
                 "exploration_probability": r.exploration_probability,
+                "debt": r.debt,
+                "prior": (!r.prior.is_empty()).then_some(&r.prior),
                 "feedback": r.feedback,
                 "satisfied": r.satisfied,
                 "satisfaction": satisfaction(r),
@@ -80,6 +82,10 @@ pub fn to_json(s: &pb::StatusResponse) -> serde_json::Value {
                     "calls": m.calls,
                     "fraction": if total > 0 { m.calls as f64 / total as f64 } else { 0.0 },
                     "mean_joules": m.mean_joules,
+                    "rate": m.rate,
+                    "rate_low": m.rate_low,
+                    "rate_high": m.rate_high,
+                    "labels": m.labels,
                 }))).collect::<serde_json::Map<_, _>>(),
                 "state_file": r.state_file,
                 "saved_unix_ms": (r.saved_unix_ms > 0).then_some(r.saved_unix_ms),
@@ -160,18 +166,31 @@ pub fn render(s: &pb::StatusResponse) -> String {
         let sat = satisfaction(r)
             .map(|x| format!("{:.1} % of {} judged", 100.0 * x, r.feedback))
             .unwrap_or_else(|| "no feedback yet".to_string());
-        let _ = writeln!(
-            o,
-            "routing ({} tier): {} alpha {} — satisfaction {sat}; Q {:.3}, Q_tracked {:.3}; {} requests, {} explored (next p {:.3})",
-            tier_name(r.tier),
-            r.policy,
-            r.alpha,
-            r.q,
-            r.q_tracked,
-            r.requests,
-            r.explored,
-            r.exploration_probability
-        );
+        if r.policy == "mixrank" {
+            let _ = writeln!(
+                o,
+                "routing ({} tier): mixrank alpha {} — satisfaction {sat}; SLA debt {:.1} requests; {} requests, {} explored; prior: {}",
+                tier_name(r.tier),
+                r.alpha,
+                r.debt,
+                r.requests,
+                r.explored,
+                if r.prior.is_empty() { "none" } else { &r.prior }
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "routing ({} tier): {} alpha {} — satisfaction {sat}; Q {:.3}, Q_tracked {:.3}; {} requests, {} explored (next p {:.3})",
+                tier_name(r.tier),
+                r.policy,
+                r.alpha,
+                r.q,
+                r.q_tracked,
+                r.requests,
+                r.explored,
+                r.exploration_probability
+            );
+        }
         let total: u64 = r.models.iter().map(|m| m.calls).sum();
         for m in &r.models {
             let _ = writeln!(
@@ -185,9 +204,20 @@ pub fn render(s: &pb::StatusResponse) -> String {
                     0.0
                 },
                 m.mean_joules
-                    .map(|j| format!("{j:.2} J/request"))
+                    .map(|j| if r.tier == pb::Tier::Cloud as i32 {
+                        format!("{j:.3e} (cloud unit)/request")
+                    } else {
+                        format!("{j:.2} J/request")
+                    })
                     .unwrap_or_else(|| "not run yet".to_string())
             );
+            if let (Some(rate), Some(lo), Some(hi)) = (m.rate, m.rate_low, m.rate_high) {
+                let _ = writeln!(
+                    o,
+                    "  {:<28} rate {:.3} [{:.3}, {:.3}] from {} labels",
+                    "", rate, lo, hi, m.labels
+                );
+            }
         }
         let _ = writeln!(
             o,
@@ -222,11 +252,13 @@ mod tests {
                         model: "a".into(),
                         calls: 3,
                         mean_joules: Some(1.5),
+                        ..Default::default()
                     },
                     pb::ModelCalls {
                         model: "b".into(),
                         calls: 1,
                         mean_joules: None,
+                        ..Default::default()
                     },
                 ],
                 ..Default::default()
@@ -266,6 +298,35 @@ mod tests {
         assert_eq!(r["calls"]["a"]["fraction"], 0.75);
         assert_eq!(r["calls"]["b"]["mean_joules"], serde_json::Value::Null);
         assert_eq!(r["tier"], "local");
+    }
+
+    #[test]
+    fn mixrank_shows_rates_with_intervals_and_the_prior() {
+        let mut s = sample();
+        let r = &mut s.routers[0];
+        r.policy = "mixrank".into();
+        r.debt = -2.5;
+        r.prior = "ferry-difficulty-prior v1 trained on arc_easy".into();
+        r.models[0].rate = Some(0.61);
+        r.models[0].rate_low = Some(0.52);
+        r.models[0].rate_high = Some(0.7);
+        r.models[0].labels = 40;
+        let t = render(&s);
+        assert!(t.contains("SLA debt -2.5"), "{t}");
+        assert!(
+            t.contains("rate 0.610 [0.520, 0.700] from 40 labels"),
+            "{t}"
+        );
+        assert!(
+            t.contains("prior: ferry-difficulty-prior v1 trained on arc_easy"),
+            "{t}"
+        );
+        let v = to_json(&s);
+        assert_eq!(v["routers"][0]["calls"]["a"]["rate_low"], 0.52);
+        assert_eq!(
+            v["routers"][0]["calls"]["b"]["rate"],
+            serde_json::Value::Null
+        );
     }
 
     #[test]

@@ -209,6 +209,8 @@ pub struct ValidatedRequest {
     pub dialogue_id: Option<String>,
     /// Task category for the placement policy, if given.
     pub task: Option<String>,
+    /// The app will send Feedback on this request.
+    pub expect_feedback: bool,
 }
 
 impl ValidatedRequest {
@@ -397,6 +399,7 @@ impl ValidatedRequest {
             request_id: non_empty(req.request_id),
             dialogue_id: non_empty(req.dialogue_id),
             task: non_empty(req.task),
+            expect_feedback: req.expect_feedback,
         })
     }
 }

@@ -32,22 +32,29 @@ pub struct EdgeConfig {
 /// The Unix socket is trusted: its file permissions decide.
 pub use ferry_core::auth::AuthConfig;
 
-/// MESS+ routing of `model: "auto"` over the loaded local models.
+/// Routing of `model: "auto"` over the loaded local models (and the cloud tier's zoo).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RouterConfig {
-    /// Route `auto` with MESS+; off, `auto` goes to `models.default`.
+    /// Route `auto` over the zoo; off, `auto` goes to `models.default`.
     pub enabled: bool,
-    /// `mess-plus-fb` (also learns from feedback on served answers) or `mess-plus` (the paper's:
-    /// learns from exploration samples only).
+    /// `mixrank` (ferry's: the cheapest mix of models that meets alpha, no cost weight to set),
+    /// `mess-plus-fb` (MESS+ that also learns from feedback on served answers) or `mess-plus`
+    /// (the paper's: learns from exploration samples only).
     pub policy: String,
     /// SLA target: fraction of requests whose feedback must say "satisfied".
     pub alpha: f64,
     /// Cost weight V per joule: a request of `0.1 / v` joules weighs as much as 0.1 request of
     /// SLA debt. The default 0.01 suits the 1–20 J requests of small local models.
     pub v_per_joule: f64,
-    /// Exploration constant c in `p_t = min(1, c / t^(1/4))`.
+    /// MESS+ exploration constant c in `p_t = min(1, c / t^(1/4))`.
     pub c: f64,
+    /// mixrank: share of the requests without `expect_feedback` on which a model whose rate is
+    /// still uncertain may be tried anyway (set it to the share of traffic your apps send
+    /// Feedback on without saying so). 0: only requests that say so explore.
+    pub feedback_share: f64,
+    /// mixrank: difficulty prior file from `ferry router train-prior` (must match `encoder`).
+    pub prior: Option<PathBuf>,
     /// Seed of the exploration coins and the predictor's initial weights.
     pub seed: u64,
     /// Sentence encoder (manifest id) that turns the question into the predictor's input.
@@ -60,10 +67,12 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             enabled: false,
-            policy: "mess-plus-fb".to_string(),
+            policy: "mixrank".to_string(),
             alpha: 0.7,
             v_per_joule: 0.01,
             c: 0.1,
+            feedback_share: 0.0,
+            prior: None,
             seed: 42,
             encoder: "all-minilm-l6-v2".to_string(),
             save_interval_ms: 1000,
@@ -183,11 +192,14 @@ impl EdgeConfig {
             ));
         }
         let r = &self.router;
-        if !matches!(r.policy.as_str(), "mess-plus" | "mess-plus-fb") {
+        if !matches!(r.policy.as_str(), "mixrank" | "mess-plus" | "mess-plus-fb") {
             return Err(bad(
                 "router.policy",
-                "must be `mess-plus` or `mess-plus-fb`",
+                "must be `mixrank`, `mess-plus` or `mess-plus-fb`",
             ));
+        }
+        if !(0.0..=1.0).contains(&r.feedback_share) {
+            return Err(bad("router.feedback_share", "must be in [0, 1]"));
         }
         if !(0.0..=1.0).contains(&r.alpha) {
             return Err(bad("router.alpha", "must be in [0, 1]"));
@@ -310,7 +322,7 @@ pub struct Cli {
     /// Route model "auto" with MESS+ over the loaded models (true/false).
     #[arg(long, env = "FERRY_ROUTER_ENABLED")]
     pub router_enabled: Option<bool>,
-    /// Routing policy: mess-plus-fb or mess-plus.
+    /// Routing policy: mixrank, mess-plus-fb or mess-plus.
     #[arg(long, env = "FERRY_ROUTER_POLICY")]
     pub router_policy: Option<String>,
     /// SLA target alpha.
@@ -322,6 +334,12 @@ pub struct Cli {
     /// Exploration constant c.
     #[arg(long, env = "FERRY_ROUTER_C")]
     pub router_c: Option<f64>,
+    /// mixrank: share of requests without expect_feedback that may explore.
+    #[arg(long, env = "FERRY_ROUTER_FEEDBACK_SHARE")]
+    pub router_feedback_share: Option<f64>,
+    /// mixrank: difficulty prior file (`ferry router train-prior`).
+    #[arg(long, env = "FERRY_ROUTER_PRIOR")]
+    pub router_prior: Option<PathBuf>,
     /// Router seed.
     #[arg(long, env = "FERRY_ROUTER_SEED")]
     pub router_seed: Option<u64>,
@@ -419,6 +437,10 @@ impl Cli {
         set(&mut c.router.v_per_joule, &self.router_v_per_joule);
         set(&mut c.router.c, &self.router_c);
         set(&mut c.router.seed, &self.router_seed);
+        set(&mut c.router.feedback_share, &self.router_feedback_share);
+        if self.router_prior.is_some() {
+            c.router.prior = self.router_prior.clone();
+        }
         set(&mut c.router.encoder, &self.router_encoder);
         set(
             &mut c.router.save_interval_ms,

@@ -159,10 +159,12 @@ struct ChatRequest {
     n: Option<u32>,
     logprobs: Option<bool>,
     tools: Option<Vec<Value>>,
-    /// ferry extensions: feedback id, dialogue grouping and task category for placement.
+    /// ferry extensions: feedback id, dialogue grouping and task category for placement, and
+    /// whether the app will send feedback (the router may then explore on this request).
     request_id: Option<String>,
     dialogue_id: Option<String>,
     task: Option<String>,
+    expect_feedback: Option<bool>,
 }
 
 /// Decodes a `data:<mime>;base64,<payload>` URL. Remote URLs are refused: ferryd does not fetch
@@ -273,6 +275,7 @@ fn to_proto(req: ChatRequest) -> Result<(pb::GenerateRequest, bool, bool), ApiEr
                 .unwrap_or_else(|| format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())),
             dialogue_id: req.dialogue_id.unwrap_or_default(),
             task: req.task.unwrap_or_default(),
+            expect_feedback: req.expect_feedback.unwrap_or(false),
         },
         req.stream,
         include_usage,

@@ -30,6 +30,8 @@
 //! | `ferry_router_satisfaction` | gauge | `tier` (satisfied / judged, once feedback arrived) |
 //! | `ferry_router_requests`, `ferry_router_explored` | gauge | `tier` |
 //! | `ferry_router_calls` | gauge | `tier`, `model` |
+//! | `ferry_router_debt` | gauge | `tier` (mixrank's SLA debt in requests; negative: surplus) |
+//! | `ferry_router_rate`, `ferry_router_rate_low`, `ferry_router_rate_high` | gauge | `tier`, `model` (mixrank) |
 //!
 //! The recorder is process-global: the first server in a process installs it; when another
 //! recorder is already installed (a test's debugging recorder), `/metrics` renders nothing and
@@ -73,9 +75,16 @@ pub fn refresh_gauges(state: &AppState) {
             metrics::gauge!("ferry_router_satisfaction", "tier" => tier.clone())
                 .set(s.satisfied as f64 / s.feedback as f64);
         }
-        for (model, calls) in s.zoo.iter().zip(&s.calls) {
+        metrics::gauge!("ferry_router_debt", "tier" => tier.clone()).set(s.debt);
+        for ((model, calls), est) in s.zoo.iter().zip(&s.calls).zip(&s.estimates) {
             metrics::gauge!("ferry_router_calls", "tier" => tier.clone(), "model" => model.clone())
                 .set(*calls as f64);
+            if let Some(e) = est {
+                let labels = [("tier", tier.clone()), ("model", model.clone())];
+                metrics::gauge!("ferry_router_rate", &labels).set(e.rate);
+                metrics::gauge!("ferry_router_rate_low", &labels).set(e.rate_low);
+                metrics::gauge!("ferry_router_rate_high", &labels).set(e.rate_high);
+            }
         }
     }
 }

@@ -1,15 +1,22 @@
-//! MESS+ for `model: "auto"`: picks which model of a tier's zoo answers each request, learns
-//! from the joules each model really cost and from the `Feedback` apps send, and keeps what it
-//! learned across restarts.
+//! The zoo router for `model: "auto"`: picks which model of a tier's zoo answers each request,
+//! learns from the cost each model really had (joules locally, the cloud's own unit there) and
+//! from the `Feedback` apps send, and keeps what it learned across restarts.
 //!
-//! The policy itself is `ferry_router::mess::MessPlus` (pure, seeded); this module owns what a
-//! daemon adds around it: the sentence encoder that turns the question into features, the
-//! requests waiting for feedback, the call-mix statistics for `Status`, and the state file.
+//! The policies are pure and seeded in `ferry_router`: `mixrank` (the default) or the paper's
+//! MESS+ (`mess-plus`, `mess-plus-fb`). This module owns what a daemon adds around them: the
+//! sentence encoder that turns the question into features, the requests waiting for feedback,
+//! the call-mix statistics for `Status`, and the state file.
 //!
-//! Live semantics (the paper replays labels it already has; a daemon learns them late or never):
-//! when a request finishes, the costs of the models that ran are booked and `Q` moves by the
-//! satisfaction the predictor expected; when feedback arrives, `Q_tracked` (which decisions use)
-//! moves by the real label and the predictor trains. A request without feedback moves only `Q`.
+//! Live semantics (a replay has labels already; a daemon learns them late or never):
+//! - mixrank: a request may try a model whose rate is still uncertain only when it can get
+//!   feedback, which the app says with `expect_feedback` (or `router.feedback_share` of the
+//!   other requests is assumed to). Costs are booked when the request finishes; the label, when
+//!   feedback arrives, moves the SLA debt and the model's rate. Without feedback nothing moves.
+//! - MESS+: when a request finishes, the costs of the models that ran are booked and `Q` moves
+//!   by the satisfaction the predictor expected; when feedback arrives, `Q_tracked` (which
+//!   decisions use) moves by the real label and the predictor trains. Its exploration runs the
+//!   whole zoo, whether or not feedback will come.
+//!
 //! Only the first feedback on a request teaches the policy; a replacement is recorded, not
 //! learned twice.
 //!
@@ -31,14 +38,16 @@ use serde::{Deserialize, Serialize};
 use ferry_core::{Error, Result};
 use ferry_engine::encoder::SentenceEncoder;
 use ferry_router::mess::{MessPlus, MessPlusConfig, MessPlusSnapshot};
+use ferry_router::mixrank::prior::DifficultyPrior;
+use ferry_router::mixrank::{MixRank, MixRankConfig, MixRankSnapshot, ModelEstimate, Ticket};
 use ferry_router::predictor::{MlpPredictor, MlpSnapshot, SgdConfig};
-use ferry_router::{Decision, ZooPolicy};
+use ferry_router::{Decision, RouteRequest, ZooPolicy};
 
 use crate::config::RouterConfig;
 use crate::records::unix_ms;
 
 /// Version of the state file layout; a file of another version is set aside.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 const STATE_FORMAT: &str = "ferry-router-state";
 
 /// Call mix and feedback counts since the state was created.
@@ -60,9 +69,44 @@ struct StateFile {
     zoo: Vec<String>,
     encoder: String,
     saved_unix_ms: u64,
+    /// The policy's learned state; which one matches `policy`.
+    #[serde(default)]
+    mess: Option<MessSaved>,
+    #[serde(default)]
+    mixrank: Option<MixRankSnapshot>,
+    /// Version of the difficulty prior the state was learned with (0: none).
+    #[serde(default)]
+    prior: String,
+    stats: RouterStats,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MessSaved {
     mess: MessPlusSnapshot,
     predictor: MlpSnapshot,
-    stats: RouterStats,
+}
+
+/// The policy a router runs.
+enum Live {
+    Mess(Box<MessPlus<MlpPredictor>>),
+    MixRank(Box<MixRank>),
+}
+
+impl Live {
+    fn family(policy: &str) -> &'static str {
+        if policy == "mixrank" {
+            "mixrank"
+        } else {
+            "mess-plus"
+        }
+    }
+
+    fn t(&self) -> u64 {
+        match self {
+            Live::Mess(m) => m.t(),
+            Live::MixRank(m) => m.t(),
+        }
+    }
 }
 
 /// A routed request: what the policy decided and why.
@@ -86,11 +130,13 @@ pub struct Routed {
 struct Pending {
     features: Arc<Vec<f32>>,
     decision: Decision,
+    /// What mixrank learns the label against.
+    ticket: Option<Ticket>,
     judged: bool,
 }
 
 struct Inner {
-    mess: MessPlus<MlpPredictor>,
+    policy: Live,
     stats: RouterStats,
     pending: HashMap<String, Pending>,
     order: VecDeque<String>,
@@ -103,9 +149,15 @@ pub struct RouterStatus {
     pub tier: String,
     pub policy: String,
     pub alpha: f64,
+    /// MESS+ only: cost weight and its two virtual queues.
     pub v: f64,
     pub q: f64,
     pub q_tracked: f64,
+    /// mixrank only: the SLA debt (requests; negative is surplus), each model's rate with its
+    /// 95 % interval, and the difficulty prior (`trained_on` list) in use.
+    pub debt: f64,
+    pub estimates: Vec<Option<ModelEstimate>>,
+    pub prior: Option<String>,
     pub requests: u64,
     pub explored: u64,
     pub exploration_probability: f64,
@@ -119,10 +171,12 @@ pub struct RouterStatus {
     pub saved_unix_ms: Option<u64>,
 }
 
-/// MESS+ over one tier's zoo, ordered by ascending cost (the last model is the most capable).
+/// A routing policy over one tier's zoo, ordered by ascending cost (the last model is the most
+/// capable).
 pub struct ZooRouter {
     tier: String,
     policy: String,
+    prior: Option<DifficultyPrior>,
     zoo: Vec<String>,
     encoder_id: String,
     encoder: Arc<SentenceEncoder>,
@@ -133,12 +187,27 @@ pub struct ZooRouter {
     inner: Mutex<Inner>,
 }
 
-fn fresh_policy(cfg: &RouterConfig, zoo: usize, dim: usize) -> Result<MessPlus<MlpPredictor>> {
+fn fresh_policy(
+    cfg: &RouterConfig,
+    zoo: usize,
+    dim: usize,
+    prior: Option<&DifficultyPrior>,
+) -> Result<Live> {
     let router_err = |e: ferry_router::RouterError| Error::invalid("router", e.to_string());
+    if cfg.policy == "mixrank" {
+        let policy = MixRank::new(
+            MixRankConfig::new(cfg.alpha, cfg.seed),
+            zoo,
+            dim,
+            prior.cloned(),
+        )
+        .map_err(router_err)?;
+        return Ok(Live::MixRank(Box::new(policy)));
+    }
     // Hidden width = input width, as in the MESS+ reference head.
     let predictor =
         MlpPredictor::new(dim, dim, zoo, SgdConfig::default(), cfg.seed).map_err(router_err)?;
-    MessPlus::new(
+    let mess = MessPlus::new(
         MessPlusConfig {
             alpha: cfg.alpha,
             v: cfg.v_per_joule,
@@ -149,7 +218,39 @@ fn fresh_policy(cfg: &RouterConfig, zoo: usize, dim: usize) -> Result<MessPlus<M
         zoo,
         predictor,
     )
-    .map_err(router_err)
+    .map_err(router_err)?;
+    Ok(Live::Mess(Box::new(mess)))
+}
+
+/// Reads `router.prior` for an encoder of `dim` dimensions named `encoder_id`.
+pub fn load_prior(path: &Path, encoder_id: &str, dim: usize) -> Result<DifficultyPrior> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading router.prior {}", path.display()), e))?;
+    let prior = DifficultyPrior::from_json(&text)
+        .map_err(|e| Error::invalid("router.prior", format!("{}: {e}", path.display())))?;
+    if prior.encoder != encoder_id || prior.dim != dim {
+        return Err(Error::invalid(
+            "router.prior",
+            format!(
+                "{} was trained on {} ({} dimensions); the router's encoder is {encoder_id} ({dim})",
+                path.display(),
+                prior.encoder,
+                prior.dim
+            ),
+        ));
+    }
+    Ok(prior)
+}
+
+fn prior_label(prior: Option<&DifficultyPrior>) -> String {
+    prior.map_or_else(String::new, |p| {
+        format!(
+            "{} v{} trained on {}",
+            p.format,
+            p.version,
+            p.trained_on.join(",")
+        )
+    })
 }
 
 /// Renames a state file out of the way; returns the new path.
@@ -182,19 +283,30 @@ impl ZooRouter {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
         let path = state_dir.join(format!("router-{tier}.json"));
-        let mut mess = fresh_policy(cfg, zoo.len(), encoder.dim())?;
+        let prior = match (&cfg.prior, cfg.policy.as_str()) {
+            (Some(p), "mixrank") => Some(load_prior(p, encoder_id, encoder.dim())?),
+            _ => None,
+        };
+        let mut policy = fresh_policy(cfg, zoo.len(), encoder.dim(), prior.as_ref())?;
         let mut stats = RouterStats {
             calls: vec![0; zoo.len()],
             ..RouterStats::default()
         };
         let mut saved_unix_ms = None;
         match std::fs::read(&path) {
-            Ok(bytes) => match Self::parse_state(&bytes, tier, &zoo, encoder_id, cfg, &mut mess) {
+            Ok(bytes) => match Self::parse_state(
+                &bytes,
+                tier,
+                &zoo,
+                encoder_id,
+                cfg,
+                &prior_label(prior.as_ref()),
+                &mut policy,
+            ) {
                 Ok((s, saved)) => {
                     tracing::info!(
                         path = %path.display(),
-                        requests = mess.t(),
-                        q_tracked = mess.q_tracked(),
+                        requests = policy.t(),
                         "router state restored"
                     );
                     stats = s;
@@ -208,7 +320,7 @@ impl ZooRouter {
                         reason = %why,
                         "router state not usable; learning restarts"
                     );
-                    mess = fresh_policy(cfg, zoo.len(), encoder.dim())?;
+                    policy = fresh_policy(cfg, zoo.len(), encoder.dim(), prior.as_ref())?;
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -217,6 +329,7 @@ impl ZooRouter {
         Ok(ZooRouter {
             tier: tier.to_string(),
             policy: cfg.policy.clone(),
+            prior,
             zoo,
             encoder_id: encoder_id.to_string(),
             encoder,
@@ -225,7 +338,7 @@ impl ZooRouter {
             max_pending: max_pending.max(1),
             dirty: AtomicBool::new(false),
             inner: Mutex::new(Inner {
-                mess,
+                policy,
                 stats,
                 pending: HashMap::new(),
                 order: VecDeque::new(),
@@ -241,7 +354,8 @@ impl ZooRouter {
         zoo: &[String],
         encoder_id: &str,
         cfg: &RouterConfig,
-        mess: &mut MessPlus<MlpPredictor>,
+        prior: &str,
+        policy: &mut Live,
     ) -> std::result::Result<(RouterStats, u64), (&'static str, String)> {
         let file: StateFile =
             serde_json::from_slice(bytes).map_err(|e| ("corrupt", e.to_string()))?;
@@ -263,17 +377,36 @@ impl ZooRouter {
                 ),
             ));
         }
+        if Live::family(&file.policy) != Live::family(&cfg.policy) || file.prior != prior {
+            return Err((
+                "stale",
+                format!(
+                    "learned by {} with prior [{}]; now {} with prior [{prior}]",
+                    file.policy, file.prior, cfg.policy
+                ),
+            ));
+        }
         if file.policy != cfg.policy {
             tracing::info!(saved = %file.policy, now = %cfg.policy, "router policy changed; keeping what was learned");
         }
         if file.stats.calls.len() != zoo.len() || file.stats.satisfied > file.stats.feedback {
             return Err(("corrupt", "call statistics do not fit the zoo".into()));
         }
-        mess.restore(&file.mess)
-            .map_err(|e| ("corrupt", e.to_string()))?;
-        mess.predictor_mut()
-            .restore(&file.predictor)
-            .map_err(|e| ("corrupt", e.to_string()))?;
+        let missing = || ("corrupt", format!("no state for policy {}", file.policy));
+        match policy {
+            Live::Mess(mess) => {
+                let saved = file.mess.as_ref().ok_or_else(missing)?;
+                mess.restore(&saved.mess)
+                    .map_err(|e| ("corrupt", e.to_string()))?;
+                mess.predictor_mut()
+                    .restore(&saved.predictor)
+                    .map_err(|e| ("corrupt", e.to_string()))?;
+            }
+            Live::MixRank(m) => {
+                let saved = file.mixrank.as_ref().ok_or_else(missing)?;
+                m.restore(saved).map_err(|e| ("corrupt", e.to_string()))?;
+            }
+        }
         Ok((file.stats, file.saved_unix_ms))
     }
 
@@ -284,36 +417,72 @@ impl ZooRouter {
 
     /// Chooses the model for a question (blocking: embeds the text on this thread). From here
     /// on the request waits for feedback, which may arrive before [`ZooRouter::finished`]
-    /// (an exploration step finishes only after the rest of the zoo ran).
-    pub fn route(&self, request_id: &str, question: &str) -> Result<Routed> {
+    /// (a MESS+ exploration step finishes only after the rest of the zoo ran).
+    /// `expect_feedback`: the app said it will send Feedback on this request.
+    pub fn route(&self, request_id: &str, question: &str, expect_feedback: bool) -> Result<Routed> {
         let started = Instant::now();
         let features = self
             .encoder
             .embed(&[question])?
             .pop()
             .ok_or_else(|| Error::Engine("the encoder returned no embedding".into()))?;
-        let mut inner = self.inner.lock().expect("router lock");
-        let p = inner.mess.exploration_probability();
-        let (decision, s_hat) = inner.mess.decide_scored(&features);
-        let q = inner.mess.q_tracked();
+        let mut guard = self.inner.lock().expect("router lock");
+        let inner = &mut *guard;
+        let (decision, predicted, ticket, reason) = match &mut inner.policy {
+            Live::Mess(mess) => {
+                let p = mess.exploration_probability();
+                let (decision, s_hat) = mess.decide_scored(&features);
+                let q = mess.q_tracked();
+                let served = decision.served(self.zoo.len());
+                let predicted = s_hat.get(served).copied();
+                let reason = match decision {
+                    Decision::Explore => format!(
+                        "{} explore (p={p:.3}): every {} model runs, the most capable serves",
+                        self.policy, self.tier
+                    ),
+                    Decision::Serve(_) => format!(
+                        "{} argmin V*E+Q*(alpha-s): predicted satisfaction {:.2}, Q {q:.2}, alpha {}",
+                        self.policy,
+                        predicted.unwrap_or(f64::NAN),
+                        self.cfg.alpha
+                    ),
+                };
+                (decision, predicted, None, reason)
+            }
+            Live::MixRank(m) => {
+                // A share of the requests that did not say so may still be explored: apps that
+                // send Feedback without setting expect_feedback.
+                let share = self.cfg.feedback_share;
+                let feedback_expected = expect_feedback
+                    || (share > 0.0 && share_coin(request_id, self.cfg.seed) < share);
+                let r = m.route(&RouteRequest {
+                    features: &features,
+                    task: None,
+                    feedback_expected,
+                });
+                let predicted = r.predicted.get(r.model).copied();
+                let why = if r.probe {
+                    "first run, to learn its cost".to_string()
+                } else if r.explored {
+                    "tried while its rate is uncertain".to_string()
+                } else {
+                    format!(
+                        "predicted satisfaction {:.2}",
+                        predicted.unwrap_or(f64::NAN)
+                    )
+                };
+                let reason = format!(
+                    "mixrank: {why}, SLA debt {:.1}, alpha {}",
+                    r.debt, self.cfg.alpha
+                );
+                (Decision::Serve(r.model), predicted, Some(r.ticket), reason)
+            }
+        };
         // The encoder already hands out a shared vector (also its cache entry): keep that.
-        self.remember(&mut inner, request_id, features.clone(), decision);
-        drop(inner);
+        self.remember(inner, request_id, features.clone(), decision, ticket);
+        drop(guard);
         self.dirty.store(true, Ordering::Release);
         let served = decision.served(self.zoo.len());
-        let predicted = s_hat.get(served).copied();
-        let reason = match decision {
-            Decision::Explore => format!(
-                "{} explore (p={p:.3}): every {} model runs, the most capable serves",
-                self.policy, self.tier
-            ),
-            Decision::Serve(_) => format!(
-                "{} argmin V*E+Q*(alpha-s): predicted satisfaction {:.2}, Q {q:.2}, alpha {}",
-                self.policy,
-                predicted.unwrap_or(f64::NAN),
-                self.cfg.alpha
-            ),
-        };
         Ok(Routed {
             decision,
             served,
@@ -329,8 +498,19 @@ impl ZooRouter {
     /// `Q`'s move by the predicted satisfaction, and the call.
     pub fn finished(&self, routed: &Routed, joules: &[Option<f64>]) {
         let mut inner = self.inner.lock().expect("router lock");
-        inner.mess.record_costs(joules);
-        inner.mess.record_unjudged(routed.predicted);
+        match &mut inner.policy {
+            Live::Mess(mess) => {
+                mess.record_costs(joules);
+                mess.record_unjudged(routed.predicted);
+            }
+            Live::MixRank(m) => {
+                for (model, cost) in joules.iter().enumerate() {
+                    if let Some(c) = cost {
+                        m.record_cost(model, *c);
+                    }
+                }
+            }
+        }
         if let Some(c) = inner.stats.calls.get_mut(routed.served) {
             *c += 1;
         }
@@ -344,10 +524,12 @@ impl ZooRouter {
         request_id: &str,
         features: Arc<Vec<f32>>,
         decision: Decision,
+        ticket: Option<Ticket>,
     ) {
         let fresh = Pending {
             features,
             decision,
+            ticket,
             judged: false,
         };
         if inner
@@ -376,8 +558,14 @@ impl ZooRouter {
             return false;
         }
         p.judged = true;
-        let (features, decision) = (p.features.clone(), p.decision);
-        inner.mess.record_feedback(&features, decision, satisfied);
+        match &mut inner.policy {
+            Live::Mess(mess) => mess.record_feedback(&p.features, p.decision, satisfied),
+            Live::MixRank(m) => {
+                if let Some(t) = &p.ticket {
+                    m.record_feedback(t, satisfied);
+                }
+            }
+        }
         inner.stats.feedback += 1;
         inner.stats.satisfied += u64::from(satisfied);
         drop(guard);
@@ -397,30 +585,53 @@ impl ZooRouter {
     /// What `Status` shows.
     pub fn status(&self) -> RouterStatus {
         let inner = self.inner.lock().expect("router lock");
-        let snap = inner.mess.snapshot();
-        RouterStatus {
+        let n = self.zoo.len();
+        let mut st = RouterStatus {
             tier: self.tier.clone(),
-            policy: inner.mess.name(),
+            policy: self.policy.clone(),
             alpha: self.cfg.alpha,
-            v: self.cfg.v_per_joule,
-            q: inner.mess.q(),
-            q_tracked: inner.mess.q_tracked(),
-            requests: inner.mess.t(),
-            explored: inner.mess.explored(),
-            exploration_probability: inner.mess.exploration_probability(),
+            v: 0.0,
+            q: 0.0,
+            q_tracked: 0.0,
+            debt: 0.0,
+            estimates: vec![None; n],
+            prior: self.prior.as_ref().map(|p| prior_label(Some(p))),
+            requests: inner.policy.t(),
+            explored: 0,
+            exploration_probability: 0.0,
             zoo: self.zoo.clone(),
             calls: inner.stats.calls.clone(),
-            mean_cost_joules: snap
-                .cost_sum
-                .iter()
-                .zip(&snap.cost_n)
-                .map(|(s, &n)| (n > 0).then(|| s / n as f64))
-                .collect(),
+            mean_cost_joules: vec![None; n],
             feedback: inner.stats.feedback,
             satisfied: inner.stats.satisfied,
             state_file: self.path.clone(),
             saved_unix_ms: inner.saved_unix_ms,
+        };
+        match &inner.policy {
+            Live::Mess(mess) => {
+                let snap = mess.snapshot();
+                st.policy = mess.name();
+                st.v = self.cfg.v_per_joule;
+                st.q = mess.q();
+                st.q_tracked = mess.q_tracked();
+                st.explored = mess.explored();
+                st.exploration_probability = mess.exploration_probability();
+                st.mean_cost_joules = snap
+                    .cost_sum
+                    .iter()
+                    .zip(&snap.cost_n)
+                    .map(|(s, &n)| (n > 0).then(|| s / n as f64))
+                    .collect();
+            }
+            Live::MixRank(m) => {
+                let est = m.estimates();
+                st.debt = m.debt();
+                st.explored = m.explored();
+                st.mean_cost_joules = est.iter().map(|e| e.cost).collect();
+                st.estimates = est.into_iter().map(Some).collect();
+            }
         }
+        st
     }
 
     /// Saves when something changed since the last save; true if it wrote. Called once per
@@ -450,12 +661,21 @@ impl ZooRouter {
                 zoo: self.zoo.clone(),
                 encoder: self.encoder_id.clone(),
                 saved_unix_ms,
-                mess: inner.mess.snapshot(),
-                predictor: inner
-                    .mess
-                    .predictor()
-                    .snapshot()
-                    .map_err(|e| Error::Engine(e.to_string()))?,
+                mess: match &inner.policy {
+                    Live::Mess(mess) => Some(MessSaved {
+                        mess: mess.snapshot(),
+                        predictor: mess
+                            .predictor()
+                            .snapshot()
+                            .map_err(|e| Error::Engine(e.to_string()))?,
+                    }),
+                    Live::MixRank(_) => None,
+                },
+                mixrank: match &inner.policy {
+                    Live::MixRank(m) => Some(m.snapshot()),
+                    Live::Mess(_) => None,
+                },
+                prior: prior_label(self.prior.as_ref()),
                 stats: inner.stats.clone(),
             };
             serde_json::to_vec(&file).map_err(|e| Error::Engine(format!("router state: {e}")))?
@@ -474,6 +694,18 @@ impl ZooRouter {
         }
         result
     }
+}
+
+/// A uniform number in [0, 1) fixed by the request id and the seed: the same request is in or
+/// out of `router.feedback_share` however often it is retried.
+fn share_coin(request_id: &str, seed: u64) -> f64 {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in request_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Replaces `path` with `bytes` so that a crash at any point leaves either the old or the new

@@ -179,10 +179,12 @@ pub(crate) async fn prepare_local(
             let router = router.clone();
             let text = question(req);
             let id = request_id.to_string();
-            let routed = tokio::task::spawn_blocking(move || router.route(&id, &text))
-                .await
-                .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
-                .and_then(|r| r)?;
+            let expect_feedback = req.expect_feedback;
+            let routed =
+                tokio::task::spawn_blocking(move || router.route(&id, &text, expect_feedback))
+                    .await
+                    .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
+                    .and_then(|r| r)?;
             let model = state.resolve_model(Some(&routed.model))?;
             (model, Some(routed))
         }
@@ -605,12 +607,19 @@ impl Inference for InferenceService {
                         .iter()
                         .zip(&s.calls)
                         .zip(&s.mean_cost_joules)
-                        .map(|((model, &calls), &mean_joules)| pb::ModelCalls {
+                        .zip(&s.estimates)
+                        .map(|(((model, &calls), &mean_joules), est)| pb::ModelCalls {
                             model: model.clone(),
                             calls,
                             mean_joules,
+                            rate: est.as_ref().map(|e| e.rate),
+                            rate_low: est.as_ref().map(|e| e.rate_low),
+                            rate_high: est.as_ref().map(|e| e.rate_high),
+                            labels: est.as_ref().map_or(0, |e| e.labels),
                         })
                         .collect(),
+                    debt: s.debt,
+                    prior: s.prior.unwrap_or_default(),
                     feedback: s.feedback,
                     satisfied: s.satisfied,
                     state_file: s.state_file.display().to_string(),

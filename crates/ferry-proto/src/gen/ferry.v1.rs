@@ -74,6 +74,11 @@ pub struct GenerateRequest {
     /// "Query"); empty uses the daemon's placement.default_task.
     #[prost(string, tag = "11")]
     pub task: ::prost::alloc::string::String,
+    /// The app will send Feedback on this request: the router (mixrank) may use it to try a
+    /// model whose satisfaction rate it is still learning. Requests that will get no feedback are
+    /// never used to explore.
+    #[prost(bool, tag = "12")]
+    pub expect_feedback: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -236,26 +241,37 @@ pub struct ModelCalls {
     /// Requests this model served.
     #[prost(uint64, tag = "2")]
     pub calls: u64,
-    /// Mean measured energy of one run of this model; unset before its first run.
+    /// Mean measured cost of one run of this model (joules locally; the cloud tier's own unit
+    /// there); unset before its first run.
     #[prost(double, optional, tag = "3")]
     pub mean_joules: ::core::option::Option<f64>,
+    /// mixrank: the model's satisfaction rate over the recent requests and its 95 % interval
+    /// (unset under MESS+), and the feedback labels it learned from.
+    #[prost(double, optional, tag = "4")]
+    pub rate: ::core::option::Option<f64>,
+    #[prost(double, optional, tag = "5")]
+    pub rate_low: ::core::option::Option<f64>,
+    #[prost(double, optional, tag = "6")]
+    pub rate_high: ::core::option::Option<f64>,
+    #[prost(uint64, tag = "7")]
+    pub labels: u64,
 }
-/// A MESS+ router over one tier's zoo.
+/// A router over one tier's zoo.
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RouterStatus {
     #[prost(enumeration = "Tier", tag = "1")]
     pub tier: i32,
-    /// "mess-plus" or "mess-plus-fb".
+    /// "mixrank", "mess-plus" or "mess-plus-fb".
     #[prost(string, tag = "2")]
     pub policy: ::prost::alloc::string::String,
     /// SLA target: fraction of judged requests that must be satisfied.
     #[prost(double, tag = "3")]
     pub alpha: f64,
-    /// Cost weight V per joule.
+    /// MESS+: cost weight V per joule.
     #[prost(double, tag = "4")]
     pub v_per_joule: f64,
-    /// Virtual queue moved on every request, and the one moved by feedback (decisions use it).
+    /// MESS+: virtual queue moved on every request, and the one moved by feedback (decisions use it).
     #[prost(double, tag = "5")]
     pub q: f64,
     #[prost(double, tag = "6")]
@@ -281,6 +297,12 @@ pub struct RouterStatus {
     pub state_file: ::prost::alloc::string::String,
     #[prost(uint64, tag = "14")]
     pub saved_unix_ms: u64,
+    /// mixrank: SLA debt in requests (negative: surplus) and the difficulty prior in use (empty:
+    /// none).
+    #[prost(double, tag = "15")]
+    pub debt: f64,
+    #[prost(string, tag = "16")]
+    pub prior: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
