@@ -19,17 +19,14 @@ fn mess_data(benchmark: &str) -> PathBuf {
     p
 }
 
-#[test]
-fn seeded_mess_plus_replay_is_fixed_and_repeatable() {
+/// The authors' MMLU abstract-algebra stream (100 requests) with its question embeddings.
+fn abstract_algebra() -> (Dataset, Vec<std::sync::Arc<Vec<f32>>>, usize) {
     let data = Dataset::load(
         &mess_data("mmlu_abstract_algebra"),
         None,
         "energy_consumption",
     )
     .unwrap();
-    assert_eq!(data.models, ["small", "medium", "large"]);
-    assert_eq!(data.records.len(), 100);
-    assert_eq!(data.duplicates, 0);
     let manifest = ModelManifest::load(&repo_root().join("models/all-minilm-l6-v2.toml")).unwrap();
     let enc = ferry_engine::encoder::SentenceEncoder::load(
         &manifest,
@@ -39,6 +36,15 @@ fn seeded_mess_plus_replay_is_fixed_and_repeatable() {
     .unwrap();
     let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
     let features = enc.embed(&texts).unwrap();
+    (data, features, enc.dim())
+}
+
+#[test]
+fn seeded_mess_plus_replay_is_fixed_and_repeatable() {
+    let (data, features, dim) = abstract_algebra();
+    assert_eq!(data.models, ["small", "medium", "large"]);
+    assert_eq!(data.records.len(), 100);
+    assert_eq!(data.duplicates, 0);
     let opts = ReplayOptions {
         alpha: 0.35,
         v: data.default_v(),
@@ -47,8 +53,8 @@ fn seeded_mess_plus_replay_is_fixed_and_repeatable() {
         policy: PolicyKind::MessPlus,
         prior: None,
     };
-    let (a, _, _) = replay(&data, &features, enc.dim(), &opts).unwrap();
-    let (b, _, _) = replay(&data, &features, enc.dim(), &opts).unwrap();
+    let (a, _, _) = replay(&data, &features, dim, &opts).unwrap();
+    let (b, _, _) = replay(&data, &features, dim, &opts).unwrap();
     assert_eq!(
         serde_json::to_string(&a).unwrap(),
         serde_json::to_string(&b).unwrap()
@@ -78,21 +84,7 @@ const PINNED: &str = "0.415000 128319.059 0.2050";
 /// for every model, and cheaper than always serving the largest model.
 #[test]
 fn seeded_mixrank_replay_is_fixed_and_reports_calibration() {
-    let data = Dataset::load(
-        &mess_data("mmlu_abstract_algebra"),
-        None,
-        "energy_consumption",
-    )
-    .unwrap();
-    let manifest = ModelManifest::load(&repo_root().join("models/all-minilm-l6-v2.toml")).unwrap();
-    let enc = ferry_engine::encoder::SentenceEncoder::load(
-        &manifest,
-        &model_dir(),
-        &ferry_engine::Device::Cpu,
-    )
-    .unwrap();
-    let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
-    let features = enc.embed(&texts).unwrap();
+    let (data, features, dim) = abstract_algebra();
     let opts = ReplayOptions {
         alpha: 0.35,
         v: data.default_v(),
@@ -101,8 +93,8 @@ fn seeded_mixrank_replay_is_fixed_and_reports_calibration() {
         policy: PolicyKind::MixRank,
         prior: None,
     };
-    let (a, _, _) = replay(&data, &features, enc.dim(), &opts).unwrap();
-    let (b, _, _) = replay(&data, &features, enc.dim(), &opts).unwrap();
+    let (a, _, _) = replay(&data, &features, dim, &opts).unwrap();
+    let (b, _, _) = replay(&data, &features, dim, &opts).unwrap();
     assert_eq!(
         serde_json::to_string(&a).unwrap(),
         serde_json::to_string(&b).unwrap()
