@@ -326,4 +326,14 @@ async fn mixrank_loads_a_difficulty_prior_and_refuses_one_for_another_encoder() 
         ferry_edge::router::load_prior(cfg.router.prior.as_ref().unwrap(), "all-minilm-l6-v2", 384)
             .unwrap_err();
     assert!(err.to_string().contains("some-other-encoder"), "{err}");
+    // The shipped prior loads for the default encoder and says what trained it.
+    let shipped = ferry_edge::router::load_prior(
+        &ferry_integration::repo_root().join("models/priors/difficulty-minilm-v1.json"),
+        "all-minilm-l6-v2",
+        384,
+    )
+    .unwrap();
+    assert!(shipped.trained_on.iter().any(|b| b == "mess-llama/arc_easy"));
+    assert!(shipped.heldout_logloss <= shipped.heldout_logloss_without);
+    assert!(shipped.command.starts_with("ferry router train-prior"));
 }
