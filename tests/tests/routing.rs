@@ -333,7 +333,10 @@ async fn mixrank_loads_a_difficulty_prior_and_refuses_one_for_another_encoder() 
         384,
     )
     .unwrap();
-    assert!(shipped.trained_on.iter().any(|b| b == "mess-llama/arc_easy"));
+    assert!(shipped
+        .trained_on
+        .iter()
+        .any(|b| b == "mess-llama/arc_easy"));
     assert!(shipped.heldout_logloss <= shipped.heldout_logloss_without);
     assert!(shipped.command.starts_with("ferry router train-prior"));
 }
