@@ -770,8 +770,23 @@ async fn cloud_killed_mid_stream_over_http_ends_the_sse_with_an_error_and_the_ac
     wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
     let http = t.server.http_addr.unwrap();
     let pid = cloud.0.id();
-    // Kill once the answer is under way (first token ~0.1-0.5 s; 400 tokens take many seconds).
+    // Kill once the answer is under way: the offload is in flight, then 1.5 s more (first token
+    // ~0.1-0.5 s on an idle machine; 400 tokens take many seconds). Waiting for the offload to
+    // start, not a fixed time from the request, keeps a loaded CI machine from killing the
+    // cloud before its first token (which falls back to local instead).
+    let mut watcher = t.client.clone();
     let killer = tokio::spawn(async move {
+        for _ in 0..600 {
+            let s = watcher
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if s.cloud_endpoints.iter().any(|e| e.in_flight > 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     });
