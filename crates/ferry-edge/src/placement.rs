@@ -1,5 +1,5 @@
 //! TMO placement in ferryd: for each request, a trained policy (`ferry policy train`) decides
-//! whether it runs locally or in the cloud and which images go with it; MESS+ then picks the
+//! whether it runs locally or in the cloud and which images go with it; the router then picks the
 //! model within the chosen tier.
 //!
 //! The policy sees the live dialogue as it saw the simulated one (`ferry_router::tmo`'s

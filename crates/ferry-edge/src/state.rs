@@ -216,7 +216,7 @@ impl AppState {
             &self.config.state.dir,
             self.config.state.max_records,
         )?;
-        tracing::info!(zoo = ?router.zoo(), policy = %cfg.policy, alpha = cfg.alpha, "MESS+ routes model auto");
+        tracing::info!(zoo = ?router.zoo(), policy = %cfg.policy, alpha = cfg.alpha, "the router routes model auto");
         Ok(router)
     }
 
@@ -277,7 +277,7 @@ impl AppState {
             &self.config.state.dir,
             self.config.state.max_records,
         )?);
-        tracing::info!(zoo = ?router.zoo(), "MESS+ routes auto requests placed in the cloud");
+        tracing::info!(zoo = ?router.zoo(), "the router routes auto requests placed in the cloud");
         *slot = Some(router.clone());
         Ok(Some(router))
     }
