@@ -39,28 +39,41 @@ fn abstract_algebra() -> (Dataset, Vec<std::sync::Arc<Vec<f32>>>, usize) {
     (data, features, enc.dim())
 }
 
-#[test]
-fn seeded_mess_plus_replay_is_fixed_and_repeatable() {
-    let (data, features, dim) = abstract_algebra();
-    assert_eq!(data.models, ["small", "medium", "large"]);
-    assert_eq!(data.records.len(), 100);
-    assert_eq!(data.duplicates, 0);
+/// Replays `policy` at alpha 0.35, seeds 42 and 43, twice: the two reports must be identical
+/// and the call mix a distribution. Returns the report.
+fn replay_twice(
+    data: &Dataset,
+    features: &[std::sync::Arc<Vec<f32>>],
+    dim: usize,
+    policy: PolicyKind,
+    c: f64,
+) -> ferry_cli::replay::Report {
     let opts = ReplayOptions {
         alpha: 0.35,
         v: data.default_v(),
-        c: 0.5,
+        c,
         seeds: vec![42, 43],
-        policy: PolicyKind::MessPlus,
+        policy,
         prior: None,
     };
-    let (a, _, _) = replay(&data, &features, dim, &opts).unwrap();
-    let (b, _, _) = replay(&data, &features, dim, &opts).unwrap();
+    let (a, _, _) = replay(data, features, dim, &opts).unwrap();
+    let (b, _, _) = replay(data, features, dim, &opts).unwrap();
     assert_eq!(
         serde_json::to_string(&a).unwrap(),
         serde_json::to_string(&b).unwrap()
     );
     let calls: f64 = a.calls.values().sum();
     assert!((calls - 1.0).abs() < 1e-9);
+    a
+}
+
+#[test]
+fn seeded_mess_plus_replay_is_fixed_and_repeatable() {
+    let (data, features, dim) = abstract_algebra();
+    assert_eq!(data.models, ["small", "medium", "large"]);
+    assert_eq!(data.records.len(), 100);
+    assert_eq!(data.duplicates, 0);
+    let a = replay_twice(&data, &features, dim, PolicyKind::MessPlus, 0.5);
     // Baselines are exact functions of the data.
     let large = &a.baselines["always:large"];
     let small = &a.baselines["always:small"];
@@ -85,23 +98,8 @@ const PINNED: &str = "0.415000 128319.059 0.2050";
 #[test]
 fn seeded_mixrank_replay_is_fixed_and_reports_calibration() {
     let (data, features, dim) = abstract_algebra();
-    let opts = ReplayOptions {
-        alpha: 0.35,
-        v: data.default_v(),
-        c: 0.1,
-        seeds: vec![42, 43],
-        policy: PolicyKind::MixRank,
-        prior: None,
-    };
-    let (a, _, _) = replay(&data, &features, dim, &opts).unwrap();
-    let (b, _, _) = replay(&data, &features, dim, &opts).unwrap();
-    assert_eq!(
-        serde_json::to_string(&a).unwrap(),
-        serde_json::to_string(&b).unwrap()
-    );
+    let a = replay_twice(&data, &features, dim, PolicyKind::MixRank, 0.1);
     assert_eq!(a.policy, "mixrank");
-    let calls: f64 = a.calls.values().sum();
-    assert!((calls - 1.0).abs() < 1e-9);
     assert_eq!(a.calibration.len(), 3);
     for c in &a.calibration {
         assert!(

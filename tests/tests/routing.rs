@@ -323,14 +323,13 @@ async fn mixrank_loads_a_difficulty_prior_and_refuses_one_for_another_encoder() 
     mixrank(&mut cfg, dir.path());
     cfg.router.prior = Some(bad);
     let err =
-        ferry_edge::router::load_prior(cfg.router.prior.as_ref().unwrap(), "all-minilm-l6-v2", 384)
+        ferry_edge::router::load_prior(cfg.router.prior.as_ref().unwrap(), "all-minilm-l6-v2")
             .unwrap_err();
     assert!(err.to_string().contains("some-other-encoder"), "{err}");
     // The shipped prior loads for the default encoder and says what trained it.
     let shipped = ferry_edge::router::load_prior(
         &ferry_integration::repo_root().join("models/priors/difficulty-minilm-v1.json"),
         "all-minilm-l6-v2",
-        384,
     )
     .unwrap();
     assert!(shipped

@@ -30,22 +30,11 @@ pub fn family(name: &str) -> String {
 pub fn load(path: &Path, encoder: &str) -> Result<DifficultyPrior> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    let p = DifficultyPrior::from_json(&text).map_err(|e| Error::InvalidFile {
+    DifficultyPrior::from_json_for(&text, encoder).map_err(|e| Error::InvalidFile {
         what: "difficulty prior",
         path: path.to_path_buf(),
         reason: e.to_string(),
-    })?;
-    if p.encoder != encoder {
-        return Err(Error::InvalidFile {
-            what: "difficulty prior",
-            path: path.to_path_buf(),
-            reason: format!(
-                "trained on `{}` embeddings, the router uses `{encoder}`",
-                p.encoder
-            ),
-        });
-    }
-    Ok(p)
+    })
 }
 
 /// Refuses a prior that saw any of `benchmarks` (by family): a prior must never have seen the

@@ -222,24 +222,12 @@ fn fresh_policy(
     Ok(Live::Mess(Box::new(mess)))
 }
 
-/// Reads `router.prior` for an encoder of `dim` dimensions named `encoder_id`.
-pub fn load_prior(path: &Path, encoder_id: &str, dim: usize) -> Result<DifficultyPrior> {
+/// Reads `router.prior` for the router's encoder `encoder_id`.
+pub fn load_prior(path: &Path, encoder_id: &str) -> Result<DifficultyPrior> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("reading router.prior {}", path.display()), e))?;
-    let prior = DifficultyPrior::from_json(&text)
-        .map_err(|e| Error::invalid("router.prior", format!("{}: {e}", path.display())))?;
-    if prior.encoder != encoder_id || prior.dim != dim {
-        return Err(Error::invalid(
-            "router.prior",
-            format!(
-                "{} was trained on {} ({} dimensions); the router's encoder is {encoder_id} ({dim})",
-                path.display(),
-                prior.encoder,
-                prior.dim
-            ),
-        ));
-    }
-    Ok(prior)
+    DifficultyPrior::from_json_for(&text, encoder_id)
+        .map_err(|e| Error::invalid("router.prior", format!("{}: {e}", path.display())))
 }
 
 fn prior_label(prior: Option<&DifficultyPrior>) -> String {
@@ -284,7 +272,7 @@ impl ZooRouter {
             .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
         let path = state_dir.join(format!("router-{tier}.json"));
         let prior = match (&cfg.prior, cfg.policy.as_str()) {
-            (Some(p), "mixrank") => Some(load_prior(p, encoder_id, encoder.dim())?),
+            (Some(p), "mixrank") => Some(load_prior(p, encoder_id)?),
             _ => None,
         };
         let mut policy = fresh_policy(cfg, zoo.len(), encoder.dim(), prior.as_ref())?;

@@ -476,7 +476,12 @@ impl MixRank {
             by_task
         };
         let optimistic = table(z);
-        let honest = table(0.0);
+        // Without exploration both tables are the same: build it once.
+        let honest = if z > 0.0 {
+            table(0.0)
+        } else {
+            optimistic.clone()
+        };
         let rows: Vec<Vec<f64>> = self
             .reference
             .iter()

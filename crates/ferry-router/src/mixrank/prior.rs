@@ -80,6 +80,20 @@ impl DifficultyPrior {
         Ok(p)
     }
 
+    /// Parses a prior file's text for a router whose questions are embedded by `encoder`; a
+    /// prior trained on another encoder's embeddings is refused (the dimension is checked by
+    /// [`super::MixRank::new`]).
+    pub fn from_json_for(text: &str, encoder: &str) -> Result<Self, RouterError> {
+        let p = Self::from_json(text)?;
+        if p.encoder != encoder {
+            return Err(RouterError::Invalid(format!(
+                "difficulty prior trained on `{}` embeddings, the router uses `{encoder}`",
+                p.encoder
+            )));
+        }
+        Ok(p)
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a prior serialises")
     }
