@@ -232,6 +232,20 @@ pub async fn http_with_headers(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> HttpResponse {
+    http_watched(addr, method, path, headers, body, |_| {}).await
+}
+
+/// [`http_with_headers`] that shows `watch` the raw response read so far after every read, so a
+/// test can act at a point of the stream (e.g. kill a peer once content has arrived) instead of
+/// after a fixed sleep that assumes a fast machine.
+pub async fn http_watched(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    mut watch: impl FnMut(&str),
+) -> HttpResponse {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = body.unwrap_or("");
@@ -245,7 +259,15 @@ pub async fn http_with_headers(
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        watch(&String::from_utf8_lossy(&raw));
+    }
     let text = String::from_utf8(raw).expect("UTF-8 response");
     let (head, rest) = text.split_once("\r\n\r\n").expect("header end");
     let mut lines = head.lines();

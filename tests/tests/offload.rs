@@ -770,26 +770,6 @@ async fn cloud_killed_mid_stream_over_http_ends_the_sse_with_an_error_and_the_ac
     wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
     let http = t.server.http_addr.unwrap();
     let pid = cloud.0.id();
-    // Kill once the answer is under way: the offload is in flight, then 1.5 s more (first token
-    // ~0.1-0.5 s on an idle machine; 400 tokens take many seconds). Waiting for the offload to
-    // start, not a fixed time from the request, keeps a loaded CI machine from killing the
-    // cloud before its first token (which falls back to local instead).
-    let mut watcher = t.client.clone();
-    let killer = tokio::spawn(async move {
-        for _ in 0..600 {
-            let s = watcher
-                .status(pb::StatusRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            if s.cloud_endpoints.iter().any(|e| e.in_flight > 0) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
     let body = serde_json::json!({
         "model": CLOUD_MODEL,
         "stream": true,
@@ -798,8 +778,25 @@ async fn cloud_killed_mid_stream_over_http_ends_the_sse_with_an_error_and_the_ac
         "messages": [{"role": "user", "content": LONG}],
     })
     .to_string();
-    let r = ferry_integration::http(http, "POST", "/v1/chat/completions", Some(&body)).await;
-    killer.await.unwrap();
+    // Kill once a few content chunks have reached the app: the answer is under way from the
+    // cloud, whatever the machine's speed (a fixed delay killed a slow CI machine's cloud before
+    // its first token, which falls back to local instead).
+    let mut killed = false;
+    let r = ferry_integration::http_watched(
+        http,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(&body),
+        |raw| {
+            if !killed && raw.matches("\"content\":\"").count() >= 5 {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                killed = true;
+            }
+        },
+    )
+    .await;
+    assert!(killed, "the answer ended before the cloud could be killed");
     drop(cloud);
     assert_eq!(r.status, 200, "{}", r.body);
     let events: Vec<&str> = r
