@@ -179,6 +179,40 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A prompt the bundled models answer at length (hundreds of tokens at temperature 0): keeps a
+/// stream in flight long enough to act on it mid-way, on any machine.
+pub const LONG_PROMPT: &str =
+    "Count from 1 to 500, writing every number in words, separated by commas.";
+
+/// Polls a gRPC health service (`service`, "" for the whole server) at `addr` until it reports
+/// NOT_SERVING, for at most 60 s. The drain sets this first, so it is how a test knows the
+/// server has started draining without sleeping. Panics when the server cannot be reached.
+pub async fn wait_not_serving(addr: &str, service: &str) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = tonic::transport::Channel::from_shared(addr.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{addr} cannot be reached while draining: {e}"));
+    let mut health = HealthClient::new(channel);
+    for _ in 0..6_000 {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {addr} while draining: {e}"))
+            .into_inner()
+            .status;
+        if status == ServingStatus::NotServing as i32 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{addr} never reported NOT_SERVING");
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

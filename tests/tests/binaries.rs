@@ -27,6 +27,9 @@ fn start_ferryd(port: u16, state: &std::path::Path) -> Daemon {
         .arg(state)
         .env("FERRY_MODEL_DIR", model_dir())
         .env("FERRY_MAX_QUEUE", "4")
+        // A drain ends when nothing is in flight; a long grace only keeps a slow machine's
+        // in-flight stream from being cut.
+        .env("FERRY_SHUTDOWN_GRACE_S", "600")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -102,10 +105,14 @@ async fn ferry_chat_streams_from_ferryd_and_sigterm_drains() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["loaded"], true);
 
-    // SIGTERM while a stream is in flight: the stream still completes and ferryd exits 0.
-    let mut c = client(&format!("http://{addr}")).await;
+    // SIGTERM once a long stream has sent its first delta: the drain starts (health
+    // NOT_SERVING), a request arriving now is refused at once, and the stream still completes
+    // within the grace (600 s here, so a slow machine cannot turn it into a failure); every
+    // step waits for an event, never for a fixed time.
+    let url = format!("http://{addr}");
+    let mut c = client(&url).await;
     let mut stream = c
-        .generate(greedy("Tell me about ferries.", 30))
+        .generate(greedy(ferry_integration::LONG_PROMPT, 200))
         .await
         .unwrap()
         .into_inner();
@@ -116,13 +123,23 @@ async fn ferry_chat_streams_from_ferryd_and_sigterm_drains() {
         .status()
         .unwrap()
         .success());
-    let mut completed = false;
+    ferry_integration::wait_not_serving(&url, "").await;
+    let late = c
+        .generate(greedy("Hello.", 4))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(late.code(), tonic::Code::Unavailable, "{late:?}");
+    assert!(late.message().contains("shutting down"), "{late:?}");
+    let mut completion = None;
     while let Some(item) = stream.next().await {
-        if let Some(pb::generate_response::Event::Completion(_)) = item.unwrap().event {
-            completed = true;
+        if let Some(pb::generate_response::Event::Completion(done)) = item.unwrap().event {
+            completion = Some(done);
         }
     }
-    assert!(completed, "in-flight stream finished after SIGTERM");
+    let done = completion.expect("the in-flight stream finished after SIGTERM");
+    // It was still generating when the late request was refused: the drain waited for it.
+    assert!(done.usage.unwrap().completion_tokens > 20, "{done:?}");
     let status = tokio::task::spawn_blocking(move || {
         let s = daemon.0.wait().unwrap();
         std::mem::forget(daemon);

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use ferry_cloud::{BackendKind, CloudConfig, CloudServer, ModelConfig};
-use ferry_integration::{free_port, model_dir, repo_root, TestServer, DEFAULT_MODEL};
+use ferry_integration::{free_port, model_dir, repo_root, TestServer, DEFAULT_MODEL, LONG_PROMPT};
 use ferry_proto::v1 as pb;
 use futures::StreamExt;
 use pb::offload_client::OffloadClient;
@@ -436,7 +436,7 @@ async fn ferry_cloud_binary_serves_the_sample_config_and_drains_on_sigterm() {
             .args(["--config", "configs/cloud.toml"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("FERRY_CLOUD_MODEL_DIR", model_dir())
-            .env("FERRY_CLOUD_SHUTDOWN_GRACE_S", "20")
+            .env("FERRY_CLOUD_SHUTDOWN_GRACE_S", "600")
             .env("FERRY_CLOUD_HTTP_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -478,14 +478,12 @@ async fn ferry_cloud_binary_serves_the_sample_config_and_drains_on_sigterm() {
         "the sample zoo"
     );
 
-    // SIGTERM while a stream is in flight: it still completes, and the process exits 0.
+    // SIGTERM once a long stream has sent its first delta: the drain starts (health
+    // NOT_SERVING), a request arriving now is refused at once, and the stream still completes,
+    // however slow the machine: the grace (600 s here) bounds the drain, not the test's pace,
+    // and every step waits for an event, never for a fixed time.
     let mut stream = client
-        .generate(request(
-            "bin-1",
-            SAMPLE_CLOUD_MODEL,
-            "Tell me about ferries.",
-            30,
-        ))
+        .generate(request("bin-1", SAMPLE_CLOUD_MODEL, LONG_PROMPT, 200))
         .await
         .unwrap()
         .into_inner();
@@ -500,14 +498,28 @@ async fn ferry_cloud_binary_serves_the_sample_config_and_drains_on_sigterm() {
         .status()
         .unwrap()
         .success());
-    let mut completed = false;
+    ferry_integration::wait_not_serving(&addr, "ferry.v1.Offload").await;
+    let late = client
+        .generate(request("bin-2", SAMPLE_CLOUD_MODEL, "Hello.", 4))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(late.code(), tonic::Code::Unavailable, "{late:?}");
+    assert!(late.message().contains("shutting down"), "{late:?}");
+    let mut deltas = 1u32;
+    let mut completion = None;
     while let Some(item) = stream.next().await {
-        if let Some(pb::offload_response::Event::Completion(c)) = item.unwrap().event {
-            assert_eq!(c.request_id, "bin-1");
-            completed = true;
+        match item.unwrap().event {
+            Some(pb::offload_response::Event::Delta(_)) => deltas += 1,
+            Some(pb::offload_response::Event::Completion(c)) => completion = Some(c),
+            None => {}
         }
     }
-    assert!(completed, "in-flight stream finished after SIGTERM");
+    let c = completion.expect("the in-flight stream finished after SIGTERM");
+    assert_eq!(c.request_id, "bin-1");
+    // It was still generating when the late request was refused: the drain waited for it.
+    assert!(c.usage.unwrap().completion_tokens > 20, "{c:?}");
+    assert!(deltas > 1);
     let status = tokio::task::spawn_blocking(move || {
         let s = child.0.wait().unwrap();
         std::mem::forget(child);

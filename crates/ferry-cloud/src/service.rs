@@ -179,16 +179,16 @@ impl CloudState {
 
     /// Requests admitted and not finished (waiting or generating).
     pub fn in_system(&self) -> usize {
-        self.in_system.load(Ordering::Acquire)
+        self.in_system.load(Ordering::SeqCst)
     }
 
     /// Refuse new requests from now on.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.load(Ordering::SeqCst)
     }
 
     fn next_seed(&self) -> u64 {
@@ -206,7 +206,7 @@ struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.state.in_system.fetch_sub(1, Ordering::AcqRel);
+        self.state.in_system.fetch_sub(1, Ordering::SeqCst);
         self.state
             .replay
             .lock()
@@ -376,12 +376,19 @@ impl OffloadService {
             }
             Begin::New => {}
         }
-        state.in_system.fetch_add(1, Ordering::AcqRel);
+        // Count, then look at the drain flag again (both sequentially consistent, as is the
+        // drain's set-flag-then-read-count): a request past the first check cannot slip between
+        // the drain's "nothing in flight" and its stop.
+        state.in_system.fetch_add(1, Ordering::SeqCst);
         let admitted = Admitted {
             state: state.clone(),
             request_id: request_id.clone(),
             stored: None,
         };
+        if state.is_draining() {
+            drop(admitted);
+            return Err(Error::Unavailable("ferry-cloud is shutting down".into()).into());
+        }
         let limit = state.config.server.max_concurrent + state.config.server.max_queue;
         if state.in_system() > limit {
             drop(admitted);

@@ -248,8 +248,7 @@ impl RunningServer {
     /// Drains and stops: refuse new requests, let in-flight ones finish for up to `grace`, then
     /// stop the rest (their streams end with UNAVAILABLE), then close the listeners.
     pub async fn shutdown(self, grace: Duration) {
-        let in_flight =
-            |s: &AppState| s.admission.in_system() + s.cloud.as_ref().map_or(0, |c| c.in_flight());
+        let in_flight = |s: &AppState| s.open_requests();
         tracing::info!(in_flight = in_flight(&self.state), "draining");
         self.state.start_draining();
         set_health(&self.health, ServingStatus::NotServing).await;

@@ -58,9 +58,7 @@ impl InferenceService {
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
         let refuse = |e: Error| refused(state, e);
-        if state.is_draining() {
-            return Err(refuse(Error::Unavailable("ferryd is shutting down".into())));
-        }
+        let open = state.enter().map_err(refuse)?;
         if !state.is_ready() {
             return Err(refuse(Error::Unavailable(
                 "ferryd is still loading its models".into(),
@@ -114,7 +112,10 @@ impl InferenceService {
                 placed,
                 target,
             };
-            tokio::spawn(job.run(tx));
+            tokio::spawn(async move {
+                let _open = open;
+                job.run(tx).await
+            });
             return Ok(ReceiverStream::new(rx));
         }
         let mut job = prepare_local(state, &req, req.model.as_deref(), &request_id)
@@ -124,15 +125,11 @@ impl InferenceService {
             job.placement.reason = format!("{}; {}", p.reason, job.placement.reason);
             job.placement.fallback = p.fallback;
         }
-        tokio::spawn(run_local(
-            state.clone(),
-            job,
-            req,
-            request_id,
-            arrived,
-            placed,
-            tx,
-        ));
+        let run = run_local(state.clone(), job, req, request_id, arrived, placed, tx);
+        tokio::spawn(async move {
+            let _open = open;
+            run.await
+        });
         Ok(ReceiverStream::new(rx))
     }
 

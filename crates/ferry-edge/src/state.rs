@@ -2,7 +2,7 @@
 //! request records, and the shutdown signals.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -41,6 +41,8 @@ pub struct AppState {
     default_model: RwLock<Option<String>>,
     ready: AtomicBool,
     draining: AtomicBool,
+    /// Requests between [`AppState::enter`] and the end of their stream (the drain waits on it).
+    open_requests: Arc<AtomicUsize>,
     pub admission: Admission,
     pub records: RecordStore,
     pub stats: ServerStats,
@@ -110,6 +112,7 @@ impl AppState {
             default_model: RwLock::new(None),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            open_requests: Arc::new(AtomicUsize::new(0)),
             records,
             stats: ServerStats::default(),
             energy,
@@ -318,12 +321,34 @@ impl AppState {
 
     /// True after shutdown began: new requests are refused.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.load(Ordering::SeqCst)
     }
 
-    /// Starts draining.
+    /// Starts draining: from here [`AppState::enter`] refuses, and [`AppState::open_requests`]
+    /// counts every request that entered before.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Opens a request for the drain: counted until the returned guard drops (held by the task
+    /// that runs the request to its last item, local, offloaded or fallen back), or refused
+    /// with UNAVAILABLE once draining started.
+    ///
+    /// Count first, then look at the flag, both sequentially consistent, while the drain sets
+    /// the flag, then reads the count: whichever comes second sees the other, so no request can
+    /// slip between a "not draining" check and the drain's "nothing in flight".
+    pub fn enter(&self) -> Result<OpenRequest> {
+        self.open_requests.fetch_add(1, Ordering::SeqCst);
+        let open = OpenRequest(self.open_requests.clone());
+        if self.is_draining() {
+            return Err(Error::Unavailable("ferryd is shutting down".into()));
+        }
+        Ok(open)
+    }
+
+    /// Requests entered and not yet finished (what the drain waits for).
+    pub fn open_requests(&self) -> usize {
+        self.open_requests.load(Ordering::SeqCst)
     }
 
     /// Books a request's energy: its model's total, and the exported metrics.
@@ -377,4 +402,14 @@ impl AppState {
 /// The compute device: CPU unless built with CUDA and a GPU is present.
 fn candle_core_device() -> ferry_engine::Device {
     ferry_engine::default_device()
+}
+
+/// One request's place in the drain count ([`AppState::enter`]); released when dropped.
+#[derive(Debug)]
+pub struct OpenRequest(Arc<AtomicUsize>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
