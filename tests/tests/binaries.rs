@@ -112,7 +112,7 @@ async fn ferry_chat_streams_from_ferryd_and_sigterm_drains() {
     let url = format!("http://{addr}");
     let mut c = client(&url).await;
     let mut stream = c
-        .generate(greedy(ferry_integration::LONG_PROMPT, 200))
+        .generate(greedy(ferry_integration::LONG_PROMPT, 64))
         .await
         .unwrap()
         .into_inner();

@@ -483,7 +483,7 @@ async fn ferry_cloud_binary_serves_the_sample_config_and_drains_on_sigterm() {
     // however slow the machine: the grace (600 s here) bounds the drain, not the test's pace,
     // and every step waits for an event, never for a fixed time.
     let mut stream = client
-        .generate(request("bin-1", SAMPLE_CLOUD_MODEL, LONG_PROMPT, 200))
+        .generate(request("bin-1", SAMPLE_CLOUD_MODEL, LONG_PROMPT, 64))
         .await
         .unwrap()
         .into_inner();
