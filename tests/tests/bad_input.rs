@@ -207,3 +207,70 @@ async fn queue_overflow_is_resource_exhausted() {
         .await
         .expect("serving again");
 }
+
+/// A request whose deadline (grpc-timeout) is shorter than the expected wait for a slot is
+/// refused at once with RESOURCE_EXHAUSTED naming the wait, instead of timing out in the queue;
+/// one with time to spare queues and is served.
+#[tokio::test]
+async fn a_deadline_the_queue_cannot_meet_is_refused_at_once() {
+    use futures::StreamExt;
+    use std::time::Duration;
+    let mut t = TestServer::start(|c| {
+        c.server.max_concurrent = 1;
+        c.server.max_queue = 4;
+    })
+    .await;
+    let with_deadline = |req: pb::GenerateRequest, ms: u64| {
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(Duration::from_millis(ms));
+        r
+    };
+    // One answer measures how long a request holds the slot (64 tokens: about a second here,
+    // and slower on a loaded machine, which lengthens the expected wait with it).
+    let (_, _, done) = run(&mut t.client, greedy(ferry_integration::LONG_PROMPT, 64))
+        .await
+        .unwrap();
+    assert!(done.usage.unwrap().completion_tokens > 32);
+    let held_ms = t.server.state.admission.held_ms().expect("a slot time");
+    // A long answer holds the one slot: the next request waits about half a slot time.
+    let mut running = t
+        .client
+        .generate(greedy(ferry_integration::LONG_PROMPT, 2000))
+        .await
+        .unwrap()
+        .into_inner();
+    running.next().await.unwrap().unwrap();
+    let short_ms = (held_ms / 4.0).max(1.0) as u64;
+    let err = t
+        .client
+        .generate(with_deadline(greedy("Hi", 2), short_ms))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(
+        err.message().contains("expected wait") && err.message().contains("deadline"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        t.server.state.admission.in_system(),
+        1,
+        "nothing left queued"
+    );
+    // With time to spare it queues, and is served once the slot frees up.
+    let queued = t
+        .client
+        .generate(with_deadline(greedy("Hi", 2), 600_000))
+        .await
+        .expect("queued");
+    drop(running);
+    let mut queued = queued.into_inner();
+    let mut completed = false;
+    while let Some(item) = queued.next().await {
+        if let Some(pb::generate_response::Event::Completion(_)) = item.unwrap().event {
+            completed = true;
+        }
+    }
+    assert!(completed);
+}

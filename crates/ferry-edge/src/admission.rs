@@ -1,9 +1,13 @@
 //! Admission control: at most `max_concurrent` requests generate at once and at most
 //! `max_queue` wait; anything beyond is refused at once with RESOURCE_EXHAUSTED rather than
-//! queued without bound (the behaviour TGI's router and vLLM users ask for).
+//! queued without bound (the behaviour TGI's router and vLLM users ask for). A request with a
+//! deadline is also refused at once when the expected wait for a slot already exceeds it: the
+//! wait is estimated from how long recent requests held their slots, so an app learns at once
+//! that it will not be served in time instead of timing out in the queue.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -15,22 +19,45 @@ pub struct Admission {
     slots: Arc<Semaphore>,
     /// Requests admitted and not yet finished (running + waiting).
     admitted: Arc<AtomicUsize>,
+    /// Moving average of how long a request held its slot, in ms as `f64` bits (0: none yet).
+    held_ms: Arc<AtomicU64>,
     max_concurrent: usize,
     capacity: usize,
 }
+
+/// Weight of the newest slot time in the moving average: about the last ten requests.
+const HELD_EWMA_WEIGHT: f64 = 0.2;
 
 /// A place in the system: held from admission until the request ends.
 #[derive(Debug)]
 pub struct Ticket {
     admitted: Arc<AtomicUsize>,
     slots: Arc<Semaphore>,
+    held_ms: Arc<AtomicU64>,
 }
 
-/// A running slot; dropping it lets the next queued request start.
+/// A running slot; dropping it lets the next queued request start and books how long it was
+/// held.
 #[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
-    _ticket: Ticket,
+    ticket: Ticket,
+    since: Instant,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let ms = self.since.elapsed().as_secs_f64() * 1e3;
+        let cell = &self.ticket.held_ms;
+        // A lost race between two releases drops one sample, which an average can afford.
+        let old = f64::from_bits(cell.load(Ordering::Relaxed));
+        let new = if old > 0.0 {
+            old + HELD_EWMA_WEIGHT * (ms - old)
+        } else {
+            ms.max(f64::MIN_POSITIVE)
+        };
+        cell.store(new.to_bits(), Ordering::Relaxed);
+    }
 }
 
 impl Drop for Ticket {
@@ -44,6 +71,7 @@ impl Admission {
         Admission {
             slots: Arc::new(Semaphore::new(max_concurrent)),
             admitted: Arc::new(AtomicUsize::new(0)),
+            held_ms: Arc::new(AtomicU64::new(0)),
             max_concurrent,
             capacity: max_concurrent + max_queue,
         }
@@ -51,7 +79,28 @@ impl Admission {
 
     /// Reserves a place or refuses at once when running + waiting would exceed the limits.
     pub fn admit(&self) -> Result<Ticket> {
+        self.admit_within(None)
+    }
+
+    /// [`Admission::admit`] for a request that must start within `deadline`: also refused at
+    /// once (RESOURCE_EXHAUSTED) when the expected wait for a slot exceeds it. Without a slot
+    /// time measured yet, only the limits apply.
+    pub fn admit_within(&self, deadline: Option<Duration>) -> Result<Ticket> {
         let prev = self.admitted.fetch_add(1, Ordering::AcqRel);
+        if let Some(deadline) = deadline {
+            if let Some(wait_ms) = self.expected_wait_ms(prev) {
+                if wait_ms > deadline.as_secs_f64() * 1e3 {
+                    self.admitted.fetch_sub(1, Ordering::AcqRel);
+                    return Err(Error::Overloaded(format!(
+                        "the expected wait for a local slot is {wait_ms:.0} ms ({} requests ahead on {} slots, {:.0} ms each lately), over the request's deadline of {} ms; retry later or with a longer deadline",
+                        prev,
+                        self.max_concurrent,
+                        self.held_ms().unwrap_or(0.0),
+                        deadline.as_millis()
+                    )));
+                }
+            }
+        }
         if prev >= self.capacity {
             self.admitted.fetch_sub(1, Ordering::AcqRel);
             return Err(Error::Overloaded(format!(
@@ -65,7 +114,26 @@ impl Admission {
         Ok(Ticket {
             admitted: self.admitted.clone(),
             slots: self.slots.clone(),
+            held_ms: self.held_ms.clone(),
         })
+    }
+
+    /// How long a request held its slot lately (moving average), once one has finished.
+    pub fn held_ms(&self) -> Option<f64> {
+        let ms = f64::from_bits(self.held_ms.load(Ordering::Relaxed));
+        (ms > 0.0).then_some(ms)
+    }
+
+    /// Expected wait for a slot of a request arriving with `ahead` requests in the system:
+    /// the `ahead − max_concurrent + 1` that must finish first, each taking a slot time, spread
+    /// over the slots, less half a slot time since the running ones are half done on average.
+    pub fn expected_wait_ms(&self, ahead: usize) -> Option<f64> {
+        let held = self.held_ms()?;
+        let must_finish = (ahead + 1).saturating_sub(self.max_concurrent);
+        if must_finish == 0 {
+            return Some(0.0);
+        }
+        Some((must_finish as f64 - 0.5) * held / self.max_concurrent as f64)
     }
 
     /// Requests admitted and not finished.
@@ -100,7 +168,8 @@ impl Ticket {
             .expect("admission semaphore is never closed");
         Slot {
             _permit: permit,
-            _ticket: self,
+            ticket: self,
+            since: Instant::now(),
         }
     }
 }
@@ -123,5 +192,32 @@ mod tests {
         drop(s2);
         assert_eq!(a.in_system(), 0);
         assert!(a.admit().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_deadline_shorter_than_the_expected_wait_is_refused_at_once() {
+        let a = Admission::new(1, 4);
+        // No slot time measured yet: only the limits apply.
+        let t1 = a.admit_within(Some(Duration::from_millis(1))).unwrap();
+        let s1 = t1.run().await;
+        std::thread::sleep(Duration::from_millis(40));
+        drop(s1);
+        let held = a.held_ms().unwrap();
+        assert!(held >= 40.0, "{held}");
+        // Nothing ahead: no wait, whatever the deadline.
+        assert_eq!(a.expected_wait_ms(0), Some(0.0));
+        let running = a.admit_within(Some(Duration::from_millis(1))).unwrap();
+        let _slot = running.run().await;
+        // One running, half done on average: about half a slot time to wait.
+        let wait = a.expected_wait_ms(1).unwrap();
+        assert!((wait - held / 2.0).abs() < 1e-9, "{wait} {held}");
+        let err = a.admit_within(Some(Duration::from_millis(1))).unwrap_err();
+        assert_eq!(err.kind(), ferry_core::ErrorKind::ResourceExhausted);
+        assert!(err.to_string().contains("deadline"), "{err}");
+        assert_eq!(a.in_system(), 1, "a refused request holds no place");
+        // A deadline longer than the wait, or none, queues.
+        let _queued = a.admit_within(Some(Duration::from_secs(60))).unwrap();
+        let _queued_too = a.admit().unwrap();
+        assert_eq!(a.in_system(), 3);
     }
 }

@@ -758,7 +758,10 @@ impl CloudJob {
             failed.why
         );
         // Whatever the request named is a cloud model: locally, `auto` chooses.
-        let job = prepare_local(&self.state, &self.req, None, &self.request_id).await;
+        let left = self
+            .deadline
+            .map(|d| d.saturating_sub(self.arrived.elapsed()));
+        let job = prepare_local(&self.state, &self.req, None, &self.request_id, left).await;
         let mut job = match job {
             Ok(j) => j,
             Err(e) => {

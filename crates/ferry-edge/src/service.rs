@@ -118,7 +118,7 @@ impl InferenceService {
             });
             return Ok(ReceiverStream::new(rx));
         }
-        let mut job = prepare_local(state, &req, req.model.as_deref(), &request_id)
+        let mut job = prepare_local(state, &req, req.model.as_deref(), &request_id, deadline)
             .await
             .map_err(refuse)?;
         if let Some(p) = &placed {
@@ -170,6 +170,7 @@ pub(crate) async fn prepare_local(
     req: &ValidatedRequest,
     requested: Option<&str>,
     request_id: &str,
+    deadline: Option<std::time::Duration>,
 ) -> Result<LocalJob, Error> {
     let (model, routed) = match (requested, state.router()) {
         (None, Some(router)) => {
@@ -202,7 +203,7 @@ pub(crate) async fn prepare_local(
             ),
         ));
     }
-    let ticket = state.admission.admit()?;
+    let ticket = state.admission.admit_within(deadline)?;
     let placement = placement_for(&model, req, requested, routed.as_ref());
     Ok(LocalJob {
         model,
