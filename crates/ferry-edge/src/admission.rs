@@ -87,6 +87,16 @@ impl Admission {
     /// time measured yet, only the limits apply.
     pub fn admit_within(&self, deadline: Option<Duration>) -> Result<Ticket> {
         let prev = self.admitted.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.capacity {
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Overloaded(format!(
+                "{} requests running and {} queued (limits: max_concurrent {}, max_queue {}); retry later",
+                self.max_concurrent.min(prev),
+                prev.saturating_sub(self.max_concurrent),
+                self.max_concurrent,
+                self.capacity - self.max_concurrent
+            )));
+        }
         if let Some(deadline) = deadline {
             if let Some(wait_ms) = self.expected_wait_ms(prev) {
                 if wait_ms > deadline.as_secs_f64() * 1e3 {
@@ -100,16 +110,6 @@ impl Admission {
                     )));
                 }
             }
-        }
-        if prev >= self.capacity {
-            self.admitted.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Overloaded(format!(
-                "{} requests running and {} queued (limits: max_concurrent {}, max_queue {}); retry later",
-                self.max_concurrent.min(prev),
-                prev.saturating_sub(self.max_concurrent),
-                self.max_concurrent,
-                self.capacity - self.max_concurrent
-            )));
         }
         Ok(Ticket {
             admitted: self.admitted.clone(),
