@@ -27,6 +27,7 @@ pub mod irt;
 pub mod knn;
 pub mod lagrange;
 pub mod prior;
+pub mod rates;
 
 use std::collections::HashMap;
 
@@ -39,6 +40,7 @@ use crate::{Decision, Observation, RouteRequest, RouterError, ZooPolicy};
 use irt::{expected_sigmoid, Belief2, Levels};
 use knn::{Entry, Memory, MemorySnapshot};
 use prior::DifficultyPrior;
+use rates::Rates;
 
 /// Parameters. None depends on the zoo, the cost unit or the data: the defaults are the same
 /// for every deployment.
@@ -152,8 +154,8 @@ pub struct MixRank {
     prior: Option<DifficultyPrior>,
     /// Per-request satisfaction: `σ(ability − b(x))`, for ranking inside the mix.
     abilities: Levels,
-    /// Population satisfaction rates (logits, no difficulty), for the mix itself.
-    rates: Levels,
+    /// Population satisfaction rates (Beta posteriors, no difficulty), for the mix itself.
+    rates: Rates,
     tasks: HashMap<String, u32>,
     weights: Belief2,
     cost_sum: Vec<f64>,
@@ -174,7 +176,13 @@ pub struct MixRank {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MixRankSnapshot {
     pub abilities: Levels,
-    pub rates: Levels,
+    /// Population rates as counts.
+    #[serde(default)]
+    pub rate_counts: Rates,
+    /// Population rates as logit beliefs, as state saved before the counts holds them
+    /// (converted on restore); never written.
+    #[serde(default, skip_serializing)]
+    pub rates: Option<Levels>,
     pub tasks: Vec<(String, u32)>,
     pub weights: Belief2,
     pub cost_sum: Vec<f64>,
@@ -245,7 +253,7 @@ impl MixRank {
         let weights = Belief2::new([if prior.is_some() { 1.0 } else { 0.0 }, 1.0], [0.5, 0.5]);
         Ok(MixRank {
             abilities: Levels::new(models, cfg.ability_sd),
-            rates: Levels::new(models, cfg.ability_sd),
+            rates: Rates::new(models),
             tasks: HashMap::new(),
             weights,
             cost_sum: vec![0.0; models],
@@ -329,7 +337,7 @@ impl MixRank {
             return None;
         }
         let k = self.abilities.add_task(self.cfg.task_sd);
-        self.rates.add_task(self.cfg.task_sd);
+        self.rates.add_task();
         self.tasks.insert(name.to_string(), k);
         Some(k)
     }
@@ -435,11 +443,11 @@ impl MixRank {
     fn task_rates(&self, task: Option<u32>, z: f64) -> Vec<f64> {
         (0..self.models)
             .map(|m| {
-                let (mean, var) = self.rates.get(m, task);
+                let post = self.rates.posterior(m, task, self.cfg.task_sd);
                 if z > 0.0 {
-                    irt::sigmoid(mean + z * var)
+                    post.shifted(z * post.logit_var())
                 } else {
-                    expected_sigmoid(mean, var)
+                    post.mean()
                 }
             })
             .collect()
@@ -597,7 +605,7 @@ impl MixRank {
             .task
             .filter(|&k| (k as usize) < self.abilities.tasks.len());
         self.abilities.observe(m, task, -b, satisfied);
-        self.rates.observe(m, task, 0.0, satisfied);
+        self.rates.observe(m, task, satisfied);
         let (theta, _) = self.ability(m, task);
         if !ticket.x.is_empty() {
             self.weights.observe(theta, ticket.difficulty, satisfied);
@@ -616,28 +624,25 @@ impl MixRank {
         }
     }
 
-    /// Each model's expected satisfaction over the recent requests with a 95 % interval, its
-    /// mean cost and counts.
+    /// Each model's satisfaction rate over the recent requests' tasks (the rate the mix is
+    /// decided on) with a 95 % interval, its mean cost and counts.
     pub fn estimates(&self) -> Vec<ModelEstimate> {
-        let refs: Vec<(f64, Option<u32>)> = if self.reference.is_empty() {
-            vec![(0.0, None)]
+        let tasks: Vec<Option<u32>> = if self.reference.is_empty() {
+            vec![None]
         } else {
-            self.reference
-                .iter()
-                .map(|r| (self.weights.dot(r.difficulty), r.task))
-                .collect()
+            self.reference.iter().map(|r| r.task).collect()
         };
         (0..self.models)
             .map(|m| {
                 let mut acc = [0.0; 3];
-                for &(b, k) in &refs {
-                    let (mean, var) = self.ability(m, k);
-                    let sd = var.sqrt();
-                    acc[0] += irt::sigmoid(mean - b);
-                    acc[1] += irt::sigmoid(mean - 1.96 * sd - b);
-                    acc[2] += irt::sigmoid(mean + 1.96 * sd - b);
+                for &k in &tasks {
+                    let post = self.rates.posterior(m, k, self.cfg.task_sd);
+                    let sd = post.logit_var().sqrt();
+                    acc[0] += post.mean();
+                    acc[1] += post.shifted(-1.96 * sd);
+                    acc[2] += post.shifted(1.96 * sd);
                 }
-                let n = refs.len() as f64;
+                let n = tasks.len() as f64;
                 ModelEstimate {
                     rate: acc[0] / n,
                     rate_low: acc[1] / n,
@@ -656,7 +661,8 @@ impl MixRank {
         tasks.sort_by_key(|t| t.1);
         MixRankSnapshot {
             abilities: self.abilities.clone(),
-            rates: self.rates.clone(),
+            rate_counts: self.rates.clone(),
+            rates: None,
             tasks,
             weights: self.weights,
             cost_sum: self.cost_sum.clone(),
@@ -692,12 +698,17 @@ impl MixRank {
         }
         let ntasks = s.tasks.len();
         if s.abilities.tasks.len() != ntasks
-            || s.rates.tasks.len() != ntasks
+            || s.rate_counts.tasks.len() != ntasks && s.rates.is_none()
+            || s.rates.as_ref().is_some_and(|r| r.tasks.len() != ntasks)
             || s.tasks.iter().any(|(_, k)| *k as usize >= ntasks)
         {
             return bad("task offsets do not match the task list".into());
         }
-        if !s.abilities.is_valid(n) || !s.rates.is_valid(n) || !s.weights.is_valid() {
+        let rates_valid = match &s.rates {
+            Some(old) => old.is_valid(n),
+            None => s.rate_counts.is_valid(n),
+        };
+        if !s.abilities.is_valid(n) || !rates_valid || !s.weights.is_valid() {
             return bad("abilities or weights are not finite with positive variance".into());
         }
         if !s.debt.is_finite()
@@ -721,7 +732,10 @@ impl MixRank {
         let memory = Memory::restore(&s.memory, n)?;
         self.rng = s.rng.restore()?;
         self.abilities = s.abilities.clone();
-        self.rates = s.rates.clone();
+        self.rates = match &s.rates {
+            Some(old) => Rates::from_logit_beliefs(old),
+            None => s.rate_counts.clone(),
+        };
         self.tasks = s.tasks.iter().cloned().collect();
         self.weights = s.weights;
         self.cost_sum = s.cost_sum.clone();

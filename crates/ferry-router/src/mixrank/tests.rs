@@ -181,6 +181,38 @@ fn snapshot_restores_the_run_exactly() {
     let mut bad = a.snapshot();
     bad.debt = f64::NAN;
     assert!(b.restore(&bad).is_err());
+    let mut bad = a.snapshot();
+    bad.rate_counts.global[1].satisfied = f64::INFINITY;
+    assert!(b.restore(&bad).is_err());
+}
+
+#[test]
+fn state_saved_with_logit_rates_restores_with_counts() {
+    // Before the rates were counts, state held them as logit beliefs under "rates".
+    let sim = Sim {
+        abilities: vec![0.0, 1.0, 2.0],
+        costs: vec![1.0, 4.0, 20.0],
+        spread: 1.0,
+        reveal: true,
+    };
+    let mut a = MixRank::new(MixRankConfig::new(0.7, 9), 3, 2, None).unwrap();
+    sim.run(&mut a, 300, 1);
+    let mut old = serde_json::to_value(a.snapshot()).unwrap();
+    let obj = old.as_object_mut().unwrap();
+    obj.remove("rate_counts");
+    let mut levels = super::irt::Levels::new(3, 1.5);
+    for m in 0..3 {
+        for i in 0..40 {
+            levels.observe(m, None, 0.0, i % (m + 2) != 0);
+        }
+    }
+    obj.insert("rates".into(), serde_json::to_value(&levels).unwrap());
+    let mut b = MixRank::new(MixRankConfig::new(0.7, 9), 3, 2, None).unwrap();
+    b.restore(&serde_json::from_value(old).unwrap()).unwrap();
+    let est = b.estimates();
+    // Model 2 answered 3 of 4 on the old beliefs, model 0 one of 2.
+    assert!(est[2].rate > est[0].rate + 0.1, "{est:?}");
+    assert!(b.snapshot().rates.is_none() && !b.snapshot().rate_counts.global.is_empty());
 }
 
 #[test]
