@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use tokenizers::Tokenizer;
 
@@ -209,12 +208,7 @@ impl LoadedModel {
                 let path = loc.file(name)?;
                 let mut file = std::fs::File::open(&path)
                     .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-                let content =
-                    gguf_file::Content::read(&mut file).map_err(|e| Error::InvalidFile {
-                        what: "GGUF file",
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
+                let content = crate::gguf::read_checked(&mut file, &path)?;
                 let arch = gguf_architecture(&content);
                 let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
                 let meta_ctx = meta_u32(&format!("{arch}.context_length"));

@@ -9,6 +9,7 @@
 //! about gRPC; `ferryd` and `ferry bench` drive it.
 
 pub mod encoder;
+pub mod gguf;
 pub mod model;
 pub mod sampling;
 pub mod source;
