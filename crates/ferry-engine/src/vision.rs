@@ -518,6 +518,59 @@ mod tests {
         }
     }
 
+    /// CRC-32 (PNG's chunk checksum), bitwise: enough for a test that forges a header.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    /// `file` with its IHDR claiming `width` x `height` (checksum fixed, pixels unchanged).
+    fn forged_size(mut file: Vec<u8>, width: u32, height: u32) -> Vec<u8> {
+        // Signature (8), IHDR length (4), "IHDR" (4), width, height, 5 more bytes, CRC.
+        file[16..20].copy_from_slice(&width.to_be_bytes());
+        file[20..24].copy_from_slice(&height.to_be_bytes());
+        let crc = crc32(&file[12..29]);
+        file[29..33].copy_from_slice(&crc.to_be_bytes());
+        file
+    }
+
+    #[test]
+    fn a_png_that_claims_gigapixels_is_refused_before_its_pixels_are_allocated() {
+        let small = png(&gradient());
+        match decode(&forged_size(small.clone(), 100_000, 100_000)) {
+            Err(VisionError::TooLarge { width_px, .. }) => assert_eq!(width_px, 100_000),
+            other => panic!("{other:?}"),
+        }
+        // Within the side limit, 8192 x 8192 RGBA (268 MB) is over the 256 MB decode budget and
+        // refused before allocation; a header that lies about a small image's size fails to
+        // decode (its buffer, bounded by the budget, is freed).
+        let real_rgba = {
+            let img = image::RgbaImage::from_pixel(4, 4, image::Rgba([1, 2, 3, 4]));
+            let mut out = Vec::new();
+            image::DynamicImage::ImageRgba8(img)
+                .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+                .unwrap();
+            out
+        };
+        for forged in [
+            forged_size(real_rgba, MAX_IMAGE_SIDE_PX, MAX_IMAGE_SIDE_PX),
+            forged_size(small, 4000, 4000),
+        ] {
+            let err = decode(&forged).unwrap_err();
+            assert!(matches!(err, VisionError::Decode(_)), "{err}");
+        }
+    }
+
     #[test]
     fn transparency_is_composited_on_white() {
         let mut rgba = image::RgbaImage::new(2, 1);

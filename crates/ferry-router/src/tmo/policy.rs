@@ -465,6 +465,42 @@ mod tests {
     }
 
     #[test]
+    fn a_header_that_lies_about_its_size_is_refused() {
+        let p = PlacementPolicy::init(meta(Variant::Constrained), &mut seeded(2)).unwrap();
+        let good = p.to_bytes().unwrap();
+        // The first 8 bytes give the JSON header's length.
+        for claimed in [u64::MAX, 1 << 40, good.len() as u64, 0, 1] {
+            let mut b = good.clone();
+            b[..8].copy_from_slice(&claimed.to_le_bytes());
+            let e = PlacementPolicy::from_bytes(&b).unwrap_err().to_string();
+            assert!(e.contains("not a safetensors"), "{claimed}: {e}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 500, ..Default::default() })]
+        /// Any corruption of a valid policy file loads or is refused, never a panic, and what
+        /// loads gives probabilities.
+        #[test]
+        fn corrupted_policy_files_never_panic(
+            edits in proptest::collection::vec((0usize..1 << 16, proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let p = PlacementPolicy::init(meta(Variant::Constrained), &mut seeded(2)).unwrap();
+            let mut b = p.to_bytes().unwrap();
+            let n = b.len();
+            for (at, byte) in edits {
+                b[at % n] = byte;
+            }
+            if let Ok(q) = PlacementPolicy::from_bytes(&b) {
+                let o = DialogueState::new(30.0, 0.05).observe(0);
+                if let Ok(probs) = q.probabilities(&o) {
+                    proptest::prop_assert_eq!(probs.len(), ACTIONS);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn malformed_or_mismatched_files_are_refused() {
         let p = PlacementPolicy::init(meta(Variant::Constrained), &mut seeded(2)).unwrap();
         let good = p.to_bytes().unwrap();
