@@ -1,6 +1,6 @@
 //! ferry-cloud's security and operations on loopback: mutual TLS with the certificates of
-//! `ferry certs dev` (a client without a certificate, or with one from another CA, is refused in
-//! the handshake), bearer tokens (missing or wrong: UNAUTHENTICATED with the one message), the
+//! `ferry certs dev` (a client without a certificate, with one from another CA, or with an expired
+//! or not yet valid one, is refused in the handshake), bearer tokens (missing or wrong: UNAUTHENTICATED with the one message), the
 //! refusal to listen beyond loopback with no authentication, and the HTTP probes and metrics:
 //! listening before the models load (`/readyz` 503, health NOT_SERVING, Offload UNAVAILABLE),
 //! ready after, and `/metrics` as Prometheus text whose counters move with requests.
@@ -248,6 +248,46 @@ async fn mutual_tls_refuses_clients_without_a_certificate_from_its_ca() {
     assert!(plain.is_err(), "{plain:?}");
 
     // And the good client still works afterwards.
+    let again = list_models(tls_endpoint(&server, &dev, Some(&dev)), None).await;
+    assert_eq!(again.unwrap(), vec!["up"]);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_expired_and_not_yet_valid_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dev_certs(&dir.path().join("dev"));
+    let mut config = cloud_config(vec![upstream_model("up")]);
+    mtls(&mut config, &dev);
+    let server = CloudServer::start(config)
+        .await
+        .expect("ferry-cloud starts");
+    let ca_key = std::fs::read_to_string(dev.path(certs::CA_KEY)).unwrap();
+    // A client trusting the dev CA and presenting an edge certificate the same CA issued for
+    // the validity window `days` (from today).
+    let client = |days: (i64, i64)| {
+        let (cert, key) = certs::edge_cert_from_ca(&ca_key, days).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(dev.path(certs::CA_CERT))))
+            .domain_name(certs::CLOUD_DOMAIN_NAME)
+            .identity(Identity::from_pem(cert, key));
+        Channel::from_shared(format!("https://localhost:{}", server.local_addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+    };
+    // Valid now: served, so what is refused below is refused for its dates alone.
+    let current = list_models(client((-1, 2)), None).await;
+    assert_eq!(current.unwrap(), vec!["up"]);
+    for (what, days) in [("an expired", (-10, -2)), ("a not yet valid", (2, 10))] {
+        let refused = list_models(client(days), None).await;
+        assert!(
+            refused.is_err(),
+            "{what} client certificate got {refused:?}"
+        );
+    }
+    // The server keeps serving good clients.
     let again = list_models(tls_endpoint(&server, &dev, Some(&dev)), None).await;
     assert_eq!(again.unwrap(), vec!["up"]);
     server.shutdown(Duration::from_secs(5)).await;

@@ -128,10 +128,11 @@ fn day(offset_days: i64) -> (i32, u8, u8) {
     civil_from_days(today + offset_days)
 }
 
+/// Parameters valid from `valid_days.0` to `valid_days.1` days from today.
 fn params(
     common_name: &str,
     sans: &[String],
-    days: u32,
+    valid_days: (i64, i64),
     what: &'static str,
 ) -> Result<CertificateParams, CertsError> {
     let mut p = CertificateParams::new(Vec::<String>::new())
@@ -166,11 +167,51 @@ fn params(
     p.distinguished_name
         .push(DnType::OrganizationName, "ferry (development)");
     p.distinguished_name.push(DnType::CommonName, common_name);
-    let ((y0, m0, d0), (y1, m1, d1)) = (day(-1), day(i64::from(days)));
+    let ((y0, m0, d0), (y1, m1, d1)) = (day(valid_days.0), day(valid_days.1));
     p.not_before = rcgen::date_time_ymd(y0, m0, d0);
     p.not_after = rcgen::date_time_ymd(y1, m1, d1);
     p.use_authority_key_identifier_extension = true;
     Ok(p)
+}
+
+/// The development CA's parameters (its subject is what leaves name as their issuer).
+fn ca_params(days: u32) -> Result<CertificateParams, CertsError> {
+    let mut ca = params("ferry development CA", &[], (-1, i64::from(days)), "CA")?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.use_authority_key_identifier_extension = false;
+    Ok(ca)
+}
+
+/// One more edge (client) certificate from an existing development CA, given its key, valid
+/// from `valid_days.0` to `valid_days.1` days from today (negative: in the past): (certificate
+/// PEM, key PEM). The security tests make expired and not-yet-valid certificates with it.
+pub fn edge_cert_from_ca(
+    ca_key_pem: &str,
+    valid_days: (i64, i64),
+) -> Result<(String, String), CertsError> {
+    let what = "edge";
+    let ca_key =
+        KeyPair::from_pem(ca_key_pem).map_err(|source| CertsError::Generate { what, source })?;
+    let issuer = Issuer::new(ca_params(MAX_DAYS)?, &ca_key);
+    let key = KeyPair::generate().map_err(|source| CertsError::Generate { what, source })?;
+    let mut edge = params(
+        EDGE_COMMON_NAME,
+        &[EDGE_COMMON_NAME.to_string()],
+        valid_days,
+        what,
+    )?;
+    edge.is_ca = IsCa::ExplicitNoCa;
+    edge.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    edge.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = edge
+        .signed_by(&key, &issuer)
+        .map_err(|source| CertsError::Generate { what, source })?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Makes the CA and the two leaf certificates in memory: (file name, PEM text) in [`FILES`]
@@ -182,14 +223,7 @@ pub fn generate(sans: &[String], days: u32) -> Result<Vec<(&'static str, String)
     let key = |what| KeyPair::generate().map_err(|source| CertsError::Generate { what, source });
 
     let ca_key = key("CA")?;
-    let mut ca = params("ferry development CA", &[], days, "CA")?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.use_authority_key_identifier_extension = false;
+    let ca = ca_params(days)?;
     let ca_cert = ca
         .self_signed(&ca_key)
         .map_err(|source| CertsError::Generate { what: "CA", source })?;
@@ -206,7 +240,8 @@ pub fn generate(sans: &[String], days: u32) -> Result<Vec<(&'static str, String)
         }
     }
     let cloud_key = key("cloud")?;
-    let mut cloud = params("ferry-cloud", &cloud_sans, days, "cloud")?;
+    let window = (-1, i64::from(days));
+    let mut cloud = params("ferry-cloud", &cloud_sans, window, "cloud")?;
     cloud.is_ca = IsCa::ExplicitNoCa;
     cloud.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     cloud.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -222,7 +257,7 @@ pub fn generate(sans: &[String], days: u32) -> Result<Vec<(&'static str, String)
     let mut edge = params(
         EDGE_COMMON_NAME,
         &[EDGE_COMMON_NAME.to_string()],
-        days,
+        window,
         "edge",
     )?;
     edge.is_ca = IsCa::ExplicitNoCa;
