@@ -215,25 +215,6 @@ impl Drop for Admitted {
     }
 }
 
-/// The `grpc-timeout` header as a duration (`<digits><H|M|S|m|u|n>`).
-pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = meta.get("grpc-timeout")?.to_str().ok()?;
-    if v.len() < 2 {
-        return None;
-    }
-    let (n, unit) = v.split_at(v.len() - 1);
-    let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 type Item = Result<pb::OffloadResponse, Status>;
 /// The response stream of Generate.
 pub type EventStream = Pin<Box<dyn Stream<Item = Item> + Send>>;
@@ -620,7 +601,7 @@ impl Offload for OffloadService {
         &self,
         request: Request<pb::OffloadRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let grpc_deadline = grpc_timeout(request.metadata());
+        let grpc_deadline = ferry_core::deadline::grpc_timeout(request.metadata());
         let mut rx = match self.start(request.into_inner(), grpc_deadline) {
             Ok(rx) => rx,
             Err(f) => {
@@ -657,23 +638,6 @@ impl Offload for OffloadService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_grpc_timeouts() {
-        let mut m = tonic::metadata::MetadataMap::new();
-        assert_eq!(grpc_timeout(&m), None);
-        for (v, d) in [
-            ("150m", Duration::from_millis(150)),
-            ("2S", Duration::from_secs(2)),
-            ("1M", Duration::from_secs(60)),
-            ("7u", Duration::from_micros(7)),
-        ] {
-            m.insert("grpc-timeout", v.parse().unwrap());
-            assert_eq!(grpc_timeout(&m), Some(d), "{v}");
-        }
-        m.insert("grpc-timeout", "x".parse().unwrap());
-        assert_eq!(grpc_timeout(&m), None);
-    }
 
     #[test]
     fn replay_keeps_a_bounded_set_of_answers() {

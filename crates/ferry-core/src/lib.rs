@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod manifest;
 pub mod request;

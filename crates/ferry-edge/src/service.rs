@@ -567,7 +567,7 @@ impl Inference for InferenceService {
             .metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
-            .and_then(crate::cloud::parse_grpc_timeout);
+            .and_then(ferry_core::deadline::parse_grpc_timeout);
         let stream = self
             .start_with_deadline(request.into_inner(), deadline)
             .await?;
