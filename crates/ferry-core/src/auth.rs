@@ -113,6 +113,12 @@ fn parse(text: &str, path: &Path) -> Result<Tokens> {
     Ok(Tokens { entries })
 }
 
+/// Checks the text of a token file (`path` is only named in errors): the number of tokens it
+/// holds, or the first malformed line.
+pub fn check_token_file(text: &str, path: &Path) -> Result<usize> {
+    parse(text, path).map(|t| t.entries.len())
+}
+
 fn read(path: &Path) -> Result<Tokens> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("reading token file {}", path.display()), e))?;
