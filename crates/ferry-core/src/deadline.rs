@@ -49,7 +49,18 @@ mod tests {
         ] {
             assert_eq!(parse_grpc_timeout(v), Some(d), "{v}");
         }
-        for bad in ["", "m", "5x", "1234567890m", "-1S", "+1S", "1.5S", "1é", "é", "１S"] {
+        for bad in [
+            "",
+            "m",
+            "5x",
+            "1234567890m",
+            "-1S",
+            "+1S",
+            "1.5S",
+            "1é",
+            "é",
+            "１S",
+        ] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
         let mut m = tonic::metadata::MetadataMap::new();
