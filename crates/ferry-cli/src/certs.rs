@@ -187,6 +187,21 @@ fn ca_params(days: u32) -> Result<CertificateParams, CertsError> {
     Ok(ca)
 }
 
+/// An edge (client) certificate's parameters, valid from `valid_days.0` to `valid_days.1` days
+/// from today.
+fn edge_params(valid_days: (i64, i64)) -> Result<CertificateParams, CertsError> {
+    let mut edge = params(
+        EDGE_COMMON_NAME,
+        &[EDGE_COMMON_NAME.to_string()],
+        valid_days,
+        "edge",
+    )?;
+    edge.is_ca = IsCa::ExplicitNoCa;
+    edge.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    edge.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(edge)
+}
+
 /// One more edge (client) certificate from an existing development CA, given its key, valid
 /// from `valid_days.0` to `valid_days.1` days from today (negative: in the past): (certificate
 /// PEM, key PEM). The security tests make expired and not-yet-valid certificates with it.
@@ -199,16 +214,7 @@ pub fn edge_cert_from_ca(
         KeyPair::from_pem(ca_key_pem).map_err(|source| CertsError::Generate { what, source })?;
     let issuer = Issuer::new(ca_params(MAX_DAYS)?, &ca_key);
     let key = KeyPair::generate().map_err(|source| CertsError::Generate { what, source })?;
-    let mut edge = params(
-        EDGE_COMMON_NAME,
-        &[EDGE_COMMON_NAME.to_string()],
-        valid_days,
-        what,
-    )?;
-    edge.is_ca = IsCa::ExplicitNoCa;
-    edge.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    edge.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = edge
+    let cert = edge_params(valid_days)?
         .signed_by(&key, &issuer)
         .map_err(|source| CertsError::Generate { what, source })?;
     Ok((cert.pem(), key.serialize_pem()))
@@ -254,16 +260,7 @@ pub fn generate(sans: &[String], days: u32) -> Result<Vec<(&'static str, String)
             })?;
 
     let edge_key = key("edge")?;
-    let mut edge = params(
-        EDGE_COMMON_NAME,
-        &[EDGE_COMMON_NAME.to_string()],
-        window,
-        "edge",
-    )?;
-    edge.is_ca = IsCa::ExplicitNoCa;
-    edge.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    edge.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let edge_cert = edge
+    let edge_cert = edge_params(window)?
         .signed_by(&edge_key, &issuer)
         .map_err(|source| CertsError::Generate {
             what: "edge",
