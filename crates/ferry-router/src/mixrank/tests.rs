@@ -304,3 +304,41 @@ proptest! {
         prop_assert!(q.restore(&p.snapshot()).is_ok());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    /// A corrupted state file is restored or refused, never a panic, and a policy restored
+    /// from it keeps deciding within the zoo.
+    #[test]
+    fn corrupted_state_restores_or_is_refused_never_a_panic(
+        edits in proptest::collection::vec(
+            (any::<usize>(), proptest::sample::select(b"0123456789-.e,:[]{}\"tfn ".to_vec())),
+            1..6,
+        ),
+    ) {
+        let sim = Sim {
+            abilities: vec![0.0, 1.0, 2.0],
+            costs: vec![1.0, 4.0, 20.0],
+            spread: 1.0,
+            reveal: true,
+        };
+        let mut cfg = MixRankConfig::new(0.7, 9);
+        cfg.memory = 64;
+        let mut a = MixRank::new(cfg.clone(), 3, 2, None).unwrap();
+        sim.run(&mut a, 150, 1);
+        let mut bytes = serde_json::to_vec(&a.snapshot()).unwrap();
+        let n = bytes.len();
+        for (at, b) in edits {
+            bytes[at % n] = b;
+        }
+        if let Ok(snap) = serde_json::from_slice::<MixRankSnapshot>(&bytes) {
+            let mut b = MixRank::new(cfg, 3, 2, None).unwrap();
+            if b.restore(&snap).is_ok() {
+                sim.run(&mut b, 50, 2);
+                for e in b.estimates() {
+                    prop_assert!((0.0..=1.0).contains(&e.rate));
+                }
+            }
+        }
+    }
+}
