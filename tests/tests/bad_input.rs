@@ -69,6 +69,24 @@ async fn invalid_requests_are_refused_and_serving_continues() {
         "no-such-model",
     )
     .await;
+    // A model id is only ever matched against the manifests: a path is an unknown id, never a
+    // file that is opened.
+    for path in [
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "smollm2-135m-instruct/../../../etc/passwd",
+    ] {
+        expect(
+            &mut t,
+            pb::GenerateRequest {
+                model: path.into(),
+                ..base.clone()
+            },
+            Code::NotFound,
+            "not found",
+        )
+        .await;
+    }
     expect(
         &mut t,
         pb::GenerateRequest {
@@ -143,7 +161,7 @@ async fn invalid_requests_are_refused_and_serving_continues() {
         .stats
         .requests_rejected
         .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(rejected, 9);
+    assert_eq!(rejected, 12);
 }
 
 #[tokio::test]
