@@ -26,6 +26,16 @@ struct Outcome {
 }
 
 impl Sim {
+    /// Three models of rising ability and cost, the difficulty revealed by the features.
+    fn three_models() -> Self {
+        Sim {
+            abilities: vec![0.0, 1.0, 2.0],
+            costs: vec![1.0, 4.0, 20.0],
+            spread: 1.0,
+            reveal: true,
+        }
+    }
+
     fn rates(&self, rng: &mut StdRng, n: usize) -> Vec<f64> {
         // Monte-Carlo rates for the random-α baseline.
         let mut acc = vec![0.0; self.abilities.len()];
@@ -154,16 +164,17 @@ fn the_same_numbers_hold_in_any_cost_unit() {
     assert_eq!(run(1.0), run(1e-6), "joules vs dollars");
 }
 
-#[test]
-fn snapshot_restores_the_run_exactly() {
-    let sim = Sim {
-        abilities: vec![0.0, 1.0, 2.0],
-        costs: vec![1.0, 4.0, 20.0],
-        spread: 1.0,
-        reveal: true,
-    };
+/// α 0.7, seed 9, a small neighbour memory (state stays small).
+fn small_config() -> MixRankConfig {
     let mut cfg = MixRankConfig::new(0.7, 9);
     cfg.memory = 64;
+    cfg
+}
+
+#[test]
+fn snapshot_restores_the_run_exactly() {
+    let sim = Sim::three_models();
+    let cfg = small_config();
     let mut a = MixRank::new(cfg.clone(), 3, 2, None).unwrap();
     sim.run(&mut a, 300, 1);
     let json = serde_json::to_string(&a.snapshot()).unwrap();
@@ -189,12 +200,7 @@ fn snapshot_restores_the_run_exactly() {
 #[test]
 fn state_saved_with_logit_rates_restores_with_counts() {
     // Before the rates were counts, state held them as logit beliefs under "rates".
-    let sim = Sim {
-        abilities: vec![0.0, 1.0, 2.0],
-        costs: vec![1.0, 4.0, 20.0],
-        spread: 1.0,
-        reveal: true,
-    };
+    let sim = Sim::three_models();
     let mut a = MixRank::new(MixRankConfig::new(0.7, 9), 3, 2, None).unwrap();
     sim.run(&mut a, 300, 1);
     let mut old = serde_json::to_value(a.snapshot()).unwrap();
@@ -316,14 +322,8 @@ proptest! {
             1..6,
         ),
     ) {
-        let sim = Sim {
-            abilities: vec![0.0, 1.0, 2.0],
-            costs: vec![1.0, 4.0, 20.0],
-            spread: 1.0,
-            reveal: true,
-        };
-        let mut cfg = MixRankConfig::new(0.7, 9);
-        cfg.memory = 64;
+        let sim = Sim::three_models();
+        let cfg = small_config();
         let mut a = MixRank::new(cfg.clone(), 3, 2, None).unwrap();
         sim.run(&mut a, 150, 1);
         let mut bytes = serde_json::to_vec(&a.snapshot()).unwrap();
