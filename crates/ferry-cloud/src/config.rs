@@ -493,32 +493,6 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/cloud.toml")
     }
 
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
-        /// Any corruption or truncation of the shipped config is a config or a clear error,
-        /// never a panic.
-        #[test]
-        fn corrupted_configs_never_panic(
-            edits in proptest::collection::vec(
-                (proptest::prelude::any::<usize>(), proptest::sample::select(
-                    "\"=[]\n-.09e#xtf ,{}'".chars().collect::<Vec<_>>())),
-                1..6,
-            ),
-            cut in proptest::prelude::any::<usize>(),
-        ) {
-            let path = sample_path();
-            let mut chars: Vec<char> = std::fs::read_to_string(path).unwrap().chars().collect();
-            for (at, c) in edits {
-                let n = chars.len();
-                chars[at % n] = c;
-            }
-            let cut = cut % (chars.len() + 1);
-            for text in [chars.iter().collect::<String>(), chars[..cut].iter().collect()] {
-                let _ = CloudConfig::from_toml(&text, Path::new("corrupt.toml"));
-            }
-        }
-    }
-
     #[test]
     fn sample_config_parses_and_flags_override() {
         let file = CloudConfig::from_file(&sample_path()).unwrap();
