@@ -8,6 +8,9 @@ use ferry_edge::EdgeConfig;
 use ferry_integration::repo_root;
 use proptest::prelude::*;
 
+/// A config file and whether its daemon's parser accepts a text.
+type Parser = (&'static str, fn(&str) -> bool);
+
 /// Characters that matter to TOML, so the corruption reaches past the first syntax error.
 fn toml_char() -> impl Strategy<Value = char> {
     proptest::sample::select("\"=[]\n-.09e#xtf ,{}'".chars().collect::<Vec<_>>())
@@ -20,7 +23,7 @@ proptest! {
         edits in proptest::collection::vec((any::<usize>(), toml_char()), 1..6),
         cut in any::<usize>(),
     ) {
-        let parsers: [(&str, fn(&str) -> bool); 2] = [
+        let parsers: [Parser; 2] = [
             ("configs/edge.toml", |t| EdgeConfig::from_toml(t, Path::new("corrupt.toml")).is_ok()),
             ("configs/cloud.toml", |t| CloudConfig::from_toml(t, Path::new("corrupt.toml")).is_ok()),
         ];
