@@ -346,24 +346,76 @@ pub async fn http_watched(
 /// Trains a TMO placement policy (`ferry policy train`'s library) for 500 steps on the M4A1 log
 /// and writes it to `out`.
 pub fn train_policy(algo: &str, out: &Path) {
+    train_policy_on(algo, "wired", 500, out)
+}
+
+/// The same for a network profile and a number of steps.
+pub fn train_policy_on(algo: &str, network: &str, steps: usize, out: &Path) {
     use ferry_cli::policy::{self, EnvArgs, TrainArgs};
     let data_path = repo_root().join("../shared/data/tmo-m4a1/M4A1.json");
     let data = policy::load_data(&data_path).unwrap();
     let args = TrainArgs {
         env: policy::EnvName::M4a1,
         algo: algo.into(),
-        steps: 500,
+        steps,
         seed: 42,
         out: out.to_path_buf(),
         env_args: EnvArgs {
             data: data_path,
             device: "jetson-tx2".into(),
-            network: "wired".into(),
+            network: network.into(),
         },
         budget_sampling: "normal".into(),
+        history: "logged".into(),
         hidden: vec![32],
         json: false,
     };
     let (p, _, _) = policy::train(&data, &args).unwrap();
     std::fs::write(out, p.to_bytes().unwrap()).unwrap();
+}
+
+/// A slow network link on loopback: a TCP relay to `upstream` that holds every byte coming back
+/// for `delay` before passing it on (requests go through at once). Each call over it, health
+/// probes included, answers at least `delay` later than the server did.
+pub async fn slow_link(upstream: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (mut client_rx, mut client_tx) = client.into_split();
+            let (mut server_rx, mut server_tx) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                let _ = server_tx.shutdown().await;
+            });
+            let (tx, mut rx) =
+                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = server_rx.read(&mut buf).await {
+                    if n == 0
+                        || tx
+                            .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((due, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    if client_tx.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = client_tx.shutdown().await;
+            });
+        }
+    });
+    addr
 }

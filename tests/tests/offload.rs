@@ -3,8 +3,9 @@
 //! and the failures the offload path must survive, each ending with a terminal outcome for every
 //! request: the cloud gone before the request (fallback to local), killed mid-stream (a defined
 //! error with the accounting of what was delivered), slower than the deadline (fallback, or
-//! DEADLINE_EXCEEDED as configured), a flapping endpoint (the circuit opens and closes), and an
-//! app that leaves (the cloud request is cancelled too).
+//! DEADLINE_EXCEEDED as configured), a flapping endpoint (the circuit opens and closes), an
+//! app that leaves (the cloud request is cancelled too), and a cloud behind a link much slower
+//! than the placement policy's profile (no dialogue overdraws its latency budget).
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -14,7 +15,7 @@ use ferry_cloud::{CloudConfig, CloudServer, ModelConfig};
 use ferry_edge::cloud::OnDeadline;
 use ferry_edge::EdgeConfig;
 use ferry_integration::{
-    binary, free_port, greedy, model_dir, repo_root, run, TestServer, DEFAULT_MODEL,
+    binary, free_port, greedy, model_dir, repo_root, run, slow_link, TestServer, DEFAULT_MODEL,
 };
 use ferry_proto::v1 as pb;
 use futures::StreamExt;
@@ -833,4 +834,82 @@ async fn cloud_killed_mid_stream_over_http_ends_the_sse_with_an_error_and_the_ac
         "{err}"
     );
     assert!(content > 0);
+}
+
+/// The budget guarantee live: a constrained policy trained for Wi-Fi (0.5 s per text-only cloud
+/// call) offloads over a link that adds 2 s to every call. Judged by the profile, five cloud
+/// turns would fit an 8 s budget and take over 10 s; judged by what calls cost here, no
+/// dialogue goes over, and the completions say when the mask forced a turn local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_cloud_never_overdraws_a_dialogue_budget() {
+    const BUDGET_S: f64 = 8.0;
+    let dir = tempfile::tempdir().unwrap();
+    let policy_file = dir.path().join("wifi.safetensors");
+    ferry_integration::train_policy_on("rc-a2c", "wifi", 3000, &policy_file);
+    let cloud = start_cloud("127.0.0.1:0").await;
+    let link = slow_link(cloud.local_addr, Duration::from_secs(2)).await;
+    let mut t = TestServer::start(move |c| {
+        with_cloud(c, format!("http://{link}"));
+        c.cloud.health_timeout_ms = 20_000;
+        c.cloud.connect_timeout_ms = 20_000;
+        c.placement.policy_file = Some(policy_file);
+        c.placement.latency_budget_s = Some(BUDGET_S);
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    let placer = t.server.state.placement.as_ref().unwrap();
+    let tasks = placer.policy().meta().tasks.clone();
+    let profile = placer.policy().costs().prices();
+
+    let ask = |task: &str, dialogue: Option<String>| {
+        let mut req = greedy(QUESTION, 2);
+        req.task = task.to_string();
+        req.dialogue_id = dialogue.unwrap_or_default();
+        req
+    };
+    // One-turn requests first: the calls they make are measured, dialogues or not. The one
+    // that names the local model measures a local call, which the mask keeps in reserve.
+    let mut local = ask(&tasks[0], None);
+    local.model = DEFAULT_MODEL.into();
+    run(&mut t.client, local).await.unwrap();
+    for task in &tasks {
+        run(&mut t.client, ask(task, None)).await.unwrap();
+    }
+    let (mut cloud_turns, mut forced) = (0, 0);
+    for d in 0..3 {
+        let id = format!("slow-{d}");
+        for turn in 0..5 {
+            let task = &tasks[(d + turn) % tasks.len()];
+            let (_, _, done) = run(&mut t.client, ask(task, Some(id.clone())))
+                .await
+                .unwrap();
+            let p = done.placement.unwrap();
+            assert!(!p.fallback, "{p:?}");
+            if done.tier == pb::Tier::Cloud as i32 {
+                cloud_turns += 1;
+            }
+            if p.reason.contains("the budget mask forced it") {
+                forced += 1;
+                assert_eq!(done.tier, pb::Tier::Local as i32, "{p:?}");
+            }
+        }
+        let ((spent_s, spent_usd), (budget_s, budget_usd)) = placer.spent(&id).unwrap();
+        assert_eq!(budget_s, BUDGET_S);
+        assert!(
+            spent_s <= budget_s && spent_usd <= budget_usd,
+            "dialogue {id} spent {spent_s:.2} s and ${spent_usd:.5} of {budget_s} s / ${budget_usd}"
+        );
+    }
+    assert!(cloud_turns > 0, "the policy never offloaded");
+    assert!(forced > 0, "the mask never had to hold the policy back");
+    // The live prices learned the link: cloud calls are judged at their measured 2 s and more,
+    // where the profile says at most 2.24 s (0.5 s without views).
+    let live = placer.live_prices();
+    let worst =
+        |p: &ferry_router::tmo::CallPrices| p.latency_s[1..].iter().cloned().fold(0.0, f64::max);
+    assert!(worst(&live) >= 2.0, "{live:?}");
+    assert!(worst(&profile) < 2.5, "{profile:?}");
+    // Local runs are booked at their energy price, not free.
+    assert!(live.usd(ferry_router::tmo::Action::LOCAL) > 0.0, "{live:?}");
+    cloud.shutdown(Duration::from_millis(100)).await;
 }

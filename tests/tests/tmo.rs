@@ -35,6 +35,7 @@ fn train_args(algo: &str, steps: usize, seed: u64, out: PathBuf) -> TrainArgs {
         out,
         env_args: env_args(),
         budget_sampling: "normal".into(),
+        history: "logged".into(),
         hidden: vec![64, 64],
         json: false,
     }
@@ -97,8 +98,27 @@ fn short_constrained_training_is_repeatable_in_budget_and_round_trips() {
     let methods: Vec<&str> = a.rows.iter().map(|r| r.method.as_str()).collect();
     assert_eq!(
         methods,
-        ["local-only", "cloud-only", "random", "bandit", "RC-A2C"]
+        [
+            "local-only",
+            "cloud-only",
+            "cloud-uniform",
+            "random",
+            "bandit",
+            "RC-A2C"
+        ]
     );
+    // The imputer's ceiling (the placer's own history) bounds every method.
+    assert_eq!(a.ceiling.len(), 1);
+    for r in &a.rows {
+        assert!(
+            r.mean.response <= a.ceiling_mean.own_history + 1e-9,
+            "{} {} above the ceiling {:?}",
+            r.method,
+            r.mean.response,
+            a.ceiling_mean
+        );
+    }
+    assert!(a.ceiling_mean.logged_history > row_mean(&a, "local-only"));
     let row = |m: &str| &a.rows.iter().find(|r| r.method == m).unwrap().mean;
     assert_eq!(row("RC-A2C").violation, 0.0);
     assert_eq!(row("bandit").violation, 0.0);
@@ -107,7 +127,26 @@ fn short_constrained_training_is_repeatable_in_budget_and_round_trips() {
     assert!(row("cloud-only").cost_violation > 0.0);
     assert!(row("local-only").latency_s < 0.06);
     let text = policy::render(&a);
-    assert!(text.contains("RC-A2C") && text.contains("violation"));
+    assert!(text.contains("RC-A2C") && text.contains("violation") && text.contains("ceiling"));
+
+    // The agent's-own-history protocol stays available, and its rows are named for it.
+    let mut own = train_args("rc-a2c", 300, 42, out);
+    own.history = "own".into();
+    let (p, _, _) = policy::train(&data, &own).unwrap();
+    assert_eq!(p.meta().label(), "RC-A2C/own");
+    let t = run(p);
+    assert!(t.rows.iter().any(|r| r.method == "RC-A2C/own"));
+    own.history = "mine".into();
+    assert!(policy::train(&data, &own).is_err());
+}
+
+fn row_mean(t: &policy::Table, method: &str) -> f64 {
+    t.rows
+        .iter()
+        .find(|r| r.method == method)
+        .unwrap()
+        .mean
+        .response
 }
 
 #[test]

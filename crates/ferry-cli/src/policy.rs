@@ -13,8 +13,8 @@ use serde::Serialize;
 
 pub use ferry_router::tmo;
 use ferry_router::tmo::{
-    eval, learn, BanditConfig, ConstrainedBandit, CostModel, Dataset, Env, EnvConfig, Metrics,
-    PlacementPolicy, TrainConfig, TrainReport,
+    eval, learn, BanditConfig, Ceiling, ConstrainedBandit, CostModel, Dataset, Env, EnvConfig,
+    Metrics, PlacementPolicy, TrainConfig, TrainReport,
 };
 
 /// `ferry policy ...`
@@ -74,6 +74,11 @@ pub struct TrainArgs {
     /// Hidden layer widths.
     #[arg(long, value_delimiter = ',', default_value = "64,64")]
     pub hidden: Vec<usize>,
+    /// Whose placements the training observations' history shows: `logged` (the reference
+    /// protocol: the log's, so the learner cannot steer the response imputer) or `own` (the
+    /// agent's, as evaluation does). Evaluation always uses the agent's own.
+    #[arg(long, default_value = "logged")]
+    pub history: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -114,6 +119,7 @@ pub fn train(
     cfg.costs = CostModel::by_name(&args.env_args.device, &args.env_args.network)?;
     cfg.sampling = args.budget_sampling.parse()?;
     cfg.hidden = args.hidden.clone();
+    cfg.history = args.history.parse()?;
     let split = learn::Split::new(data, args.seed)?;
     let test_ids = split.test_ids();
     let start = Instant::now();
@@ -131,6 +137,14 @@ pub struct Row {
     pub per_seed: Vec<Metrics>,
 }
 
+/// The response ceilings of one split's held-out dialogues ([`tmo::ceiling`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitCeiling {
+    pub seed: u64,
+    #[serde(flatten)]
+    pub ceiling: Ceiling,
+}
+
 /// The evaluation table.
 #[derive(Debug, Clone, Serialize)]
 pub struct Table {
@@ -138,6 +152,12 @@ pub struct Table {
     pub network: String,
     pub latency_budget_s: f64,
     pub usd_budget: f64,
+    /// Per split: the best mean response the imputer allows with the log's history in its key
+    /// (what a learner trained under the reference protocol is scored against while it
+    /// learns) and with the placer's own (the bound of every row below).
+    pub ceiling: Vec<SplitCeiling>,
+    /// The ceilings' mean over the splits.
+    pub ceiling_mean: Ceiling,
     pub rows: Vec<Row>,
 }
 
@@ -162,8 +182,13 @@ pub fn evaluate(
     seeds.sort_unstable();
     seeds.dedup();
     let mut results: BTreeMap<(usize, String), Vec<(u64, Metrics)>> = BTreeMap::new();
+    let mut ceilings = Vec::new();
     for &seed in &seeds {
         let split = learn::Split::new(data, seed)?;
+        ceilings.push(SplitCeiling {
+            seed,
+            ceiling: tmo::ceiling(&split.test, &split.knn),
+        });
         let test_env = || {
             Env::new(
                 split.test.clone(),
@@ -188,6 +213,11 @@ pub fn evaluate(
         );
         add(
             2,
+            "cloud-uniform".into(),
+            tmo::evaluate(&mut test_env()?, &mut eval::CloudUniform::new(seed)),
+        );
+        add(
+            3,
             "random".into(),
             tmo::evaluate(&mut test_env()?, &mut eval::Random::new(seed)),
         );
@@ -201,7 +231,7 @@ pub fn evaluate(
         )?;
         bandit.warm_up(&mut train_env, bandit_steps);
         add(
-            3,
+            4,
             "bandit".into(),
             tmo::evaluate(&mut test_env()?, &mut bandit),
         );
@@ -220,8 +250,11 @@ pub fn evaluate(
                     p.meta().tasks
                 );
             }
-            let order = 4 + p.meta().variant as usize * 2 + p.meta().algorithm as usize;
-            let name = p.meta().method();
+            let order = 5
+                + p.meta().history as usize * 4
+                + p.meta().variant as usize * 2
+                + p.meta().algorithm as usize;
+            let name = p.meta().label();
             add(order, name, tmo::evaluate(&mut test_env()?, p));
         }
     }
@@ -234,11 +267,22 @@ pub fn evaluate(
             per_seed: runs.into_iter().map(|r| r.1).collect(),
         })
         .collect();
+    let n = ceilings.len().max(1) as f64;
+    let ceiling_mean = Ceiling {
+        logged_history: ceilings
+            .iter()
+            .map(|c| c.ceiling.logged_history)
+            .sum::<f64>()
+            / n,
+        own_history: ceilings.iter().map(|c| c.ceiling.own_history).sum::<f64>() / n,
+    };
     Ok(Table {
         device: costs.device.slug.into(),
         network: costs.network.slug.into(),
         latency_budget_s: env_cfg.latency_budget_s,
         usd_budget: env_cfg.usd_budget,
+        ceiling: ceilings,
+        ceiling_mean,
         rows,
     })
 }
@@ -250,7 +294,7 @@ pub fn render(t: &Table) -> String {
         t.device, t.network, t.latency_budget_s, t.usd_budget
     );
     s += &format!(
-        "{:<12} {:>6} {:>9} {:>12} {:>10} {:>8} {:>10} {:>9} {:>9}\n",
+        "{:<14} {:>6} {:>9} {:>12} {:>10} {:>8} {:>10} {:>9} {:>9}\n",
         "method",
         "seeds",
         "response",
@@ -264,7 +308,7 @@ pub fn render(t: &Table) -> String {
     for r in &t.rows {
         let m = &r.mean;
         s += &format!(
-            "{:<12} {:>6} {:>9.3} {:>12.2} {:>10.4} {:>8.3} {:>10.3} {:>9.3} {:>9.3}\n",
+            "{:<14} {:>6} {:>9.3} {:>12.2} {:>10.4} {:>8.3} {:>10.3} {:>9.3} {:>9.3}\n",
             r.method,
             r.seeds.len(),
             m.response,
@@ -276,8 +320,15 @@ pub fn render(t: &Table) -> String {
             m.cost_violation
         );
     }
+    let c = &t.ceiling_mean;
+    s += &format!(
+        "response ceiling (best any placements reach under the imputer, budgets ignored): \
+         {:.3} with the placer's own history (bounds every row), {:.3} with the log's\n",
+        c.own_history, c.logged_history
+    );
     s += "response, reward: mean per turn; latency, cost: mean total per dialogue; violation: \
-          fraction of dialogues over either budget (lat/usd: each budget).\n";
+          fraction of dialogues over either budget (lat/usd: each budget). Policies are trained \
+          on the log's history (the reference protocol) unless named /own.\n";
     s
 }
 

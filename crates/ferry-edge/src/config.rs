@@ -214,6 +214,7 @@ impl EdgeConfig {
             return Err(bad("router.save_interval_ms", "must be at least 1"));
         }
         self.cloud.validate()?;
+        self.placement.validate()?;
         self.log.validate()?;
         Ok(())
     }

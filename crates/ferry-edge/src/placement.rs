@@ -16,6 +16,12 @@
 //! at start (a malformed file or one for another observation/action layout stops the daemon with
 //! the reason) and again on SIGHUP (a bad file then keeps the running policy).
 //!
+//! The budget mask of a constrained policy judges the next call by what calls of its kind really
+//! cost here (`ferry_router::tmo::LiveCosts`: the dearest of the recent ones, the profile until
+//! one is measured), not by the profile the policy was trained on; a local run is booked at its
+//! measured energy times `placement.usd_per_kwh`. When those live prices rule out the call the
+//! policy would have made at its profile's prices, the reason says so.
+//!
 //! The file is `ferry policy train`'s safetensors, or (`placement.policy_format =
 //! "torchscript"`, or a `.pt`/`.pth`/`.ts` name) a TorchScript module exported from PyTorch,
 //! which needs ferryd built with the `torch` feature (refused with that reason otherwise).
@@ -27,7 +33,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use ferry_core::{Error, Result};
-use ferry_router::tmo::{Action, DialogueState, PolicyFormat, ServedPolicy};
+use ferry_router::tmo::{Action, DialogueState, LiveCosts, PolicyFormat, ServedPolicy};
 
 /// `[placement]` settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -45,6 +51,38 @@ pub struct PlacementConfig {
     pub default_task: Option<String>,
     /// Dialogues remembered (least recently used are forgotten); 0 means 10 000.
     pub max_dialogues: usize,
+    /// Electricity price that books a local run's measured energy in dollars; unset: the
+    /// profiles' 16.68 ¢/kWh.
+    pub usd_per_kwh: Option<f64>,
+}
+
+impl PlacementConfig {
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<()> {
+        let ok = |x: Option<f64>| x.is_none_or(|v| v.is_finite() && v >= 0.0);
+        for (field, v) in [
+            ("placement.latency_budget_s", self.latency_budget_s),
+            ("placement.usd_budget", self.usd_budget),
+            ("placement.usd_per_kwh", self.usd_per_kwh),
+        ] {
+            if !ok(v) {
+                return Err(Error::invalid(field, "must be finite and >= 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Dollars a local run that used `joules` costs.
+    pub fn local_usd(&self, joules: f64) -> f64 {
+        let per_kwh = self
+            .usd_per_kwh
+            .unwrap_or(ferry_router::tmo::profiles::CENTS_PER_KWH / 100.0);
+        if joules.is_finite() && joules > 0.0 {
+            joules * per_kwh / 3.6e6
+        } else {
+            0.0
+        }
+    }
 }
 
 /// A placement decision for one request.
@@ -74,6 +112,8 @@ pub struct Placer {
     format: PolicyFormat,
     policy: RwLock<Arc<ServedPolicy>>,
     dialogues: Mutex<Dialogues>,
+    /// What calls cost here, by kind (seeded from the running policy's profile).
+    live: Mutex<LiveCosts>,
 }
 
 fn load_policy(path: &Path, format: PolicyFormat) -> Result<ServedPolicy> {
@@ -113,10 +153,12 @@ impl Placer {
             .policy_format
             .unwrap_or_else(|| PolicyFormat::from_path(path));
         let policy = load_policy(path, format)?;
+        let live = Mutex::new(LiveCosts::new(policy.costs()));
         let placer = Placer {
             cfg: cfg.clone(),
             path: path.clone(),
             format,
+            live,
             policy: RwLock::new(Arc::new(policy)),
             dialogues: Mutex::new(Dialogues {
                 states: HashMap::new(),
@@ -159,6 +201,11 @@ impl Placer {
         let p = load_policy(&self.path, self.format)?;
         self.check_default_task(&p)?;
         let method = p.meta().method();
+        // A policy for another profile starts from that profile; the same profile keeps what
+        // was measured.
+        if p.costs() != self.policy().costs() {
+            *lock(&self.live) = LiveCosts::new(p.costs());
+        }
         *self.policy.write().expect("policy lock") = Arc::new(p);
         tracing::info!(path = %self.path.display(), %method, "placement policy reloaded");
         Ok(method)
@@ -204,14 +251,33 @@ impl Placer {
             }
             None => DialogueState::new(latency, usd).observe(task),
         };
-        let chosen = p.act(&obs);
+        let prices = lock(&self.live).prices();
+        let mask = p.mask_at(&obs, &prices);
+        let chosen = p.act_masked(&obs, &mask);
+        // The call the policy makes at its profile's prices, which these live ones ruled out.
+        let ruled_out = Some(p.act(&obs)).filter(|a| !mask[a.index()]);
         let method = p.meta().method();
         let local = Action::from_index(0).expect("action 0 exists");
         let (executed, fallback, reason) = if chosen.is_local() {
+            let why = match ruled_out {
+                Some(a) => format!(
+                    "; the budget mask forced it: cloud with {} costs about {:.1} s and ${:.4} \
+                     here, with {:.1} s and ${:.4} left",
+                    views(a),
+                    prices.latency_s(a),
+                    prices.usd(a),
+                    obs.remaining_latency_s,
+                    obs.remaining_usd
+                ),
+                None => String::new(),
+            };
             (
                 local,
                 false,
-                format!("tmo {method}: local (task {name}, turn {})", obs.turn + 1),
+                format!(
+                    "tmo {method}: local (task {name}, turn {}){why}",
+                    obs.turn + 1
+                ),
             )
         } else if cloud_tier {
             (
@@ -251,8 +317,9 @@ impl Placer {
     }
 
     /// Books what a placed request really ran (`executed`: the placement's action, or local
-    /// after a fallback) and spent, so the dialogue's next turn sees it.
+    /// after a fallback) and spent, so the dialogue's next turn and the live prices see it.
     pub fn record(&self, placement: &Placement, executed: Action, latency_s: f64, usd: f64) {
+        lock(&self.live).observe(executed, latency_s, usd);
         let Some(id) = &placement.dialogue_id else {
             return;
         };
@@ -278,6 +345,23 @@ impl Placer {
         }
     }
 
+    /// Books a local run that used `joules` (none measured: free), at `placement.usd_per_kwh`.
+    pub fn record_local(&self, placement: &Placement, latency_s: f64, joules: Option<f64>) {
+        let usd = joules.map_or(0.0, |j| self.cfg.local_usd(j));
+        self.record(placement, Action::LOCAL, latency_s, usd);
+    }
+
+    /// Seconds and dollars a dialogue has spent, and its budgets (for tests and status).
+    pub fn spent(&self, dialogue_id: &str) -> Option<((f64, f64), (f64, f64))> {
+        let d = lock(&self.dialogues);
+        d.states.get(dialogue_id).map(|s| (s.spent(), s.budgets()))
+    }
+
+    /// The prices the budget mask judges the next call by.
+    pub fn live_prices(&self) -> ferry_router::tmo::CallPrices {
+        lock(&self.live).prices()
+    }
+
     /// Turns taken so far in a dialogue (for tests and status).
     pub fn turns(&self, dialogue_id: &str) -> usize {
         self.dialogues
@@ -290,9 +374,42 @@ impl Placer {
     }
 }
 
+/// A lock whose data stays usable after a panic elsewhere: the estimates and dialogues are
+/// bookkeeping that a half-finished update cannot make unsafe.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_runs_are_priced_by_their_energy_and_bad_prices_are_refused() {
+        let c = PlacementConfig::default();
+        // 3.6 MJ is one kWh at the profiles' 16.68 ¢.
+        assert!((c.local_usd(3.6e6) - 0.1668).abs() < 1e-12);
+        assert_eq!(c.local_usd(f64::NAN), 0.0);
+        let c = PlacementConfig {
+            usd_per_kwh: Some(0.30),
+            ..Default::default()
+        };
+        assert!((c.local_usd(36.0) - 3e-6).abs() < 1e-15);
+        assert!(c.validate().is_ok());
+        for bad in [-0.1, f64::NAN, f64::INFINITY] {
+            let c = PlacementConfig {
+                usd_per_kwh: Some(bad),
+                ..Default::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("placement.usd_per_kwh"), "{e}");
+        }
+        let c = PlacementConfig {
+            latency_budget_s: Some(-1.0),
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+    }
 
     #[test]
     fn torchscript_is_chosen_by_extension_or_key_and_needs_the_torch_feature() {

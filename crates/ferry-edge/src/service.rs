@@ -360,8 +360,7 @@ pub(crate) async fn run_local(
             }
             drop(tx);
             if let (Some(placer), Some(p)) = (&state.placement, &placed) {
-                // Local runs cost no dollars.
-                placer.record(p, ferry_router::tmo::Action::LOCAL, total_ms / 1e3, 0.0);
+                placer.record_local(p, total_ms / 1e3, energy.as_ref().map(|e| e.joules));
             }
             if let Some(routed) = routed {
                 let served_joules = energy.as_ref().map(|e| e.joules);

@@ -36,6 +36,43 @@ impl std::str::FromStr for BudgetSampling {
     }
 }
 
+/// Whose placements fill the history part of a *training* observation (and so the KNN key of
+/// the imputed response). Evaluation always feeds the agent's own placements back, as the
+/// reference evaluator does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HistoryProtocol {
+    /// The reference protocol (liangqiyuan/TMO `env.step`): training replays the log's own
+    /// previous placements, so the agent cannot steer the imputer through its history; its
+    /// choices reach the observation only through the remaining budgets.
+    #[default]
+    Logged,
+    /// The agent's own placements in training too. Training and evaluation then see the same
+    /// distribution, but the learner can find histories where the imputer is generous.
+    Own,
+}
+
+impl std::fmt::Display for HistoryProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HistoryProtocol::Logged => "logged",
+            HistoryProtocol::Own => "own",
+        })
+    }
+}
+
+impl std::str::FromStr for HistoryProtocol {
+    type Err = TmoError;
+    fn from_str(s: &str) -> Result<Self, TmoError> {
+        match s {
+            "logged" | "reference" => Ok(Self::Logged),
+            "own" => Ok(Self::Own),
+            _ => Err(TmoError::Invalid(format!(
+                "history protocol `{s}` (logged or own)"
+            ))),
+        }
+    }
+}
+
 /// Environment settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnvConfig {
@@ -48,6 +85,8 @@ pub struct EnvConfig {
     pub constrained: bool,
     pub sampling: BudgetSampling,
     pub costs: CostModel,
+    /// The history of training observations (evaluation always uses the agent's own).
+    pub history: HistoryProtocol,
 }
 
 impl Default for EnvConfig {
@@ -59,6 +98,7 @@ impl Default for EnvConfig {
             constrained: false,
             sampling: BudgetSampling::Normal,
             costs: CostModel::reference(),
+            history: HistoryProtocol::default(),
         }
     }
 }
@@ -94,6 +134,8 @@ pub struct Env {
     cursor: usize,
     current: usize,
     state: DialogueState,
+    /// The log's own placements of the dialogue so far (for [`HistoryProtocol::Logged`]).
+    logged: DialogueState,
 }
 
 /// One normal draw (Box–Muller).
@@ -132,6 +174,7 @@ impl Env {
             cursor: 0,
             current: 0,
             state,
+            logged: DialogueState::new(0.0, 0.0),
         })
     }
 
@@ -192,14 +235,25 @@ impl Env {
             usd = self.draw_budget(u0, u1);
         }
         self.state = DialogueState::new(lat, usd);
+        self.logged = DialogueState::new(0.0, 0.0);
         self.observation()
     }
 
-    /// The observation for the current turn.
+    /// Whether observations replay the logged history (training under the reference protocol).
+    fn replays_log(&self) -> bool {
+        self.training && self.cfg.history == HistoryProtocol::Logged
+    }
+
+    /// The observation for the current turn: the history (the agent's own, or the log's when
+    /// training under the reference protocol) and the budgets the agent has left.
     pub fn observation(&self) -> Observation {
         let d = &self.dialogues[self.current];
         let t = self.state.turns().min(d.turns.len() - 1);
-        self.state.observe(d.turns[t].task)
+        let mut obs = self.state.observe(d.turns[t].task);
+        if self.replays_log() {
+            obs.history = self.logged.observe(d.turns[t].task).history;
+        }
+        obs
     }
 
     /// Plays `a` on the current turn. After the last turn, call [`Env::reset`].
@@ -232,6 +286,7 @@ impl Env {
         let task = turn.task;
         let turns = self.dialogues[self.current].turns.len();
         self.state.record(task, a, latency_s, cost_usd);
+        self.logged.record(task, turn.action, 0.0, 0.0);
         let (ol, ou) = self.state.over_budget();
         let overdrawn = ol || ou;
         if self.training && self.cfg.constrained && overdrawn {
@@ -333,6 +388,59 @@ pub(crate) mod tests {
                 }
                 if o.done {
                     break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn training_history_follows_the_protocol_and_evaluation_is_always_own() {
+        let d = toy();
+        let knn = Arc::new(Knn::from_log(5, &d.dialogues).unwrap());
+        for (history, training) in [
+            (HistoryProtocol::Logged, true),
+            (HistoryProtocol::Own, true),
+            (HistoryProtocol::Logged, false),
+        ] {
+            let cfg = EnvConfig {
+                history,
+                constrained: true,
+                ..EnvConfig::default()
+            };
+            let mut e = Env::new(d.dialogues.clone(), knn.clone(), cfg, training, 3).unwrap();
+            for _ in 0..6 {
+                e.reset();
+                let mut own = DialogueState::new(0.0, 0.0);
+                let mut log = DialogueState::new(0.0, 0.0);
+                // Always the action the log did not take, so the two histories differ.
+                loop {
+                    let turn = e.dialogue().turns[e.state().turns()].clone();
+                    let a = if turn.action.is_local() {
+                        Action::cloud(0b111)
+                    } else {
+                        Action::LOCAL
+                    };
+                    let obs = e.observation();
+                    let want = if training && history == HistoryProtocol::Logged {
+                        log.observe(turn.task)
+                    } else {
+                        own.observe(turn.task)
+                    };
+                    assert_eq!(obs.history, want.history, "{history:?} training {training}");
+                    // Budgets are the agent's own in every protocol.
+                    let (bl, bu) = e.state().budgets();
+                    let (sl, su) = e.state().spent();
+                    assert_eq!(
+                        (obs.remaining_latency_s, obs.remaining_usd),
+                        (bl - sl, bu - su)
+                    );
+                    let out = e.step(a);
+                    assert_eq!(out.response, knn.response(&want, a));
+                    own.record(turn.task, a, 0.0, 0.0);
+                    log.record(turn.task, turn.action, 0.0, 0.0);
+                    if out.done {
+                        break;
+                    }
                 }
             }
         }

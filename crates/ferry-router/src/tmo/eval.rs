@@ -4,7 +4,10 @@
 use rand::Rng;
 use serde::Serialize;
 
-use super::{Action, Env, Observation, PlacementPolicy, StepOutcome, ACTIONS};
+use super::{
+    Action, Dialogue, DialogueState, Env, Knn, Observation, PlacementPolicy, StepOutcome, Turn,
+    ACTIONS,
+};
 use crate::rng::{seeded, PolicyRng};
 
 /// Anything that places turns: a trained policy, a baseline, the bandit.
@@ -47,6 +50,24 @@ impl Placer for CloudAll {
     }
     fn place(&mut self, _: &Observation) -> Action {
         Action::cloud(0xff)
+    }
+}
+
+/// A uniform cloud action every turn (the authors' "Cloud" baseline).
+pub struct CloudUniform(pub PolicyRng);
+
+impl CloudUniform {
+    pub fn new(seed: u64) -> Self {
+        CloudUniform(seeded(seed))
+    }
+}
+
+impl Placer for CloudUniform {
+    fn name(&self) -> String {
+        "cloud-uniform".into()
+    }
+    fn place(&mut self, _: &Observation) -> Action {
+        Action::from_index(self.0.random_range(1..ACTIONS)).expect("in range")
     }
 }
 
@@ -197,6 +218,60 @@ impl Metrics {
     }
 }
 
+/// The best mean imputed response per turn (averaged per dialogue, like
+/// [`Metrics::response`]) that any sequence of placements can reach on a set of dialogues,
+/// budgets ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Ceiling {
+    /// When the history in the imputer's key is the log's (the reference training protocol):
+    /// each turn's best action, independently.
+    pub logged_history: f64,
+    /// When the history is the placer's own (every evaluation): the best whole sequence, which
+    /// can choose earlier placements for the history they lend to later turns. No evaluated
+    /// method can exceed it.
+    pub own_history: f64,
+}
+
+/// The response ceilings of `dialogues` under `knn` (exhaustive: `ACTIONS^turns` sequences per
+/// dialogue, which the M4A1 dialogues of at most 5 turns keep small).
+pub fn ceiling(dialogues: &[Dialogue], knn: &Knn) -> Ceiling {
+    fn best_own(knn: &Knn, state: &DialogueState, turns: &[Turn]) -> f64 {
+        let Some((turn, rest)) = turns.split_first() else {
+            return 0.0;
+        };
+        let obs = state.observe(turn.task);
+        Action::all()
+            .map(|a| {
+                let mut next = state.clone();
+                next.record(turn.task, a, 0.0, 0.0);
+                knn.response(&obs, a) + best_own(knn, &next, rest)
+            })
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+    let mut c = Ceiling::default();
+    if dialogues.is_empty() {
+        return c;
+    }
+    for d in dialogues {
+        let n = d.turns.len().max(1) as f64;
+        let mut log = DialogueState::new(0.0, 0.0);
+        let mut sum = 0.0;
+        for t in &d.turns {
+            let obs = log.observe(t.task);
+            sum += Action::all()
+                .map(|a| knn.response(&obs, a))
+                .fold(f64::NEG_INFINITY, f64::max);
+            log.record(t.task, t.action, 0.0, 0.0);
+        }
+        c.logged_history += sum / n;
+        c.own_history += best_own(knn, &DialogueState::new(0.0, 0.0), &d.turns) / n;
+    }
+    let n = dialogues.len() as f64;
+    c.logged_history /= n;
+    c.own_history /= n;
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -230,5 +305,61 @@ mod tests {
         assert_eq!(r1, r2);
         let m = Metrics::mean(&[local.clone(), cloud.clone()]);
         assert!((m.latency_s - (local.latency_s + cloud.latency_s) / 2.0).abs() < 1e-12);
+    }
+
+    /// Replays a fixed list of placements, one per turn, dialogue after dialogue.
+    struct Script(std::vec::IntoIter<Action>);
+
+    impl Placer for Script {
+        fn name(&self) -> String {
+            "script".into()
+        }
+        fn place(&mut self, _: &Observation) -> Action {
+            self.0.next().expect("one placement per turn")
+        }
+    }
+
+    #[test]
+    fn the_own_history_ceiling_is_reached_by_some_sequence_and_bounds_every_other() {
+        let d = toy();
+        let knn = Knn::from_log(5, &d.dialogues).unwrap();
+        let c = ceiling(&d.dialogues, &knn);
+        // The logged ceiling may exceed the own one: it takes each turn's best action while
+        // the history stays the log's, a combination no real sequence produces.
+        assert!(c.logged_history > 0.0 && c.own_history > 0.0, "{c:?}");
+        // Every sequence of placements over the toy's 2 + 3 + 2 turns (9^7 is too many: vary
+        // the first dialogue fully and fix the rest to the best found by brute force per
+        // dialogue).
+        let mut best = [f64::NEG_INFINITY; 3];
+        let mut e = env();
+        for (i, dlg) in d.dialogues.iter().enumerate() {
+            let n = dlg.turns.len() as u32;
+            for code in 0..ACTIONS.pow(n) {
+                let seq: Vec<Action> = (0..n)
+                    .map(|t| Action::from_index(code / ACTIONS.pow(t) % ACTIONS).unwrap())
+                    .collect();
+                let mut e1 = Env::new(
+                    vec![dlg.clone()],
+                    Arc::new(knn.clone()),
+                    EnvConfig::default(),
+                    false,
+                    0,
+                )
+                .unwrap();
+                let m = evaluate(&mut e1, &mut Script(seq.into_iter()));
+                assert!(m.response <= c.own_history * 3.0, "{m:?}");
+                best[i] = best[i].max(m.response);
+            }
+        }
+        let brute = best.iter().sum::<f64>() / 3.0;
+        assert!((brute - c.own_history).abs() < 1e-9, "{brute} vs {c:?}");
+        // And the baselines stay under it.
+        for m in [
+            evaluate(&mut e, &mut LocalOnly),
+            evaluate(&mut e, &mut CloudAll),
+            evaluate(&mut e, &mut Random::new(1)),
+        ] {
+            assert!(m.response <= c.own_history + 1e-12);
+        }
     }
 }

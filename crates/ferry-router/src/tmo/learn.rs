@@ -11,8 +11,8 @@ use rand::Rng;
 use super::nn::{Optimizer, Rule};
 use super::policy::masked_softmax;
 use super::{
-    Action, BudgetSampling, CostModel, Dialogue, Env, EnvConfig, Knn, PlacementPolicy, PolicyMeta,
-    TmoError, ACTIONS, HISTORY, LATENCY_BUDGET_S, USD_BUDGET,
+    Action, BudgetSampling, CostModel, Dialogue, Env, EnvConfig, HistoryProtocol, Knn,
+    PlacementPolicy, PolicyMeta, TmoError, ACTIONS, HISTORY, LATENCY_BUDGET_S, USD_BUDGET,
 };
 use crate::rng::seeded;
 
@@ -94,6 +94,8 @@ pub struct TrainConfig {
     pub costs: CostModel,
     /// Rollout length; `None` = the algorithm's default (A2C 5, PPO 2048).
     pub n_steps: Option<usize>,
+    /// Whose placements fill the training observations' history.
+    pub history: HistoryProtocol,
 }
 
 impl TrainConfig {
@@ -108,6 +110,7 @@ impl TrainConfig {
             sampling: BudgetSampling::Normal,
             costs: CostModel::reference(),
             n_steps: None,
+            history: HistoryProtocol::default(),
         }
     }
 }
@@ -208,6 +211,7 @@ pub fn train(
         constrained,
         sampling: cfg.sampling,
         costs: cfg.costs.clone(),
+        history: cfg.history,
         ..EnvConfig::default()
     };
     // Streams: one for the networks' initialisation, one for the environment, one for actions
@@ -230,6 +234,7 @@ pub fn train(
         seed: cfg.seed,
         steps: cfg.steps as u64,
         test_dialogues,
+        history: cfg.history,
     };
     let policy = PlacementPolicy::init(meta, &mut init_rng)?;
     let (rule, n_steps, lambda) = match cfg.algorithm {
@@ -421,9 +426,20 @@ mod tests {
         steps: usize,
         seed: u64,
     ) -> (PlacementPolicy, TrainReport) {
+        run_with(algorithm, variant, steps, seed, HistoryProtocol::default())
+    }
+
+    fn run_with(
+        algorithm: Algorithm,
+        variant: Variant,
+        steps: usize,
+        seed: u64,
+        history: HistoryProtocol,
+    ) -> (PlacementPolicy, TrainReport) {
         let d = toy();
         let knn = Arc::new(Knn::from_log(5, &d.dialogues).unwrap());
         let mut cfg = TrainConfig::new(algorithm, variant, steps, seed);
+        cfg.history = history;
         cfg.hidden = vec![16, 16];
         cfg.n_steps = match algorithm {
             Algorithm::A2c => None,
@@ -457,8 +473,10 @@ mod tests {
 
     #[test]
     fn seeded_training_is_repeatable_and_pinned() {
-        let (a, ra) = run(Algorithm::A2c, Variant::Constrained, 300, 42);
-        let (b, rb) = run(Algorithm::A2c, Variant::Constrained, 300, 42);
+        // Pinned under the agent's-own-history protocol (the values predate the reference one).
+        let own = HistoryProtocol::Own;
+        let (a, ra) = run_with(Algorithm::A2c, Variant::Constrained, 300, 42, own);
+        let (b, rb) = run_with(Algorithm::A2c, Variant::Constrained, 300, 42, own);
         assert_eq!(ra, rb);
         assert!(same_weights(&a, &b));
         assert_eq!((ra.steps, ra.updates), (300, 60));
@@ -471,14 +489,23 @@ mod tests {
             close(p[0], 0.095081) && close(p[2], 0.145100) && close(p[8], 0.114618),
             "{p:?}"
         );
-        let (c, rc) = run(Algorithm::Ppo, Variant::Plain, 128, 7);
+        let (c, rc) = run_with(Algorithm::Ppo, Variant::Plain, 128, 7, own);
         assert_eq!((rc.steps, rc.updates), (128, 20));
         assert_eq!(rc.episodes, 55);
         assert!(close(rc.recent_reward, 0.835412), "{rc:?}");
         let q = probe(&c);
         assert!(close(q[0], 0.113918) && close(q[4], 0.106119), "{q:?}");
-        let (_, other) = run(Algorithm::A2c, Variant::Constrained, 300, 43);
+        let (_, other) = run_with(Algorithm::A2c, Variant::Constrained, 300, 43, own);
         assert_ne!(other, ra, "another seed, another run");
+        // The reference protocol (the default) trains on other observations: another run,
+        // equally repeatable.
+        let (d, rd) = run(Algorithm::A2c, Variant::Constrained, 300, 42);
+        let (e, re) = run(Algorithm::A2c, Variant::Constrained, 300, 42);
+        assert_eq!(rd, re);
+        assert!(same_weights(&d, &e));
+        assert!(!same_weights(&a, &d));
+        assert_eq!(d.meta().history, HistoryProtocol::Logged);
+        assert_eq!(a.meta().history, HistoryProtocol::Own);
     }
 
     #[test]

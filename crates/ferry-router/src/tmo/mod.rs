@@ -27,16 +27,18 @@
 //! - 80/20 split by dialogue, seeded. Evaluation plays each test dialogue once.
 //!
 //! # Where the reference is silent or where we differ (our choices)
-//! - **History in the observation.** The authors' training environment replays the *logged*
-//!   previous actions into the observation (the agent's own choices only reach it through the
-//!   budgets), while their evaluation feeds the agent's own actions back. We feed the agent's
-//!   own actions back in both, so training and evaluation see the same distribution and
-//!   the same [`DialogueState`] serves the live daemon.
+//! - **History in the observation** ([`HistoryProtocol`]). By default training replays the
+//!   *logged* previous placements into the observation (the agent's own choices reach it only
+//!   through the budgets) and evaluation feeds the agent's own back, as the authors' `step` and
+//!   `step_eval` do. `HistoryProtocol::Own` trains on the agent's own history too; the learner
+//!   can then steer the KNN imputer through its history. [`ceiling`] gives, per split, the best
+//!   mean response any placements reach under either history.
 //! - **Hard budget mask.** The authors' resource-constrained variants only see the budgets and
 //!   get zero reward on overdraw, which does not guarantee anything. Ours also mask (in training
 //!   and when acting) every action whose call would leave less than a reserve of 4 local calls
 //!   in either budget ([`feasible`]); local is always allowed. With dialogues of at most 5 turns
-//!   the constrained policies therefore never exceed a budget.
+//!   the constrained policies therefore never exceed a budget in simulation. Live, the mask
+//!   prices calls by what they cost on this device and endpoint ([`LiveCosts`]).
 //! - **Budget features are scaled** by the cost of 5 cloud calls with all views (about 35 s and
 //!   $0.068 on the reference profile); the authors feed raw seconds and dollars, which leaves the
 //!   dollar feature around 1e-2 and nearly invisible to the network.
@@ -50,9 +52,9 @@
 //!   (lr 3e-4, ε 1e-5), n_steps 2048, 10 epochs, minibatch 64, γ 0.99, λ 0.95, clip 0.2,
 //!   advantages normalised per minibatch. Evaluation acts greedily (argmax), as theirs does.
 //!   DQN is not implemented.
-//! - **Baselines**: local-only, cloud-only with all views, and random (local with probability
-//!   ½, otherwise a uniform cloud action, as the authors'). Their "cloud" baseline draws a
-//!   uniform cloud action; ours sends all views.
+//! - **Baselines**: local-only, cloud-only with all views, cloud-uniform (a uniform cloud
+//!   action: the authors' "Cloud"), and random (local with probability ½, otherwise a uniform
+//!   cloud action, as the authors').
 //! - **Violation** is reported as the fraction of test dialogues over either budget; the
 //!   authors report the mean excess over the budget of the dialogues that exceed it.
 //!
@@ -67,7 +69,8 @@
 //! [`PlacementPolicy`] is loaded from a safetensors file and answers
 //! [`PlacementPolicy::act`] for an [`Observation`] built by a [`DialogueState`] from the live
 //! dialogue: previous placements and views, the task category, and the remaining budgets after
-//! the measured latency and cost of earlier turns. With the `torch` feature, a TorchScript module
+//! the measured latency and cost of earlier turns; [`LiveCosts`] prices the mask's calls from
+//! what they really cost. With the `torch` feature, a TorchScript module
 //! exported from PyTorch / Stable-Baselines3 serves instead ([`torch`], [`ServedPolicy`]), with
 //! the same observation, actions and mask.
 
@@ -77,6 +80,7 @@ pub mod env;
 pub mod eval;
 pub mod knn;
 pub mod learn;
+pub mod live;
 mod nn;
 pub mod policy;
 pub mod profiles;
@@ -87,12 +91,13 @@ pub mod torch;
 
 pub use bandit::{BanditConfig, ConstrainedBandit};
 pub use data::{Dataset, Dialogue, Turn};
-pub use env::{BudgetSampling, Env, EnvConfig, StepOutcome};
-pub use eval::{evaluate, Metrics, Placer};
+pub use env::{BudgetSampling, Env, EnvConfig, HistoryProtocol, StepOutcome};
+pub use eval::{ceiling, evaluate, Ceiling, Metrics, Placer};
 pub use knn::Knn;
 pub use learn::{train, Algorithm, TrainConfig, TrainReport, Variant};
+pub use live::LiveCosts;
 pub use policy::{PlacementPolicy, PolicyMeta};
-pub use profiles::{CostModel, DeviceProfile, NetworkProfile};
+pub use profiles::{CallPrices, CostModel, DeviceProfile, NetworkProfile};
 pub use serve::{PolicyFormat, ServedPolicy, TORCHSCRIPT_SUPPORTED};
 pub use state::{feasible, DialogueState, Observation};
 

@@ -17,8 +17,8 @@ use safetensors::tensor::SafeTensors;
 use super::learn::{Algorithm, Variant};
 use super::nn::Mlp;
 use super::{
-    feasible, Action, CostModel, EnvConfig, Observation, TmoError, ACTIONS, HISTORY, OBS_DIM,
-    OBS_DIM_RC, VIEWS,
+    feasible, Action, CallPrices, CostModel, EnvConfig, HistoryProtocol, Observation, TmoError,
+    ACTIONS, HISTORY, OBS_DIM, OBS_DIM_RC, VIEWS,
 };
 use crate::rng::PolicyRng;
 
@@ -46,6 +46,8 @@ pub struct PolicyMeta {
     pub steps: u64,
     /// Dialogue ids held out for evaluation (the split of `seed`).
     pub test_dialogues: Vec<u64>,
+    /// The history its training observations carried.
+    pub history: HistoryProtocol,
 }
 
 impl PolicyMeta {
@@ -63,6 +65,15 @@ impl PolicyMeta {
         match self.variant {
             Variant::Plain => a,
             Variant::Constrained => format!("RC-{a}"),
+        }
+    }
+
+    /// The method and, when it is not the reference protocol, how it was trained, e.g.
+    /// `RC-A2C` or `RC-A2C/own`: rows of an evaluation table.
+    pub fn label(&self) -> String {
+        match self.history {
+            HistoryProtocol::Logged => self.method(),
+            HistoryProtocol::Own => format!("{}/own", self.method()),
         }
     }
 }
@@ -105,12 +116,16 @@ pub(crate) fn features_for(meta: &PolicyMeta, obs: &Observation) -> Vec<f32> {
     })
 }
 
-/// Allowed actions under `meta`: all for the plain variant, the budget mask for the
-/// constrained one.
-pub(crate) fn mask_for(meta: &PolicyMeta, costs: &CostModel, obs: &Observation) -> [bool; ACTIONS] {
+/// Allowed actions under `meta`: all for the plain variant, the budget mask at `prices` for
+/// the constrained one.
+pub(crate) fn mask_for(
+    meta: &PolicyMeta,
+    prices: &CallPrices,
+    obs: &Observation,
+) -> [bool; ACTIONS] {
     match meta.variant {
         Variant::Plain => [true; ACTIONS],
-        Variant::Constrained => feasible(obs, costs),
+        Variant::Constrained => feasible(obs, prices),
     }
 }
 
@@ -166,15 +181,25 @@ impl PlacementPolicy {
         features_for(&self.meta, obs)
     }
 
-    /// Allowed actions: all for the plain variant, the budget mask for the constrained one.
+    /// Allowed actions: all for the plain variant, the budget mask at the profile's prices for
+    /// the constrained one.
     pub fn mask(&self, obs: &Observation) -> [bool; ACTIONS] {
-        mask_for(&self.meta, &self.costs, obs)
+        mask_for(&self.meta, &self.costs.prices(), obs)
     }
 
     /// Action probabilities (masked actions have 0).
     pub fn probabilities(&self, obs: &Observation) -> Result<[f64; ACTIONS], TmoError> {
+        self.probabilities_masked(obs, &self.mask(obs))
+    }
+
+    /// Action probabilities over the actions `mask` allows.
+    pub fn probabilities_masked(
+        &self,
+        obs: &Observation,
+        mask: &[bool; ACTIONS],
+    ) -> Result<[f64; ACTIONS], TmoError> {
         let logits = self.actor.forward1(&self.features(obs))?;
-        Ok(masked_softmax(&logits, &self.mask(obs)))
+        Ok(masked_softmax(&logits, mask))
     }
 
     /// The placement for `obs`: the most probable allowed action. A forward pass cannot fail
@@ -239,6 +264,7 @@ impl PlacementPolicy {
                         .collect::<Vec<_>>(),
                 ),
             ),
+            ("history_protocol", m.history.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -307,6 +333,11 @@ impl PlacementPolicy {
             seed: h.num("seed")?,
             steps: h.num("steps")?,
             test_dialogues: h.list("test_dialogues")?,
+            // Files written before the key existed were all trained on their own history.
+            history: match h.0.get("history_protocol") {
+                Some(v) => v.parse()?,
+                None => HistoryProtocol::Own,
+            },
         };
         let obs: usize = h.num("obs_size")?;
         if obs != m.obs_size() {
@@ -429,6 +460,7 @@ mod tests {
             seed: 5,
             steps: 0,
             test_dialogues: vec![3, 1],
+            history: HistoryProtocol::Own,
         }
     }
 

@@ -119,7 +119,8 @@ pub const DEFAULT_NETWORK: &str = "wired";
 const PARAMS: f64 = 3.8e9;
 const L_BASE: f64 = 1024.0;
 const L_TOTAL: f64 = 2048.0;
-const CENTS_PER_KWH: f64 = 16.68;
+/// Electricity price of the profiles' local calls (the authors' 16.68 ¢/kWh).
+pub const CENTS_PER_KWH: f64 = 16.68;
 
 fn norm(s: &str) -> String {
     s.chars()
@@ -158,6 +159,40 @@ pub fn network(name: &str) -> Result<NetworkProfile, TmoError> {
         })
 }
 
+/// Call kinds: local, and cloud with 0..=[`VIEWS`] views (a call's latency and price depend on
+/// nothing else).
+pub const CALL_KINDS: usize = VIEWS + 2;
+
+/// Seconds and dollars one call of each kind costs: a profile's figures, or live estimates
+/// ([`super::live::LiveCosts`]). The budget mask judges the next call by these.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CallPrices {
+    /// By kind ([`CallPrices::kind`]).
+    pub latency_s: [f64; CALL_KINDS],
+    pub usd: [f64; CALL_KINDS],
+}
+
+impl CallPrices {
+    /// The kind of `a`: 0 local, 1 + views sent for the cloud.
+    pub fn kind(a: Action) -> usize {
+        if a.is_local() {
+            0
+        } else {
+            1 + a.views_sent()
+        }
+    }
+
+    /// Seconds one call of `a` takes.
+    pub fn latency_s(&self, a: Action) -> f64 {
+        self.latency_s[Self::kind(a)]
+    }
+
+    /// Dollars one call of `a` costs.
+    pub fn usd(&self, a: Action) -> f64 {
+        self.usd[Self::kind(a)]
+    }
+}
+
 /// Latency and price of every action on one device and network, and their min-max
 /// normalisation over the five call kinds (local, cloud with 0..=3 views).
 #[derive(Debug, Clone, PartialEq)]
@@ -194,23 +229,27 @@ impl CostModel {
     }
 
     /// [local, cloud+0, .., cloud+VIEWS] latencies.
-    fn kinds_s(&self) -> [f64; VIEWS + 2] {
-        let mut k = [self.local_s; VIEWS + 2];
+    fn kinds_s(&self) -> [f64; CALL_KINDS] {
+        let mut k = [self.local_s; CALL_KINDS];
         k[1..].copy_from_slice(&self.network.latency_s);
         k
     }
 
-    fn kinds_usd(&self) -> [f64; VIEWS + 2] {
-        let mut k = [self.local_usd; VIEWS + 2];
+    fn kinds_usd(&self) -> [f64; CALL_KINDS] {
+        let mut k = [self.local_usd; CALL_KINDS];
         k[1..].copy_from_slice(&self.network.cost_usd);
         k
     }
 
     fn kind(a: Action) -> usize {
-        if a.is_local() {
-            0
-        } else {
-            1 + a.views_sent()
+        CallPrices::kind(a)
+    }
+
+    /// The profile's price of every call kind.
+    pub fn prices(&self) -> CallPrices {
+        CallPrices {
+            latency_s: self.kinds_s(),
+            usd: self.kinds_usd(),
         }
     }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::policy::PlacementPolicy;
-use super::{Action, CostModel, Observation, PolicyMeta, TmoError, ACTIONS};
+use super::{Action, CallPrices, CostModel, Observation, PolicyMeta, TmoError, ACTIONS};
 
 /// How a policy file is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,9 +114,33 @@ impl ServedPolicy {
         super::policy::features_for(self.meta(), obs)
     }
 
-    /// Allowed actions.
+    /// Allowed actions at the profile's prices.
     pub fn mask(&self, obs: &Observation) -> [bool; ACTIONS] {
-        super::policy::mask_for(self.meta(), self.costs(), obs)
+        self.mask_at(obs, &self.costs().prices())
+    }
+
+    /// Allowed actions when calls cost `prices` (live estimates): all for a plain policy, the
+    /// budget mask for a constrained one.
+    pub fn mask_at(&self, obs: &Observation, prices: &CallPrices) -> [bool; ACTIONS] {
+        super::policy::mask_for(self.meta(), prices, obs)
+    }
+
+    /// Action probabilities over the actions `mask` allows.
+    pub fn probabilities_masked(
+        &self,
+        obs: &Observation,
+        mask: &[bool; ACTIONS],
+    ) -> Result<[f64; ACTIONS], TmoError> {
+        match self {
+            ServedPolicy::Native(p) => p.probabilities_masked(obs, mask),
+            #[cfg(feature = "torch")]
+            ServedPolicy::Torch(p) => p.probabilities_masked(obs, mask),
+        }
+    }
+
+    /// The most probable action among those `mask` allows (local if the forward pass failed).
+    pub fn act_masked(&self, obs: &Observation, mask: &[bool; ACTIONS]) -> Action {
+        super::policy::most_probable(self.probabilities_masked(obs, mask))
     }
 
     /// Action probabilities (masked actions have 0).

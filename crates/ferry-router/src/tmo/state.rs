@@ -2,7 +2,7 @@
 //! place, and the remaining budgets. The environment and the live daemon build observations
 //! the same way, through [`DialogueState`].
 
-use super::{Action, CostModel, ACTIONS, HISTORY, OBS_DIM, STEP_DIM};
+use super::{Action, CallPrices, ACTIONS, HISTORY, OBS_DIM, STEP_DIM};
 
 /// What a placement policy sees before one turn.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,17 +129,19 @@ impl DialogueState {
 /// turns can always run locally.
 pub const RESERVE_LOCAL_CALLS: usize = HISTORY - 1;
 
-/// The hard budget mask of the constrained policies: an action is allowed when its call leaves
-/// at least [`RESERVE_LOCAL_CALLS`] local calls of both budgets. Local is always allowed (it is
-/// the cheapest call, so if it does not fit nothing does).
-pub fn feasible(obs: &Observation, costs: &CostModel) -> [bool; ACTIONS] {
-    let reserve_s = costs.local_s * RESERVE_LOCAL_CALLS as f64;
-    let reserve_usd = costs.local_usd * RESERVE_LOCAL_CALLS as f64;
+/// The hard budget mask of the constrained policies: an action is allowed when its call, at
+/// `prices` (a profile's, or live estimates), leaves at least [`RESERVE_LOCAL_CALLS`] local
+/// calls of both budgets. Local is always allowed: it is the fallback, and the cheapest call on
+/// every profile.
+pub fn feasible(obs: &Observation, prices: &CallPrices) -> [bool; ACTIONS] {
+    let local = Action::LOCAL;
+    let reserve_s = prices.latency_s(local) * RESERVE_LOCAL_CALLS as f64;
+    let reserve_usd = prices.usd(local) * RESERVE_LOCAL_CALLS as f64;
     let mut ok = [false; ACTIONS];
     for a in Action::all() {
         ok[a.index()] = a.is_local()
-            || (costs.latency_s(a) <= obs.remaining_latency_s - reserve_s
-                && costs.cost_usd(a) <= obs.remaining_usd - reserve_usd);
+            || (prices.latency_s(a) <= obs.remaining_latency_s - reserve_s
+                && prices.usd(a) <= obs.remaining_usd - reserve_usd);
     }
     ok
 }
@@ -178,9 +180,10 @@ mod tests {
 
     #[test]
     fn mask_keeps_a_local_reserve() {
-        let c = CostModel::reference();
+        let c = crate::tmo::CostModel::reference();
+        let p = c.prices();
         let mut d = DialogueState::new(30.0, 0.05);
-        assert!(feasible(&d.observe(0), &c).iter().all(|&x| x));
+        assert!(feasible(&d.observe(0), &p).iter().all(|&x| x));
         for _ in 0..3 {
             d.record(
                 0,
@@ -190,11 +193,11 @@ mod tests {
             );
         }
         // $0.05 - 3 × 0.01368 = 0.00896: one view ($0.005) fits, two ($0.00945) do not.
-        let m = feasible(&d.observe(0), &c);
+        let m = feasible(&d.observe(0), &p);
         assert!(m[0] && m[1] && m[Action::cloud(0b001).index()]);
         assert!(!m[Action::cloud(0b011).index()] && !m[8]);
         let tight = DialogueState::new(0.0, 0.0);
-        let m = feasible(&tight.observe(0), &c);
+        let m = feasible(&tight.observe(0), &p);
         assert_eq!(m.iter().filter(|&&x| x).count(), 1);
         assert!(m[0]);
     }

@@ -157,6 +157,8 @@ impl TorchPolicy {
             seed: t.seed,
             steps: t.steps,
             test_dialogues: Vec::new(),
+            // Stable-Baselines3 training on the authors' environment replays the log.
+            history: super::HistoryProtocol::Logged,
         };
         let obs = meta.obs_size();
         if let Some(n) = t.obs_size.filter(|&n| n != obs) {
@@ -224,15 +226,24 @@ impl TorchPolicy {
 
     /// Allowed actions (the same mask as the safetensors policies).
     pub fn mask(&self, obs: &Observation) -> [bool; ACTIONS] {
-        mask_for(&self.meta, &self.costs, obs)
+        mask_for(&self.meta, &self.costs.prices(), obs)
     }
 
     /// Action probabilities (masked actions have 0).
     pub fn probabilities(&self, obs: &Observation) -> Result<[f64; ACTIONS], TmoError> {
+        self.probabilities_masked(obs, &self.mask(obs))
+    }
+
+    /// Action probabilities over the actions `mask` allows.
+    pub fn probabilities_masked(
+        &self,
+        obs: &Observation,
+        mask: &[bool; ACTIONS],
+    ) -> Result<[f64; ACTIONS], TmoError> {
         let out = self
             .forward(&self.features(obs))
             .map_err(|e| bad(format!("TorchScript forward: {e}")))?;
-        let mask = self.mask(obs);
+        let mask = *mask;
         match self.output {
             TorchOutput::Logits => Ok(masked_softmax(&out, &mask)),
             TorchOutput::Probabilities => {
