@@ -87,8 +87,12 @@ fn short_constrained_training_is_repeatable_in_budget_and_round_trips() {
     assert_eq!(loaded.meta().test_dialogues.len(), 20);
 
     let costs = tmo::CostModel::reference();
+    let bandit = policy::BanditArgs {
+        steps: 2000,
+        response_floor: None,
+    };
     let run =
-        |p: tmo::PlacementPolicy| policy::evaluate(&data, &mut [p], &[], 2000, &costs).unwrap();
+        |p: tmo::PlacementPolicy| policy::evaluate(&data, &mut [p], &[], &bandit, &costs).unwrap();
     let a = run(loaded);
     let b = run(q);
     assert_eq!(
@@ -104,6 +108,7 @@ fn short_constrained_training_is_repeatable_in_budget_and_round_trips() {
             "cloud-uniform",
             "random",
             "bandit",
+            "bandit/online",
             "RC-A2C"
         ]
     );
@@ -122,6 +127,8 @@ fn short_constrained_training_is_repeatable_in_budget_and_round_trips() {
     let row = |m: &str| &a.rows.iter().find(|r| r.method == m).unwrap().mean;
     assert_eq!(row("RC-A2C").violation, 0.0);
     assert_eq!(row("bandit").violation, 0.0);
+    assert_eq!(row("bandit/online").violation, 0.0);
+    assert!(a.bandit_response_floor > 0.5 && a.bandit_response_floor < 2.0);
     assert_eq!(row("local-only").violation, 0.0);
     // Sending all views on every turn breaks the $0.05 budget in 4- and 5-turn dialogues.
     assert!(row("cloud-only").cost_violation > 0.0);
@@ -157,6 +164,7 @@ fn bad_policy_files_are_refused_clearly() {
             policies: vec![path],
             seeds: vec![42],
             bandit_steps: 10,
+            bandit_response_floor: None,
             env_args: env_args(),
             json: true,
         }))
@@ -177,9 +185,13 @@ fn bad_policy_files_are_refused_clearly() {
     let (p, _, _) = policy::train(&data, &train_args("a2c", 5, 42, out)).unwrap();
     let mut fewer = data.clone();
     fewer.dialogues.truncate(90);
-    let e = policy::evaluate(&fewer, &mut [p], &[], 10, &tmo::CostModel::reference())
+    let bandit = policy::BanditArgs {
+        steps: 10,
+        response_floor: None,
+    };
+    let e = policy::evaluate(&fewer, &mut [p], &[], &bandit, &tmo::CostModel::reference())
         .unwrap_err()
         .to_string();
     assert!(e.contains("another split"), "{e}");
-    assert!(policy::train(&data, &train_args("dqn", 5, 42, dir.path().join("x"))).is_err());
+    assert!(policy::train(&data, &train_args("sarsa", 5, 42, dir.path().join("x"))).is_err());
 }

@@ -20,8 +20,8 @@ use ferry_router::tmo::{
 /// `ferry policy ...`
 #[derive(Subcommand)]
 pub enum PolicyCommand {
-    /// Train a placement policy (A2C or PPO, plain or resource-constrained) and save it as
-    /// safetensors.
+    /// Train a placement policy (A2C, PPO or DQN, plain or resource-constrained) and save it
+    /// as safetensors.
     Train(TrainArgs),
     /// Evaluate saved policies on their held-out dialogues beside local-only, cloud-only, random
     /// and the constrained bandit.
@@ -53,7 +53,8 @@ pub struct EnvArgs {
 pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "m4a1")]
     pub env: EnvName,
-    /// a2c, ppo, rc-a2c or rc-ppo (rc: resource-constrained: budgets observed, hard mask).
+    /// a2c, ppo, dqn, rc-a2c, rc-ppo or rc-dqn (rc: resource-constrained: budgets observed,
+    /// hard mask).
     #[arg(long, default_value = "rc-a2c")]
     pub algo: String,
     /// Environment steps (dialogue turns).
@@ -92,10 +93,14 @@ pub struct EvalArgs {
     /// Seeds for the baselines when no policy is given.
     #[arg(long, value_delimiter = ',', default_value = "42,43,44")]
     pub seeds: Vec<u64>,
-    /// Turns the bandit learns on the training dialogues before the evaluation (it keeps
-    /// learning during it).
+    /// Turns the bandit learns on the training dialogues before the evaluation (the `bandit`
+    /// row is then frozen; `bandit/online` keeps learning).
     #[arg(long, default_value_t = 30000)]
     pub bandit_steps: usize,
+    /// The bandit's covering constraint: mean response per turn to keep at or above. Unset:
+    /// the mean logged response of the split's training dialogues (no worse than the log).
+    #[arg(long)]
+    pub bandit_response_floor: Option<f64>,
     #[command(flatten)]
     pub env_args: EnvArgs,
     #[arg(long)]
@@ -158,7 +163,27 @@ pub struct Table {
     pub ceiling: Vec<SplitCeiling>,
     /// The ceilings' mean over the splits.
     pub ceiling_mean: Ceiling,
+    /// The bandit's covering constraint (mean over the splits).
+    pub bandit_response_floor: f64,
     pub rows: Vec<Row>,
+}
+
+/// How the bandit rows are run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BanditArgs {
+    /// Warm-up turns on the training dialogues.
+    pub steps: usize,
+    /// The covering constraint; `None` = the split's mean logged response.
+    pub response_floor: Option<f64>,
+}
+
+/// Mean logged response per turn of `dialogues`.
+fn logged_response(dialogues: &[tmo::Dialogue]) -> f64 {
+    let scores: Vec<f64> = dialogues
+        .iter()
+        .flat_map(|d| d.turns.iter().map(|t| t.score))
+        .collect();
+    scores.iter().sum::<f64>() / scores.len().max(1) as f64
 }
 
 /// Evaluates `policies` (each on its own seed's held-out dialogues) and, on every seed
@@ -167,7 +192,7 @@ pub fn evaluate(
     data: &Dataset,
     policies: &mut [PlacementPolicy],
     seeds: &[u64],
-    bandit_steps: usize,
+    bandit: &BanditArgs,
     costs: &CostModel,
 ) -> anyhow::Result<Table> {
     let env_cfg = EnvConfig {
@@ -183,6 +208,7 @@ pub fn evaluate(
     seeds.dedup();
     let mut results: BTreeMap<(usize, String), Vec<(u64, Metrics)>> = BTreeMap::new();
     let mut ceilings = Vec::new();
+    let mut floors = Vec::new();
     for &seed in &seeds {
         let split = learn::Split::new(data, seed)?;
         ceilings.push(SplitCeiling {
@@ -221,7 +247,15 @@ pub fn evaluate(
             "random".into(),
             tmo::evaluate(&mut test_env()?, &mut eval::Random::new(seed)),
         );
-        let mut bandit = ConstrainedBandit::new(BanditConfig::default(), data.tasks.len());
+        let floor = bandit
+            .response_floor
+            .unwrap_or_else(|| logged_response(&split.train));
+        floors.push(floor);
+        let cfg = BanditConfig {
+            response_floor: Some(floor),
+            ..BanditConfig::default()
+        };
+        let mut online = ConstrainedBandit::new(cfg, data.tasks.len());
         let mut train_env = Env::new(
             split.train.clone(),
             split.knn.clone(),
@@ -229,11 +263,18 @@ pub fn evaluate(
             true,
             seed,
         )?;
-        bandit.warm_up(&mut train_env, bandit_steps);
+        online.warm_up(&mut train_env, bandit.steps);
+        let mut frozen = online.clone();
+        frozen.freeze();
         add(
             4,
             "bandit".into(),
-            tmo::evaluate(&mut test_env()?, &mut bandit),
+            tmo::evaluate(&mut test_env()?, &mut frozen),
+        );
+        add(
+            5,
+            "bandit/online".into(),
+            tmo::evaluate(&mut test_env()?, &mut online),
         );
         for p in policies.iter_mut().filter(|p| p.meta().seed == seed) {
             if p.meta().test_dialogues != split.test_ids() {
@@ -250,9 +291,9 @@ pub fn evaluate(
                     p.meta().tasks
                 );
             }
-            let order = 5
-                + p.meta().history as usize * 4
-                + p.meta().variant as usize * 2
+            let order = 6
+                + p.meta().history as usize * 6
+                + p.meta().variant as usize * 3
                 + p.meta().algorithm as usize;
             let name = p.meta().label();
             add(order, name, tmo::evaluate(&mut test_env()?, p));
@@ -283,6 +324,7 @@ pub fn evaluate(
         usd_budget: env_cfg.usd_budget,
         ceiling: ceilings,
         ceiling_mean,
+        bandit_response_floor: floors.iter().sum::<f64>() / floors.len().max(1) as f64,
         rows,
     })
 }
@@ -325,6 +367,10 @@ pub fn render(t: &Table) -> String {
         "response ceiling (best any placements reach under the imputer, budgets ignored): \
          {:.3} with the placer's own history (bounds every row), {:.3} with the log's\n",
         c.own_history, c.logged_history
+    );
+    s += &format!(
+        "bandit: frozen after its warm-up (bandit/online keeps learning), response floor {:.3}\n",
+        t.bandit_response_floor
     );
     s += "response, reward: mean per turn; latency, cost: mean total per dialogue; violation: \
           fraction of dialogues over either budget (lat/usd: each budget). Policies are trained \
@@ -389,7 +435,11 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
                 None => (args.env_args.device.clone(), args.env_args.network.clone()),
             };
             let costs = CostModel::by_name(&device, &network)?;
-            let table = evaluate(&data, &mut policies, &args.seeds, args.bandit_steps, &costs)?;
+            let bandit = BanditArgs {
+                steps: args.bandit_steps,
+                response_floor: args.bandit_response_floor,
+            };
+            let table = evaluate(&data, &mut policies, &args.seeds, &bandit, &costs)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&table)?);
             } else {

@@ -17,10 +17,22 @@
 //! - **Hard stop**: an arm is never played if its worst observed latency or price (for an
 //!   unplayed arm, the worst seen on any arm) would leave less than a reserve of 4 local calls;
 //!   once the budget cannot afford any cloud call, every remaining turn runs locally.
-//! - Among the paced and safe arms, the highest reward UCB wins; if pacing rules out every
-//!   arm, the highest-UCB safe arm is played (local is always safe).
-//! - The paper treats latency as a soft covering constraint; in this environment latency is a
-//!   per-dialogue budget like the dollars, so both are paced and hard-stopped.
+//! - **What it maximises**: the utility `w_r·response + w_a·association` only. Latency and
+//!   dollars are constraints (paced and hard-stopped), so they are not also subtracted from
+//!   the objective (the environment's reward subtracts them; charging them twice made the
+//!   bandit timid).
+//! - **Soft covering constraint** (optional, [`BanditConfig::response_floor`]): the long-run
+//!   mean response per turn should stay at or above a floor. A virtual queue `Z ← max(0, Z +
+//!   floor − response)` carries the deficit, and arms are scored `UCB(utility) + Z/√t ·
+//!   UCB(response)`: the weight of quality grows while it is owed, and since the queue stays
+//!   O(√t) the violation per turn vanishes (the drift-plus-penalty argument).
+//! - Among the paced and safe arms, the highest score wins; if pacing rules out every arm, the
+//!   highest-scoring safe arm is played (local is always safe).
+//! - **Frozen** ([`ConstrainedBandit::freeze`]): statistics and the demand forecast stop
+//!   learning, and the confidence bonuses drop to zero (it plays its estimates); the covering
+//!   queue still tracks the turns, as a controller's state.
+//! - In this environment latency is a per-dialogue budget like the dollars, so both are paced
+//!   and hard-stopped.
 
 use serde::Serialize;
 
@@ -37,14 +49,21 @@ pub struct BanditConfig {
     pub lcb: f64,
     /// Keep statistics per task category (otherwise one set for all).
     pub per_task: bool,
+    /// Weights of the response and of the (normalised) association in the utility.
+    pub utility_weights: [f64; 2],
+    /// The covering constraint: mean response per turn to keep at or above; `None` = none.
+    pub response_floor: Option<f64>,
 }
 
 impl Default for BanditConfig {
     fn default() -> Self {
+        let w = super::EnvConfig::default().weights;
         BanditConfig {
             ucb: 1.0,
             lcb: 1.0,
             per_task: true,
+            utility_weights: [w[0], w[1]],
+            response_floor: None,
         }
     }
 }
@@ -52,7 +71,10 @@ impl Default for BanditConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Arm {
     n: u64,
+    /// Summed utility.
     reward: f64,
+    /// Summed response.
+    response: f64,
     usd: f64,
     lat: f64,
     usd_max: f64,
@@ -88,8 +110,12 @@ pub struct ConstrainedBandit {
     t: u64,
     lengths: [f64; 64],
     reward: Range,
+    response: Range,
     usd: Range,
     lat: Range,
+    /// The covering constraint's virtual queue (response owed).
+    owed: f64,
+    frozen: bool,
 }
 
 impl ConstrainedBandit {
@@ -103,9 +129,22 @@ impl ConstrainedBandit {
             t: 0,
             lengths,
             reward: Range::new(),
+            response: Range::new(),
             usd: Range::new(),
             lat: Range::new(),
+            owed: 0.0,
+            frozen: false,
         }
+    }
+
+    /// Stops learning: from now on it plays its estimates (see the module header).
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
+    /// The covering constraint's queue: response owed so far.
+    pub fn owed(&self) -> f64 {
+        self.owed
     }
 
     fn context(&self, task: usize) -> usize {
@@ -208,18 +247,31 @@ impl Placer for ConstrainedBandit {
         let d = self.remaining_demand(obs.turn);
         let (allow_s, allow_u) = (obs.remaining_latency_s / d, obs.remaining_usd / d);
         let ln_t = (self.t as f64).ln().max(0.0);
+        let quality_weight = self.owed / (self.t as f64).sqrt();
         let ctx = &self.arms[self.context(obs.task)];
         let mut ucb = [f64::NEG_INFINITY; ACTIONS];
         let mut paced = [false; ACTIONS];
         for (i, arm) in ctx.iter().enumerate() {
             if arm.n == 0 {
-                ucb[i] = f64::INFINITY;
+                // Unplayed: tried first while learning; never chosen once frozen.
+                ucb[i] = if self.frozen {
+                    f64::NEG_INFINITY
+                } else {
+                    f64::INFINITY
+                };
                 paced[i] = true;
                 continue;
             }
             let n = arm.n as f64;
-            let bonus = (2.0 * ln_t / n).sqrt();
-            ucb[i] = arm.reward / n + self.cfg.ucb * self.reward.width() * bonus;
+            let bonus = if self.frozen {
+                0.0
+            } else {
+                (2.0 * ln_t / n).sqrt()
+            };
+            ucb[i] = arm.reward / n
+                + self.cfg.ucb * self.reward.width() * bonus
+                + quality_weight
+                    * (arm.response / n + self.cfg.ucb * self.response.width() * bonus);
             let lcb_s = (arm.lat / n - self.cfg.lcb * self.lat.width() * bonus).max(0.0);
             let lcb_u = (arm.usd / n - self.cfg.lcb * self.usd.width() * bonus).max(0.0);
             paced[i] = lcb_s <= allow_s && lcb_u <= allow_u;
@@ -239,15 +291,25 @@ impl Placer for ConstrainedBandit {
     }
 
     fn feedback(&mut self, obs: &Observation, action: Action, out: &StepOutcome) {
+        if let Some(floor) = self.cfg.response_floor {
+            self.owed = (self.owed + floor - out.response).max(0.0);
+        }
+        if self.frozen {
+            return;
+        }
+        let [wr, wa] = self.cfg.utility_weights;
+        let utility = wr * out.response + wa * out.association_norm;
         let c = self.context(obs.task);
         let arm = &mut self.arms[c][action.index()];
         arm.n += 1;
-        arm.reward += out.reward;
+        arm.reward += utility;
+        arm.response += out.response;
         arm.usd += out.cost_usd;
         arm.lat += out.latency_s;
         arm.usd_max = arm.usd_max.max(out.cost_usd);
         arm.lat_max = arm.lat_max.max(out.latency_s);
-        self.reward.add(out.reward);
+        self.reward.add(utility);
+        self.response.add(out.response);
         self.usd.add(out.cost_usd);
         self.lat.add(out.latency_s);
         if out.done {
@@ -314,5 +376,63 @@ mod tests {
         let m = evaluate(&mut test, &mut b);
         assert_eq!(m.violation, 0.0);
         assert!(m.actions[0] < 1.0, "uses the cloud when it pays: {m:?}");
+        // Frozen, it stops learning: the same test twice plays the same way.
+        b.freeze();
+        let before = b.arms.clone();
+        let m1 = evaluate(&mut test, &mut b);
+        let m2 = evaluate(&mut test, &mut b);
+        assert_eq!(b.arms, before);
+        assert_eq!(m1, m2);
+        assert_eq!(m1.violation, 0.0);
+    }
+
+    #[test]
+    fn an_owed_response_floor_buys_quality() {
+        // Local: response 0.5 with association 0 (utility 0.5). Cloud with all views: response
+        // 0.4 but association 1 (utility 0.4 + 1/3). Without a floor the cloud's utility wins;
+        // owing response turns the choice to local, and paying it back turns it back.
+        let obs = crate::tmo::DialogueState::new(1e9, 1e9).observe(0);
+        let outcome = |response: f64, assoc: f64, done: bool| StepOutcome {
+            reward: 0.0,
+            response,
+            association: assoc,
+            association_norm: assoc,
+            latency_s: 0.0,
+            cost_usd: 0.0,
+            latency_norm: 0.0,
+            cost_norm: 0.0,
+            overdrawn: false,
+            done,
+        };
+        let all = Action::cloud(0b111);
+        let teach = |floor: Option<f64>| {
+            let mut b = ConstrainedBandit::new(
+                BanditConfig {
+                    response_floor: floor,
+                    per_task: false,
+                    ..BanditConfig::default()
+                },
+                1,
+            );
+            for _ in 0..50 {
+                b.feedback(&obs, Action::LOCAL, &outcome(0.5, 0.0, false));
+                b.feedback(&obs, all, &outcome(0.4, 1.0, false));
+            }
+            b.freeze();
+            b
+        };
+        let mut free = teach(None);
+        assert_eq!(free.place(&obs), all);
+        assert_eq!(free.owed(), 0.0);
+        let mut owing = teach(Some(0.9));
+        // 100 turns at 0.45 under a 0.9 floor: 45 owed.
+        assert!((owing.owed() - 45.0).abs() < 1e-9, "{}", owing.owed());
+        assert_eq!(owing.place(&obs), Action::LOCAL);
+        // Responses above the floor pay the debt back; it never goes below zero.
+        for _ in 0..100 {
+            owing.feedback(&obs, Action::LOCAL, &outcome(2.0, 0.0, false));
+        }
+        assert_eq!(owing.owed(), 0.0);
+        assert_eq!(owing.place(&obs), all);
     }
 }

@@ -1,4 +1,4 @@
-//! The learners: A2C and PPO over the M4A1 environment, each plain or resource-constrained,
+//! The learners: A2C, PPO and DQN over the M4A1 environment, each plain or resource-constrained,
 //! with Stable-Baselines3's default hyperparameters (see the module header of [`super`]).
 //! Seeded: the same configuration gives the same policy, bit for bit, on one machine.
 
@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::nn::{Optimizer, Rule};
+use super::nn::{Mlp, Optimizer, Rule};
 use super::policy::masked_softmax;
 use super::{
     Action, BudgetSampling, CostModel, Dialogue, Env, EnvConfig, HistoryProtocol, Knn,
@@ -21,6 +21,7 @@ use crate::rng::seeded;
 pub enum Algorithm {
     A2c,
     Ppo,
+    Dqn,
 }
 
 /// Plain, or resource-constrained (budgets observed, overdraw rewarded 0, hard mask).
@@ -35,6 +36,7 @@ impl std::fmt::Display for Algorithm {
         f.write_str(match self {
             Algorithm::A2c => "a2c",
             Algorithm::Ppo => "ppo",
+            Algorithm::Dqn => "dqn",
         })
     }
 }
@@ -45,7 +47,10 @@ impl std::str::FromStr for Algorithm {
         match s {
             "a2c" => Ok(Algorithm::A2c),
             "ppo" => Ok(Algorithm::Ppo),
-            _ => Err(TmoError::Invalid(format!("algorithm `{s}` (a2c or ppo)"))),
+            "dqn" => Ok(Algorithm::Dqn),
+            _ => Err(TmoError::Invalid(format!(
+                "algorithm `{s}` (a2c, ppo or dqn)"
+            ))),
         }
     }
 }
@@ -70,14 +75,18 @@ impl std::str::FromStr for Variant {
     }
 }
 
-/// Parses `a2c`, `ppo`, `rc-a2c`, `rc-ppo`.
+/// Parses `a2c`, `ppo`, `dqn`, `rc-a2c`, `rc-ppo`, `rc-dqn`.
 pub fn parse_algo(s: &str) -> Result<(Algorithm, Variant), TmoError> {
     let lower = s.to_ascii_lowercase();
     let parsed = match lower.strip_prefix("rc-") {
         Some(a) => a.parse().map(|a| (a, Variant::Constrained)),
         None => lower.parse().map(|a| (a, Variant::Plain)),
     };
-    parsed.map_err(|_| TmoError::Invalid(format!("algorithm `{s}` (a2c, ppo, rc-a2c or rc-ppo)")))
+    parsed.map_err(|_| {
+        TmoError::Invalid(format!(
+            "algorithm `{s}` (a2c, ppo, dqn, rc-a2c, rc-ppo or rc-dqn)"
+        ))
+    })
 }
 
 /// Training settings.
@@ -187,7 +196,11 @@ fn evaluate_batch(
     let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
     let logp_all = shifted.broadcast_sub(&lse)?;
     let logp = (logp_all * Tensor::from_vec(onehot, (n, ACTIONS), &dev)?)?.sum(1)?;
-    let values = p.critic.forward(&x)?.squeeze(1)?;
+    let critic = p
+        .critic
+        .as_ref()
+        .ok_or_else(|| candle_core::Error::Msg("an actor-critic policy has a critic".into()))?;
+    let values = critic.forward(&x)?.squeeze(1)?;
     Ok((logp, values))
 }
 
@@ -237,6 +250,16 @@ pub fn train(
         history: cfg.history,
     };
     let policy = PlacementPolicy::init(meta, &mut init_rng)?;
+    if cfg.algorithm == Algorithm::Dqn {
+        return train_dqn(env, policy, cfg, &mut rng);
+    }
+    let critic_of = |p: &PlacementPolicy, f: &[f32]| -> Result<f64, TmoError> {
+        let c = p
+            .critic
+            .as_ref()
+            .ok_or_else(|| TmoError::Invalid("an actor-critic policy has a critic".into()))?;
+        Ok(f64::from(c.forward1(f)?[0]))
+    };
     let (rule, n_steps, lambda) = match cfg.algorithm {
         Algorithm::A2c => (
             Rule::RmsProp {
@@ -257,10 +280,11 @@ pub fn train(
             cfg.n_steps.unwrap_or(2048),
             0.95,
         ),
+        Algorithm::Dqn => unreachable!("returned above"),
     };
     let n_steps = n_steps.max(1);
     let mut vars = policy.actor.vars();
-    vars.extend(policy.critic.vars());
+    vars.extend(policy.critic.iter().flat_map(Mlp::vars));
     let mut opt = Optimizer::new(rule, 0.5, vars);
     let gamma = 0.99;
 
@@ -288,7 +312,7 @@ pub fn train(
                     break;
                 }
             }
-            let value = f64::from(policy.critic.forward1(&f)?[0]);
+            let value = critic_of(&policy, &f)?;
             let out = env.step(Action::from_index(a).expect("in range"));
             r.obs.extend_from_slice(&f);
             r.masks.push(mask);
@@ -315,7 +339,7 @@ pub fn train(
                 break;
             }
         }
-        let last_value = f64::from(policy.critic.forward1(&policy.features(&obs))?[0]);
+        let last_value = critic_of(&policy, &policy.features(&obs))?;
         let (adv, ret) = gae(&r, last_value, gamma, lambda);
         match cfg.algorithm {
             Algorithm::A2c => {
@@ -374,6 +398,7 @@ pub fn train(
                     }
                 }
             }
+            Algorithm::Dqn => unreachable!("returned above"),
         }
     }
     let recent_reward = if recent.is_empty() {
@@ -388,6 +413,165 @@ pub fn train(
             episodes,
             updates,
             recent_reward,
+        },
+    ))
+}
+
+/// Keeps the mean per-step reward of the last 100 finished episodes.
+#[derive(Default)]
+struct Recent {
+    episode: Vec<f64>,
+    means: std::collections::VecDeque<f64>,
+    episodes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, reward: f64, done: bool) {
+        self.episode.push(reward);
+        if done {
+            self.episodes += 1;
+            let mean = self.episode.iter().sum::<f64>() / self.episode.len() as f64;
+            self.episode.clear();
+            self.means.push_back(mean);
+            if self.means.len() > 100 {
+                self.means.pop_front();
+            }
+        }
+    }
+
+    fn mean(&self) -> f64 {
+        if self.means.is_empty() {
+            f64::NAN
+        } else {
+            self.means.iter().sum::<f64>() / self.means.len() as f64
+        }
+    }
+}
+
+/// One stored DQN transition.
+struct Transition {
+    obs: Vec<f32>,
+    action: usize,
+    reward: f64,
+    next: Vec<f32>,
+    next_mask: [bool; ACTIONS],
+    done: bool,
+}
+
+/// DQN with SB3's defaults: Adam (lr 1e-4), replay buffer (1e6 ≥ any run here), learning from
+/// step 100, a batch of 32 every 4 steps, Huber loss, γ 0.99, gradient-norm clip 10, the target
+/// network copied every 10,000 steps, ε-greedy from 1.0 to 0.05 over the first 10 % of the
+/// steps. The constrained variant explores and maximises over the allowed actions only.
+fn train_dqn(
+    mut env: Env,
+    policy: PlacementPolicy,
+    cfg: &TrainConfig,
+    rng: &mut crate::rng::PolicyRng,
+) -> Result<(PlacementPolicy, TrainReport), TmoError> {
+    const LEARNING_STARTS: usize = 100;
+    const BATCH: usize = 32;
+    const TRAIN_FREQ: usize = 4;
+    const TARGET_INTERVAL: usize = 10_000;
+    const EXPLORATION_FRACTION: f64 = 0.1;
+    const EPS_START: f64 = 1.0;
+    const EPS_END: f64 = 0.05;
+    let gamma = 0.99f32;
+    let target = policy.actor.detached_copy()?;
+    let mut opt = Optimizer::new(
+        Rule::Adam {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        10.0,
+        policy.actor.vars(),
+    );
+    let dev = Device::Cpu;
+    let mut buffer: Vec<Transition> = Vec::new();
+    let mut recent = Recent::default();
+    let mut updates = 0;
+    let mut obs = env.reset();
+    for step in 0..cfg.steps {
+        let progress = step as f64 / cfg.steps as f64;
+        let eps = if progress < EXPLORATION_FRACTION {
+            EPS_START + (EPS_END - EPS_START) * progress / EXPLORATION_FRACTION
+        } else {
+            EPS_END
+        };
+        let f = policy.features(&obs);
+        let mask = policy.mask(&obs);
+        let a = if step < LEARNING_STARTS || rng.random::<f64>() < eps {
+            let allowed: Vec<usize> = (0..ACTIONS).filter(|&i| mask[i]).collect();
+            allowed[rng.random_range(0..allowed.len())]
+        } else {
+            super::policy::greedy(&policy.actor.forward1(&f)?, &mask)
+        };
+        let out = env.step(Action::from_index(a).expect("in range"));
+        recent.push(out.reward, out.done);
+        let next_obs = if out.done {
+            env.reset()
+        } else {
+            env.observation()
+        };
+        buffer.push(Transition {
+            obs: f,
+            action: a,
+            reward: out.reward,
+            next: policy.features(&next_obs),
+            next_mask: policy.mask(&next_obs),
+            done: out.done,
+        });
+        obs = next_obs;
+        let calls = step + 1;
+        if calls > LEARNING_STARTS && calls % TRAIN_FREQ == 0 {
+            let rows: Vec<usize> = (0..BATCH)
+                .map(|_| rng.random_range(0..buffer.len()))
+                .collect();
+            let d = buffer[0].obs.len();
+            let mut x = Vec::with_capacity(BATCH * d);
+            let mut nx = Vec::with_capacity(BATCH * d);
+            let mut onehot = vec![0f32; BATCH * ACTIONS];
+            for (k, &i) in rows.iter().enumerate() {
+                x.extend_from_slice(&buffer[i].obs);
+                nx.extend_from_slice(&buffer[i].next);
+                onehot[k * ACTIONS + buffer[i].action] = 1.0;
+            }
+            let next_q = target
+                .forward(&Tensor::from_vec(nx, (BATCH, d), &dev)?)?
+                .to_vec2::<f32>()?;
+            let y: Vec<f32> = rows
+                .iter()
+                .zip(&next_q)
+                .map(|(&i, q)| {
+                    let t = &buffer[i];
+                    let best = q[super::policy::greedy(q, &t.next_mask)];
+                    let cont = if t.done { 0.0 } else { 1.0 };
+                    t.reward as f32 + gamma * cont * best
+                })
+                .collect();
+            let q = policy
+                .actor
+                .forward(&Tensor::from_vec(x, (BATCH, d), &dev)?)?;
+            let q_a = (q * Tensor::from_vec(onehot, (BATCH, ACTIONS), &dev)?)?.sum(1)?;
+            // Huber (smooth L1, β = 1): ½d² below 1, |d| − ½ above.
+            let abs = (q_a - Tensor::from_vec(y, BATCH, &dev)?)?.abs()?;
+            let quad = abs.clamp(0f32, 1f32)?;
+            let loss = ((quad.sqr()? * 0.5)? + (abs - &quad)?)?.mean_all()?;
+            opt.backward_step(&loss)?;
+            updates += 1;
+        }
+        if calls % TARGET_INTERVAL == 0 {
+            target.copy_from(&policy.actor)?;
+        }
+    }
+    Ok((
+        policy,
+        TrainReport {
+            steps: cfg.steps,
+            episodes: recent.episodes,
+            updates,
+            recent_reward: recent.mean(),
         },
     ))
 }
@@ -442,7 +626,7 @@ mod tests {
         cfg.history = history;
         cfg.hidden = vec![16, 16];
         cfg.n_steps = match algorithm {
-            Algorithm::A2c => None,
+            Algorithm::A2c | Algorithm::Dqn => None,
             Algorithm::Ppo => Some(64),
         };
         train(d.dialogues, knn, d.tasks, vec![2], &cfg).unwrap()
@@ -453,7 +637,7 @@ mod tests {
             p.actor
                 .vars()
                 .iter()
-                .chain(&p.critic.vars())
+                .chain(&p.critic.iter().flat_map(Mlp::vars).collect::<Vec<_>>())
                 .flat_map(|v| {
                     v.as_tensor()
                         .flatten_all()
@@ -515,10 +699,38 @@ mod tests {
             (Algorithm::A2c, Variant::Constrained)
         );
         assert_eq!(parse_algo("PPO").unwrap(), (Algorithm::Ppo, Variant::Plain));
-        assert!(parse_algo("dqn")
+        assert_eq!(
+            parse_algo("rc-dqn").unwrap(),
+            (Algorithm::Dqn, Variant::Constrained)
+        );
+        assert!(parse_algo("sarsa")
             .unwrap_err()
             .to_string()
-            .contains("rc-a2c"));
+            .contains("rc-dqn"));
+    }
+
+    #[test]
+    fn dqn_learns_repeatably_acts_greedily_and_round_trips() {
+        let (a, ra) = run(Algorithm::Dqn, Variant::Constrained, 400, 5);
+        let (b, rb) = run(Algorithm::Dqn, Variant::Constrained, 400, 5);
+        assert_eq!(ra, rb);
+        assert!(same_weights(&a, &b));
+        // A batch every 4 steps after the first 100.
+        assert_eq!((ra.steps, ra.updates), (400, 75));
+        assert!(a.critic.is_none());
+        let s = DialogueState::new(30.0, 0.05);
+        let o = s.observe(1);
+        let p = a.probabilities(&o).unwrap();
+        assert_eq!(p.iter().filter(|&&x| x == 1.0).count(), 1);
+        assert_eq!(p.iter().sum::<f64>(), 1.0);
+        let q = PlacementPolicy::from_bytes(&a.to_bytes().unwrap()).unwrap();
+        assert_eq!(q.meta().method(), "RC-DQN");
+        assert!(same_weights(&a, &q));
+        assert_eq!(q.act(&o), a.act(&o));
+        assert_eq!(q.value(&o).unwrap(), a.value(&o).unwrap());
+        // The Q-network learned something: it is not where it started.
+        let (fresh, _) = run(Algorithm::Dqn, Variant::Constrained, 100, 5);
+        assert!(!same_weights(&a, &fresh));
     }
 
     proptest! {
@@ -529,12 +741,13 @@ mod tests {
             seed in 0u64..1000,
             lat in 0.0f64..40.0,
             usd in 0.0f64..0.08,
-            ppo in any::<bool>(),
+            algo in 0usize..3,
         ) {
             // Untrained networks act arbitrarily; the mask alone must keep them in budget.
             let d = toy();
             let knn = Arc::new(Knn::from_log(5, &d.dialogues).unwrap());
-            let mut cfg = TrainConfig::new(if ppo { Algorithm::Ppo } else { Algorithm::A2c }, Variant::Constrained, 1, seed);
+            let algorithm = [Algorithm::A2c, Algorithm::Ppo, Algorithm::Dqn][algo];
+            let mut cfg = TrainConfig::new(algorithm, Variant::Constrained, 1, seed);
             cfg.hidden = vec![8];
             cfg.n_steps = Some(1);
             let (mut p, _) = train(d.dialogues.clone(), knn.clone(), d.tasks.clone(), vec![], &cfg).unwrap();

@@ -50,8 +50,11 @@
 //!   (gain √2, policy head 0.01, value head 1); A2C: RMSprop (lr 7e-4, α 0.99, ε 1e-5),
 //!   n_steps 5, γ 0.99, GAE λ 1, value coefficient 0.5, gradient-norm clip 0.5; PPO: Adam
 //!   (lr 3e-4, ε 1e-5), n_steps 2048, 10 epochs, minibatch 64, γ 0.99, λ 0.95, clip 0.2,
-//!   advantages normalised per minibatch. Evaluation acts greedily (argmax), as theirs does.
-//!   DQN is not implemented.
+//!   advantages normalised per minibatch. DQN: a ReLU Q-network (64-64, PyTorch's default
+//!   initialisation), Adam (lr 1e-4), learning from step 100, a batch of 32 every 4 steps,
+//!   Huber loss, γ 0.99, gradient-norm clip 10, target copied every 10,000 steps, ε 1 → 0.05
+//!   over the first 10 % (the constrained variant explores and maximises over allowed actions).
+//!   Evaluation acts greedily (argmax), as theirs does.
 //! - **Baselines**: local-only, cloud-only with all views, cloud-uniform (a uniform cloud
 //!   action: the authors' "Cloud"), and random (local with probability ½, otherwise a uniform
 //!   cloud action, as the authors').

@@ -8,11 +8,21 @@ use super::env::normal;
 use super::TmoError;
 use crate::rng::PolicyRng;
 
-/// A multilayer perceptron: tanh between layers, linear output.
+/// The nonlinearity between layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// Stable-Baselines3's actor-critic default.
+    Tanh,
+    /// Stable-Baselines3's DQN default.
+    Relu,
+}
+
+/// A multilayer perceptron: the activation between layers, linear output.
 #[derive(Debug)]
 pub(crate) struct Mlp {
     /// (weight `[out, in]`, bias `[out]`) per layer.
     pub layers: Vec<(Var, Var)>,
+    pub activation: Activation,
 }
 
 /// `rows × cols` semi-orthogonal matrix scaled by `gain` (as `torch.nn.init.orthogonal_`):
@@ -70,16 +80,65 @@ impl Mlp {
             let bt = Tensor::zeros(w[1], candle_core::DType::F32, &Device::Cpu)?;
             layers.push((Var::from_tensor(&wt)?, Var::from_tensor(&bt)?));
         }
-        Ok(Mlp { layers })
+        Ok(Mlp {
+            layers,
+            activation: Activation::Tanh,
+        })
+    }
+
+    /// Layers with PyTorch's default `nn.Linear` initialisation (weights and biases uniform in
+    /// ±1/√fan_in), as SB3's DQN Q-network gets.
+    pub fn torch_default(
+        sizes: &[usize],
+        activation: Activation,
+        rng: &mut PolicyRng,
+    ) -> Result<Self, TmoError> {
+        use rand::Rng;
+        let mut layers = Vec::new();
+        for w in sizes.windows(2) {
+            let bound = 1.0 / (w[0] as f64).sqrt();
+            let mut draw = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| (bound * (2.0 * rng.random::<f64>() - 1.0)) as f32)
+                    .collect()
+            };
+            let wt = Tensor::from_vec(draw(w[1] * w[0]), (w[1], w[0]), &Device::Cpu)?;
+            let bt = Tensor::from_vec(draw(w[1]), w[1], &Device::Cpu)?;
+            layers.push((Var::from_tensor(&wt)?, Var::from_tensor(&bt)?));
+        }
+        Ok(Mlp { layers, activation })
     }
 
     /// From weight and bias tensors (shapes checked by the caller).
-    pub fn from_tensors(t: Vec<(Tensor, Tensor)>) -> Result<Self, TmoError> {
+    pub fn from_tensors(
+        t: Vec<(Tensor, Tensor)>,
+        activation: Activation,
+    ) -> Result<Self, TmoError> {
         let layers = t
             .into_iter()
             .map(|(w, b)| Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?)))
             .collect::<Result<_, TmoError>>()?;
-        Ok(Mlp { layers })
+        Ok(Mlp { layers, activation })
+    }
+
+    /// An independent copy of the weights (a DQN target network).
+    pub fn detached_copy(&self) -> Result<Self, TmoError> {
+        let t = self
+            .layers
+            .iter()
+            .map(|(w, b)| (w.as_tensor().copy(), b.as_tensor().copy()))
+            .map(|(w, b)| Ok((w?, b?)))
+            .collect::<Result<Vec<_>, TmoError>>()?;
+        Self::from_tensors(t, self.activation)
+    }
+
+    /// Overwrites these weights with `other`'s (same shapes).
+    pub fn copy_from(&self, other: &Mlp) -> Result<(), TmoError> {
+        for ((w, b), (ow, ob)) in self.layers.iter().zip(&other.layers) {
+            w.set(ow.as_tensor())?;
+            b.set(ob.as_tensor())?;
+        }
+        Ok(())
     }
 
     /// Output for a batch `x` of shape `[n, in]`.
@@ -88,7 +147,10 @@ impl Mlp {
         for (i, (w, b)) in self.layers.iter().enumerate() {
             h = h.matmul(&w.t()?)?.broadcast_add(b)?;
             if i + 1 < self.layers.len() {
-                h = h.tanh()?;
+                h = match self.activation {
+                    Activation::Tanh => h.tanh()?,
+                    Activation::Relu => h.relu()?,
+                };
             }
         }
         Ok(h)

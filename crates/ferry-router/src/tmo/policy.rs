@@ -1,13 +1,14 @@
-//! A trained placement policy: the actor and critic networks and what they were trained for,
-//! stored as safetensors with a metadata header.
+//! A trained placement policy: the actor and critic networks (A2C, PPO) or the Q-network (DQN)
+//! and what they were trained for, stored as safetensors with a metadata header.
 //!
 //! Header keys (all strings): `format` = `ferry-tmo-policy`, `version` = `1`, `algorithm`
-//! (`a2c`, `ppo`), `variant` (`plain`, `rc`), `obs_size`, `actions`, `views`, `history`,
+//! (`a2c`, `ppo`, `dqn`), `history_protocol` (`logged`, `own`; absent = `own`), `variant` (`plain`, `rc`), `obs_size`, `actions`, `views`, `history`,
 //! `hidden` (comma list), `device`, `network` (profile slugs), `latency_budget_s`,
 //! `usd_budget`, `latency_scale_s`, `usd_scale` (budget feature scales), `tasks` (JSON list of
 //! task category names, index = task feature), `seed`, `steps`, `test_dialogues` (comma list of
 //! the dialogue ids held out for evaluation). Tensors (f32): `actor.{i}.weight`,
-//! `actor.{i}.bias`, `critic.{i}.weight`, `critic.{i}.bias`.
+//! `actor.{i}.bias`, `critic.{i}.weight`, `critic.{i}.bias`; a DQN file has only `actor.*`,
+//! its Q-network (ReLU between layers; the actor-critic networks use tanh).
 
 use std::collections::HashMap;
 
@@ -15,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::SafeTensors;
 
 use super::learn::{Algorithm, Variant};
-use super::nn::Mlp;
+use super::nn::{Activation, Mlp};
 use super::{
     feasible, Action, CallPrices, CostModel, EnvConfig, HistoryProtocol, Observation, TmoError,
     ACTIONS, HISTORY, OBS_DIM, OBS_DIM_RC, VIEWS,
@@ -78,13 +79,14 @@ impl PolicyMeta {
     }
 }
 
-/// Actor (logits over the actions) and critic (state value).
+/// Actor (logits over the actions) and critic (state value); for DQN, the Q-network as the
+/// actor (Q-values over the actions) and no critic.
 #[derive(Debug)]
 pub struct PlacementPolicy {
     meta: PolicyMeta,
     costs: CostModel,
     pub(crate) actor: Mlp,
-    pub(crate) critic: Mlp,
+    pub(crate) critic: Option<Mlp>,
 }
 
 /// Softmax of `logits` over the allowed actions (others get probability 0).
@@ -129,6 +131,18 @@ pub(crate) fn mask_for(
     }
 }
 
+/// The index of the highest of `values` among the allowed actions (the first on ties; local
+/// when nothing else is allowed).
+pub(crate) fn greedy(values: &[f32], mask: &[bool; ACTIONS]) -> usize {
+    let mut best = 0;
+    for i in 1..ACTIONS {
+        if mask[i] && (!mask[best] || values[i] > values[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
 /// The most probable action (the first on ties); local when the probabilities could not be
 /// computed.
 pub(crate) fn most_probable(p: Result<[f64; ACTIONS], TmoError>) -> Action {
@@ -147,7 +161,8 @@ pub(crate) fn most_probable(p: Result<[f64; ACTIONS], TmoError>) -> Action {
 }
 
 impl PlacementPolicy {
-    /// Freshly initialised networks (SB3's orthogonal initialisation).
+    /// Freshly initialised networks, as SB3 initialises them: orthogonal for the actor-critic
+    /// learners, PyTorch's default for DQN's Q-network.
     pub(crate) fn init(meta: PolicyMeta, rng: &mut PolicyRng) -> Result<Self, TmoError> {
         let costs = CostModel::by_name(&meta.device, &meta.network)?;
         let mut sizes = vec![meta.obs_size()];
@@ -156,9 +171,13 @@ impl PlacementPolicy {
         a.push(ACTIONS);
         let mut c = sizes;
         c.push(1);
-        let gain = 2f64.sqrt();
-        let actor = Mlp::new(&a, gain, 0.01, rng)?;
-        let critic = Mlp::new(&c, gain, 1.0, rng)?;
+        let (actor, critic) = if meta.algorithm == Algorithm::Dqn {
+            (Mlp::torch_default(&a, Activation::Relu, rng)?, None)
+        } else {
+            let gain = 2f64.sqrt();
+            let actor = Mlp::new(&a, gain, 0.01, rng)?;
+            (actor, Some(Mlp::new(&c, gain, 1.0, rng)?))
+        };
         Ok(PlacementPolicy {
             meta,
             costs,
@@ -192,14 +211,20 @@ impl PlacementPolicy {
         self.probabilities_masked(obs, &self.mask(obs))
     }
 
-    /// Action probabilities over the actions `mask` allows.
+    /// Action probabilities over the actions `mask` allows. A DQN policy is greedy: all the
+    /// probability on the allowed action of the highest Q-value.
     pub fn probabilities_masked(
         &self,
         obs: &Observation,
         mask: &[bool; ACTIONS],
     ) -> Result<[f64; ACTIONS], TmoError> {
-        let logits = self.actor.forward1(&self.features(obs))?;
-        Ok(masked_softmax(&logits, mask))
+        let out = self.actor.forward1(&self.features(obs))?;
+        if self.meta.algorithm != Algorithm::Dqn {
+            return Ok(masked_softmax(&out, mask));
+        }
+        let mut p = [0.0; ACTIONS];
+        p[greedy(&out, mask)] = 1.0;
+        Ok(p)
     }
 
     /// The placement for `obs`: the most probable allowed action. A forward pass cannot fail
@@ -209,9 +234,16 @@ impl PlacementPolicy {
         most_probable(self.probabilities(obs))
     }
 
-    /// The critic's value of `obs`.
+    /// The critic's value of `obs` (DQN: the highest allowed Q-value).
     pub fn value(&self, obs: &Observation) -> Result<f64, TmoError> {
-        Ok(f64::from(self.critic.forward1(&self.features(obs))?[0]))
+        let f = self.features(obs);
+        match &self.critic {
+            Some(c) => Ok(f64::from(c.forward1(&f)?[0])),
+            None => {
+                let q = self.actor.forward1(&f)?;
+                Ok(f64::from(q[greedy(&q, &self.mask(obs))]))
+            }
+        }
     }
 
     /// Fails unless the policy was trained for this environment's device and network.
@@ -270,7 +302,9 @@ impl PlacementPolicy {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for (name, net) in [("actor", &self.actor), ("critic", &self.critic)] {
+        let nets = [Some(&self.actor), self.critic.as_ref()];
+        for (name, net) in ["actor", "critic"].into_iter().zip(nets) {
+            let Some(net) = net else { continue };
             for (i, (w, b)) in net.layers.iter().enumerate() {
                 tensors.push((format!("{name}.{i}.weight"), w.as_tensor().clone()));
                 tensors.push((format!("{name}.{i}.bias"), b.as_tensor().clone()));
@@ -387,17 +421,21 @@ impl PlacementPolicy {
                 let w = pair.pop().expect("two");
                 layers.push((w, b));
             }
-            Mlp::from_tensors(layers)
+            let activation = if m.algorithm == Algorithm::Dqn {
+                Activation::Relu
+            } else {
+                Activation::Tanh
+            };
+            Mlp::from_tensors(layers, activation)
         };
         let actor = load("actor", expected(ACTIONS))?;
-        let critic = load("critic", expected(1))?;
-        let n_layers = sizes.len();
-        if st.len() != 4 * n_layers {
-            return Err(bad(format!(
-                "{} tensors, expected {}",
-                st.len(),
-                4 * n_layers
-            )));
+        let critic = match m.algorithm {
+            Algorithm::Dqn => None,
+            _ => Some(load("critic", expected(1))?),
+        };
+        let n_tensors = 2 * sizes.len() * (1 + usize::from(critic.is_some()));
+        if st.len() != n_tensors {
+            return Err(bad(format!("{} tensors, expected {n_tensors}", st.len())));
         }
         Ok(PlacementPolicy {
             meta: m,
