@@ -10,10 +10,15 @@
 //! - **Optimism**: reward UCB `r̄ + c·range·√(2 ln t / n)`; latency and price LCBs
 //!   `max(0, x̄ − c·range·√(2 ln t / n))` (ranges are the spreads observed so far, so the
 //!   bonus is in each quantity's unit). Unplayed arms have an infinite UCB and zero LCBs.
-//! - **Pacing by predicted demand**: the demand of a dialogue is its number of turns, unknown
-//!   in advance. An online histogram of finished dialogues' lengths (with one pseudo-count per
-//!   length 1..=5) forecasts the remaining turns `D̂ = E[L − t | L > t]`; a turn may spend at
-//!   most `remaining budget / D̂` of each budget, judged on the LCBs.
+//! - **Pacing by forecast task arrivals**: the demand of a dialogue is its number of turns and
+//!   which tasks they will be, unknown in advance. An online histogram of finished dialogues'
+//!   lengths (one pseudo-count per length 1..=5) gives the chance `S_k` that the dialogue lasts
+//!   k more turns; online task-to-task transition counts (one pseudo-count each) forecast the
+//!   task of each of those turns. Each task is worth its gain `g` (best cloud arm's mean utility
+//!   over local's, at least a small floor). A turn of task τ may spend at most
+//!   `remaining · g_τ / (g_τ + Σ_k S_k · E[g of the task k turns ahead])` of each budget, judged
+//!   on the LCBs: budget goes to the turns whose tasks gain most from the cloud. With equal gains
+//!   this is `remaining / D̂`, `D̂ = E[L − t | L > t]`.
 //! - **Hard stop**: an arm is never played if its worst observed latency or price (for an
 //!   unplayed arm, the worst seen on any arm) would leave less than a reserve of 4 local calls;
 //!   once the budget cannot afford any cloud call, every remaining turn runs locally.
@@ -116,6 +121,10 @@ pub struct ConstrainedBandit {
     /// The covering constraint's virtual queue (response owed).
     owed: f64,
     frozen: bool,
+    /// Task transitions: row 0 = a dialogue's first turn, row 1 + a = after task a.
+    transitions: Vec<Vec<f64>>,
+    /// The task of the turn last fed back, if its dialogue goes on.
+    prev_task: Option<usize>,
 }
 
 impl ConstrainedBandit {
@@ -134,6 +143,58 @@ impl ConstrainedBandit {
             lat: Range::new(),
             owed: 0.0,
             frozen: false,
+            transitions: vec![vec![1.0; tasks.max(1)]; tasks.max(1) + 1],
+            prev_task: None,
+        }
+    }
+
+    /// How much of the remaining budgets the turn `obs` describes may spend (see the module
+    /// header): `g_τ / (g_τ + Σ_k S_k · E[g_k])`.
+    pub fn pace_share(&self, obs: &Observation) -> f64 {
+        let tasks = self.transitions[0].len();
+        let gains: Vec<f64> = (0..tasks).map(|t| self.gain(t)).collect();
+        let survive_from = |turn: usize| -> f64 { self.lengths.iter().skip(turn + 1).sum() };
+        let alive = survive_from(obs.turn);
+        let mut dist = vec![0.0; tasks];
+        dist[obs.task.min(tasks - 1)] = 1.0;
+        let mut future = 0.0;
+        for k in 1..self.lengths.len() - obs.turn {
+            let s_k = if alive > 0.0 {
+                survive_from(obs.turn + k) / alive
+            } else {
+                0.0
+            };
+            if s_k <= 0.0 {
+                break;
+            }
+            let mut next = vec![0.0; tasks];
+            for (from, p) in dist.iter().enumerate() {
+                let row = &self.transitions[1 + from];
+                let total: f64 = row.iter().sum();
+                for (to, c) in row.iter().enumerate() {
+                    next[to] += p * c / total;
+                }
+            }
+            dist = next;
+            future += s_k * dist.iter().zip(&gains).map(|(p, g)| p * g).sum::<f64>();
+        }
+        let g = gains[obs.task.min(tasks - 1)];
+        g / (g + future)
+    }
+
+    /// What the cloud gains over local on `task`: the best played cloud arm's mean utility over
+    /// local's, floored so that no task is worth nothing (ties share the budget evenly).
+    fn gain(&self, task: usize) -> f64 {
+        const FLOOR: f64 = 0.05;
+        let ctx = &self.arms[self.context(task)];
+        let mean = |a: &Arm| (a.n > 0).then(|| a.reward / a.n as f64);
+        let best_cloud = ctx[1..]
+            .iter()
+            .filter_map(mean)
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+        match (best_cloud, mean(&ctx[0])) {
+            (Some(c), Some(l)) => (c - l).max(FLOOR),
+            _ => 1.0,
         }
     }
 
@@ -244,8 +305,8 @@ impl Placer for ConstrainedBandit {
     fn place(&mut self, obs: &Observation) -> Action {
         self.t += 1;
         let safe = self.safe(obs);
-        let d = self.remaining_demand(obs.turn);
-        let (allow_s, allow_u) = (obs.remaining_latency_s / d, obs.remaining_usd / d);
+        let share = self.pace_share(obs);
+        let (allow_s, allow_u) = (obs.remaining_latency_s * share, obs.remaining_usd * share);
         let ln_t = (self.t as f64).ln().max(0.0);
         let quality_weight = self.owed / (self.t as f64).sqrt();
         let ctx = &self.arms[self.context(obs.task)];
@@ -297,6 +358,13 @@ impl Placer for ConstrainedBandit {
         if self.frozen {
             return;
         }
+        let tasks = self.transitions[0].len();
+        let from = match (obs.turn, self.prev_task) {
+            (0, _) | (_, None) => 0,
+            (_, Some(p)) => 1 + p,
+        };
+        self.transitions[from][obs.task.min(tasks - 1)] += 1.0;
+        self.prev_task = (!out.done).then_some(obs.task.min(tasks - 1));
         let [wr, wa] = self.cfg.utility_weights;
         let utility = wr * out.response + wa * out.association_norm;
         let c = self.context(obs.task);
@@ -354,6 +422,55 @@ mod tests {
         // 95 more dialogues of 2 turns: about 2 expected at the start, 1 after the first turn.
         assert!((b.remaining_demand(0) - 205.0 / 100.0).abs() < 1e-12);
         assert!((b.remaining_demand(1) - (96.0 + 2.0 + 3.0 + 4.0) / 99.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn pacing_gives_budget_to_the_tasks_the_cloud_helps() {
+        let mut b = ConstrainedBandit::new(BanditConfig::default(), 2);
+        let mut obs = crate::tmo::DialogueState::new(30.0, 0.05).observe(0);
+        // Nothing learned: every task is worth the same, so the share is 1/D̂.
+        for turn in 0..5 {
+            obs.turn = turn;
+            let d = b.remaining_demand(turn);
+            assert!((b.pace_share(&obs) - 1.0 / d).abs() < 1e-12, "turn {turn}");
+        }
+        // Task 0 gains 1.0 from the cloud, task 1 nothing; dialogues alternate 0, 1, 0, 1.
+        let out = |response: f64, done: bool| StepOutcome {
+            reward: 0.0,
+            response,
+            association: 0.0,
+            association_norm: 0.0,
+            latency_s: 0.0,
+            cost_usd: 0.0,
+            latency_norm: 0.0,
+            cost_norm: 0.0,
+            overdrawn: false,
+            done,
+        };
+        for _ in 0..200 {
+            for turn in 0..4 {
+                let mut o = obs.clone();
+                o.turn = turn;
+                o.task = turn % 2;
+                let gain = if o.task == 0 { 1.0 } else { 0.0 };
+                b.feedback(&o, Action::LOCAL, &out(0.5, false));
+                b.feedback(&o, Action::cloud(0), &out(0.5 + gain, turn == 3));
+            }
+        }
+        let share = |task: usize, turn: usize| {
+            let mut o = obs.clone();
+            o.task = task;
+            o.turn = turn;
+            b.pace_share(&o)
+        };
+        // At the first turn, task 0 may spend most of the budget: only one more task-0 turn is
+        // likely to follow, and task-1 turns are worth little.
+        assert!(share(0, 0) > 0.4, "{}", share(0, 0));
+        assert!(share(1, 0) < 0.05, "{}", share(1, 0));
+        assert!(share(0, 0) > 1.0 / b.remaining_demand(0));
+        for (task, turn) in [(0, 0), (1, 1), (0, 2), (1, 3)] {
+            assert!((0.0..=1.0).contains(&share(task, turn)));
+        }
     }
 
     #[test]
