@@ -9,6 +9,7 @@ pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod manifest;
+pub mod openai;
 pub mod request;
 pub mod telemetry;
 pub mod token;

@@ -28,9 +28,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use ferry_core::{Error, ErrorKind};
@@ -91,195 +89,6 @@ impl IntoResponse for ApiError {
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.body())).into_response()
     }
-}
-
-fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
-    Error::invalid(field, reason).into()
-}
-
-/// `stop`: one string or a list.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct ImageUrl {
-    url: String,
-}
-
-/// A typed content part.
-#[derive(Deserialize)]
-struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-    image_url: Option<ImageUrl>,
-}
-
-/// Message content: a string, or a list of parts.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: Option<Content>,
-}
-
-#[derive(Deserialize, Default)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// The subset of OpenAI's chat-completions request ferryd implements; other fields are
-/// ignored, and fields whose meaning it cannot honour (`n` > 1, tools, logprobs) are refused.
-#[derive(Deserialize)]
-struct ChatRequest {
-    model: Option<String>,
-    messages: Vec<ChatMessage>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    /// Not in OpenAI's API; vLLM and llama.cpp accept it too.
-    top_k: Option<u32>,
-    seed: Option<i64>,
-    stop: Option<Stop>,
-    n: Option<u32>,
-    logprobs: Option<bool>,
-    tools: Option<Vec<Value>>,
-    /// ferry extensions: feedback id, dialogue grouping and task category for placement, and
-    /// whether the app will send feedback (the router may then explore on this request).
-    request_id: Option<String>,
-    dialogue_id: Option<String>,
-    task: Option<String>,
-    expect_feedback: Option<bool>,
-}
-
-/// Decodes a `data:<mime>;base64,<payload>` URL. Remote URLs are refused: ferryd does not fetch
-/// from the network on a client's behalf.
-fn data_url(url: &str, field: &str) -> Result<pb::Image, ApiError> {
-    let rest = url.strip_prefix("data:").ok_or_else(|| {
-        invalid(
-            field,
-            "only data: URLs are accepted (data:image/png;base64,...); ferryd does not download images",
-        )
-    })?;
-    let (meta, payload) = rest
-        .split_once(',')
-        .ok_or_else(|| invalid(field, "malformed data: URL (no comma)"))?;
-    let mime = meta
-        .strip_suffix(";base64")
-        .ok_or_else(|| invalid(field, "data: URL must be base64-encoded"))?;
-    if !mime.starts_with("image/") {
-        return Err(invalid(field, format!("`{mime}` is not an image type")));
-    }
-    let data = base64::engine::general_purpose::STANDARD
-        .decode(payload.trim())
-        .map_err(|e| invalid(field, format!("bad base64: {e}")))?;
-    Ok(pb::Image {
-        data,
-        mime_type: mime.to_string(),
-        source: field.to_string(),
-    })
-}
-
-fn to_proto(req: ChatRequest) -> Result<(pb::GenerateRequest, bool, bool), ApiError> {
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(invalid("n", "only n = 1 is supported"));
-    }
-    if req.logprobs == Some(true) {
-        return Err(invalid("logprobs", "log probabilities are not supported"));
-    }
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(invalid("tools", "tool calling is not supported"));
-    }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.into_iter().enumerate() {
-        let field = format!("messages[{i}]");
-        let role = match m.role.as_str() {
-            "system" | "developer" => pb::Role::System,
-            "user" => pb::Role::User,
-            "assistant" => pb::Role::Assistant,
-            other => {
-                return Err(invalid(
-                    &format!("{field}.role"),
-                    format!("role `{other}` is not supported (system, developer, user, assistant)"),
-                ))
-            }
-        };
-        let text = |t: String| pb::ContentPart {
-            kind: Some(pb::content_part::Kind::Text(t)),
-        };
-        let parts = match m.content {
-            None => Vec::new(),
-            Some(Content::Text(t)) => vec![text(t)],
-            Some(Content::Parts(parts)) => {
-                let mut out = Vec::with_capacity(parts.len());
-                for (j, p) in parts.into_iter().enumerate() {
-                    let pf = format!("{field}.content[{j}]");
-                    match (p.kind.as_str(), p.text, p.image_url) {
-                        ("text", Some(t), _) => out.push(text(t)),
-                        ("image_url", _, Some(u)) => out.push(pb::ContentPart {
-                            kind: Some(pb::content_part::Kind::Image(data_url(
-                                &u.url,
-                                &format!("{pf}.image_url"),
-                            )?)),
-                        }),
-                        (kind, _, _) => {
-                            return Err(invalid(
-                                &pf,
-                                format!("part of type `{kind}` is missing its field or is not supported (text, image_url)"),
-                            ))
-                        }
-                    }
-                }
-                out
-            }
-        };
-        messages.push(pb::Message {
-            role: role as i32,
-            parts,
-        });
-    }
-    let stop = match req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
-    let include_usage = req.stream_options.unwrap_or_default().include_usage;
-    Ok((
-        pb::GenerateRequest {
-            model: req.model.unwrap_or_else(|| "auto".into()),
-            messages,
-            max_tokens: req.max_completion_tokens.or(req.max_tokens),
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            // OpenAI's seed is a signed integer; keep its bits.
-            seed: req.seed.map(|s| s as u64),
-            stop,
-            request_id: req
-                .request_id
-                .unwrap_or_else(|| format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())),
-            dialogue_id: req.dialogue_id.unwrap_or_default(),
-            task: req.task.unwrap_or_default(),
-            expect_feedback: req.expect_feedback.unwrap_or(false),
-        },
-        req.stream,
-        include_usage,
-    ))
 }
 
 fn finish_reason(c: &pb::Completion) -> &'static str {
@@ -343,10 +152,12 @@ async fn chat_completions(
     State(svc): State<Arc<InferenceService>>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = serde_json::from_slice(&body)
-        .map_err(|e| invalid("body", format!("not a chat completion request: {e}")))?;
-    let requested_model = req.model.clone().unwrap_or_else(|| "auto".into());
-    let (proto, stream, include_usage) = to_proto(req)?;
+    let ferry_core::openai::ChatCall {
+        request: proto,
+        stream,
+        include_usage,
+    } = ferry_core::openai::parse_chat_request(&body)?;
+    let requested_model = proto.model.clone();
     let id = proto.request_id.clone();
     let created = unix_s();
     let mut events = svc.start(proto).await?;
@@ -549,69 +360,6 @@ pub fn router(svc: Arc<InferenceService>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(v: Value) -> Result<(pb::GenerateRequest, bool, bool), ApiError> {
-        to_proto(serde_json::from_value(v).unwrap())
-    }
-
-    #[test]
-    fn maps_an_openai_request() {
-        let png = base64::engine::general_purpose::STANDARD.encode([0x89, b'P', b'N', b'G']);
-        let (r, stream, usage) = parse(json!({
-            "model": "smollm2-135m-instruct",
-            "messages": [
-                {"role": "developer", "content": "Be brief."},
-                {"role": "user", "content": [
-                    {"type": "text", "text": "What is this?"},
-                    {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{png}")}}
-                ]}
-            ],
-            "max_completion_tokens": 7, "stop": "END", "seed": -1, "stream": true,
-            "stream_options": {"include_usage": true}, "frequency_penalty": 0.5
-        }))
-        .ok()
-        .unwrap();
-        assert!(stream && usage);
-        assert_eq!(r.max_tokens, Some(7));
-        assert_eq!(r.stop, vec!["END"]);
-        assert_eq!(r.seed, Some(u64::MAX));
-        assert_eq!(r.messages[0].role, pb::Role::System as i32);
-        match &r.messages[1].parts[1].kind {
-            Some(pb::content_part::Kind::Image(i)) => {
-                assert_eq!(i.mime_type, "image/png");
-                assert_eq!(i.data, vec![0x89, b'P', b'N', b'G']);
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(r.request_id.starts_with("chatcmpl-"));
-    }
-
-    #[test]
-    fn refuses_what_it_cannot_honour() {
-        let msgs = json!([{"role": "user", "content": "hi"}]);
-        for (extra, field) in [
-            (json!({"n": 2}), "n"),
-            (json!({"logprobs": true}), "logprobs"),
-            (json!({"tools": [{"type": "function"}]}), "tools"),
-        ] {
-            let mut v = json!({"messages": msgs});
-            v.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
-            let e = parse(v).err().unwrap();
-            assert_eq!(e.kind, ErrorKind::InvalidArgument);
-            assert_eq!(e.param.as_deref(), Some(field));
-        }
-        let e = parse(json!({"messages": [{"role": "tool", "content": "x"}]}))
-            .err()
-            .unwrap();
-        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
-        let e = parse(json!({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}))
-        .err()
-        .unwrap();
-        assert!(e.message.contains("data: URLs"), "{}", e.message);
-    }
 
     #[test]
     fn error_body_is_openai_shaped() {
