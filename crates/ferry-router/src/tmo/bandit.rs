@@ -395,6 +395,22 @@ mod tests {
     use crate::tmo::env::tests::toy;
     use crate::tmo::{evaluate, Env, EnvConfig, Knn};
 
+    /// A free, instant turn with this response and (normalised) association.
+    fn outcome(response: f64, association: f64, done: bool) -> StepOutcome {
+        StepOutcome {
+            reward: 0.0,
+            response,
+            association,
+            association_norm: association,
+            latency_s: 0.0,
+            cost_usd: 0.0,
+            latency_norm: 0.0,
+            cost_norm: 0.0,
+            overdrawn: false,
+            done,
+        }
+    }
+
     #[test]
     fn demand_forecast_follows_observed_lengths() {
         let mut b = ConstrainedBandit::new(BanditConfig::default(), 1);
@@ -404,18 +420,7 @@ mod tests {
         let obs = crate::tmo::DialogueState::new(30.0, 0.05).observe(0);
         let mut o = obs.clone();
         o.turn = 1;
-        let out = StepOutcome {
-            reward: 1.0,
-            response: 1.0,
-            association: 0.0,
-            association_norm: 0.0,
-            latency_s: 0.01,
-            cost_usd: 1e-8,
-            latency_norm: 0.0,
-            cost_norm: 0.0,
-            overdrawn: false,
-            done: true,
-        };
+        let out = outcome(1.0, 0.0, true);
         for _ in 0..95 {
             b.feedback(&o, Action::LOCAL, &out);
         }
@@ -435,18 +440,7 @@ mod tests {
             assert!((b.pace_share(&obs) - 1.0 / d).abs() < 1e-12, "turn {turn}");
         }
         // Task 0 gains 1.0 from the cloud, task 1 nothing; dialogues alternate 0, 1, 0, 1.
-        let out = |response: f64, done: bool| StepOutcome {
-            reward: 0.0,
-            response,
-            association: 0.0,
-            association_norm: 0.0,
-            latency_s: 0.0,
-            cost_usd: 0.0,
-            latency_norm: 0.0,
-            cost_norm: 0.0,
-            overdrawn: false,
-            done,
-        };
+        let out = |response: f64, done: bool| outcome(response, 0.0, done);
         for _ in 0..200 {
             for turn in 0..4 {
                 let mut o = obs.clone();
@@ -509,18 +503,6 @@ mod tests {
         // 0.4 but association 1 (utility 0.4 + 1/3). Without a floor the cloud's utility wins;
         // owing response turns the choice to local, and paying it back turns it back.
         let obs = crate::tmo::DialogueState::new(1e9, 1e9).observe(0);
-        let outcome = |response: f64, assoc: f64, done: bool| StepOutcome {
-            reward: 0.0,
-            response,
-            association: assoc,
-            association_norm: assoc,
-            latency_s: 0.0,
-            cost_usd: 0.0,
-            latency_norm: 0.0,
-            cost_norm: 0.0,
-            overdrawn: false,
-            done,
-        };
         let all = Action::cloud(0b111);
         let teach = |floor: Option<f64>| {
             let mut b = ConstrainedBandit::new(
