@@ -837,17 +837,20 @@ async fn cloud_killed_mid_stream_over_http_ends_the_sse_with_an_error_and_the_ac
 }
 
 /// The budget guarantee live: a constrained policy trained for Wi-Fi (0.5 s per text-only cloud
-/// call) offloads over a link that adds 2 s to every call. Judged by the profile, five cloud
-/// turns would fit an 8 s budget and take over 10 s; judged by what calls cost here, no
-/// dialogue goes over, and the completions say when the mask forced a turn local.
+/// call) offloads over a link that adds 3 s to every call. Judged by the profile, four or five
+/// cloud turns would fit a 15 s budget and take 12 s and more; judged by what calls cost here,
+/// no dialogue goes over, and the completions say when the mask forced a turn local. (The
+/// budget leaves room for five local turns on a busy test machine, where a one-token local
+/// answer can take 2 s: local calls are never refused, so no mask could save a budget below
+/// that.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_cloud_never_overdraws_a_dialogue_budget() {
-    const BUDGET_S: f64 = 8.0;
+    const BUDGET_S: f64 = 15.0;
     let dir = tempfile::tempdir().unwrap();
     let policy_file = dir.path().join("wifi.safetensors");
     ferry_integration::train_policy_on("rc-a2c", "wifi", 3000, &policy_file);
     let cloud = start_cloud("127.0.0.1:0").await;
-    let link = slow_link(cloud.local_addr, Duration::from_secs(2)).await;
+    let link = slow_link(cloud.local_addr, Duration::from_secs(3)).await;
     let mut t = TestServer::start(move |c| {
         with_cloud(c, format!("http://{link}"));
         c.cloud.health_timeout_ms = 20_000;
@@ -862,7 +865,7 @@ async fn a_slow_cloud_never_overdraws_a_dialogue_budget() {
     let profile = placer.policy().costs().prices();
 
     let ask = |task: &str, dialogue: Option<String>| {
-        let mut req = greedy(QUESTION, 2);
+        let mut req = greedy(QUESTION, 1);
         req.task = task.to_string();
         req.dialogue_id = dialogue.unwrap_or_default();
         req
@@ -902,12 +905,12 @@ async fn a_slow_cloud_never_overdraws_a_dialogue_budget() {
     }
     assert!(cloud_turns > 0, "the policy never offloaded");
     assert!(forced > 0, "the mask never had to hold the policy back");
-    // The live prices learned the link: cloud calls are judged at their measured 2 s and more,
+    // The live prices learned the link: cloud calls are judged at their measured 3 s and more,
     // where the profile says at most 2.24 s (0.5 s without views).
     let live = placer.live_prices();
     let worst =
         |p: &ferry_router::tmo::CallPrices| p.latency_s[1..].iter().cloned().fold(0.0, f64::max);
-    assert!(worst(&live) >= 2.0, "{live:?}");
+    assert!(worst(&live) >= 3.0, "{live:?}");
     assert!(worst(&profile) < 2.5, "{profile:?}");
     // Local runs are booked at their energy price, not free.
     assert!(live.usd(ferry_router::tmo::Action::LOCAL) > 0.0, "{live:?}");
