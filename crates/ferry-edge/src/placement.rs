@@ -17,8 +17,8 @@
 //! the reason) and again on SIGHUP (a bad file then keeps the running policy).
 //!
 //! The budget mask of a constrained policy judges the next call by what calls of its kind really
-//! cost here (`ferry_router::tmo::LiveCosts`: the dearest of the recent ones, the profile until
-//! one is measured), not by the profile the policy was trained on; a local run is booked at its
+//! cost here (`ferry_router::tmo::LiveCosts`: the dearest of the recent ones plus their spread,
+//! the profile until one is measured), not by the profile the policy was trained on; a local run is booked at its
 //! measured energy times `placement.usd_per_kwh`. When those live prices rule out the call the
 //! policy would have made at its profile's prices, the reason says so.
 //!
@@ -242,7 +242,7 @@ impl Placer {
         let (latency, usd) = self.budgets(&p);
         let obs = match dialogue_id {
             Some(id) => {
-                let d = self.dialogues.lock().expect("dialogues lock");
+                let d = lock(&self.dialogues);
                 d.states
                     .get(id)
                     .cloned()
@@ -330,7 +330,7 @@ impl Placer {
         } else {
             self.cfg.max_dialogues
         };
-        let mut d = self.dialogues.lock().expect("dialogues lock");
+        let mut d = lock(&self.dialogues);
         if !d.states.contains_key(id) {
             d.order.push_back(id.clone());
         }
@@ -364,9 +364,7 @@ impl Placer {
 
     /// Turns taken so far in a dialogue (for tests and status).
     pub fn turns(&self, dialogue_id: &str) -> usize {
-        self.dialogues
-            .lock()
-            .expect("dialogues lock")
+        lock(&self.dialogues)
             .states
             .get(dialogue_id)
             .map(|s| s.observe(0).turn)
