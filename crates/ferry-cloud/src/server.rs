@@ -76,11 +76,11 @@ pub fn build_models(config: &CloudConfig) -> Result<Vec<Arc<CloudModel>>> {
                                 )
                             })?;
                     tracing::info!(model = %m.id, manifest = %manifest_id, "loading candle model");
-                    let loaded = Arc::new(LoadedModel::load(
-                        manifest,
-                        &config.candle.model_dir,
-                        &device,
-                    )?);
+                    let loaded = LoadedModel::load(manifest, &config.candle.model_dir, &device)?;
+                    // Serving starts warm: the first request pays no first-touch costs.
+                    let warm_up_ms = loaded.warm_up()?;
+                    tracing::info!(model = %m.id, warm_up_ms = warm_up_ms as u64, "warmed up");
+                    let loaded = Arc::new(loaded);
                     let info = loaded.info().clone();
                     let energy = energy.clone().expect("meter opened for candle models");
                     (

@@ -141,11 +141,15 @@ impl AppState {
                 .expect("checked in AppState::new");
             let started = std::time::Instant::now();
             let model = LoadedModel::load(manifest, &self.config.models.model_dir, &device)?;
+            let load_ms = started.elapsed().as_millis() as u64;
+            // Before the model is ready: the first request must not pay for first touches.
+            let warm_up_ms = model.warm_up()?;
             tracing::info!(
                 model = %id,
                 family = %model.info().family,
                 context_length = model.info().context_length,
-                load_ms = started.elapsed().as_millis() as u64,
+                load_ms,
+                warm_up_ms = warm_up_ms as u64,
                 "model loaded"
             );
             self.models
@@ -209,6 +213,13 @@ impl AppState {
             &self.config.models.model_dir,
             device,
         )?);
+        let started = std::time::Instant::now();
+        encoder.embed(&["warm up"])?;
+        tracing::info!(
+            encoder = %manifest.id,
+            warm_up_ms = started.elapsed().as_millis() as u64,
+            "encoder loaded"
+        );
         let _ = self.encoder.set((manifest.id.clone(), encoder.clone()));
         let router = ZooRouter::new(
             "local",

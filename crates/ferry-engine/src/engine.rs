@@ -434,6 +434,43 @@ impl LoadedModel {
         tokenizer::encode_prompt(&self.tokenizer, text, false)
     }
 
+    /// Runs one short greedy chat generation and forgets it, so that the first request is
+    /// not the one that pays for first-touch costs: page-in of the mapped weights, the
+    /// allocator's first buffers, the thread pool and the kernels' lazy setup. The counters in
+    /// [`LoadedModel::stats`] are left as they were. Call before the model is shared (blocking).
+    /// Returns the wall time it took, in milliseconds.
+    pub fn warm_up(&self) -> Result<f64> {
+        let started = Instant::now();
+        let before = [
+            self.stats.prompt_tokens.load(Ordering::Relaxed),
+            self.stats.tokens_decoded.load(Ordering::Relaxed),
+            self.stats.completed.load(Ordering::Relaxed),
+        ];
+        let prompt = if self.vision.is_some() {
+            self.encode_text("Hello")?
+        } else {
+            self.encode_chat(&[ChatMessage::text(ferry_core::Role::User, "Hello")])?
+        };
+        let outcome = self.generate(
+            &prompt,
+            &SamplingParams::greedy(2),
+            GenerateOptions { ignore_eos: true },
+            &mut |_: &str| ControlFlow::Continue(()),
+        );
+        for (counter, was) in [
+            &self.stats.prompt_tokens,
+            &self.stats.tokens_decoded,
+            &self.stats.completed,
+        ]
+        .into_iter()
+        .zip(before)
+        {
+            counter.store(was, Ordering::Relaxed);
+        }
+        outcome?;
+        Ok(started.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// Generates a completion for `prompt`, calling `sink` with text as it is produced.
     ///
     /// Blocking and CPU-heavy: call it from a blocking thread. Returns `Error::Cancelled` when

@@ -226,3 +226,23 @@ fn minilm_embeddings_match_sentence_transformers() {
         .zip(alone[0].iter())
         .all(|(a, b)| (a - b).abs() < 1e-5));
 }
+
+#[test]
+fn warm_up_generates_and_leaves_the_counters_alone() {
+    let model = load();
+    let ms = model.warm_up().unwrap();
+    assert!(ms > 0.0);
+    let stats = model.stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(stats.prompt_tokens.load(Relaxed), 0);
+    assert_eq!(stats.tokens_decoded.load(Relaxed), 0);
+    assert_eq!(stats.completed.load(Relaxed), 0);
+    // The model still answers as before after it.
+    let (text, _, out) = generate(
+        &model,
+        "What is the capital of France?",
+        &SamplingParams::greedy(8),
+    );
+    assert!(out.completion_tokens > 0 && !text.is_empty());
+    assert!(stats.tokens_decoded.load(Relaxed) > 0);
+}
