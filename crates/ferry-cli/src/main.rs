@@ -779,28 +779,33 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         .map(|m| m.len());
     eprintln!("measuring ferry on `{}` ...", manifest.id);
     let ours = bench::run_ferry(&manifest, &args.registry.model_dir, &opts)?;
-    let peer = if args.no_peer {
-        None
+    // A comparison whose peer did not run has failed: the table is still printed, then the
+    // command exits non-zero and says why (`--no-peer` measures ferry alone on purpose).
+    let (peer, peer_error) = if args.no_peer {
+        (None, None)
     } else if let Some(g) = &gguf {
         if args.peer_python.exists() {
             eprintln!("measuring llama.cpp on {} ...", g.display());
             match bench::run_llama_cpp(&args.peer_python, &args.peer_script, g, &opts) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    eprintln!("peer skipped: {e}");
-                    None
-                }
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some(e.to_string())),
             }
         } else {
-            eprintln!(
-                "peer skipped: {} not found (run scripts/setup-bench-peer)",
+            let why = format!(
+                "{} not found (run scripts/setup-bench-peer)",
                 args.peer_python.display()
             );
-            None
+            (None, Some(why))
         }
     } else {
-        eprintln!("peer skipped: llama.cpp needs a local GGUF file");
-        None
+        (None, Some("llama.cpp needs a local GGUF file".to_string()))
+    };
+    let peer_failed = || match &peer_error {
+        Some(why) => Err(anyhow::anyhow!(
+            "the peer (llama.cpp) did not run, so this benchmark has no comparison: {why} \
+             (--no-peer measures ferry alone)"
+        )),
+        None => Ok(()),
     };
     let bandwidth = bench::memory_read_bandwidth_gb_s();
     if args.json {
@@ -810,9 +815,10 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             "decode_ratio": peer.as_ref().map(|p| ours.decode_tok_s / p.decode_tok_s),
             "prefill_ratio": peer.as_ref().map(|p| ours.prefill_tok_s / p.prefill_tok_s),
             "model_bytes": model_bytes, "memory_read_gb_s": bandwidth,
+            "peer_error": peer_error,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return peer_failed();
     }
     println!(
         "model {} · prompt {} tokens · {} generated tokens · median of {} runs · {}",
@@ -855,7 +861,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             ours.decode_tok_s * per_token_gb
         );
     }
-    Ok(())
+    peer_failed()
 }
 
 fn energy_probe(args: EnergyArgs, measure_s: Option<f64>, json: bool) -> anyhow::Result<()> {
