@@ -250,7 +250,10 @@ async fn openai_backend_fronts_a_real_openai_compatible_server() {
     let tf = tokens.clone();
     let edge = TestServer::start(move |c| c.auth.tokens_file = Some(tf)).await;
     // SAFETY: set once, before anything in this process reads it.
-    unsafe { std::env::set_var(KEY_VAR, "tok-cloud") };
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var(KEY_VAR, "tok-cloud")
+    };
     let upstream = format!("http://{}/v1", edge.server.http_addr.expect("HTTP enabled"));
     let fronting = |id: &str, upstream_model: &str, stream: bool| {
         let mut m = model(id, BackendKind::Openai);

@@ -51,6 +51,7 @@ impl SentenceEncoder {
             .map_err(|e| Error::Engine(format!("tokenizer truncation: {e}")))?;
         let weights = loc.file("model.safetensors")?;
         // SAFETY: read-only mapping of a model file that ferry never writes while serving.
+        #[allow(unsafe_code)]
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device) }
             .map_err(candle_err)?;
         let model = BertModel::load(vb, &config).map_err(candle_err)?;

@@ -118,6 +118,7 @@ impl Backbone {
         };
         // SAFETY: the files are memory-mapped read-only; ferry never writes model files while
         // serving, and a concurrent writer is outside what the engine can defend against.
+        #[allow(unsafe_code)]
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
             .map_err(candle_err)?;
         match family {

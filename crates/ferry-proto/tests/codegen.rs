@@ -14,7 +14,10 @@ fn generate(out: &Path) {
     let root = workspace_root();
     let protoc = protoc_bin_vendored::protoc_bin_path().expect("vendored protoc");
     // SAFETY: single-threaded at this point of the test; prost-build reads PROTOC from the env.
-    unsafe { std::env::set_var("PROTOC", protoc) };
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("PROTOC", protoc)
+    };
     let protos = [
         root.join("proto/ferry/v1/inference.proto"),
         root.join("proto/ferry/v1/offload.proto"),
