@@ -446,11 +446,8 @@ impl LoadedModel {
             self.stats.tokens_decoded.load(Ordering::Relaxed),
             self.stats.completed.load(Ordering::Relaxed),
         ];
-        let prompt = if self.vision.is_some() {
-            self.encode_text("Hello")?
-        } else {
-            self.encode_chat(&[ChatMessage::text(ferry_core::Role::User, "Hello")])?
-        };
+        // Vision-language models render a text-only chat too (`encode_chat` dispatches).
+        let prompt = self.encode_chat(&[ChatMessage::text(ferry_core::Role::User, "Hello")])?;
         let outcome = self.generate(
             &prompt,
             &SamplingParams::greedy(2),
