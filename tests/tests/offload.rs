@@ -839,10 +839,10 @@ async fn cloud_killed_mid_stream_over_http_ends_the_sse_with_an_error_and_the_ac
 /// The budget guarantee live: a constrained policy trained for Wi-Fi (0.5 s per text-only cloud
 /// call) offloads over a link that adds 3 s to every call. Judged by the profile, four or five
 /// cloud turns would fit a 15 s budget and take 12 s and more; judged by what calls cost here,
-/// no dialogue goes over, and the completions say when the mask forced a turn local. (The
-/// budget leaves room for five local turns on a busy test machine, where a one-token local
-/// answer can take 2 s: local calls are never refused, so no mask could save a budget below
-/// that.)
+/// no dialogue goes over by more than its calls ran over their estimates, and the completions
+/// say when the mask forced a turn local. (CI once saw 16.06 s of 15 s on a loaded machine
+/// under the old, unconditional assertion: an estimate bounds what calls cost, not what a
+/// busy CPU does next.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_cloud_never_overdraws_a_dialogue_budget() {
     const BUDGET_S: f64 = 15.0;
@@ -878,19 +878,51 @@ async fn a_slow_cloud_never_overdraws_a_dialogue_budget() {
     for task in &tasks {
         run(&mut t.client, ask(task, None)).await.unwrap();
     }
+    // The mask's promise is conditional: a dialogue stays within budget when every call costs
+    // no more than the estimate it was judged by. A loaded machine (CI runs tests side by side
+    // on two cores) can make a call slower than any estimate, so the test checks the promise
+    // as stated: each admitted cloud call left the reserve, and any overdraft is no larger than
+    // what calls ran over their estimates.
+    let reserve = ferry_router::tmo::state::RESERVE_LOCAL_CALLS as f64;
     let (mut cloud_turns, mut forced) = (0, 0);
     for d in 0..3 {
         let id = format!("slow-{d}");
+        let mut log = Vec::new();
+        let (mut over_s, mut over_usd) = (0.0f64, 0.0f64);
         for turn in 0..5 {
             let task = &tasks[(d + turn) % tasks.len()];
+            let judged = placer.live_prices();
+            let (before_s, before_usd) = placer.spent(&id).map_or((0.0, 0.0), |(s, _)| s);
             let (_, _, done) = run(&mut t.client, ask(task, Some(id.clone())))
                 .await
                 .unwrap();
-            let p = done.placement.unwrap();
+            let p = done.placement.clone().unwrap();
             assert!(!p.fallback, "{p:?}");
-            if done.tier == pb::Tier::Cloud as i32 {
+            let ((after_s, after_usd), _) = placer.spent(&id).unwrap();
+            let (took_s, took_usd) = (after_s - before_s, after_usd - before_usd);
+            let kind = if done.tier == pb::Tier::Cloud as i32 {
                 cloud_turns += 1;
-            }
+                // "cloud with text only" or "cloud with views [0,2]".
+                let chosen = p.reason.split("cloud with ").nth(1).unwrap_or_default();
+                let views = match chosen.strip_prefix("views [") {
+                    Some(rest) => rest.split(']').next().unwrap().split(',').count(),
+                    None => 0,
+                };
+                let kind = 1 + views;
+                assert!(
+                    judged.latency_s[kind] <= BUDGET_S - before_s - reserve * judged.latency_s[0],
+                    "turn {turn} of {id} went to the cloud without leaving the reserve: {p:?} {judged:?}"
+                );
+                kind
+            } else {
+                0
+            };
+            over_s += (took_s - judged.latency_s[kind]).max(0.0);
+            over_usd += (took_usd - judged.usd[kind]).max(0.0);
+            log.push(format!(
+                "turn {turn}: kind {kind} took {took_s:.2} s, judged at {:.2} s (local {:.2} s): {}",
+                judged.latency_s[kind], judged.latency_s[0], p.reason
+            ));
             if p.reason.contains("the budget mask forced it") {
                 forced += 1;
                 assert_eq!(done.tier, pb::Tier::Local as i32, "{p:?}");
@@ -899,8 +931,10 @@ async fn a_slow_cloud_never_overdraws_a_dialogue_budget() {
         let ((spent_s, spent_usd), (budget_s, budget_usd)) = placer.spent(&id).unwrap();
         assert_eq!(budget_s, BUDGET_S);
         assert!(
-            spent_s <= budget_s && spent_usd <= budget_usd,
-            "dialogue {id} spent {spent_s:.2} s and ${spent_usd:.5} of {budget_s} s / ${budget_usd}"
+            spent_s <= budget_s + over_s && spent_usd <= budget_usd + over_usd,
+            "dialogue {id} spent {spent_s:.2} s and ${spent_usd:.5} of {budget_s} s / ${budget_usd}, \
+             more than its calls ran over their estimates ({over_s:.2} s, ${over_usd:.5}):\n{}",
+            log.join("\n")
         );
     }
     assert!(cloud_turns > 0, "the policy never offloaded");
