@@ -265,10 +265,20 @@ pub struct RouterBench {
     /// The satisfaction head's forward pass (384 -> 384 -> 3).
     pub head_p50_us: f64,
     pub head_p99_us: f64,
-    /// Encoder latency for one uncached question.
+    /// Encoder latency for one uncached question (each carries a word the others lack).
     pub encoder_p50_ms: f64,
     pub encoder_p99_ms: f64,
     pub encoder_tokens: usize,
+    /// Encoder latency over the input's first questions, one at a time in order, as a live
+    /// router sees them (a static-pooling encoder pays for each token the first time only):
+    /// the first [`STREAM_WINDOW`], and the last [`STREAM_WINDOW`] of `stream_questions`.
+    pub stream_questions: usize,
+    pub stream_p50_ms: f64,
+    pub stream_p99_ms: f64,
+    pub stream_late_p50_ms: f64,
+    pub stream_late_p99_ms: f64,
+    /// Median question length of that stream, in encoder tokens.
+    pub stream_tokens_p50: usize,
     /// Requests in the full replay.
     pub replay_requests: usize,
     /// Encoding every question of the replay (0 when they came from the cache).
@@ -276,6 +286,11 @@ pub struct RouterBench {
     /// MESS+ over every request, one seed, embeddings in hand.
     pub replay_policy_s: f64,
 }
+
+/// Questions of the input the encoder stream figures embed one at a time.
+const STREAM_QUESTIONS: usize = 3000;
+/// Questions in each of the stream's two latency windows.
+pub const STREAM_WINDOW: usize = 300;
 
 /// Measures the router's hot path, the encoder, and a full replay of `input`.
 pub fn router_bench(
@@ -348,6 +363,30 @@ pub fn router_bench(
 
     let data = crate::replay::Dataset::load(input, None, "energy_consumption")?;
     let texts: Vec<&str> = data.records.iter().map(|r| r.text.as_str()).collect();
+    // Before the replay, so the cache (in memory) holds none of these questions yet.
+    let mut seen = std::collections::HashSet::new();
+    let stream: Vec<&str> = texts
+        .iter()
+        .copied()
+        .filter(|t| seen.insert(*t))
+        .take(STREAM_QUESTIONS)
+        .collect();
+    let mut stream_ms = Vec::with_capacity(stream.len());
+    let mut stream_tokens = Vec::with_capacity(stream.len());
+    for q in &stream {
+        stream_tokens.push(encoder.embed_token_count(q)?);
+        let t = Instant::now();
+        encoder.embed(&[q])?;
+        stream_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let window = |w: &[f64]| {
+        let mut w = w.to_vec();
+        w.sort_by(|a, b| a.total_cmp(b));
+        (percentile(&w, 0.5), percentile(&w, 0.99))
+    };
+    let first = window(&stream_ms[..stream_ms.len().min(STREAM_WINDOW)]);
+    let late = window(&stream_ms[stream_ms.len().saturating_sub(STREAM_WINDOW)..]);
+    stream_tokens.sort_unstable();
     let ((features, _), encode_s) =
         crate::replay::cached_embeddings(&texts, encoder_id, cache_dir, |texts| {
             Ok((encoder.embed(texts)?, encoder.dim()))
@@ -372,6 +411,15 @@ pub fn router_bench(
         encoder_p50_ms: percentile(&enc_ms, 0.5),
         encoder_p99_ms: percentile(&enc_ms, 0.99),
         encoder_tokens: tokens,
+        stream_questions: stream.len(),
+        stream_p50_ms: first.0,
+        stream_p99_ms: first.1,
+        stream_late_p50_ms: late.0,
+        stream_late_p99_ms: late.1,
+        stream_tokens_p50: stream_tokens
+            .get(stream_tokens.len() / 2)
+            .copied()
+            .unwrap_or(0),
         replay_requests: data.records.len(),
         replay_encode_s,
         replay_policy_s,

@@ -1470,6 +1470,26 @@ fn bench_router(
         r.encoder_p99_ms
     );
     println!(
+        "{:<44} {:>8.2}ms {:>8.2}ms",
+        format!(
+            "encoder, first {} questions ({} tokens p50)",
+            ferry_cli::bench::STREAM_WINDOW.min(r.stream_questions),
+            r.stream_tokens_p50
+        ),
+        r.stream_p50_ms,
+        r.stream_p99_ms
+    );
+    println!(
+        "{:<44} {:>8.2}ms {:>8.2}ms",
+        format!(
+            "encoder, last {} of the first {}",
+            ferry_cli::bench::STREAM_WINDOW.min(r.stream_questions),
+            r.stream_questions
+        ),
+        r.stream_late_p50_ms,
+        r.stream_late_p99_ms
+    );
+    println!(
         "full replay of {} requests: encoding {:.1} s{}, MESS+ policy {:.1} s",
         r.replay_requests,
         r.replay_encode_s,

@@ -61,6 +61,19 @@ pub enum ModelKind {
     Encoder,
 }
 
+/// How a sentence encoder turns its token vectors into one embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Run the whole encoder over the text and mean-pool its outputs (sentence-transformers).
+    #[default]
+    Contextual,
+    /// Mean of per-token vectors, each the encoder's own embedding of that token alone
+    /// (computed once per token and kept): no attention over the text, so a question costs a
+    /// table lookup per token instead of a forward pass (Model2Vec's idea, without its PCA).
+    Static,
+}
+
 /// Cost hints used until measurements replace them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +152,9 @@ pub struct ModelManifest {
     pub cpu_repack_q4_1: bool,
     #[serde(default)]
     pub cost: CostHints,
+    /// Encoders only: how token vectors become the sentence embedding.
+    #[serde(default)]
+    pub pooling: Pooling,
     /// Registry install recipe for `ferry models fetch`.
     pub fetch: Option<FetchSpec>,
     /// Free text shown by `ferry models list`.

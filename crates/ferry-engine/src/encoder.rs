@@ -1,6 +1,11 @@
 //! Sentence embeddings with a BERT-family encoder (all-MiniLM-L6-v2 by default): mean pooling
 //! over the attention mask, then L2 normalisation — the sentence-transformers recipe. Routing
 //! policies use it to turn a question into features. Embeddings of a text are cached.
+//!
+//! A manifest with `pooling = "static"` trades context for speed: each token's vector is the
+//! encoder's embedding of that token alone, computed the first time the token is seen and kept,
+//! and a text is the normalised mean of its tokens' vectors. A 54-token question then costs a
+//! table lookup per token instead of a 1-GFLOP forward pass, once its tokens have been seen.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,7 +18,7 @@ use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
 use crate::candle_err;
 use crate::source::ModelLocation;
-use ferry_core::{Error, ModelManifest, Result};
+use ferry_core::{Error, ModelManifest, Pooling, Result};
 
 /// Longest input, in tokens (the MESS+ reference truncates questions at 256).
 pub const MAX_TOKENS: usize = 256;
@@ -27,6 +32,29 @@ pub struct SentenceEncoder {
     device: Device,
     dim: usize,
     cache: Mutex<HashMap<String, Arc<Vec<f32>>>>,
+    /// Static pooling: per-token vectors (unnormalised), filled as tokens are first seen.
+    tokens: Option<Mutex<HashMap<u32, Arc<[f32]>>>>,
+}
+
+/// The encoder's weights, read into memory with every linear layer's `(out, in)` matrix stored
+/// transposed (same shape, column-major strides). candle's `Linear` multiplies by `weightᵀ`; with
+/// this layout that operand is row-major, which the CPU gemm streams as it is, where the file's
+/// layout made it repack every weight matrix on every call — a fixed cost of about 10 ms per
+/// forward pass on a 2-core VM, most of the time for a short question.
+fn linear_weights_column_major(path: &Path, device: &Device) -> Result<VarBuilder<'static>> {
+    let tensors = candle_core::safetensors::load(path, device).map_err(candle_err)?;
+    let mut out = HashMap::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let linear = t.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings");
+        let t = if linear {
+            t.t().and_then(|w| w.contiguous()).and_then(|w| w.t())
+        } else {
+            Ok(t)
+        }
+        .map_err(candle_err)?;
+        out.insert(name, t);
+    }
+    Ok(VarBuilder::from_tensors(out, DType::F32, device))
 }
 
 impl SentenceEncoder {
@@ -50,17 +78,15 @@ impl SentenceEncoder {
             }))
             .map_err(|e| Error::Engine(format!("tokenizer truncation: {e}")))?;
         let weights = loc.file("model.safetensors")?;
-        // SAFETY: read-only mapping of a model file that ferry never writes while serving.
-        #[allow(unsafe_code)]
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device) }
+        let model = BertModel::load(linear_weights_column_major(&weights, device)?, &config)
             .map_err(candle_err)?;
-        let model = BertModel::load(vb, &config).map_err(candle_err)?;
         Ok(SentenceEncoder {
             model,
             tokenizer,
             device: device.clone(),
             dim: config.hidden_size,
             cache: Mutex::new(HashMap::new()),
+            tokens: (manifest.pooling == Pooling::Static).then(|| Mutex::new(HashMap::new())),
         })
     }
 
@@ -106,6 +132,13 @@ impl SentenceEncoder {
     }
 
     fn embed_uncached(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        if self.tokens.is_some() {
+            return texts.iter().map(|t| self.embed_static(t)).collect();
+        }
+        self.embed_contextual(texts)
+    }
+
+    fn embed_contextual(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let enc = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
@@ -130,5 +163,79 @@ impl SentenceEncoder {
             mean.broadcast_div(&norm)?.to_vec2::<f32>()
         };
         run().map_err(candle_err)
+    }
+
+    /// Static pooling: the normalised mean of the text's token vectors. A text with no tokens
+    /// (empty, or only characters the tokenizer drops) gets the contextual embedding.
+    fn embed_static(&self, text: &str) -> Result<Vec<f32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Engine(format!("encoder tokenizer: {e}")))?;
+        let ids = enc.get_ids();
+        if ids.is_empty() {
+            return self.embed_contextual_one(text);
+        }
+        let table = self.tokens.as_ref().expect("static pooling");
+        let mut unseen: Vec<u32> = {
+            let t = table.lock().expect("encoder token lock");
+            ids.iter().copied().filter(|i| !t.contains_key(i)).collect()
+        };
+        unseen.sort_unstable();
+        unseen.dedup();
+        if !unseen.is_empty() {
+            let vectors = self.token_vectors(&unseen)?;
+            let mut t = table.lock().expect("encoder token lock");
+            for (id, v) in unseen.into_iter().zip(vectors) {
+                t.insert(id, v.into());
+            }
+        }
+        let t = table.lock().expect("encoder token lock");
+        let mut mean = vec![0.0f32; self.dim];
+        for id in ids {
+            for (m, x) in mean.iter_mut().zip(t[id].iter()) {
+                *m += x;
+            }
+        }
+        let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        Ok(mean.into_iter().map(|x| x / norm).collect())
+    }
+
+    /// Each token's own embedding: the encoder over `[CLS] token [SEP]` (the tokenizer's own
+    /// special tokens), mean-pooled, not normalised (a token's weight in a text's mean stays
+    /// its vector's length, as in Model2Vec).
+    fn token_vectors(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let specials = self
+            .tokenizer
+            .encode("", true)
+            .map_err(|e| Error::Engine(format!("encoder tokenizer: {e}")))?;
+        let (head, tail) = match specials.get_ids() {
+            [h, t] => (*h, *t),
+            other => {
+                return Err(Error::Engine(format!(
+                    "static pooling needs a tokenizer that wraps a text in two special tokens; it adds {}",
+                    other.len()
+                )))
+            }
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(256) {
+            let n = chunk.len();
+            let rows: Vec<u32> = chunk.iter().flat_map(|&i| [head, i, tail]).collect();
+            let run = || -> candle_core::Result<Vec<Vec<f32>>> {
+                let ids = Tensor::from_vec(rows, (n, 3), &self.device)?;
+                let types = ids.zeros_like()?;
+                let mask = ids.ones_like()?;
+                let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+                hidden.mean(1)?.to_vec2::<f32>()
+            };
+            out.extend(run().map_err(candle_err)?);
+        }
+        Ok(out)
+    }
+
+    fn embed_contextual_one(&self, text: &str) -> Result<Vec<f32>> {
+        let mut v = self.embed_contextual(&[text])?;
+        Ok(v.pop().expect("one text in, one vector out"))
     }
 }

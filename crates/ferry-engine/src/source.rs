@@ -131,6 +131,7 @@ pub fn adhoc_manifest(spec: &str) -> Result<ModelManifest> {
         eos_tokens: Vec::new(),
         cpu_repack_q4_1: true,
         cost: Default::default(),
+        pooling: Default::default(),
         fetch: None,
         description: None,
     };

@@ -227,6 +227,103 @@ fn minilm_embeddings_match_sentence_transformers() {
         .all(|(a, b)| (a - b).abs() < 1e-5));
 }
 
+/// The encoder stores its linear weights transposed for the CPU gemm; this checks it against
+/// candle's BERT loaded straight from the file, pooled here by hand.
+#[test]
+fn minilm_embeddings_match_the_file_layout_forward_pass() {
+    use candle_core::{DType, Tensor};
+    let manifest = ModelManifest::load(&root().join("models/all-minilm-l6-v2.toml")).unwrap();
+    let dir = manifest.local_dir(&model_dir());
+    let text = "Which gas do plants take in from the air to make their food?";
+    let ours = ferry_engine::encoder::SentenceEncoder::load(
+        &manifest,
+        &model_dir(),
+        &ferry_engine::Device::Cpu,
+    )
+    .unwrap()
+    .embed(&[text])
+    .unwrap();
+    let config: candle_transformers::models::bert::Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let device = candle_core::Device::Cpu;
+    #[allow(unsafe_code)]
+    // SAFETY: a read-only mapping of the test's model file, which nothing writes meanwhile.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &device,
+        )
+    }
+    .unwrap();
+    let bert = candle_transformers::models::bert::BertModel::load(vb, &config).unwrap();
+    let mut tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    // The file pads to 128 tokens; sentence-transformers pools over the text's own tokens.
+    tok.with_padding(None);
+    let ids = tok.encode(text, true).unwrap().get_ids().to_vec();
+    let ids = Tensor::new(ids.as_slice(), &device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let hidden = bert
+        .forward(
+            &ids,
+            &ids.zeros_like().unwrap(),
+            Some(&ids.ones_like().unwrap()),
+        )
+        .unwrap();
+    let mean: Vec<f32> = hidden
+        .mean(1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let diff = ours[0]
+        .iter()
+        .zip(&mean)
+        .map(|(a, b)| (a - b / norm).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-5, "largest difference {diff}");
+}
+
+/// Static pooling: a one-token text is exactly the contextual embedding of that text, and
+/// texts keep their similarities roughly.
+#[test]
+fn static_pooling_agrees_with_the_contextual_encoder() {
+    let load = |name: &str| {
+        let m = ModelManifest::load(&root().join(format!("models/{name}.toml"))).unwrap();
+        ferry_engine::encoder::SentenceEncoder::load(&m, &model_dir(), &ferry_engine::Device::Cpu)
+            .unwrap()
+    };
+    let (stat, full) = (load("all-minilm-l6-v2-static"), load("all-minilm-l6-v2"));
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let one = "ferry";
+    assert_eq!(stat.embed_token_count(one).unwrap(), 3);
+    let (a, b) = (stat.embed(&[one]).unwrap(), full.embed(&[one]).unwrap());
+    assert!(cos(&a[0], &b[0]) > 0.99999, "{}", cos(&a[0], &b[0]));
+    let texts = [
+        "A cat sits on the mat.",
+        "A kitten rests on a rug.",
+        "Stock markets fell sharply today.",
+    ];
+    let v = stat.embed(&texts).unwrap();
+    let norm: f32 = v[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5);
+    assert!(cos(&v[0], &v[1]) > cos(&v[0], &v[2]) + 0.1);
+    // Each text's static embedding is nearer its own contextual embedding than the others'.
+    let w = full.embed(&texts).unwrap();
+    for (i, s) in v.iter().enumerate() {
+        for (j, c) in w.iter().enumerate().filter(|&(j, _)| j != i) {
+            assert!(cos(s, &w[i]) > cos(s, c), "text {i} against {j}");
+        }
+    }
+    // An empty text has no tokens and falls back to the contextual embedding.
+    let (e, f) = (stat.embed(&[""]).unwrap(), full.embed(&[""]).unwrap());
+    assert!(cos(&e[0], &f[0]) > 0.99999);
+}
+
 #[test]
 fn warm_up_generates_and_leaves_the_counters_alone() {
     let model = load();
