@@ -3,6 +3,7 @@
 //! client, and find the built binaries for the tests that run them as processes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use ferry_cli::client::Client;
@@ -378,6 +379,15 @@ pub fn train_policy_on(algo: &str, network: &str, steps: usize, out: &Path) {
 /// for `delay` before passing it on (requests go through at once). Each call over it, health
 /// probes included, answers at least `delay` later than the server did.
 pub async fn slow_link(upstream: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    let ms = Arc::new(std::sync::atomic::AtomicU64::new(delay.as_millis() as u64));
+    variable_link(upstream, ms).await
+}
+
+/// [`slow_link`] whose delay (milliseconds, read as each chunk arrives) the test can change.
+pub async fn variable_link(
+    upstream: std::net::SocketAddr,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -394,9 +404,12 @@ pub async fn slow_link(upstream: std::net::SocketAddr, delay: Duration) -> std::
             });
             let (tx, mut rx) =
                 tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            let delay_ms = delay_ms.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 16 * 1024];
                 while let Ok(n) = server_rx.read(&mut buf).await {
+                    let delay =
+                        Duration::from_millis(delay_ms.load(std::sync::atomic::Ordering::Relaxed));
                     if n == 0
                         || tx
                             .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))

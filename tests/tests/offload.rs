@@ -15,7 +15,8 @@ use ferry_cloud::{CloudConfig, CloudServer, ModelConfig};
 use ferry_edge::cloud::OnDeadline;
 use ferry_edge::EdgeConfig;
 use ferry_integration::{
-    binary, free_port, greedy, model_dir, repo_root, run, slow_link, TestServer, DEFAULT_MODEL,
+    binary, free_port, greedy, model_dir, repo_root, run, slow_link, variable_link, TestServer,
+    DEFAULT_MODEL,
 };
 use ferry_proto::v1 as pb;
 use futures::StreamExt;
@@ -423,6 +424,52 @@ async fn a_flapping_endpoint_opens_and_closes_its_circuit() {
     let stats = &t.server.state.stats;
     assert_eq!(stats.requests_completed.load(Ordering::Relaxed), 5);
     assert_eq!(stats.requests_failed.load(Ordering::Relaxed), 0);
+    cloud.shutdown(Duration::from_millis(100)).await;
+}
+
+/// A cloud that answers its health probes late (busy, not down) keeps its place until
+/// `failure_threshold` probes in a row went unanswered; then offloads fall back, and the reason
+/// says what the probes saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_health_answers_count_only_in_a_row() {
+    let cloud = start_cloud("127.0.0.1:0").await;
+    let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let link = variable_link(cloud.local_addr, delay_ms.clone()).await;
+    let mut t = TestServer::start(move |c| {
+        with_cloud(c, format!("http://{link}"));
+        c.cloud.health_interval_ms = 100;
+        c.cloud.health_timeout_ms = 400;
+        c.cloud.failure_threshold = 3;
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+    delay_ms.store(1_000, Ordering::Relaxed);
+    // Each late probe takes its 400 ms timeout, so every count is visible to 100 ms polls.
+    let late = |n: u32| format!("no health answer within 400 ms ({n} in a row)");
+    for n in 1..=2 {
+        wait_for_status(&mut t, &format!("late probe {n} while healthy"), |s| {
+            let e = &s.cloud_endpoints[0];
+            e.healthy && e.last_error.contains(&late(n))
+        })
+        .await;
+    }
+    wait_for_status(&mut t, "unhealthy after the third", |s| {
+        !s.cloud_endpoints[0].healthy
+    })
+    .await;
+    let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 2))
+        .await
+        .unwrap();
+    let p = d.placement.unwrap();
+    assert!(
+        p.fallback
+            && p.reason.contains("no healthy endpoint")
+            && p.reason.contains("no health answer within 400 ms"),
+        "{p:?}"
+    );
+    // Answers in time again: healthy at the next probe.
+    delay_ms.store(0, Ordering::Relaxed);
+    wait_for_status(&mut t, "healthy again", |s| s.cloud_endpoints[0].healthy).await;
     cloud.shutdown(Duration::from_millis(100)).await;
 }
 

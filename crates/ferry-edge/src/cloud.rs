@@ -4,8 +4,12 @@
 //! Each endpoint is one gRPC channel (plaintext on loopback, or TLS with rustls and, when a client
 //! certificate is configured, mutual TLS), optionally with a bearer token on every call. A
 //! background task probes each endpoint's `grpc.health.v1` status for `ferry.v1.Offload` and
-//! refreshes the cloud zoo from `ListModels`; an endpoint that fails its probe is not chosen
-//! until a probe succeeds again.
+//! refreshes the cloud zoo from `ListModels`. An endpoint that answers its probe with anything
+//! but SERVING, or cannot be reached, is not chosen until a probe succeeds again; one that is only
+//! slow to answer (no answer within `health_timeout_ms`) keeps its place until
+//! `failure_threshold` probes in a row have gone unanswered, because a cloud busy generating on
+//! every core answers late without being down (one late probe used to send the next two seconds
+//! of offloads home). Fallbacks for want of a healthy endpoint name the probes' last errors.
 //!
 //! Requests feed a circuit breaker per endpoint (linkerd2-proxy's failure accrual, simplified):
 //! `failure_threshold` consecutive failures before the first token open it; while open the
@@ -15,7 +19,7 @@
 //! one with the fewest offloads in flight (ties rotate).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -307,6 +311,30 @@ pub struct Endpoint {
     models: RwLock<Vec<pb::ModelInfo>>,
     /// Why the last probe failed.
     last_error: Mutex<Option<String>>,
+    /// Probes in a row that got no answer in time.
+    unanswered: AtomicU32,
+}
+
+/// How a health probe ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// SERVING.
+    Serving,
+    /// An answer that is not SERVING, or an error reaching the endpoint.
+    Failed,
+    /// No answer within `health_timeout_ms`.
+    Unanswered,
+}
+
+/// Whether an endpoint counts as healthy after a probe: `unanswered` is the count of unanswered
+/// probes in a row including this one. A definite failure counts at once, silence only at the
+/// `threshold`-th probe in a row.
+pub fn healthy_after(outcome: ProbeOutcome, unanswered: u32, threshold: u32) -> bool {
+    match outcome {
+        ProbeOutcome::Serving => true,
+        ProbeOutcome::Failed => false,
+        ProbeOutcome::Unanswered => unanswered < threshold.max(1),
+    }
 }
 
 /// What `Status` shows of an endpoint.
@@ -536,6 +564,7 @@ impl CloudPool {
                 in_flight: AtomicUsize::new(0),
                 models: RwLock::new(Vec::new()),
                 last_error: Mutex::new(None),
+                unanswered: AtomicU32::new(0),
             });
         }
         for ep in &endpoints {
@@ -653,6 +682,20 @@ impl CloudPool {
         })
     }
 
+    /// The last probe errors of the endpoints that list `model`, for a fallback's reason
+    /// (e.g. `http://cloud-0:50061: no health answer within 1000 ms`).
+    pub fn probe_errors(&self, model: &str) -> String {
+        self.endpoints
+            .iter()
+            .filter(|ep| ep.serves(model))
+            .filter_map(|ep| {
+                let e = ep.last_error.lock().expect("error lock");
+                e.as_ref().map(|e| format!("{}: {e}", ep.uri))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// Status of every endpoint.
     pub fn status(&self) -> Vec<EndpointStatus> {
         self.endpoints.iter().map(Endpoint::status).collect()
@@ -690,6 +733,13 @@ impl CloudPool {
             service: pb::offload_server::SERVICE_NAME.to_string(),
         });
         req.set_timeout(timeout);
+        let unanswered = || {
+            (
+                ProbeOutcome::Unanswered,
+                format!("no health answer within {} ms", timeout.as_millis()),
+            )
+        };
+        let started = Instant::now();
         let verdict = match tokio::time::timeout(timeout, health.check(req)).await {
             Ok(Ok(r))
                 if r.get_ref().status
@@ -697,12 +747,44 @@ impl CloudPool {
             {
                 Ok(())
             }
-            Ok(Ok(r)) => Err(format!("health status {:?}", r.get_ref().status())),
-            Ok(Err(s)) => Err(format!("{}: {}", s.code(), s.message())),
-            Err(_) => Err(format!(
-                "no health answer within {} ms",
-                timeout.as_millis()
+            Ok(Ok(r)) => Err((
+                ProbeOutcome::Failed,
+                format!("health status {:?}", r.get_ref().status()),
             )),
+            // tonic's own end of the grpc-timeout (CANCELLED, "Timeout expired"), or the
+            // server's DEADLINE_EXCEEDED, is silence too.
+            Ok(Err(s))
+                if s.code() == tonic::Code::DeadlineExceeded || started.elapsed() >= timeout =>
+            {
+                Err(unanswered())
+            }
+            Ok(Err(s)) => Err((
+                ProbeOutcome::Failed,
+                format!("{}: {}", s.code(), s.message()),
+            )),
+            Err(_) => Err(unanswered()),
+        };
+        let verdict = match verdict {
+            Ok(()) => {
+                ep.unanswered.store(0, Ordering::Release);
+                Ok(())
+            }
+            Err((outcome, why)) => {
+                let n = if outcome == ProbeOutcome::Unanswered {
+                    ep.unanswered.fetch_add(1, Ordering::AcqRel) + 1
+                } else {
+                    ep.unanswered.store(0, Ordering::Release);
+                    0
+                };
+                if healthy_after(outcome, n, self.cfg.failure_threshold) {
+                    // Slow, not down: keep serving, remember why, count on.
+                    tracing::debug!(endpoint = %ep.uri, unanswered = n, "late health answer");
+                    *ep.last_error.lock().expect("error lock") =
+                        Some(format!("{why} ({n} in a row)"));
+                    return;
+                }
+                Err(why)
+            }
         };
         let was = ep.healthy.load(Ordering::Acquire);
         match verdict {
@@ -790,6 +872,19 @@ pub fn is_endpoint_failure(code: tonic::Code) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn silence_counts_at_the_threshold_and_a_refusal_at_once() {
+        use ProbeOutcome::*;
+        assert!(healthy_after(Serving, 0, 3));
+        assert!(!healthy_after(Failed, 0, 3));
+        assert!(healthy_after(Unanswered, 1, 3));
+        assert!(healthy_after(Unanswered, 2, 3));
+        assert!(!healthy_after(Unanswered, 3, 3));
+        // A threshold of 1 (or a bad 0) is the old rule: one late answer is enough.
+        assert!(!healthy_after(Unanswered, 1, 1));
+        assert!(!healthy_after(Unanswered, 1, 0));
+    }
 
     #[test]
     fn breaker_opens_after_threshold_and_closes_after_a_good_trial() {

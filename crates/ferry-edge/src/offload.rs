@@ -31,7 +31,7 @@ use ferry_core::{ChatMessage, Error, Part, ValidatedRequest};
 use ferry_proto::v1 as pb;
 use ferry_router::tmo::Action;
 
-use crate::cloud::{is_endpoint_failure, CloudPool, Lease, OnDeadline};
+use crate::cloud::{is_endpoint_failure, CloudPool, Lease, NoEndpoint, OnDeadline};
 use crate::records::{unix_ms, RequestRecord};
 use crate::router::{Routed, ZooRouter};
 use crate::service::{prepare_local, question, run_local, Item};
@@ -143,9 +143,16 @@ impl CloudJob {
                 Ok(l) => l,
                 Err(no) => {
                     if tried.is_empty() {
+                        let mut why = format!("{} for `{model}`", no.as_str().replace('_', " "));
+                        if no == NoEndpoint::Unhealthy {
+                            let probes = self.pool.probe_errors(&model);
+                            if !probes.is_empty() {
+                                why.push_str(&format!(" ({probes})"));
+                            }
+                        }
                         last = Failed {
                             label: no.as_str(),
-                            why: format!("{} for `{model}`", no.as_str().replace('_', " ")),
+                            why,
                             timed_out: false,
                         };
                     }
