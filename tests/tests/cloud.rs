@@ -107,6 +107,48 @@ async fn run(
     ))
 }
 
+/// ferry-cloud admits as ferryd does: with its one slot taken, a request whose deadline is
+/// shorter than the expected wait for a slot is refused at once, saying so (the edge then falls
+/// back at once with that reason instead of timing out in the cloud's queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_shorter_than_the_expected_wait_is_refused_at_once() {
+    let mut c = cloud_config(vec![model(DEFAULT_MODEL, BackendKind::Candle)]);
+    c.server.max_concurrent = 1;
+    let server = CloudServer::start(c).await.expect("ferry-cloud starts");
+    let mut client = connect(&server).await;
+    // One finished request measures how long a request holds the slot.
+    run(
+        &mut client,
+        request("a", DEFAULT_MODEL, "Count to ten.", 16),
+    )
+    .await
+    .unwrap();
+    let mut busy = client.clone();
+    let hold = tokio::spawn(async move {
+        run(&mut busy, request("b", DEFAULT_MODEL, "Count to ten.", 16)).await
+    });
+    while server.state.in_system() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut late = tonic::Request::new(request("c", DEFAULT_MODEL, "Hi", 2));
+    late.set_timeout(Duration::from_millis(20));
+    let refused = std::time::Instant::now();
+    let err = client.generate(late).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("expected wait") && err.message().contains("deadline of 20 ms"),
+        "{err:?}"
+    );
+    assert!(refused.elapsed() < Duration::from_secs(2));
+    // Without a deadline it waits its turn and is served.
+    let (_, _, done) = run(&mut client, request("d", DEFAULT_MODEL, "Hi", 2))
+        .await
+        .unwrap();
+    assert!(done.usage.unwrap().completion_tokens > 0);
+    hold.await.unwrap().unwrap();
+    server.shutdown(Duration::from_millis(100)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candle_backend_streams_lists_and_refuses_bad_requests() {
     let mut m = model(DEFAULT_MODEL, BackendKind::Candle);

@@ -19,12 +19,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use ferry_core::admission::{Admission, Ticket};
 use ferry_core::auth::Auth;
 use ferry_core::{Error, ErrorKind, ValidatedRequest};
 use ferry_proto::v1 as pb;
@@ -119,7 +120,8 @@ pub struct CloudState {
     /// Cancelled at the end of the shutdown grace period: in-flight requests stop.
     pub abort: CancellationToken,
     draining: AtomicBool,
-    slots: Arc<Semaphore>,
+    /// Slots and queue, with the expected-wait refusal (`ferry_core::admission`, ferryd's too).
+    admission: Admission,
     in_system: AtomicUsize,
     replay: Mutex<Replay>,
     seed: AtomicU64,
@@ -133,7 +135,7 @@ impl CloudState {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         CloudState {
-            slots: Arc::new(Semaphore::new(config.server.max_concurrent)),
+            admission: Admission::new(config.server.max_concurrent, config.server.max_queue),
             replay: Mutex::new(Replay {
                 capacity: config.server.replay_cache,
                 ..Default::default()
@@ -171,10 +173,7 @@ impl CloudState {
 
     /// Requests generating now (holding an execution slot).
     pub fn running(&self) -> usize {
-        self.config
-            .server
-            .max_concurrent
-            .saturating_sub(self.slots.available_permits())
+        self.admission.running()
     }
 
     /// Requests admitted and not finished (waiting or generating).
@@ -370,14 +369,16 @@ impl OffloadService {
             drop(admitted);
             return Err(Error::Unavailable("ferry-cloud is shutting down".into()).into());
         }
-        let limit = state.config.server.max_concurrent + state.config.server.max_queue;
-        if state.in_system() > limit {
-            drop(admitted);
-            return Err(Error::Overloaded(format!(
-                "{limit} requests are running or waiting; retry later"
-            ))
-            .into());
-        }
+        // Refused at once when full, or when the expected wait for a slot exceeds the
+        // request's budget: the edge then falls back at once, naming the wait, instead of
+        // learning it from a timeout.
+        let ticket = match state.admission.admit_within(budget) {
+            Ok(t) => t,
+            Err(e) => {
+                drop(admitted);
+                return Err(e.into());
+            }
+        };
         let breq = BackendRequest {
             request_id,
             messages: validated.messages,
@@ -391,7 +392,7 @@ impl OffloadService {
             arrived,
             budget,
             tx,
-            admitted,
+            (admitted, ticket),
         ));
         Ok(rx)
     }
@@ -405,7 +406,7 @@ async fn run(
     arrived: Instant,
     budget: Option<Duration>,
     tx: mpsc::Sender<Item>,
-    mut admitted: Admitted,
+    (mut admitted, ticket): (Admitted, Ticket),
 ) {
     let request_id = req.request_id.clone();
     let _stop_on_exit = req.stop.clone().drop_guard();
@@ -447,7 +448,7 @@ async fn run(
     };
 
     let slot = tokio::select! {
-        slot = state.slots.clone().acquire_owned() => slot.expect("the slot semaphore is never closed"),
+        slot = ticket.run() => slot,
         _ = &mut expired => {
             let item = fail(deadline_failure("while waiting for a slot"));
             drop(admitted);

@@ -4,6 +4,7 @@
 //! This crate holds no policy and does no network I/O; it is what `ferry-engine`, `ferryd`,
 //! `ferry-cloud` and the CLI agree on.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod deadline;

@@ -5,7 +5,6 @@
 //! feedback, MESS+ routing of `model: "auto"` with its state persisted, the standard health and reflection services, and a graceful drain on SIGTERM.
 //! The binary in `main.rs` only parses the command line and calls [`RunningServer`].
 
-pub mod admission;
 pub mod auth;
 pub mod cloud;
 pub mod config;

@@ -147,7 +147,7 @@ pub(crate) struct LocalJob {
     model: Arc<LoadedModel>,
     routed: Option<Routed>,
     prompt: Vec<u32>,
-    ticket: crate::admission::Ticket,
+    ticket: ferry_core::admission::Ticket,
     /// The completion's placement; callers prefix the tier decision's reason.
     pub(crate) placement: pb::Placement,
 }
@@ -505,7 +505,7 @@ async fn learn_from_routed(
     routed: &Routed,
     req: &ValidatedRequest,
     served_joules: Option<f64>,
-    slot: Option<crate::admission::Slot>,
+    slot: Option<ferry_core::admission::Slot>,
 ) {
     let Some(router) = state.router().cloned() else {
         return;

@@ -12,12 +12,12 @@ use ferry_core::{Error, ModelKind, ModelManifest, Result, Tier};
 use ferry_energy::meter::EnergyMeter;
 use ferry_engine::LoadedModel;
 
-use crate::admission::Admission;
 use crate::auth::Auth;
 use crate::cloud::CloudPool;
 use crate::config::EdgeConfig;
 use crate::records::RecordStore;
 use crate::router::ZooRouter;
+use ferry_core::admission::Admission;
 use ferry_engine::encoder::SentenceEncoder;
 use ferry_proto::v1 as pb;
 

@@ -1,5 +1,5 @@
-//! Admission control: at most `max_concurrent` requests generate at once and at most
-//! `max_queue` wait; anything beyond is refused at once with RESOURCE_EXHAUSTED rather than
+//! Admission control, the same for ferryd and ferry-cloud: at most `max_concurrent` requests
+//! generate at once and at most `max_queue` wait; anything beyond is refused at once with RESOURCE_EXHAUSTED rather than
 //! queued without bound (the behaviour TGI's router and vLLM users ask for). A request with a
 //! deadline is also refused at once when the expected wait for a slot already exceeds it: the
 //! wait is estimated from how long recent requests held their slots, so an app learns at once
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use ferry_core::{Error, Result};
+use crate::{Error, Result};
 
 /// Shared admission state.
 #[derive(Debug)]
@@ -102,7 +102,7 @@ impl Admission {
                 if wait_ms > deadline.as_secs_f64() * 1e3 {
                     self.admitted.fetch_sub(1, Ordering::AcqRel);
                     return Err(Error::Overloaded(format!(
-                        "the expected wait for a local slot is {wait_ms:.0} ms ({} requests ahead on {} slots, {:.0} ms each lately), over the request's deadline of {} ms; retry later or with a longer deadline",
+                        "the expected wait for a slot is {wait_ms:.0} ms ({} requests ahead on {} slots, {:.0} ms each lately), over the request's deadline of {} ms; retry later or with a longer deadline",
                         prev,
                         self.max_concurrent,
                         self.held_ms().unwrap_or(0.0),
@@ -184,7 +184,7 @@ mod tests {
         let t1 = a.admit().unwrap();
         let t2 = a.admit().unwrap();
         let err = a.admit().unwrap_err();
-        assert_eq!(err.kind(), ferry_core::ErrorKind::ResourceExhausted);
+        assert_eq!(err.kind(), crate::ErrorKind::ResourceExhausted);
         let s1 = t1.run().await;
         drop(s1);
         let s2 = t2.run().await;
@@ -212,7 +212,7 @@ mod tests {
         let wait = a.expected_wait_ms(1).unwrap();
         assert!((wait - held / 2.0).abs() < 1e-9, "{wait} {held}");
         let err = a.admit_within(Some(Duration::from_millis(1))).unwrap_err();
-        assert_eq!(err.kind(), ferry_core::ErrorKind::ResourceExhausted);
+        assert_eq!(err.kind(), crate::ErrorKind::ResourceExhausted);
         assert!(err.to_string().contains("deadline"), "{err}");
         assert_eq!(a.in_system(), 1, "a refused request holds no place");
         // A deadline longer than the wait, or none, queues.
