@@ -219,9 +219,18 @@ impl CloudJob {
                     // The server side of a grpc-timeout answers CANCELLED "Timeout expired".
                     let timed_out = status.code() == tonic::Code::DeadlineExceeded
                         || Instant::now() + Duration::from_millis(5) >= until;
+                    let said = format!("{}: {}", code_name(status.code()), status.message());
                     last = Failed {
                         label: if timed_out { "deadline" } else { "unavailable" },
-                        why: format!("{uri}: {}: {}", code_name(status.code()), status.message()),
+                        // Say what ran out, not only how the transport put it.
+                        why: if timed_out {
+                            format!(
+                                "{uri}: no first token within {} ms ({said})",
+                                remaining.as_millis()
+                            )
+                        } else {
+                            format!("{uri}: {said}")
+                        },
                         timed_out,
                     };
                     failures.push(last.why.clone());
