@@ -57,6 +57,10 @@ fn linear_weights_column_major(path: &Path, device: &Device) -> Result<VarBuilde
     Ok(VarBuilder::from_tensors(out, DType::F32, device))
 }
 
+fn tokenizer_err(e: impl std::fmt::Display) -> Error {
+    Error::Engine(format!("encoder tokenizer: {e}"))
+}
+
 impl SentenceEncoder {
     /// Loads `config.json`, `tokenizer.json` and `model.safetensors` of an encoder manifest.
     pub fn load(manifest: &ModelManifest, model_dir: &Path, device: &Device) -> Result<Self> {
@@ -128,12 +132,12 @@ impl SentenceEncoder {
         self.tokenizer
             .encode(text, true)
             .map(|e| e.get_ids().len())
-            .map_err(|e| Error::Engine(format!("encoder tokenizer: {e}")))
+            .map_err(tokenizer_err)
     }
 
     fn embed_uncached(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         if self.tokens.is_some() {
-            return texts.iter().map(|t| self.embed_static(t)).collect();
+            return self.embed_static(texts);
         }
         self.embed_contextual(texts)
     }
@@ -142,7 +146,7 @@ impl SentenceEncoder {
         let enc = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
-            .map_err(|e| Error::Engine(format!("encoder tokenizer: {e}")))?;
+            .map_err(tokenizer_err)?;
         let n = enc.len();
         let len = enc.first().map(|e| e.get_ids().len()).unwrap_or(0);
         let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
@@ -165,21 +169,22 @@ impl SentenceEncoder {
         run().map_err(candle_err)
     }
 
-    /// Static pooling: the normalised mean of the text's token vectors. A text with no tokens
+    /// Static pooling: the normalised mean of each text's token vectors. The tokens no text has
+    /// shown before are embedded together, once for the whole batch. A text with no tokens
     /// (empty, or only characters the tokenizer drops) gets the contextual embedding.
-    fn embed_static(&self, text: &str) -> Result<Vec<f32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| Error::Engine(format!("encoder tokenizer: {e}")))?;
-        let ids = enc.get_ids();
-        if ids.is_empty() {
-            return self.embed_contextual_one(text);
-        }
+    fn embed_static(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let encodings = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(*t, false).map_err(tokenizer_err))
+            .collect::<Result<Vec<_>>>()?;
         let table = self.tokens.as_ref().expect("static pooling");
         let mut unseen: Vec<u32> = {
             let t = table.lock().expect("encoder token lock");
-            ids.iter().copied().filter(|i| !t.contains_key(i)).collect()
+            encodings
+                .iter()
+                .flat_map(|e| e.get_ids().iter().copied())
+                .filter(|i| !t.contains_key(i))
+                .collect()
         };
         unseen.sort_unstable();
         unseen.dedup();
@@ -190,25 +195,31 @@ impl SentenceEncoder {
                 t.insert(id, v.into());
             }
         }
-        let t = table.lock().expect("encoder token lock");
-        let mut mean = vec![0.0f32; self.dim];
-        for id in ids {
-            for (m, x) in mean.iter_mut().zip(t[id].iter()) {
-                *m += x;
+        let mut out = Vec::with_capacity(texts.len());
+        for (text, enc) in texts.iter().zip(&encodings) {
+            let ids = enc.get_ids();
+            if ids.is_empty() {
+                out.push(self.embed_contextual_one(text)?);
+                continue;
             }
+            let t = table.lock().expect("encoder token lock");
+            let mut mean = vec![0.0f32; self.dim];
+            for id in ids {
+                for (m, x) in mean.iter_mut().zip(t[id].iter()) {
+                    *m += x;
+                }
+            }
+            let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            out.push(mean.into_iter().map(|x| x / norm).collect());
         }
-        let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        Ok(mean.into_iter().map(|x| x / norm).collect())
+        Ok(out)
     }
 
     /// Each token's own embedding: the encoder over `[CLS] token [SEP]` (the tokenizer's own
     /// special tokens), mean-pooled, not normalised (a token's weight in a text's mean stays
     /// its vector's length, as in Model2Vec).
     fn token_vectors(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let specials = self
-            .tokenizer
-            .encode("", true)
-            .map_err(|e| Error::Engine(format!("encoder tokenizer: {e}")))?;
+        let specials = self.tokenizer.encode("", true).map_err(tokenizer_err)?;
         let (head, tail) = match specials.get_ids() {
             [h, t] => (*h, *t),
             other => {
