@@ -150,6 +150,52 @@ async fn a_deadline_shorter_than_the_expected_wait_is_refused_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_hears_busy_before_its_deadline() {
+    let mut c = cloud_config(vec![model(DEFAULT_MODEL, BackendKind::Candle)]);
+    c.server.max_concurrent = 1;
+    let server = CloudServer::start(c).await.expect("ferry-cloud starts");
+    let client = connect(&server).await;
+    // A long generation holds the only slot; no slot time is known yet, so the next request
+    // is queued rather than refused at once.
+    let mut busy = client.clone();
+    let hold = tokio::spawn(async move {
+        run(
+            &mut busy,
+            request("long", DEFAULT_MODEL, "Count from 1 to 300 in words.", 400),
+        )
+        .await
+    });
+    while server.state.running() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut queued = tonic::Request::new(request("queued", DEFAULT_MODEL, "Hi", 2));
+    queued.set_timeout(Duration::from_millis(1500));
+    let sent = std::time::Instant::now();
+    // The refusal comes as the stream's status (the request was admitted to the queue).
+    let mut queued_client = client.clone();
+    let err = async move {
+        let mut stream = queued_client.generate(queued).await?.into_inner();
+        stream.message().await
+    }
+    .await
+    .unwrap_err();
+    let waited = sent.elapsed();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("no slot free") && err.message().contains("deadline of 1500 ms"),
+        "{err:?}"
+    );
+    // It waited for a slot until shortly before the deadline, and answered before it.
+    assert!(
+        waited >= Duration::from_millis(1200) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
+    assert!(server.state.running() == 1, "the long request still runs");
+    hold.abort();
+    server.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candle_backend_streams_lists_and_refuses_bad_requests() {
     let mut m = model(DEFAULT_MODEL, BackendKind::Candle);
     m.usd_per_million_tokens = Some(0.5);

@@ -430,6 +430,87 @@ async fn a_flapping_endpoint_opens_and_closes_its_circuit() {
     cloud.shutdown(Duration::from_millis(100)).await;
 }
 
+/// A cloud whose only slot is taken: an offload queued there past its budget falls back with
+/// the cloud's own "busy" answer, and a busy endpoint is not a failing one — its circuit stays
+/// closed even at `failure_threshold = 1`, and the next offload goes to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_cloud_is_fallen_back_from_without_opening_its_circuit() {
+    let mut cc = cloud_config("127.0.0.1:0", vec![candle_model(CLOUD_MODEL)]);
+    cc.server.max_concurrent = 1;
+    let cloud = CloudServer::start(cc).await.expect("ferry-cloud starts");
+    let endpoint = format!("http://{}", cloud.local_addr);
+    let e = endpoint.clone();
+    let mut t = TestServer::start(move |c| {
+        with_cloud(c, e);
+        c.cloud.failure_threshold = 1;
+        c.cloud.request_timeout_ms = 1_500;
+    })
+    .await;
+    wait_for_cloud_model(&mut t.client, CLOUD_MODEL).await;
+
+    // Another edge's long generation holds the slot.
+    let mut direct = ferry_proto::v1::offload_client::OffloadClient::connect(endpoint)
+        .await
+        .unwrap();
+    let long = pb::OffloadRequest {
+        request_id: "other-edge".into(),
+        model: CLOUD_MODEL.into(),
+        messages: vec![pb::Message {
+            role: pb::Role::User as i32,
+            parts: vec![pb::ContentPart {
+                kind: Some(pb::content_part::Kind::Text(LONG.into())),
+            }],
+        }],
+        max_tokens: Some(400),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let mut held = direct.generate(long).await.unwrap().into_inner();
+    assert!(
+        held.message().await.unwrap().is_some(),
+        "the long request runs"
+    );
+
+    let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4))
+        .await
+        .unwrap();
+    assert_eq!(d.tier, pb::Tier::Local as i32);
+    let p = d.placement.unwrap();
+    assert!(
+        p.fallback
+            && p.reason.contains("fallback to local: busy")
+            && p.reason.contains("RESOURCE_EXHAUSTED: no slot free"),
+        "{p:?}"
+    );
+    let s = status(&mut t).await;
+    assert_eq!(
+        (
+            s.cloud_endpoints[0].circuit.as_str(),
+            s.cloud_endpoints[0].circuit_opened_total
+        ),
+        ("closed", 0),
+        "{:?}",
+        s.cloud_endpoints
+    );
+    // Once the slot is free the next offload is served there.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4))
+            .await
+            .unwrap();
+        if d.tier == pb::Tier::Cloud as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never offloaded again: {:?}",
+            d.placement
+        );
+    }
+    cloud.shutdown(Duration::from_millis(100)).await;
+}
+
 /// A cloud that answers its health probes late (busy, not down) keeps its place until
 /// `failure_threshold` probes in a row went unanswered; then offloads fall back, and the reason
 /// says what the probes saw.

@@ -76,8 +76,8 @@ pub fn request_ok(f: Finished<'_>) {
     }
 }
 
-/// Books a request that started and did not finish: `outcome` is `failed`, `deadline`,
-/// `cancelled` or `shutdown`.
+/// Books a request that started and did not finish: `outcome` is `failed`, `deadline`, `busy`
+/// (no slot before its deadline), `cancelled` or `shutdown`.
 pub fn request_ended(model: &str, backend: &'static str, outcome: &'static str) {
     metrics::counter!("ferry_cloud_requests_total", "model" => model.to_string(), "backend" => backend, "outcome" => outcome)
         .increment(1);

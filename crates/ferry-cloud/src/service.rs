@@ -398,6 +398,12 @@ impl OffloadService {
     }
 }
 
+/// How long before its deadline a queued request stops waiting for a slot: a tenth of the
+/// budget, at most 250 ms — room for the refusal to reach the edge before the edge's own timer.
+pub fn queue_give_up_margin(budget: Duration) -> Duration {
+    (budget / 10).min(Duration::from_millis(250))
+}
+
 /// Runs one admitted request to its end.
 async fn run(
     state: Arc<CloudState>,
@@ -418,6 +424,16 @@ async fn run(
         }
     };
     tokio::pin!(expired);
+    // A queued request gives up a little before its deadline and says it found no slot, so the
+    // edge hears "busy" (RESOURCE_EXHAUSTED: fall back, the endpoint is not failing) instead of
+    // its own transport timeout, which would count against the endpoint's circuit.
+    let queue_deadline = deadline.map(|d| d - budget.map_or(Duration::ZERO, queue_give_up_margin));
+    let queue_expired = async move {
+        match queue_deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
     let deadline_failure = |stage: &str| {
         Failure::new(
             ErrorKind::DeadlineExceeded,
@@ -435,6 +451,8 @@ async fn run(
             "shutdown"
         } else if f.kind == ErrorKind::DeadlineExceeded {
             "deadline"
+        } else if f.kind == ErrorKind::ResourceExhausted {
+            "busy"
         } else {
             "failed"
         };
@@ -447,10 +465,19 @@ async fn run(
         metrics::request_ended(&model.config.id, backend, "cancelled");
     };
 
+    let running = state.admission.max_concurrent();
     let slot = tokio::select! {
         slot = ticket.run() => slot,
-        _ = &mut expired => {
-            let item = fail(deadline_failure("while waiting for a slot"));
+        _ = queue_expired => {
+            let item = fail(Failure::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "no slot free within {} ms of the request's deadline of {} ms ({running} \
+                     running): ferry-cloud is busy",
+                    arrived.elapsed().as_millis(),
+                    budget.map(|b| b.as_millis()).unwrap_or(0),
+                ),
+            ));
             drop(admitted);
             let _ = tx.send(item).await;
             return;

@@ -221,7 +221,14 @@ impl CloudJob {
                         || Instant::now() + Duration::from_millis(5) >= until;
                     let said = format!("{}: {}", code_name(status.code()), status.message());
                     last = Failed {
-                        label: if timed_out { "deadline" } else { "unavailable" },
+                        label: if status.code() == tonic::Code::ResourceExhausted {
+                            // Busy, not down: the cloud found no slot in time.
+                            "busy"
+                        } else if timed_out {
+                            "deadline"
+                        } else {
+                            "unavailable"
+                        },
                         // Say what ran out, not only how the transport put it.
                         why: if timed_out {
                             format!(
@@ -926,8 +933,16 @@ fn attempt_metric(endpoint: &str, outcome: &'static str) {
         .increment(1);
 }
 
+/// The status code as gRPC spells it (`RESOURCE_EXHAUSTED`, `DEADLINE_EXCEEDED`).
 fn code_name(code: tonic::Code) -> String {
-    format!("{code:?}").to_uppercase()
+    let mut name = String::new();
+    for (i, ch) in format!("{code:?}").chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(ch.to_ascii_uppercase());
+    }
+    name
 }
 
 fn finish_name(f: pb::FinishReason) -> &'static str {
@@ -1006,6 +1021,19 @@ mod tests {
         assert_eq!(images_of(&c.messages).len(), 3);
         assert_eq!(c.views_mask, 0b111);
         assert!(c.note.is_none());
+    }
+
+    #[test]
+    fn status_codes_are_named_as_grpc_spells_them() {
+        assert_eq!(
+            code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+        assert_eq!(
+            code_name(tonic::Code::DeadlineExceeded),
+            "DEADLINE_EXCEEDED"
+        );
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
     }
 
     #[test]
