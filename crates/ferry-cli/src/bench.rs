@@ -285,6 +285,141 @@ pub struct RouterBench {
     pub replay_encode_s: f64,
     /// MESS+ over every request, one seed, embeddings in hand.
     pub replay_policy_s: f64,
+    /// The reference encoder on the same questions in the same run (`None` when it could not
+    /// run: see `peer_error`; the bench has then failed).
+    pub peer: Option<EncoderPeer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_error: Option<String>,
+}
+
+/// Where the encoder peer lives: a Python with transformers and PyTorch, and its script.
+#[derive(Debug, Clone)]
+pub struct EncoderPeerSetup {
+    pub python: PathBuf,
+    pub script: PathBuf,
+    /// The encoder's model directory (config.json, tokenizer.json, model.safetensors).
+    pub model_dir: PathBuf,
+    pub threads: usize,
+}
+
+/// The reference stack (Hugging Face transformers on PyTorch, mean pooling, as
+/// sentence-transformers runs all-MiniLM-L6-v2) on the same questions, one at a time.
+#[derive(Debug, Clone, Serialize)]
+pub struct EncoderPeer {
+    pub engine: String,
+    pub threads: usize,
+    /// The "one question" set and the stream's first window.
+    pub one_p50_ms: f64,
+    pub one_p99_ms: f64,
+    pub stream_p50_ms: f64,
+    pub stream_p99_ms: f64,
+    /// Lowest cosine between ferry's vector and the peer's for the first questions: about 1
+    /// for the contextual encoder (same model, same pooling), lower for static pooling.
+    pub min_cosine: f64,
+}
+
+#[derive(Deserialize)]
+struct EncoderPeerJson {
+    engine: String,
+    threads: usize,
+    sets: std::collections::BTreeMap<String, PeerSet>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+#[derive(Deserialize)]
+struct PeerSet {
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Runs the encoder peer on the two question sets; `ours` are ferry's vectors of the first
+/// questions of `one`, for the agreement check.
+fn run_encoder_peer(
+    setup: &EncoderPeerSetup,
+    one: &[String],
+    stream: &[&str],
+    ours: &[Vec<f32>],
+) -> Result<EncoderPeer> {
+    let dir = tempfile::tempdir().map_err(|e| Error::Engine(e.to_string()))?;
+    let texts = dir.path().join("texts.json");
+    let body = serde_json::json!({ "one": one, "stream": stream });
+    std::fs::write(&texts, body.to_string()).map_err(|e| Error::Engine(e.to_string()))?;
+    let out = Command::new(&setup.python)
+        .arg(&setup.script)
+        .arg("--model-dir")
+        .arg(&setup.model_dir)
+        .arg("--texts")
+        .arg(&texts)
+        .args(["--threads", &setup.threads.to_string()])
+        .args(["--keep", &ours.len().to_string()])
+        .output()
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "running {} (scripts/setup-encoder-peer installs it): {e}",
+                setup.python.display()
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(Error::Unavailable(format!(
+            "encoder peer failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or("");
+    let parsed: EncoderPeerJson = serde_json::from_str(line).map_err(|e| {
+        Error::Unavailable(format!(
+            "encoder peer printed no result JSON ({e}): {stdout}"
+        ))
+    })?;
+    let set = |name: &str| {
+        parsed
+            .sets
+            .get(name)
+            .map(|s| (s.p50_ms, s.p99_ms))
+            .ok_or_else(|| Error::Unavailable(format!("encoder peer reported no `{name}` set")))
+    };
+    let (one_p50_ms, one_p99_ms) = set("one")?;
+    let (stream_p50_ms, stream_p99_ms) = set("stream")?;
+    if parsed.embeddings.len() != ours.len() {
+        return Err(Error::Unavailable(format!(
+            "encoder peer returned {} vectors for {} questions",
+            parsed.embeddings.len(),
+            ours.len()
+        )));
+    }
+    let min_cosine = ours
+        .iter()
+        .zip(&parsed.embeddings)
+        .map(|(a, b)| cosine(a, b))
+        .fold(f64::INFINITY, f64::min);
+    Ok(EncoderPeer {
+        engine: parsed.engine,
+        threads: parsed.threads,
+        one_p50_ms,
+        one_p99_ms,
+        stream_p50_ms,
+        stream_p99_ms,
+        min_cosine,
+    })
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::NAN;
+    }
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
 }
 
 /// Questions of the input the encoder stream figures embed one at a time.
@@ -298,6 +433,7 @@ pub fn router_bench(
     encoder_id: &str,
     input: &Path,
     cache_dir: &Path,
+    peer: &EncoderPeerSetup,
 ) -> Result<RouterBench> {
     use ferry_router::mess::{MessPlus, MessPlusConfig};
     use ferry_router::predictor::{Fixed, MlpPredictor, Predictor, SgdConfig};
@@ -352,9 +488,9 @@ pub fn router_bench(
                 harbour entrance narrows at low tide, and the timetable allows only twelve minutes";
     let mut enc_ms = Vec::new();
     let mut tokens = 0;
-    for i in 0..60 {
-        let q = format!("{base} (case {i})?");
-        tokens = encoder.embed_token_count(&q)?;
+    let one: Vec<String> = (0..60).map(|i| format!("{base} (case {i})?")).collect();
+    for q in &one {
+        tokens = encoder.embed_token_count(q)?;
         let t = Instant::now();
         encoder.embed(&[q.as_str()])?;
         enc_ms.push(t.elapsed().as_secs_f64() * 1e3);
@@ -403,6 +539,17 @@ pub fn router_bench(
     let t = Instant::now();
     crate::replay::run_policy(&data, &features, encoder.dim(), &opts.policy, &opts)?;
     let replay_policy_s = t.elapsed().as_secs_f64();
+    let firsts: Vec<&str> = one.iter().take(8).map(String::as_str).collect();
+    let ours: Vec<Vec<f32>> = encoder
+        .embed(&firsts)?
+        .iter()
+        .map(|v| v.as_ref().clone())
+        .collect();
+    let window_texts = &stream[..stream.len().min(STREAM_WINDOW)];
+    let (peer, peer_error) = match run_encoder_peer(peer, &one, window_texts, &ours) {
+        Ok(p) => (Some(p), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     Ok(RouterBench {
         decision_p50_us: percentile(&decision, 0.5),
         decision_p99_us: percentile(&decision, 0.99),
@@ -423,6 +570,8 @@ pub fn router_bench(
         replay_requests: data.records.len(),
         replay_encode_s,
         replay_policy_s,
+        peer,
+        peer_error,
     })
 }
 

@@ -224,6 +224,13 @@ enum BenchWhat {
         input: PathBuf,
         #[command(flatten)]
         embed: EmbedArgs,
+        /// Python with transformers and PyTorch for the reference encoder, run on the same
+        /// questions in the same run (scripts/setup-encoder-peer makes it); without it the
+        /// bench fails.
+        #[arg(long, default_value = ".cache/torch/venv/bin/python")]
+        peer_python: PathBuf,
+        #[arg(long, default_value = "bench/minilm_peer.py")]
+        peer_script: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -1450,6 +1457,7 @@ fn bench_router(
     registry: Registry,
     input: PathBuf,
     embed: EmbedArgs,
+    (peer_python, peer_script): (PathBuf, PathBuf),
     json: bool,
 ) -> anyhow::Result<()> {
     let m = &embed.manifest(&registry)?;
@@ -1458,10 +1466,25 @@ fn bench_router(
         &registry.model_dir,
         &ferry_engine::default_device(),
     )?;
-    let r = bench::router_bench(&enc, &m.id, &input, &embed.cache_dir)?;
+    let peer = bench::EncoderPeerSetup {
+        python: peer_python,
+        script: peer_script,
+        model_dir: m.local_dir(&registry.model_dir),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let r = bench::router_bench(&enc, &m.id, &input, &embed.cache_dir, &peer)?;
+    let peer_failed = || {
+        anyhow::anyhow!(
+            "the benchmark's peer did not run: {}",
+            r.peer_error.as_deref().unwrap_or("no result")
+        )
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
+        return match r.peer {
+            Some(_) => Ok(()),
+            None => Err(peer_failed()),
+        };
     }
     println!("{:<44} {:>10} {:>10}", "", "p50", "p99");
     println!(
@@ -1508,6 +1531,35 @@ fn bench_router(
             ""
         },
         r.replay_policy_s
+    );
+    let Some(p) = &r.peer else {
+        return Err(peer_failed());
+    };
+    println!(
+        "peer on the same questions: {} ({} threads), mean pooling as sentence-transformers",
+        p.engine, p.threads
+    );
+    println!(
+        "{:<44} {:>8.2}ms {:>8.2}ms     ferry / peer p50: {:.2}×",
+        format!("peer encoder, one {}-token question", r.encoder_tokens),
+        p.one_p50_ms,
+        p.one_p99_ms,
+        r.encoder_p50_ms / p.one_p50_ms
+    );
+    println!(
+        "{:<44} {:>8.2}ms {:>8.2}ms     ferry / peer p50: {:.2}× (first window), {:.2}× (last)",
+        format!(
+            "peer encoder, first {} questions",
+            ferry_cli::bench::STREAM_WINDOW.min(r.stream_questions)
+        ),
+        p.stream_p50_ms,
+        p.stream_p99_ms,
+        r.stream_p50_ms / p.stream_p50_ms,
+        r.stream_late_p50_ms / p.stream_p50_ms
+    );
+    println!(
+        "agreement: lowest cosine between ferry's and the peer's vectors over 8 questions {:.5}",
+        p.min_cosine
     );
     Ok(())
 }
@@ -1588,10 +1640,12 @@ fn main() -> anyhow::Result<()> {
                     registry,
                     input,
                     embed,
+                    peer_python,
+                    peer_script,
                     json,
                 }),
             ..
-        }) => bench_router(registry, input, embed, json),
+        }) => bench_router(registry, input, embed, (peer_python, peer_script), json),
         Command::Bench(BenchCmd {
             what:
                 Some(BenchWhat::Offload {
