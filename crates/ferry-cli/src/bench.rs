@@ -108,35 +108,16 @@ pub fn run_llama_cpp(
     gguf: &Path,
     opts: &BenchOptions,
 ) -> Result<EngineResult> {
-    let out = Command::new(python)
-        .arg(script)
+    let mut cmd = Command::new(python);
+    cmd.arg(script)
         .arg("--model")
         .arg(gguf)
         .args(["--prompt-tokens", &opts.prompt_tokens.to_string()])
         .args(["--gen-tokens", &opts.gen_tokens.to_string()])
         .args(["--threads", &opts.threads.to_string()])
         .args(["--repeats", &opts.repeats.to_string()])
-        .arg("--json")
-        .output()
-        .map_err(|e| Error::Unavailable(format!("running {}: {e}", python.display())))?;
-    if !out.status.success() {
-        return Err(Error::Unavailable(format!(
-            "llama.cpp peer failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or("");
-    let parsed: PeerJson = serde_json::from_str(line).map_err(|e| {
-        Error::Unavailable(format!(
-            "llama.cpp peer printed no result JSON ({e}): {stdout}"
-        ))
-    })?;
+        .arg("--json");
+    let parsed: PeerJson = run_peer(cmd, "llama.cpp peer", "scripts/setup-bench-peer")?;
     Ok(EngineResult {
         engine: format!("llama.cpp {}", parsed.version.unwrap_or_default())
             .trim()
@@ -147,6 +128,37 @@ pub fn run_llama_cpp(
         device: None,
         resident_weight_bytes: None,
     })
+}
+
+/// Runs a peer script and parses the last line of its stdout that is a JSON object; any way it
+/// fails (not installed, non-zero exit, no result) is `Unavailable`, naming `what` and the
+/// script that installs it.
+fn run_peer<T: serde::de::DeserializeOwned>(
+    mut cmd: Command,
+    what: &str,
+    installer: &str,
+) -> Result<T> {
+    let out = cmd.output().map_err(|e| {
+        Error::Unavailable(format!(
+            "running {what} ({}; {installer} installs it): {e}",
+            cmd.get_program().to_string_lossy()
+        ))
+    })?;
+    if !out.status.success() {
+        return Err(Error::Unavailable(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(line)
+        .map_err(|e| Error::Unavailable(format!("{what} printed no result JSON ({e}): {stdout}")))
 }
 
 /// The GGUF file of a manifest, if it is a GGUF model that is installed locally.
@@ -344,39 +356,15 @@ fn run_encoder_peer(
     let texts = dir.path().join("texts.json");
     let body = serde_json::json!({ "one": one, "stream": stream });
     std::fs::write(&texts, body.to_string()).map_err(|e| Error::Engine(e.to_string()))?;
-    let out = Command::new(&setup.python)
-        .arg(&setup.script)
+    let mut cmd = Command::new(&setup.python);
+    cmd.arg(&setup.script)
         .arg("--model-dir")
         .arg(&setup.model_dir)
         .arg("--texts")
         .arg(&texts)
         .args(["--threads", &setup.threads.to_string()])
-        .args(["--keep", &ours.len().to_string()])
-        .output()
-        .map_err(|e| {
-            Error::Unavailable(format!(
-                "running {} (scripts/setup-encoder-peer installs it): {e}",
-                setup.python.display()
-            ))
-        })?;
-    if !out.status.success() {
-        return Err(Error::Unavailable(format!(
-            "encoder peer failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or("");
-    let parsed: EncoderPeerJson = serde_json::from_str(line).map_err(|e| {
-        Error::Unavailable(format!(
-            "encoder peer printed no result JSON ({e}): {stdout}"
-        ))
-    })?;
+        .args(["--keep", &ours.len().to_string()]);
+    let parsed: EncoderPeerJson = run_peer(cmd, "encoder peer", "scripts/setup-encoder-peer")?;
     let set = |name: &str| {
         parsed
             .sets
