@@ -172,7 +172,7 @@ pub fn evaluate(
             alpha: zoo.alpha,
             satisfaction: main.satisfaction,
             satisfaction_min: main.satisfaction_min,
-            sla_met: main.satisfaction >= zoo.alpha && main.satisfaction_min >= zoo.alpha - 0.005,
+            sla_met: crate::replay::meets_sla(main.satisfaction, main.satisfaction_min, zoo.alpha),
             cost_per_request: cost,
             random_alpha_cost: random_cost,
             always_best_cost: best_cost,
