@@ -47,3 +47,50 @@ async fn cancelling_mid_stream_stops_decoding() {
     assert_eq!(stats.completed.load(Ordering::Relaxed), 0);
     assert_eq!(t.server.state.admission.in_system(), 0);
 }
+
+/// A deadline reached mid-stream ends the stream from ferryd's side, a little before the app's
+/// own timer, with DEADLINE_EXCEEDED and the accounting of what was delivered; decoding stops.
+#[tokio::test]
+async fn a_deadline_reached_mid_stream_ends_it_with_the_accounting() {
+    let mut t = TestServer::start(|_| {}).await;
+    let stats = t.server.state.model(DEFAULT_MODEL).unwrap().stats().clone();
+    let mut req = tonic::Request::new(greedy(ferry_integration::LONG_PROMPT, 2000));
+    // Long enough for the first tokens on a slow machine, far too short for 2,000 tokens.
+    req.set_timeout(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let mut stream = t.client.generate(req).await.unwrap().into_inner();
+    let (mut deltas, mut bytes) = (0u64, 0u64);
+    let status = loop {
+        match stream.next().await.expect("the stream ends with a status") {
+            Ok(m) => match m.event {
+                Some(ferry_proto::v1::generate_response::Event::Delta(d)) => {
+                    deltas += 1;
+                    bytes += d.text.len() as u64;
+                }
+                other => panic!("expected deltas then a status, got {other:?}"),
+            },
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "ferryd's status came after the deadline"
+    );
+    assert!(deltas > 0, "no text within 3 s");
+    let md = status.metadata();
+    assert_eq!(md.get("x-ferry-tier").unwrap(), "local");
+    assert_eq!(
+        md.get("x-ferry-delivered-deltas")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        deltas.to_string()
+    );
+    assert_eq!(
+        md.get("x-ferry-delivered-bytes").unwrap().to_str().unwrap(),
+        bytes.to_string()
+    );
+    assert_eq!(stats.completed.load(Ordering::Relaxed), 0);
+    assert_eq!(t.server.state.admission.in_system(), 0);
+}

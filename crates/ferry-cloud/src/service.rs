@@ -398,12 +398,6 @@ impl OffloadService {
     }
 }
 
-/// How long before its deadline a queued request stops waiting for a slot: a tenth of the
-/// budget, at most 250 ms — room for the refusal to reach the edge before the edge's own timer.
-pub fn queue_give_up_margin(budget: Duration) -> Duration {
-    (budget / 10).min(Duration::from_millis(250))
-}
-
 /// Runs one admitted request to its end.
 async fn run(
     state: Arc<CloudState>,
@@ -427,7 +421,8 @@ async fn run(
     // A queued request gives up a little before its deadline and says it found no slot, so the
     // edge hears "busy" (RESOURCE_EXHAUSTED: fall back, the endpoint is not failing) instead of
     // its own transport timeout, which would count against the endpoint's circuit.
-    let queue_deadline = deadline.map(|d| d - budget.map_or(Duration::ZERO, queue_give_up_margin));
+    let queue_deadline =
+        deadline.map(|d| d - budget.map_or(Duration::ZERO, ferry_core::deadline::margin));
     let queue_expired = async move {
         match queue_deadline {
             Some(d) => tokio::time::sleep_until(d).await,

@@ -27,6 +27,20 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// How long before a request's deadline a ferry server gives up on it itself: a tenth of the
+/// budget, at most 250 ms. The client's timer started before the request crossed the network, so
+/// a server that waits until the deadline loses the race and the client sees only its own bare
+/// DEADLINE_EXCEEDED; stopping this much earlier lets the server's status — why, and what was
+/// delivered — reach the client first.
+pub fn margin(budget: Duration) -> Duration {
+    (budget / 10).min(Duration::from_millis(250))
+}
+
+/// When a request that arrived at `arrived` with `budget` stops being worked on (see [`margin`]).
+pub fn give_up_at(arrived: std::time::Instant, budget: Duration) -> std::time::Instant {
+    arrived + budget - margin(budget)
+}
+
 /// The request's `grpc-timeout` as a duration, if it sent a valid one.
 pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     parse_grpc_timeout(meta.get("grpc-timeout")?.to_str().ok()?)
@@ -36,6 +50,21 @@ pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_margin_is_a_tenth_of_the_budget_up_to_250_ms() {
+        assert_eq!(
+            margin(Duration::from_millis(500)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(margin(Duration::from_secs(120)), Duration::from_millis(250));
+        assert_eq!(margin(Duration::ZERO), Duration::ZERO);
+        let t = std::time::Instant::now();
+        assert_eq!(
+            give_up_at(t, Duration::from_secs(1)),
+            t + Duration::from_millis(900)
+        );
+    }
 
     #[test]
     fn parses_the_spec_and_refuses_the_rest() {

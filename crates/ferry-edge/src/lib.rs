@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cloud;
 pub mod config;
+mod delivered;
 pub mod http;
 pub mod metrics;
 pub mod offload;

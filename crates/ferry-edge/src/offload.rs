@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use ferry_core::{ChatMessage, Error, Part, ValidatedRequest};
@@ -32,6 +31,7 @@ use ferry_proto::v1 as pb;
 use ferry_router::tmo::Action;
 
 use crate::cloud::{is_endpoint_failure, CloudPool, Lease, NoEndpoint, OnDeadline};
+use crate::delivered::Delivered;
 use crate::records::{unix_ms, RequestRecord};
 use crate::router::{Routed, ZooRouter};
 use crate::service::{prepare_local, question, run_local, Item};
@@ -66,13 +66,6 @@ struct Failed {
     why: String,
     /// The budget ran out (rather than the endpoints).
     timed_out: bool,
-}
-
-/// What the app receives of an interrupted stream, for the accounting.
-struct Delivered {
-    deltas: u64,
-    bytes: u64,
-    first_token_ms: Option<f64>,
 }
 
 impl CloudJob {
@@ -125,7 +118,10 @@ impl CloudJob {
         }
 
         let cfg = &self.pool.cfg;
-        let app_deadline = self.deadline.map(|d| self.arrived + d);
+        // The app's own deadline, less the margin that lets our status reach it first.
+        let app_deadline = self
+            .deadline
+            .map(|d| ferry_core::deadline::give_up_at(self.arrived, d));
         let budget = Duration::from_millis(cfg.request_timeout_ms);
         let until = match app_deadline {
             Some(a) => a.min(self.arrived + budget),
@@ -417,11 +413,7 @@ impl CloudJob {
         first: pb::OffloadResponse,
         ctx: StreamCtx,
     ) {
-        let mut delivered = Delivered {
-            deltas: 0,
-            bytes: 0,
-            first_token_ms: None,
-        };
+        let mut delivered = Delivered::default();
         let mut next = Some(first);
         loop {
             let event = match next.take() {
@@ -450,11 +442,7 @@ impl CloudJob {
                 Ok(Some(pb::OffloadResponse {
                     event: Some(pb::offload_response::Event::Delta(d)),
                 })) => {
-                    if delivered.first_token_ms.is_none() {
-                        delivered.first_token_ms = Some(self.arrived.elapsed().as_secs_f64() * 1e3);
-                    }
-                    delivered.deltas += 1;
-                    delivered.bytes += d.text.len() as u64;
+                    delivered.push(&d.text, self.arrived);
                     let msg = pb::GenerateResponse {
                         event: Some(pb::generate_response::Event::Delta(d)),
                     };
@@ -651,19 +639,14 @@ impl CloudJob {
             code_name(status.code()),
             status.message()
         );
-        let mut md = MetadataMap::new();
-        for (k, v) in [
-            ("x-ferry-tier", "cloud".to_string()),
-            ("x-ferry-model", ctx.model.clone()),
-            ("x-ferry-endpoint", lease.uri().to_string()),
-            ("x-ferry-request-id", self.request_id.clone()),
-            ("x-ferry-delivered-deltas", delivered.deltas.to_string()),
-            ("x-ferry-delivered-bytes", delivered.bytes.to_string()),
-        ] {
-            if let Ok(v) = v.parse() {
-                md.insert(k, v);
-            }
-        }
+        let ended = delivered.status(
+            code,
+            message,
+            "cloud",
+            &ctx.model,
+            &self.request_id,
+            Some(lease.uri()),
+        );
         tracing::warn!(request_id = %self.request_id, endpoint = %lease.uri(), deltas = delivered.deltas, bytes = delivered.bytes, error = %status.message(), "offload interrupted after the first token");
         self.state.records.insert(RequestRecord {
             request_id: self.request_id.clone(),
@@ -688,7 +671,7 @@ impl CloudJob {
             total_ms / 1e3,
             None,
         );
-        let _ = tx.send(Err(Status::with_metadata(code, message, md))).await;
+        let _ = tx.send(Err(ended)).await;
         drop(tx);
         // What it probably cost: the hints applied to what was delivered.
         let est_tokens = delivered.deltas as f64;

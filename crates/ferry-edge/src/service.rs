@@ -21,6 +21,7 @@ use ferry_engine::{GenerateOptions, GenerationEvent, LoadedModel};
 use ferry_proto::v1 as pb;
 use pb::inference_server::Inference;
 
+use crate::delivered::Delivered;
 use crate::records::{unix_ms, Feedback, RequestRecord};
 use crate::router::Routed;
 use crate::state::AppState;
@@ -148,6 +149,8 @@ pub(crate) struct LocalJob {
     routed: Option<Routed>,
     prompt: Vec<u32>,
     ticket: ferry_core::admission::Ticket,
+    /// The app's deadline (grpc-timeout), counted from the request's arrival.
+    deadline: Option<std::time::Duration>,
     /// The completion's placement; callers prefix the tier decision's reason.
     pub(crate) placement: pb::Placement,
 }
@@ -210,6 +213,7 @@ pub(crate) async fn prepare_local(
         routed,
         prompt,
         ticket,
+        deadline,
         placement,
     })
 }
@@ -229,8 +233,18 @@ pub(crate) async fn run_local(
         routed,
         prompt,
         ticket,
+        deadline,
         placement,
     } = job;
+    // Work on the request stops a little before the app's deadline, so that the app hears why
+    // (and, once text has gone out, how much) instead of only its own timer.
+    let give_up_at = deadline.map(|d| ferry_core::deadline::give_up_at(arrived, d));
+    let queue_expired = async move {
+        match give_up_at {
+            Some(t) => tokio::time::sleep_until(t.into()).await,
+            None => std::future::pending().await,
+        }
+    };
     let slot = tokio::select! {
         slot = ticket.run() => slot,
         _ = tx.closed() => {
@@ -239,6 +253,19 @@ pub(crate) async fn run_local(
         }
         _ = state.abort.cancelled() => {
             let _ = tx.send(Err(Status::unavailable("ferryd is shutting down"))).await;
+            return;
+        }
+        _ = queue_expired => {
+            state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            let waited_ms = arrived.elapsed().as_millis();
+            tracing::info!(request_id = %request_id, waited_ms = waited_ms as u64, "deadline reached while queued");
+            crate::metrics::request_finished("local", &model.info().id, "deadline", 0, 0, waited_ms as f64 / 1e3, None);
+            let _ = tx
+                .send(Err(Status::deadline_exceeded(format!(
+                    "no generation slot became free within the request's deadline (queued {waited_ms} ms); \
+                     ferryd is busy"
+                ))))
+                .await;
             return;
         }
     };
@@ -255,24 +282,30 @@ pub(crate) async fn run_local(
             tx: gen_tx,
             abort: gen_state.abort.clone(),
             arrived,
-            first_text_ms: None,
+            give_up_at,
+            delivered: Delivered::default(),
         };
         // Energy is charged from here: queue time is not busy time.
         let account = gen_state.energy.begin();
         let out = gen_model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
         let energy = gen_state.energy.end(account);
         gen_state.add_model_energy(&gen_model.info().id, &energy);
-        (out, sink.first_text_ms, Some(energy), slot)
+        (out, sink.delivered, Some(energy), slot)
     })
     .await;
-    let (outcome, first_text_ms, energy, slot) = match result {
-        Ok((out, first, energy, slot)) => (out, first, energy, Some(slot)),
+    let (outcome, delivered, energy, slot) = match result {
+        Ok((out, delivered, energy, slot)) => (out, delivered, energy, Some(slot)),
         Err(join) => (
             Err(Error::Engine(format!("generation thread failed: {join}"))),
-            None,
+            Delivered::default(),
             None,
             None,
         ),
+    };
+    let first_text_ms = delivered.first_token_ms;
+    let past_deadline = give_up_at.is_some_and(|t| Instant::now() >= t);
+    let ended = |code: tonic::Code, message: String| {
+        delivered.status(code, message, "local", &model.info().id, &request_id, None)
     };
     // An exploration step keeps the slot to run the rest of the zoo after the answer.
     let slot = match &routed {
@@ -378,11 +411,32 @@ pub(crate) async fn run_local(
                 total_ms / 1e3,
                 None,
             );
-            let _ = tx
-                .send(Err(Status::unavailable(format!(
-                    "ferryd shut down before the request finished ({why})"
-                ))))
-                .await;
+            let status = ended(
+                tonic::Code::Unavailable,
+                format!("ferryd shut down before the request finished ({why})"),
+            );
+            let _ = tx.send(Err(status)).await;
+        }
+        Err(Error::Cancelled(_)) if past_deadline && !tx.is_closed() => {
+            state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(request_id = %request_id, deltas = delivered.deltas, "deadline reached while generating");
+            crate::metrics::request_finished(
+                "local",
+                &model.info().id,
+                "deadline",
+                0,
+                0,
+                total_ms / 1e3,
+                None,
+            );
+            let status = ended(
+                tonic::Code::DeadlineExceeded,
+                format!(
+                    "the request's deadline was reached after {} deltas ({} bytes) had been delivered; the text is incomplete",
+                    delivered.deltas, delivered.bytes
+                ),
+            );
+            let _ = tx.send(Err(status)).await;
         }
         Err(Error::Cancelled(why)) => {
             state
@@ -412,7 +466,10 @@ pub(crate) async fn run_local(
                 total_ms / 1e3,
                 None,
             );
-            let _ = tx.send(Err(e.into())).await;
+            let status: Status = e.into();
+            let _ = tx
+                .send(Err(ended(status.code(), status.message().to_string())))
+                .await;
         }
     }
 }
@@ -422,27 +479,31 @@ struct ChannelSink {
     tx: mpsc::Sender<Item>,
     abort: tokio_util::sync::CancellationToken,
     arrived: Instant,
-    first_text_ms: Option<f64>,
+    /// Generation stops here (the app's deadline, less the margin).
+    give_up_at: Option<Instant>,
+    delivered: Delivered,
 }
 
 impl GenerationEvent for ChannelSink {
     fn text(&mut self, delta: &str) -> ControlFlow<()> {
-        if self.first_text_ms.is_none() {
-            self.first_text_ms = Some(self.arrived.elapsed().as_secs_f64() * 1e3);
-        }
         let msg = pb::GenerateResponse {
             event: Some(pb::generate_response::Event::Delta(pb::TextDelta {
                 text: delta.to_string(),
             })),
         };
         match self.tx.blocking_send(Ok(msg)) {
-            Ok(()) => ControlFlow::Continue(()),
+            Ok(()) => {
+                self.delivered.push(delta, self.arrived);
+                ControlFlow::Continue(())
+            }
             Err(_) => ControlFlow::Break(()),
         }
     }
 
     fn cancelled(&self) -> bool {
-        self.tx.is_closed() || self.abort.is_cancelled()
+        self.tx.is_closed()
+            || self.abort.is_cancelled()
+            || self.give_up_at.is_some_and(|t| Instant::now() >= t)
     }
 }
 
