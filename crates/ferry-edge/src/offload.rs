@@ -764,10 +764,8 @@ impl CloudJob {
             failed.why
         );
         // Whatever the request named is a cloud model: locally, `auto` chooses.
-        let left = self
-            .deadline
-            .map(|d| d.saturating_sub(self.arrived.elapsed()));
-        let job = prepare_local(&self.state, &self.req, None, &self.request_id, left).await;
+        let deadline_at = self.deadline.map(|d| self.arrived + d);
+        let job = prepare_local(&self.state, &self.req, None, &self.request_id, deadline_at).await;
         let mut job = match job {
             Ok(j) => j,
             Err(e) => {

@@ -119,7 +119,8 @@ impl InferenceService {
             });
             return Ok(ReceiverStream::new(rx));
         }
-        let mut job = prepare_local(state, &req, req.model.as_deref(), &request_id, deadline)
+        let deadline_at = deadline.map(|d| arrived + d);
+        let mut job = prepare_local(state, &req, req.model.as_deref(), &request_id, deadline_at)
             .await
             .map_err(refuse)?;
         if let Some(p) = &placed {
@@ -149,8 +150,10 @@ pub(crate) struct LocalJob {
     routed: Option<Routed>,
     prompt: Vec<u32>,
     ticket: ferry_core::admission::Ticket,
-    /// The app's deadline (grpc-timeout), counted from the request's arrival.
-    deadline: Option<std::time::Duration>,
+    /// When work on the request stops: the app's deadline less [`ferry_core::deadline::margin`],
+    /// so that the app hears why (and, once text has gone out, how much) before its own timer
+    /// fires.
+    give_up_at: Option<Instant>,
     /// The completion's placement; callers prefix the tier decision's reason.
     pub(crate) placement: pb::Placement,
 }
@@ -173,7 +176,7 @@ pub(crate) async fn prepare_local(
     req: &ValidatedRequest,
     requested: Option<&str>,
     request_id: &str,
-    deadline: Option<std::time::Duration>,
+    deadline_at: Option<Instant>,
 ) -> Result<LocalJob, Error> {
     let (model, routed) = match (requested, state.router()) {
         (None, Some(router)) => {
@@ -206,14 +209,18 @@ pub(crate) async fn prepare_local(
             ),
         ));
     }
-    let ticket = state.admission.admit_within(deadline)?;
+    let left = deadline_at.map(|t| t.saturating_duration_since(Instant::now()));
+    let ticket = state.admission.admit_within(left)?;
+    let give_up_at = deadline_at
+        .zip(left)
+        .map(|(t, left)| t - ferry_core::deadline::margin(left));
     let placement = placement_for(&model, req, requested, routed.as_ref());
     Ok(LocalJob {
         model,
         routed,
         prompt,
         ticket,
-        deadline,
+        give_up_at,
         placement,
     })
 }
@@ -233,12 +240,9 @@ pub(crate) async fn run_local(
         routed,
         prompt,
         ticket,
-        deadline,
+        give_up_at,
         placement,
     } = job;
-    // Work on the request stops a little before the app's deadline, so that the app hears why
-    // (and, once text has gone out, how much) instead of only its own timer.
-    let give_up_at = deadline.map(|d| ferry_core::deadline::give_up_at(arrived, d));
     let queue_expired = async move {
         match give_up_at {
             Some(t) => tokio::time::sleep_until(t.into()).await,
