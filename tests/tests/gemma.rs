@@ -1,7 +1,9 @@
 //! Gemma 3 270M, the second local family, loaded through ferry-engine directly from the fetched
 //! GGUF: the tokenizer built from the GGUF vocabulary, checked against ids from a SentencePiece
 //! model made from the same vocabulary; the forward pass against an independent numpy
-//! reference; the chat template; deterministic greedy generation and its end tokens.
+//! reference; Gemma 3's turn template; deterministic greedy generation and its end tokens; and
+//! the manifest as shipped (a plain `User:`/`Assistant:` few-shot format, since the packaged file
+//! is the pretrained checkpoint) answering and ending its turn.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -35,12 +37,22 @@ fn gguf_path() -> PathBuf {
     path
 }
 
-/// Loaded once: the tests share the weights (generation takes `&self`).
+/// The manifest without its base-model chat format: the GGUF ships no template, so the engine
+/// uses Gemma 3's own turn format (`ferry_engine::template::GEMMA3`), as for an -it checkpoint.
+fn turn_manifest() -> ModelManifest {
+    let mut m = manifest();
+    m.chat_template = None;
+    m.example_turns.clear();
+    m.stop.clear();
+    m
+}
+
+/// Loaded once, in Gemma 3's turn format: the tests share the weights (generation takes `&self`).
 fn model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
         gguf_path();
-        LoadedModel::load(&manifest(), &model_dir(), &Device::Cpu).expect("gemma loads")
+        LoadedModel::load(&turn_manifest(), &model_dir(), &Device::Cpu).expect("gemma loads")
     })
 }
 
@@ -132,10 +144,7 @@ fn chat_template_folds_the_system_message_and_writes_one_bos() {
                     <start_of_turn>model\nHello! How can I help?<end_of_turn>\n\
                     <start_of_turn>user\nWhat is 2+2?<end_of_turn>\n\
                     <start_of_turn>model\n";
-    let source = manifest()
-        .chat_template
-        .expect("the manifest carries the template");
-    let t = ChatTemplate::new(&source, "<bos>", "<eos>").unwrap();
+    let t = ChatTemplate::new(ferry_engine::template::GEMMA3, "<bos>", "<eos>").unwrap();
     assert_eq!(t.render(&conversation).unwrap(), expected);
 
     // Through the loaded model: the template's <bos> is the only one.
@@ -161,9 +170,10 @@ fn greedy_generation_is_deterministic_and_stops_at_end_tokens() {
     assert!(m.stop_token_ids().contains(&END_OF_TURN));
     assert!(m.stop_token_ids().contains(&1));
 
-    // The fetched checkpoint is the pretrained Gemma 3 270M, not the instruction-tuned one: it
-    // answers in the chat format when shown one turn, then rambles, and never emits
-    // <end_of_turn> (logit -17 there, in ferry and in the numpy reference alike).
+    // The fetched checkpoint is the pretrained Gemma 3 270M, not the instruction-tuned one: in
+    // Gemma's turn format it answers when shown one turn, then rambles, and never emits
+    // <end_of_turn> (logit -17 there, in ferry and in the numpy reference alike) — which is why
+    // the shipped manifest renders chats as plain text instead (next test).
     let conversation = [
         ChatMessage::text(Role::User, "What is the capital of Italy?"),
         ChatMessage::text(Role::Assistant, "The capital of Italy is Rome."),
@@ -182,7 +192,7 @@ fn greedy_generation_is_deterministic_and_stops_at_end_tokens() {
 
     // Stopping at a manifest end token, end to end: "\n\n" is one (user-defined) piece that the
     // model writes after "Hello world!"; the stop token is not part of the text.
-    let mut paragraph = manifest();
+    let mut paragraph = turn_manifest();
     paragraph.eos_tokens.push("\n\n".into());
     let p = LoadedModel::load(&paragraph, &model_dir(), &Device::Cpu).unwrap();
     assert!(p.stop_token_ids().contains(&108));
@@ -283,4 +293,41 @@ fn sliding_window_prefill_and_decode_agree() {
     }
     // The window is real: the 512-token window predicts differently.
     assert!(max_diff(&whole, &full_window) > 0.1);
+}
+
+/// The manifest as shipped: plain `User:` / `Assistant:` lines after three example exchanges,
+/// with a blank line or the next `User:` as stops. The pretrained checkpoint answers a question
+/// it was not shown and ends its turn, instead of echoing until `max_tokens`.
+#[test]
+fn the_shipped_plain_format_answers_and_ends_the_turn() {
+    let shipped = LoadedModel::load(&manifest(), &model_dir(), &Device::Cpu).unwrap();
+    let question = [ChatMessage::text(
+        Role::User,
+        "What is the capital of France?",
+    )];
+    let prompt = shipped.encode_chat(&question).unwrap();
+    let text = shipped.tokenizer().decode(&prompt, false).unwrap();
+    assert!(
+        text.starts_with("<bos>User: Hi! Who are you?\nAssistant: "),
+        "{text:?}"
+    );
+    assert!(
+        text.ends_with("User: What is the capital of France?\nAssistant:"),
+        "{text:?}"
+    );
+    let mut sink = |_: &str| ControlFlow::Continue(());
+    let out = shipped
+        .generate(
+            &prompt,
+            &SamplingParams::greedy(48),
+            GenerateOptions::default(),
+            &mut sink,
+        )
+        .unwrap();
+    assert!(out.text.contains("Paris"), "{:?}", out.text);
+    assert_ne!(out.finish_reason, FinishReason::Length, "{:?}", out.text);
+    assert!(out.completion_tokens < 16, "{:?}", out.text);
+    // Without the examples the format alone still ends the turn.
+    let bare = shipped.encode_chat_with(&question, false).unwrap();
+    assert!(bare.len() < prompt.len());
 }

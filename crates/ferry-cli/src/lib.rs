@@ -2,6 +2,7 @@
 //! the bundled models from the package registry, and the engine benchmark. `main.rs` is only the
 //! argument parsing and printing.
 
+pub mod answers;
 pub mod bench;
 pub mod certs;
 pub mod client;

@@ -17,8 +17,8 @@ pub mod token;
 
 pub use error::{Error, ErrorKind, Result};
 pub use manifest::{
-    CostHints, FetchFile, FetchSource, FetchSpec, ModelFormat, ModelKind, ModelManifest, Pooling,
-    Tier,
+    CostHints, ExampleTurn, FetchFile, FetchSource, FetchSpec, ModelFormat, ModelKind,
+    ModelManifest, Pooling, Tier,
 };
 pub use request::{
     ChatMessage, FinishReason, ImagePart, Part, RequestLimits, Role, SamplingParams,

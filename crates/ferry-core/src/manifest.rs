@@ -115,6 +115,14 @@ pub struct FetchSpec {
     pub files: Vec<FetchFile>,
 }
 
+/// One example exchange of a manifest's `example_turns`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExampleTurn {
+    pub user: String,
+    pub assistant: String,
+}
+
 /// One model manifest (`models/<id>.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,6 +154,14 @@ pub struct ModelManifest {
     /// Extra strings that end generation like the end-of-sequence token (e.g. `<|im_end|>`).
     #[serde(default)]
     pub eos_tokens: Vec<String>,
+    /// Example exchanges put before every conversation (after its system message), for a
+    /// pretrained (base) checkpoint that answers in the chat's turn format only when shown how.
+    #[serde(default)]
+    pub example_turns: Vec<ExampleTurn>,
+    /// Text that ends every generation of this model, besides the request's own stop strings
+    /// (e.g. the start of the next turn, for a model that does not end its own).
+    #[serde(default)]
+    pub stop: Vec<String>,
     /// On CPU, requantise Q4_1 GGUF weights to Q8_0 at load: candle has no SIMD Q4_1 kernel, so
     /// this about doubles decode speed for ~1.8x the weight memory. Default on.
     #[serde(default = "default_true")]

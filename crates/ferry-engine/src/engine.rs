@@ -27,7 +27,17 @@ use ferry_core::{
 
 /// End-of-turn markers that end generation when present in a vocabulary, as llama.cpp treats
 /// its "end of generation" tokens.
-const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"];
+/// A model that writes one of these has ended its turn: the end-of-turn markers, and the
+/// start-of-turn markers (a model opening the next turn, as base checkpoints do, has ended its
+/// own).
+const END_OF_TURN_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<|im_start|>",
+    "<start_of_turn>",
+];
 
 /// Counters shared by every request on the engine; tests and metrics read them.
 #[derive(Debug, Default)]
@@ -108,6 +118,10 @@ pub struct LoadedModel {
     stats: Arc<EngineStats>,
     /// Image preprocessing and placeholders, for vision-language models.
     vision: Option<multimodal::VisionSupport>,
+    /// The manifest's `example_turns`, as messages put before each conversation.
+    examples: Vec<ChatMessage>,
+    /// The manifest's `stop`: text that ends every generation.
+    stop: Vec<String>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -360,6 +374,8 @@ impl LoadedModel {
         }
         let fallback_template = if vision.is_some() {
             crate::template::LLAVA
+        } else if family == "gemma3" {
+            crate::template::GEMMA3
         } else {
             CHATML
         };
@@ -394,6 +410,17 @@ impl LoadedModel {
             device: device.clone(),
             stats: Arc::new(EngineStats::default()),
             vision,
+            examples: manifest
+                .example_turns
+                .iter()
+                .flat_map(|t| {
+                    [
+                        ChatMessage::text(ferry_core::Role::User, &t.user),
+                        ChatMessage::text(ferry_core::Role::Assistant, &t.assistant),
+                    ]
+                })
+                .collect(),
+            stop: manifest.stop.clone(),
         })
     }
 
@@ -418,8 +445,27 @@ impl LoadedModel {
         &self.eos_ids
     }
 
-    /// Renders the conversation with the chat template and tokenises it.
+    /// Renders the conversation with the chat template, after the manifest's example turns,
+    /// and tokenises it.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.encode_chat_with(messages, true)
+    }
+
+    /// [`LoadedModel::encode_chat`], with or without the manifest's example turns (to measure
+    /// what they change).
+    pub fn encode_chat_with(&self, messages: &[ChatMessage], examples: bool) -> Result<Vec<u32>> {
+        if examples && !self.examples.is_empty() {
+            // After the system message, if any: templates expect it first.
+            let split = usize::from(
+                messages
+                    .first()
+                    .is_some_and(|m| m.role == ferry_core::Role::System),
+            );
+            let mut all = messages[..split].to_vec();
+            all.extend(self.examples.iter().cloned());
+            all.extend_from_slice(&messages[split..]);
+            return self.encode_chat_with(&all, false);
+        }
         if self.vision.is_some() {
             return self.encode_multimodal_text(messages);
         }
@@ -519,7 +565,15 @@ impl LoadedModel {
         let mut session = self.backbone.session(&self.device)?;
         let mut sampler = logits_processor(params);
         let mut detok = Detokenizer::new(&self.tokenizer);
-        let mut stopper = StopMatcher::new(params.stop.clone());
+        let mut stopper = StopMatcher::new(
+            params
+                .stop
+                .iter()
+                .chain(&self.stop)
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
+        );
         let mut text = String::new();
 
         let t0 = Instant::now();

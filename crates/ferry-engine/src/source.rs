@@ -129,6 +129,8 @@ pub fn adhoc_manifest(spec: &str) -> Result<ModelManifest> {
         weights: None,
         chat_template: None,
         eos_tokens: Vec::new(),
+        example_turns: Vec::new(),
+        stop: Vec::new(),
         cpu_repack_q4_1: true,
         cost: Default::default(),
         pooling: Default::default(),

@@ -7,6 +7,30 @@ use minijinja::{context, Environment, ErrorKind as JinjaErrorKind, Value};
 /// ChatML, used when a model ships no template.
 pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
+/// Gemma 3's turn format (`<start_of_turn>user|model`, `<end_of_turn>` ends a turn, a system
+/// message folded into the first user turn, roles alternating), used for Gemma 3 GGUFs that
+/// ship no template — the instruction-tuned checkpoints' own format.
+pub const GEMMA3: &str = r#"{{- bos_token -}}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') -}}
+    {{- message['content'] | trim -}}
+    {{- '<end_of_turn>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<start_of_turn>model\n' -}}
+{%- endif -%}"#;
+
 /// The LLaVA conversation format (Vicuna's `USER:` / `ASSISTANT:` turns, each image as the
 /// model's image token on its own line before the turn's text), used for LLaVA checkpoints that
 /// ship no template. Like transformers' multimodal templates, it reads each message's `content`
