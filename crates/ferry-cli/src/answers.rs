@@ -9,7 +9,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use ferry_core::{ChatMessage, Error, FinishReason, Result, Role, SamplingParams};
+use ferry_core::{ChatMessage, Error, FinishReason, ModelManifest, Result, Role, SamplingParams};
+use ferry_engine::source::ModelLocation;
 use ferry_engine::{GenerateOptions, LoadedModel};
 
 /// One question of the fixture.
@@ -147,6 +148,82 @@ pub fn check(
     })
 }
 
+/// The models a check asks: `ids` (a manifest id, or a path or hub id for an ad-hoc model), or
+/// every local text model whose weights are installed under `model_dir`.
+pub fn choose_models(
+    manifests: &[ModelManifest],
+    ids: &[String],
+    model_dir: &Path,
+) -> Result<Vec<ModelManifest>> {
+    if ids.is_empty() {
+        return Ok(manifests
+            .iter()
+            .filter(|m| {
+                m.tier == ferry_core::Tier::Local
+                    && m.kind == ferry_core::ModelKind::Generator
+                    && m.weights
+                        .as_deref()
+                        .is_some_and(|w| ModelLocation::of(m, model_dir).has_local(w))
+            })
+            .cloned()
+            .collect());
+    }
+    ids.iter()
+        .map(|id| match manifests.iter().find(|m| &m.id == id) {
+            Some(m) => Ok(m.clone()),
+            None => ferry_engine::adhoc_manifest(id),
+        })
+        .collect()
+}
+
+/// Loads `manifest`'s model and checks it as shipped, and also without its example turns when
+/// `compare_examples` and it has some.
+pub fn check_manifest(
+    manifest: &ModelManifest,
+    model_dir: &Path,
+    questions: &[Question],
+    max_tokens: u32,
+    compare_examples: bool,
+) -> Result<Vec<CheckResult>> {
+    let model = LoadedModel::load(manifest, model_dir, &ferry_engine::default_device())?;
+    let mut out = vec![check(&model, questions, max_tokens, true)?];
+    if compare_examples && !manifest.example_turns.is_empty() {
+        out.push(check(&model, questions, max_tokens, false)?);
+    }
+    Ok(out)
+}
+
+/// The results as the text table `ferry models check` prints, with a few replies under it.
+pub fn table(results: &[CheckResult], questions: &Path, max_tokens: u32) -> String {
+    let mut t = String::new();
+    let n = results.first().map_or(0, |r| r.questions);
+    t += &format!(
+        "{n} questions from {} · greedy · at most {max_tokens} tokens\n",
+        questions.display()
+    );
+    t += &format!(
+        "{:<24} {:<12} {:>9} {:>12} {:>12}\n",
+        "model", "template", "correct", "ended turn", "mean tokens"
+    );
+    for r in results {
+        let share = |k: usize| 100.0 * k as f64 / r.questions.max(1) as f64;
+        t += &format!(
+            "{:<24} {:<12} {:>8.0}% {:>11.0}% {:>12.1}\n",
+            r.model,
+            r.template,
+            share(r.correct),
+            share(r.ended_turn),
+            r.mean_completion_tokens
+        );
+    }
+    for r in results {
+        for (q, a) in &r.samples {
+            t += &format!("  {} ({}): {q} -> {a:?}\n", r.model, r.template);
+        }
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +275,28 @@ mod tests {
         assert!(!score(&yes, "No. Yes."));
         assert!(!score(&yes, "Maybe."));
         assert!(score(&yes, "Nobody knows, yes"), "`nobody` is not `no`");
+    }
+
+    #[test]
+    fn the_table_gives_shares_per_model_and_format() {
+        let r = CheckResult {
+            model: "m".into(),
+            template: "as shipped".into(),
+            questions: 4,
+            correct: 1,
+            ended_turn: 3,
+            mean_completion_tokens: 7.3,
+            samples: vec![("Q?".into(), "A.".into())],
+        };
+        let t = table(&[r], Path::new("q.jsonl"), 48);
+        assert!(t.starts_with("4 questions from q.jsonl"), "{t}");
+        let row = t.lines().nth(2).unwrap();
+        assert!(
+            row.starts_with("m ") && row.contains("25%") && row.contains("75%"),
+            "{row}"
+        );
+        assert!(row.trim_end().ends_with("7.3"), "{row}");
+        assert!(t.contains("m (as shipped): Q? -> \"A.\""), "{t}");
     }
 
     #[test]

@@ -755,66 +755,26 @@ fn models_check(
     use ferry_cli::answers;
     let qs = answers::load_questions(questions)?;
     let manifests = load_manifests(&registry.manifest_dir)?;
-    let chosen: Vec<ModelManifest> = if ids.is_empty() {
-        manifests
-            .into_iter()
-            .filter(|m| {
-                m.tier == ferry_core::Tier::Local
-                    && m.kind == ferry_core::ModelKind::Generator
-                    && m.weights.as_deref().is_some_and(|w| {
-                        ferry_engine::source::ModelLocation::of(m, &registry.model_dir).has_local(w)
-                    })
-            })
-            .collect()
-    } else {
-        ids.iter()
-            .map(|id| match manifests.iter().find(|m| &m.id == id) {
-                Some(m) => Ok(m.clone()),
-                None => ferry_engine::adhoc_manifest(id).map_err(anyhow::Error::from),
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
+    let chosen = answers::choose_models(&manifests, &ids, &registry.model_dir)?;
     anyhow::ensure!(
         !chosen.is_empty(),
         "no local model to check (fetch one with `ferry models fetch`)"
     );
-    let dev = ferry_engine::default_device();
     let mut results = Vec::new();
     for m in &chosen {
         eprintln!("asking `{}` {} questions ...", m.id, qs.len());
-        let model = ferry_engine::LoadedModel::load(m, &registry.model_dir, &dev)?;
-        results.push(answers::check(&model, &qs, max_tokens, true)?);
-        if compare_examples && !m.example_turns.is_empty() {
-            results.push(answers::check(&model, &qs, max_tokens, false)?);
-        }
+        results.extend(answers::check_manifest(
+            m,
+            &registry.model_dir,
+            &qs,
+            max_tokens,
+            compare_examples,
+        )?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
-        return Ok(());
-    }
-    println!(
-        "{} questions from {} · greedy · at most {max_tokens} tokens",
-        qs.len(),
-        questions.display()
-    );
-    println!(
-        "{:<24} {:<12} {:>9} {:>12} {:>12}",
-        "model", "template", "correct", "ended turn", "mean tokens"
-    );
-    for r in &results {
-        println!(
-            "{:<24} {:<12} {:>8.0}% {:>11.0}% {:>12.1}",
-            r.model,
-            r.template,
-            100.0 * r.correct as f64 / r.questions as f64,
-            100.0 * r.ended_turn as f64 / r.questions as f64,
-            r.mean_completion_tokens
-        );
-    }
-    for r in &results {
-        for (q, a) in &r.samples {
-            println!("  {} ({}): {q} -> {a:?}", r.model, r.template);
-        }
+    } else {
+        print!("{}", answers::table(&results, questions, max_tokens));
     }
     Ok(())
 }
