@@ -260,10 +260,9 @@ pub(crate) async fn run_local(
             return;
         }
         _ = queue_expired => {
-            state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
             let waited_ms = arrived.elapsed().as_millis();
             tracing::info!(request_id = %request_id, waited_ms = waited_ms as u64, "deadline reached while queued");
-            crate::metrics::request_finished("local", &model.info().id, "deadline", 0, 0, waited_ms as f64 / 1e3, None);
+            book_failed(&state, &model.info().id, "deadline", waited_ms as f64);
             let _ = tx
                 .send(Err(Status::deadline_exceeded(format!(
                     "no generation slot became free within the request's deadline (queued {waited_ms} ms); \
@@ -405,16 +404,7 @@ pub(crate) async fn run_local(
             }
         }
         Err(Error::Cancelled(why)) if state.abort.is_cancelled() && !tx.is_closed() => {
-            state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::request_finished(
-                "local",
-                &model.info().id,
-                "shutdown",
-                0,
-                0,
-                total_ms / 1e3,
-                None,
-            );
+            book_failed(&state, &model.info().id, "shutdown", total_ms);
             let status = ended(
                 tonic::Code::Unavailable,
                 format!("ferryd shut down before the request finished ({why})"),
@@ -422,17 +412,8 @@ pub(crate) async fn run_local(
             let _ = tx.send(Err(status)).await;
         }
         Err(Error::Cancelled(_)) if past_deadline && !tx.is_closed() => {
-            state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(request_id = %request_id, deltas = delivered.deltas, "deadline reached while generating");
-            crate::metrics::request_finished(
-                "local",
-                &model.info().id,
-                "deadline",
-                0,
-                0,
-                total_ms / 1e3,
-                None,
-            );
+            book_failed(&state, &model.info().id, "deadline", total_ms);
             let status = ended(
                 tonic::Code::DeadlineExceeded,
                 format!(
@@ -459,23 +440,21 @@ pub(crate) async fn run_local(
             );
         }
         Err(e) => {
-            state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(request_id = %request_id, error = %e, "generation failed");
-            crate::metrics::request_finished(
-                "local",
-                &model.info().id,
-                "failed",
-                0,
-                0,
-                total_ms / 1e3,
-                None,
-            );
+            book_failed(&state, &model.info().id, "failed", total_ms);
             let status: Status = e.into();
             let _ = tx
                 .send(Err(ended(status.code(), status.message().to_string())))
                 .await;
         }
     }
+}
+
+/// Books a local request that ended with an error status: counted as failed, and timed in the
+/// metrics under `outcome`.
+fn book_failed(state: &AppState, model: &str, outcome: &'static str, total_ms: f64) {
+    state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::request_finished("local", model, outcome, 0, 0, total_ms / 1e3, None);
 }
 
 /// Forwards generated text into the response channel.
