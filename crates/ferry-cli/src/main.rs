@@ -127,6 +127,10 @@ struct ReplayArgs {
     /// Read each request's task from this column (per-task satisfaction rates in mixrank).
     #[arg(long)]
     task_column: Option<String>,
+    /// routellm: each CSV file is a task (MMLU: the request's subject), as an app that names
+    /// its task would send it; mixrank keeps per-task satisfaction rates.
+    #[arg(long)]
+    task_per_file: bool,
     /// routellm: GPT-4-1106-preview's blended price, $ per million tokens (RouteLLM's paper: 24.7).
     #[arg(long, default_value_t = 24.7)]
     price_strong: f64,
@@ -1187,6 +1191,7 @@ fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
                 strong_per_mtok: args.price_strong,
             },
             mt_bench_threshold: args.mt_bench_threshold,
+            task_per_file: args.task_per_file,
         };
         let d = routellm::load(&input, &load, &count)?;
         eprintln!(

@@ -123,6 +123,7 @@ pub fn sources(
                     &routellm::LoadOptions {
                         prices: routellm::Prices::default(),
                         mt_bench_threshold: 8.0,
+                        task_per_file: false,
                     },
                     count_tokens,
                 )?;

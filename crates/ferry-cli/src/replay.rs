@@ -518,6 +518,7 @@ fn run_once(
             features: x,
             task: rec.task.as_deref(),
             feedback_expected: true,
+            text_chars: (!rec.text.is_empty()).then(|| rec.text.chars().count()),
         });
         if let Some(p) = policy.predicted().filter(|p| p.len() == n) {
             for m in 0..n {

@@ -91,6 +91,9 @@ pub struct LoadOptions {
     /// MT-Bench: an answer satisfies (MESS+'s label) when the mean of its two turns' judge
     /// scores is at least this.
     pub mt_bench_threshold: f64,
+    /// Each CSV file's requests name the file as their task (MMLU: its subject), for
+    /// per-task satisfaction rates.
+    pub task_per_file: bool,
 }
 
 /// A RouteLLM benchmark as a two-model replay data set.
@@ -241,7 +244,7 @@ pub fn load(
             tokens[0] += t[0] as f64;
             tokens[1] += t[1] as f64;
             records.push(Record {
-                task: None,
+                task: opts.task_per_file.then(|| stem.clone()),
                 key: format!("{stem}/{i}"),
                 text: prompt.to_string(),
                 satisfied: ok.to_vec(),
@@ -959,10 +962,26 @@ mod tests {
         let opts = LoadOptions {
             prices: Prices::default(),
             mt_bench_threshold: 8.0,
+            task_per_file: false,
         };
         let d = load(dir.path(), &opts, &words).unwrap();
         assert_eq!(d.benchmark, Benchmark::Mmlu);
         assert_eq!((d.rows, d.excluded, d.data.records.len()), (3, 1, 2));
+        assert!(d.data.records.iter().all(|r| r.task.is_none()));
+        let per_file = LoadOptions {
+            task_per_file: true,
+            ..opts
+        };
+        let d = load(dir.path(), &per_file, &words).unwrap();
+        let stems: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.path().file_stem()?.to_str().map(String::from))
+            .collect();
+        assert!(d
+            .data
+            .records
+            .iter()
+            .all(|r| r.task.as_ref().is_some_and(|t| stems.contains(t))));
         assert!(d.data.records.iter().all(|r| r.text != "q two"));
         assert_eq!(d.data.records[0].satisfied, [true, true]);
         assert_eq!(d.data.records[1].score, [0.0, 0.0]);
@@ -1016,6 +1035,7 @@ mod tests {
                 strong_per_mtok: 10.0,
             },
             mt_bench_threshold: 8.0,
+            task_per_file: false,
         };
         let d = load(dir.path(), &opts, &words).unwrap();
         assert_eq!(d.benchmark, Benchmark::MtBench);

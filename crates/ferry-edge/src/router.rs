@@ -447,6 +447,7 @@ impl ZooRouter {
                     features: &features,
                     task: None,
                     feedback_expected,
+                    text_chars: Some(question.chars().count()),
                 });
                 let predicted = r.predicted.get(r.model).copied();
                 let why = if r.probe {

@@ -52,6 +52,9 @@ pub struct RouteRequest<'a> {
     pub task: Option<&'a str>,
     /// Whether a satisfaction label can come back; policies explore only on such requests.
     pub feedback_expected: bool,
+    /// Length of the request's text in characters, where known: longer questions are often
+    /// harder (or, in some streams, easier), and a router may learn which.
+    pub text_chars: Option<usize>,
 }
 
 /// A model-selection policy over one tier's zoo.

@@ -51,6 +51,18 @@ impl Belief {
         self.mean += self.var * (f64::from(u8::from(satisfied)) - p);
     }
 
+    /// One labelled answer whose logit is `offset + self · x`: the Laplace step for a
+    /// coefficient on a known feature `x` (a feature of 0 teaches nothing).
+    pub fn observe_along(&mut self, offset: f64, x: f64, satisfied: bool) {
+        if x == 0.0 || !x.is_finite() {
+            return;
+        }
+        let p = sigmoid(offset + self.mean * x);
+        let h = (p * (1.0 - p)).max(1e-6) * x * x;
+        self.var = 1.0 / (1.0 / self.var + h);
+        self.mean += self.var * x * (f64::from(u8::from(satisfied)) - p);
+    }
+
     /// Whether the numbers are usable (finite, variance > 0).
     pub fn is_valid(&self) -> bool {
         self.mean.is_finite() && self.var.is_finite() && self.var > 0.0
@@ -188,6 +200,20 @@ mod tests {
         let rate = expected_sigmoid(b.mean, b.var);
         assert!((rate - 0.8).abs() < 0.03, "{rate}");
         assert!(b.sd() < 0.07);
+    }
+
+    #[test]
+    fn a_slope_learns_a_planted_coefficient_and_ignores_a_zero_feature() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let mut v = Belief::new(0.0, 0.5);
+        for _ in 0..5000 {
+            let x: f64 = rng.random::<f64>() * 2.0 - 1.0;
+            v.observe_along(0.5, x, rng.random::<f64>() < sigmoid(0.5 - 1.2 * x));
+        }
+        assert!((v.mean + 1.2).abs() < 0.15, "{v:?}");
+        let before = v;
+        v.observe_along(0.5, 0.0, false);
+        assert_eq!(v, before);
     }
 
     #[test]

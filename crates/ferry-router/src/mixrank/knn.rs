@@ -25,6 +25,9 @@ pub struct Entry {
     pub satisfied: bool,
     /// The prior difficulty score `g(x)` of the question.
     pub prior: f32,
+    /// The question's standardised log length `ℓ(x)` (0 in memory saved before it was kept).
+    #[serde(default)]
+    pub length: f32,
 }
 
 /// A ring buffer of unit-length embeddings with their labelled answers.
@@ -182,10 +185,9 @@ impl Memory {
         if s.next >= s.capacity.max(1) || !s.vectors.0.iter().all(|v| v.is_finite()) {
             return bad("position or vectors out of range".into());
         }
-        if s.entries
-            .iter()
-            .any(|e| usize::from(e.model) >= models || !e.prior.is_finite())
-        {
+        if s.entries.iter().any(|e| {
+            usize::from(e.model) >= models || !e.prior.is_finite() || !e.length.is_finite()
+        }) {
             return bad(format!(
                 "an entry names a model outside the zoo of {models}"
             ));
@@ -211,6 +213,7 @@ mod tests {
             task: 0,
             satisfied,
             prior: 0.0,
+            length: 0.0,
         }
     }
 

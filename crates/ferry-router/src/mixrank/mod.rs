@@ -2,12 +2,15 @@
 //! each request ranked inside the mix by how much a costlier model would help it.
 //!
 //! Per request `x` (with an optional task):
-//! - **Satisfaction model.** `p_m(x) = σ(θ_m + δ_{m,task} − b(x))`: a Gaussian belief about each
-//!   model's ability (and its offset on the request's task) learned online from every labelled
-//!   answer, and a model-agnostic difficulty `b(x) = w₁·g(x) + w₂·δ_nn(x)` from a pretrained
-//!   prior `g` ([`prior`]) and the residuals of similar past questions `δ_nn` ([`knn`]), with the
-//!   weights `w` learned online too, so a prior or a neighbourhood that tells nothing about this
-//!   stream fades to 0 and the policy degrades to the plain mix.
+//! - **Satisfaction model.** `p_m(x) = σ(θ_m + δ_{m,task} − b(x) + v_m·ℓ(x))`: a Gaussian belief
+//!   about each model's ability (and its offset on the request's task) learned online from every
+//!   labelled answer, and a model-agnostic difficulty `b(x) = w₁·g(x) + w₂·δ_nn(x)` from a
+//!   pretrained prior `g` ([`prior`]) and the residuals of similar past questions `δ_nn`
+//!   ([`knn`]), with the weights `w` learned online too, so a prior or a neighbourhood that
+//!   tells nothing about this stream fades to 0 and the policy degrades to the plain mix.
+//!   `ℓ(x)` is the question's log length standardised over the stream so far, and `v_m` each
+//!   model's own slope on it (a long GSM8K question defeats Mixtral far more often than GPT-4);
+//!   it ranks a pair of models only once their slopes differ beyond two standard deviations.
 //! - **Price.** Serve `argmin_m c_m − λ·p_m(x)` with running mean costs `c_m`. The price of
 //!   satisfaction is `λ = λ_α · exp(η (D + m₀))`: `λ_α` is the price at which the expected
 //!   satisfaction of the recent requests meets α ([`lagrange`]; the feedforward, in whatever unit
@@ -37,7 +40,7 @@ use rand::Rng;
 
 use crate::rng::{seeded, PolicyRng, RngSnapshot};
 use crate::{Decision, Observation, RouteRequest, RouterError, ZooPolicy};
-use irt::{expected_sigmoid, Belief2, Levels};
+use irt::{expected_sigmoid, Belief, Belief2, Levels};
 use knn::{Entry, Memory, MemorySnapshot};
 use prior::DifficultyPrior;
 use rates::Rates;
@@ -65,6 +68,9 @@ pub struct MixRankConfig {
     pub optimism: f64,
     /// Recent requests over which the threshold is set.
     pub reference: usize,
+    /// Prior standard deviation of a model's slope on the standardised log length (logit
+    /// units per standard deviation of length).
+    pub slope_sd: f64,
     /// Prior standard deviation of an ability (logit units; 1.5 is about a uniform rate).
     pub ability_sd: f64,
     /// Prior standard deviation of a model's offset on one task.
@@ -91,6 +97,7 @@ impl MixRankConfig {
             max_surplus_requests: 13.0,
             optimism: 1.0,
             reference: 128,
+            slope_sd: 0.5,
             ability_sd: 1.5,
             task_sd: 1.0,
             max_tasks: 256,
@@ -110,6 +117,9 @@ pub struct Ticket {
     pub task: Option<u32>,
     /// `(g(x), δ_nn(x))` as computed when deciding.
     pub difficulty: [f64; 2],
+    /// The standardised log length `ℓ(x)` (0 when the length is unknown).
+    #[serde(default)]
+    pub length: f64,
 }
 
 /// One decision and why.
@@ -144,6 +154,8 @@ pub struct ModelEstimate {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct RefEntry {
     difficulty: [f64; 2],
+    #[serde(default)]
+    length: f64,
     task: Option<u32>,
 }
 
@@ -158,6 +170,11 @@ pub struct MixRank {
     rates: Rates,
     tasks: HashMap<String, u32>,
     weights: Belief2,
+    /// Per-model logit slope on the request's standardised log length: a longer question
+    /// may be harder for a small model and no harder for a large one, which is exactly
+    /// the difference a ranking needs.
+    slopes: Vec<Belief>,
+    lengths: LogLengths,
     cost_sum: Vec<f64>,
     cost_n: Vec<u64>,
     labels: Vec<u64>,
@@ -185,6 +202,12 @@ pub struct MixRankSnapshot {
     pub rates: Option<Levels>,
     pub tasks: Vec<(String, u32)>,
     pub weights: Belief2,
+    /// Per-model length slopes (absent in state saved before them: restored at the prior).
+    #[serde(default)]
+    pub slopes: Vec<Belief>,
+    /// Running statistics of the requests' log lengths (absent in state saved before them).
+    #[serde(default)]
+    pub lengths: LogLengths,
     pub cost_sum: Vec<f64>,
     pub cost_n: Vec<u64>,
     pub labels: Vec<u64>,
@@ -196,6 +219,44 @@ pub struct MixRankSnapshot {
     reference: Vec<RefEntry>,
     pub ref_next: usize,
     pub rng: RngSnapshot,
+}
+
+/// Running mean and variance of the requests' log lengths (Welford), which put a request's
+/// length on the scale of the stream it arrives in: `ℓ(x) = (ln chars − mean) / sd`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogLengths {
+    pub n: u64,
+    pub mean: f64,
+    pub m2: f64,
+}
+
+impl LogLengths {
+    /// A standardised feature beyond this many standard deviations is clipped, so one absurd
+    /// request cannot carry a weight's whole update.
+    const CLIP_SD: f64 = 4.0;
+
+    /// Adds a request of `chars` characters and returns its standardised log length (0 until
+    /// the lengths vary).
+    pub fn standardise(&mut self, chars: usize) -> f64 {
+        let v = (chars.max(1) as f64).ln();
+        self.n += 1;
+        let d = v - self.mean;
+        self.mean += d / self.n as f64;
+        self.m2 += d * (v - self.mean);
+        if self.n < 2 {
+            return 0.0;
+        }
+        let sd = (self.m2 / (self.n - 1) as f64).sqrt();
+        if sd > 1e-9 {
+            ((v - self.mean) / sd).clamp(-Self::CLIP_SD, Self::CLIP_SD)
+        } else {
+            0.0
+        }
+    }
+
+    fn is_valid(&self) -> bool {
+        self.mean.is_finite() && self.m2.is_finite() && self.m2 >= 0.0
+    }
 }
 
 impl MixRank {
@@ -223,6 +284,7 @@ impl MixRank {
             cfg.ability_sd,
             cfg.task_sd,
             cfg.neighbour_precision,
+            cfg.slope_sd,
         ];
         let non_negative = [
             cfg.margin_requests,
@@ -256,6 +318,8 @@ impl MixRank {
             rates: Rates::new(models),
             tasks: HashMap::new(),
             weights,
+            slopes: vec![Belief::new(0.0, cfg.slope_sd); models],
+            lengths: LogLengths::default(),
             cost_sum: vec![0.0; models],
             cost_n: vec![0; models],
             labels: vec![0; models],
@@ -315,15 +379,20 @@ impl MixRank {
         self.abilities.get(m, task)
     }
 
-    /// Predicted satisfaction of every model at difficulty `b`; `z > 0` gives the upper bounds.
-    fn predict(&self, b: f64, task: Option<u32>, shift: Option<&[f64]>) -> Vec<f64> {
+    /// Logit mean and variance of model m's satisfaction on a request of difficulty `b` and
+    /// standardised log length `length` on `task`.
+    fn logit(&self, m: usize, task: Option<u32>, b: f64, length: f64) -> (f64, f64) {
+        let (mean, var) = self.ability(m, task);
+        let v = self.slopes[m];
+        (mean - b + v.mean * length, var + length * length * v.var)
+    }
+
+    /// Predicted satisfaction of every model at difficulty `b` and length `length`.
+    fn predict(&self, b: f64, length: f64, task: Option<u32>) -> Vec<f64> {
         (0..self.models)
             .map(|m| {
-                let (mean, var) = self.ability(m, task);
-                match shift {
-                    Some(z) => irt::sigmoid(mean + z[m] * var.sqrt() - b),
-                    None => expected_sigmoid(mean - b, var),
-                }
+                let (mean, var) = self.logit(m, task, b, length);
+                expected_sigmoid(mean, var)
             })
             .collect()
     }
@@ -342,26 +411,30 @@ impl MixRank {
         Some(k)
     }
 
-    /// `(g(x), δ_nn(x))` for a unit embedding.
+    /// `(g(x), δ_nn(x))` for a unit embedding (empty: no embedding).
     fn difficulty_features(&mut self, x: &[f32]) -> [f64; 2] {
         if x.is_empty() {
             return [0.0, 0.0];
         }
         let g = self.prior.as_ref().map_or(0.0, |p| p.score(x));
-        // Residuals of the neighbours under the current abilities and prior weight (split
-        // borrows: the memory scans while the beliefs are read).
+        // Residuals of the neighbours under the current abilities and the known part of their
+        // difficulty (split borrows: the memory scans while the beliefs are read).
         let MixRank {
             memory,
             abilities,
             weights,
+            slopes,
             cfg,
             ..
         } = self;
         let w_prior = weights.mean[0];
         let delta = memory.local_offset(x, cfg.neighbours, cfg.neighbour_precision, |e: &Entry| {
             let task = (e.task != u32::MAX).then_some(e.task);
-            let (theta, _) = abilities.get(usize::from(e.model), task);
-            let p = irt::sigmoid(theta - w_prior * f64::from(e.prior));
+            let m = usize::from(e.model);
+            let (theta, _) = abilities.get(m, task);
+            let p = irt::sigmoid(
+                theta - w_prior * f64::from(e.prior) + slopes[m].mean * f64::from(e.length),
+            );
             (f64::from(u8::from(e.satisfied)) - p, p * (1.0 - p))
         });
         [g, delta]
@@ -382,15 +455,21 @@ impl MixRank {
         let x = knn::unit(req.features).unwrap_or_default();
         let task = self.task_slot(req.task);
         let difficulty = self.difficulty_features(&x);
-        self.push_reference(RefEntry { difficulty, task });
+        let length = req.text_chars.map_or(0.0, |c| self.lengths.standardise(c));
+        self.push_reference(RefEntry {
+            difficulty,
+            length,
+            task,
+        });
         let b = self.weights.dot(difficulty);
-        let predicted = self.predict(b, task, None);
+        let predicted = self.predict(b, length, task);
         let debt = self.debt;
         let ticket = |model| Ticket {
             model,
             x: x.clone(),
             task,
             difficulty,
+            length,
         };
         // Costs are learned by serving each model once, in zoo order.
         if let Some(m) = (0..self.models).find(|&m| self.cost_n[m] == 0 && self.served[m] == 0) {
@@ -419,8 +498,8 @@ impl MixRank {
             0.0
         };
         let u = self.rng.random::<f64>();
-        let (model, lambda) = self.decide_model(b, task, &cost, z, u);
-        let explored = explore && self.decide_model(b, task, &cost, 0.0, u).0 != model;
+        let (model, lambda) = self.decide_model(b, length, task, &cost, z, u);
+        let explored = explore && self.decide_model(b, length, task, &cost, 0.0, u).0 != model;
         self.explored += u64::from(explored);
         self.served[model] += 1;
         let routed = Routed {
@@ -468,6 +547,7 @@ impl MixRank {
     fn decide_model(
         &self,
         b: f64,
+        length: f64,
         task: Option<u32>,
         cost: &[f64],
         z: f64,
@@ -559,15 +639,21 @@ impl MixRank {
             return (lo, lambda);
         }
         // Rank this request's gain among the recent requests of its task.
-        let gain = |b: f64| {
-            let (mh, vh) = self.ability(hi, task);
-            let (ml, vl) = self.ability(lo, task);
-            expected_sigmoid(mh - b, vh) - expected_sigmoid(ml - b, vl)
+        // The length ranks only once the two models' slopes credibly differ: a difference
+        // still within its noise would rank by chance, and a wrong ranking costs more (debt,
+        // escalation) than a right one saves.
+        let (vh, vl) = (self.slopes[hi], self.slopes[lo]);
+        let credible = (vh.mean - vl.mean).abs() > 2.0 * (vh.var + vl.var).sqrt();
+        let gain = |b: f64, length: f64| {
+            let length = if credible { length } else { 0.0 };
+            let (mh, vh) = self.logit(hi, task, b, length);
+            let (ml, vl) = self.logit(lo, task, b, length);
+            expected_sigmoid(mh, vh) - expected_sigmoid(ml, vl)
         };
-        let own = gain(b);
+        let own = gain(b, length);
         let (mut below, mut ties, mut n) = (0usize, 0usize, 0usize);
         for r in self.reference.iter().filter(|r| r.task == task) {
-            let g = gain(self.weights.dot(r.difficulty));
+            let g = gain(self.weights.dot(r.difficulty), r.length);
             n += 1;
             if (g - own).abs() <= 1e-12 {
                 ties += 1;
@@ -604,12 +690,20 @@ impl MixRank {
         let task = ticket
             .task
             .filter(|&k| (k as usize) < self.abilities.tasks.len());
-        self.abilities.observe(m, task, -b, satisfied);
+        let length = if ticket.length.is_finite() {
+            ticket.length
+        } else {
+            0.0
+        };
+        let lift = self.slopes[m].mean * length;
+        self.abilities.observe(m, task, lift - b, satisfied);
         self.rates.observe(m, task, satisfied);
         let (theta, _) = self.ability(m, task);
         if !ticket.x.is_empty() {
-            self.weights.observe(theta, ticket.difficulty, satisfied);
+            self.weights
+                .observe(theta + lift, ticket.difficulty, satisfied);
         }
+        self.slopes[m].observe_along(theta - b, length, satisfied);
         self.labels[m] += 1;
         if ticket.x.len() == self.memory.dim() {
             self.memory.push(
@@ -619,6 +713,7 @@ impl MixRank {
                     task: task.unwrap_or(u32::MAX),
                     satisfied,
                     prior: ticket.difficulty[0] as f32,
+                    length: length as f32,
                 },
             );
         }
@@ -665,6 +760,8 @@ impl MixRank {
             rates: None,
             tasks,
             weights: self.weights,
+            slopes: self.slopes.clone(),
+            lengths: self.lengths,
             cost_sum: self.cost_sum.clone(),
             cost_n: self.cost_n.clone(),
             labels: self.labels.clone(),
@@ -708,7 +805,13 @@ impl MixRank {
             Some(old) => old.is_valid(n),
             None => s.rate_counts.is_valid(n),
         };
-        if !s.abilities.is_valid(n) || !rates_valid || !s.weights.is_valid() {
+        if !s.abilities.is_valid(n)
+            || !rates_valid
+            || !s.weights.is_valid()
+            || !s.lengths.is_valid()
+            || !(s.slopes.is_empty()
+                || s.slopes.len() == n && s.slopes.iter().all(Belief::is_valid))
+        {
             return bad("abilities or weights are not finite with positive variance".into());
         }
         if !s.debt.is_finite()
@@ -738,6 +841,12 @@ impl MixRank {
         };
         self.tasks = s.tasks.iter().cloned().collect();
         self.weights = s.weights;
+        self.slopes = if s.slopes.is_empty() {
+            vec![Belief::new(0.0, self.cfg.slope_sd); n]
+        } else {
+            s.slopes.clone()
+        };
+        self.lengths = s.lengths;
         self.cost_sum = s.cost_sum.clone();
         self.cost_n = s.cost_n.clone();
         self.labels = s.labels.clone();
@@ -763,6 +872,7 @@ impl ZooPolicy for MixRank {
             features: x,
             task: None,
             feedback_expected: true,
+            text_chars: None,
         })
     }
 

@@ -232,6 +232,7 @@ fn no_exploration_without_feedback() {
             features: &[],
             task: None,
             feedback_expected: false,
+            text_chars: None,
         });
         assert!(!r.explored && !r.probe);
     }
@@ -253,6 +254,7 @@ fn tasks_get_their_own_rates() {
             features: &[],
             task: Some(task),
             feedback_expected: true,
+            text_chars: None,
         });
         let rate = match (r.model, task) {
             (0, "a") => 0.95,
@@ -296,7 +298,7 @@ proptest! {
         let mut p = MixRank::new(cfg.clone(), k, 2, None).unwrap();
         for (i, &s) in labels.iter().enumerate() {
             let x = [xs[2 * i % 300], xs[(2 * i + 1) % 300]];
-            let r = p.route(&RouteRequest { features: &x, task: Some(if i % 3 == 0 { "t" } else { "u" }), feedback_expected: i % 4 != 0 });
+            let r = p.route(&RouteRequest { features: &x, task: Some(if i % 3 == 0 { "t" } else { "u" }), feedback_expected: i % 4 != 0, text_chars: Some(1 + i * 37 % 500) });
             prop_assert!(r.model < k);
             prop_assert!(r.predicted.iter().all(|q| (0.0..=1.0).contains(q)));
             p.record_cost(r.model, costs[r.model]);
@@ -341,4 +343,84 @@ proptest! {
             }
         }
     }
+}
+
+/// A stream whose only signal is the question's length: a long question defeats the cheap
+/// model (σ(1 − 2u), `u` the log length on [−1, 1]) and not the costly one (σ(2.5)). Returns
+/// (satisfaction, cost per request, random-α's cost per request).
+fn length_stream(p: &mut MixRank, with_length: bool, n: usize, seed: u64) -> (f64, f64, f64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let costs = [1.0, 10.0];
+    let (mut sat, mut cost) = (0.0, 0.0);
+    let mut small_rate = 0.0;
+    for _ in 0..n {
+        let u = rng.random::<f64>() * 2.0 - 1.0;
+        let chars = (20.0 * 100f64.powf((u + 1.0) / 2.0)).round() as usize;
+        let rates = [irt::sigmoid(1.0 - 2.0 * u), irt::sigmoid(2.5)];
+        small_rate += rates[0] / n as f64;
+        let r = p.route(&RouteRequest {
+            features: &[],
+            task: None,
+            feedback_expected: true,
+            text_chars: with_length.then_some(chars),
+        });
+        let s = rng.random::<f64>() < rates[r.model];
+        p.record_cost(r.model, costs[r.model]);
+        p.record_feedback(&r.ticket, s);
+        sat += f64::from(u8::from(s)) / n as f64;
+        cost += costs[r.model] / n as f64;
+    }
+    let alpha = p.config().alpha;
+    let w = (alpha - small_rate) / (irt::sigmoid(2.5) - small_rate);
+    (sat, cost, costs[0] + w * (costs[1] - costs[0]))
+}
+
+#[test]
+fn a_length_that_predicts_failure_sends_the_long_questions_up() {
+    let mut p = MixRank::new(MixRankConfig::new(0.8, 3), 2, 0, None).unwrap();
+    let (sat, cost, random_alpha) = length_stream(&mut p, true, 4000, 3);
+    assert!(sat >= 0.8 - 0.005, "{sat}");
+    assert!(
+        cost < 0.85 * random_alpha,
+        "{cost} vs random-alpha {random_alpha}"
+    );
+    // The cheap model's slope is learned negative (longer, worse), the costly one's near 0.
+    let slopes = p.snapshot().slopes;
+    assert!(slopes[0].mean < -1.0, "{slopes:?}");
+    assert!(slopes[1].mean.abs() < 0.5, "{slopes:?}");
+    // The same stream without the lengths is the plain mix.
+    let mut blind = MixRank::new(MixRankConfig::new(0.8, 3), 2, 0, None).unwrap();
+    let (sat, cost, random_alpha) = length_stream(&mut blind, false, 4000, 3);
+    assert!(sat >= 0.8 - 0.005, "{sat}");
+    assert!(
+        cost > 0.95 * random_alpha,
+        "{cost} vs random-alpha {random_alpha}"
+    );
+}
+
+#[test]
+fn state_saved_before_lengths_restores_at_the_prior() {
+    let sim = Sim::three_models();
+    let mut a = MixRank::new(small_config(), 3, 2, None).unwrap();
+    sim.run(&mut a, 200, 1);
+    let mut old = serde_json::to_value(a.snapshot()).unwrap();
+    let obj = old.as_object_mut().unwrap();
+    obj.remove("slopes");
+    obj.remove("lengths");
+    for r in obj["reference"].as_array_mut().unwrap() {
+        r.as_object_mut().unwrap().remove("length");
+    }
+    let mut b = MixRank::new(small_config(), 3, 2, None).unwrap();
+    b.restore(&serde_json::from_value(old).unwrap()).unwrap();
+    let s = b.snapshot();
+    assert_eq!(s.slopes.len(), 3);
+    assert!(s
+        .slopes
+        .iter()
+        .all(|v| v.mean == 0.0 && (v.sd() - 0.5).abs() < 1e-12));
+    assert_eq!(s.lengths, LogLengths::default());
+    // Slopes for another zoo size are refused.
+    let mut bad = a.snapshot();
+    bad.slopes.pop();
+    assert!(b.restore(&bad).is_err());
 }
