@@ -12,10 +12,11 @@
 //! Until the models are loaded (ferry-cloud listens before it loads) every call answers
 //! UNAVAILABLE, so that probes and clients see a live but not yet ready server.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -209,7 +210,6 @@ impl Drop for Admitted {
         self.state
             .replay
             .lock()
-            .expect("replay lock")
             .finish(&self.request_id, self.stored.take());
     }
 }
@@ -328,7 +328,7 @@ impl OffloadService {
         }
 
         let (tx, rx) = mpsc::channel::<Item>(64);
-        let begun = state.replay.lock().expect("replay lock").begin(&request_id);
+        let begun = state.replay.lock().begin(&request_id);
         match begun {
             Begin::Done(stored) if stored.model == model.config.id => {
                 state.stats.replayed.fetch_add(1, Ordering::Relaxed);

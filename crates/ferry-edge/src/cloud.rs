@@ -18,9 +18,10 @@
 //! endpoints that are healthy, whose circuit lets a request through and that list the model, the
 //! one with the fewest offloads in flight (ties rotate).
 
+use parking_lot::{Mutex, RwLock};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -351,26 +352,20 @@ pub struct EndpointStatus {
 
 impl Endpoint {
     fn status(&self) -> EndpointStatus {
-        let b = self.breaker.lock().expect("breaker lock");
+        let b = self.breaker.lock();
         EndpointStatus {
             uri: self.uri.clone(),
             healthy: self.healthy.load(Ordering::Acquire),
             circuit: b.state(),
             in_flight: self.in_flight.load(Ordering::Acquire),
-            models: self
-                .models
-                .read()
-                .expect("models lock")
-                .iter()
-                .map(|m| m.id.clone())
-                .collect(),
+            models: self.models.read().iter().map(|m| m.id.clone()).collect(),
             circuit_opened_total: b.opened_total,
-            last_error: self.last_error.lock().expect("error lock").clone(),
+            last_error: self.last_error.lock().clone(),
         }
     }
 
     fn serves(&self, model: &str) -> bool {
-        let models = self.models.read().expect("models lock");
+        let models = self.models.read();
         // Not listed yet: let the request find out.
         models.is_empty() || models.iter().any(|m| m.id == model)
     }
@@ -412,7 +407,7 @@ impl Lease {
         if !self.settled {
             self.settled = true;
             let ep = &self.pool.endpoints[self.index];
-            let mut b = ep.breaker.lock().expect("breaker lock");
+            let mut b = ep.breaker.lock();
             b.success();
             ep.export_circuit(b.state());
         }
@@ -424,7 +419,7 @@ impl Lease {
         if !self.settled {
             self.settled = true;
             let ep = &self.pool.endpoints[self.index];
-            let mut b = ep.breaker.lock().expect("breaker lock");
+            let mut b = ep.breaker.lock();
             let before = b.state();
             b.failure(Instant::now());
             if b.state() == CircuitState::Open && before != CircuitState::Open {
@@ -442,7 +437,7 @@ impl Drop for Lease {
         if !self.settled {
             // Ended without a verdict (the app left, or the error was the request's own): a
             // half-open trial must not wedge the circuit.
-            let mut b = ep.breaker.lock().expect("breaker lock");
+            let mut b = ep.breaker.lock();
             b.release_trial(Instant::now());
             ep.export_circuit(b.state());
         }
@@ -590,7 +585,7 @@ impl CloudPool {
     pub fn models(&self) -> Vec<pb::ModelInfo> {
         let mut out: Vec<pb::ModelInfo> = Vec::new();
         for ep in &self.endpoints {
-            for m in ep.models.read().expect("models lock").iter() {
+            for m in ep.models.read().iter() {
                 if !out.iter().any(|x| x.id == m.id) {
                     out.push(m.clone());
                 }
@@ -601,25 +596,16 @@ impl CloudPool {
 
     /// A listed cloud model by id.
     pub fn model(&self, id: &str) -> Option<pb::ModelInfo> {
-        self.endpoints.iter().find_map(|ep| {
-            ep.models
-                .read()
-                .expect("models lock")
-                .iter()
-                .find(|m| m.id == id)
-                .cloned()
-        })
+        self.endpoints
+            .iter()
+            .find_map(|ep| ep.models.read().iter().find(|m| m.id == id).cloned())
     }
 
     /// Whether some endpoint lists `id`.
     pub fn lists(&self, id: &str) -> bool {
-        self.endpoints.iter().any(|ep| {
-            ep.models
-                .read()
-                .expect("models lock")
-                .iter()
-                .any(|m| m.id == id)
-        })
+        self.endpoints
+            .iter()
+            .any(|ep| ep.models.read().iter().any(|m| m.id == id))
     }
 
     /// Reserves the best endpoint for `model`, skipping those in `tried`.
@@ -648,7 +634,7 @@ impl CloudPool {
             if tried.contains(&i) {
                 continue;
             }
-            if !ep.breaker.lock().expect("breaker lock").would_allow(now) {
+            if !ep.breaker.lock().would_allow(now) {
                 continue;
             }
             candidates.push((ep.in_flight.load(Ordering::Acquire), i));
@@ -657,7 +643,7 @@ impl CloudPool {
         candidates.sort_by_key(|&(load, _)| load);
         for (_, i) in candidates {
             let ep = &self.endpoints[i];
-            let mut b = ep.breaker.lock().expect("breaker lock");
+            let mut b = ep.breaker.lock();
             if b.allow(now) {
                 ep.export_circuit(b.state());
                 drop(b);
@@ -689,7 +675,7 @@ impl CloudPool {
             .iter()
             .filter(|ep| ep.serves(model))
             .filter_map(|ep| {
-                let e = ep.last_error.lock().expect("error lock");
+                let e = ep.last_error.lock();
                 e.as_ref().map(|e| format!("{}: {e}", ep.uri))
             })
             .collect::<Vec<_>>()
@@ -779,8 +765,7 @@ impl CloudPool {
                 if healthy_after(outcome, n, self.cfg.failure_threshold) {
                     // Slow, not down: keep serving, remember why, count on.
                     tracing::debug!(endpoint = %ep.uri, unanswered = n, "late health answer");
-                    *ep.last_error.lock().expect("error lock") =
-                        Some(format!("{why} ({n} in a row)"));
+                    *ep.last_error.lock() = Some(format!("{why} ({n} in a row)"));
                     return;
                 }
                 Err(why)
@@ -789,7 +774,7 @@ impl CloudPool {
         let was = ep.healthy.load(Ordering::Acquire);
         match verdict {
             Ok(()) => {
-                let listed = !ep.models.read().expect("models lock").is_empty();
+                let listed = !ep.models.read().is_empty();
                 let mut list_error = None;
                 if !listed || !was {
                     let mut req = tonic::Request::new(pb::ListModelsRequest {});
@@ -798,7 +783,7 @@ impl CloudPool {
                         Ok(Ok(r)) => {
                             let models = r.into_inner().models;
                             tracing::info!(endpoint = %ep.uri, models = ?models.iter().map(|m| &m.id).collect::<Vec<_>>(), "cloud zoo listed");
-                            *ep.models.write().expect("models lock") = models;
+                            *ep.models.write() = models;
                         }
                         Ok(Err(s)) => {
                             let why = format!(
@@ -813,7 +798,7 @@ impl CloudPool {
                     }
                 }
                 ep.healthy.store(true, Ordering::Release);
-                *ep.last_error.lock().expect("error lock") = list_error;
+                *ep.last_error.lock() = list_error;
                 if !was {
                     tracing::info!(endpoint = %ep.uri, "cloud endpoint healthy again");
                 }
@@ -823,7 +808,7 @@ impl CloudPool {
                 if was {
                     tracing::warn!(endpoint = %ep.uri, error = %why, "cloud endpoint unhealthy");
                 }
-                *ep.last_error.lock().expect("error lock") = Some(why);
+                *ep.last_error.lock() = Some(why);
             }
         }
         metrics::gauge!("ferry_cloud_endpoint_healthy", "endpoint" => ep.uri.clone()).set(

@@ -26,9 +26,10 @@
 //! "torchscript"`, or a `.pt`/`.pth`/`.ts` name) a TorchScript module exported from PyTorch,
 //! which needs ferryd built with the `torch` feature (refused with that reason otherwise).
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -193,7 +194,7 @@ impl Placer {
 
     /// The running policy.
     pub fn policy(&self) -> Arc<ServedPolicy> {
-        self.policy.read().expect("policy lock").clone()
+        self.policy.read().clone()
     }
 
     /// Re-reads the policy file (SIGHUP). On error the running policy stays.
@@ -204,9 +205,9 @@ impl Placer {
         // A policy for another profile starts from that profile; the same profile keeps what
         // was measured.
         if p.costs() != self.policy().costs() {
-            *lock(&self.live) = LiveCosts::new(p.costs());
+            *self.live.lock() = LiveCosts::new(p.costs());
         }
-        *self.policy.write().expect("policy lock") = Arc::new(p);
+        *self.policy.write() = Arc::new(p);
         tracing::info!(path = %self.path.display(), %method, "placement policy reloaded");
         Ok(method)
     }
@@ -242,7 +243,7 @@ impl Placer {
         let (latency, usd) = self.budgets(&p);
         let obs = match dialogue_id {
             Some(id) => {
-                let d = lock(&self.dialogues);
+                let d = self.dialogues.lock();
                 d.states
                     .get(id)
                     .cloned()
@@ -251,7 +252,7 @@ impl Placer {
             }
             None => DialogueState::new(latency, usd).observe(task),
         };
-        let prices = lock(&self.live).prices();
+        let prices = self.live.lock().prices();
         let mask = p.mask_at(&obs, &prices);
         let chosen = p.act_masked(&obs, &mask);
         // The call the policy makes at its profile's prices, which these live ones ruled out.
@@ -319,7 +320,7 @@ impl Placer {
     /// Books what a placed request really ran (`executed`: the placement's action, or local
     /// after a fallback) and spent, so the dialogue's next turn and the live prices see it.
     pub fn record(&self, placement: &Placement, executed: Action, latency_s: f64, usd: f64) {
-        lock(&self.live).observe(executed, latency_s, usd);
+        self.live.lock().observe(executed, latency_s, usd);
         let Some(id) = &placement.dialogue_id else {
             return;
         };
@@ -330,7 +331,7 @@ impl Placer {
         } else {
             self.cfg.max_dialogues
         };
-        let mut d = lock(&self.dialogues);
+        let mut d = self.dialogues.lock();
         if !d.states.contains_key(id) {
             d.order.push_back(id.clone());
         }
@@ -353,29 +354,24 @@ impl Placer {
 
     /// Seconds and dollars a dialogue has spent, and its budgets (for tests and status).
     pub fn spent(&self, dialogue_id: &str) -> Option<((f64, f64), (f64, f64))> {
-        let d = lock(&self.dialogues);
+        let d = self.dialogues.lock();
         d.states.get(dialogue_id).map(|s| (s.spent(), s.budgets()))
     }
 
     /// The prices the budget mask judges the next call by.
     pub fn live_prices(&self) -> ferry_router::tmo::CallPrices {
-        lock(&self.live).prices()
+        self.live.lock().prices()
     }
 
     /// Turns taken so far in a dialogue (for tests and status).
     pub fn turns(&self, dialogue_id: &str) -> usize {
-        lock(&self.dialogues)
+        self.dialogues
+            .lock()
             .states
             .get(dialogue_id)
             .map(|s| s.observe(0).turn)
             .unwrap_or(0)
     }
-}
-
-/// A lock whose data stays usable after a panic elsewhere: the estimates and dialogues are
-/// bookkeeping that a half-finished update cannot make unsafe.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

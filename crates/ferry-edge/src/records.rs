@@ -5,10 +5,10 @@
 //! record, to `feedback.jsonl` in the state directory so that routing policies can learn from it
 //! (and a later replay can reproduce what they saw).
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::Serialize;
 
@@ -84,16 +84,12 @@ impl RecordStore {
 
     /// Whether a request id is already known (ids must be unique while remembered).
     pub fn contains(&self, request_id: &str) -> bool {
-        self.inner
-            .lock()
-            .expect("record lock")
-            .records
-            .contains_key(request_id)
+        self.inner.lock().records.contains_key(request_id)
     }
 
     /// Remembers a finished request, evicting the oldest beyond the bound.
     pub fn insert(&self, record: RequestRecord) {
-        let mut inner = self.inner.lock().expect("record lock");
+        let mut inner = self.inner.lock();
         let id = record.request_id.clone();
         if inner.records.insert(id.clone(), (record, None)).is_none() {
             inner.order.push_back(id);
@@ -113,7 +109,7 @@ impl RecordStore {
             }
         }
         let (record, replaced) = {
-            let mut inner = self.inner.lock().expect("record lock");
+            let mut inner = self.inner.lock();
             let entry = inner
                 .records
                 .get_mut(request_id)
@@ -143,7 +139,6 @@ impl RecordStore {
     pub fn feedback_of(&self, request_id: &str) -> Option<Feedback> {
         self.inner
             .lock()
-            .expect("record lock")
             .records
             .get(request_id)
             .and_then(|(_, f)| f.clone())
@@ -165,6 +160,22 @@ mod tests {
             total_ms: 1.0,
             finished_unix_ms: 0,
         }
+    }
+
+    #[test]
+    fn a_panic_under_the_lock_leaves_the_store_usable() {
+        let s = std::sync::Arc::new(RecordStore::new(4, None).unwrap());
+        s.insert(rec("a"));
+        let held = s.clone();
+        let panicked = std::thread::spawn(move || {
+            let _guard = held.inner.lock();
+            panic!("a bug while the records are locked");
+        })
+        .join();
+        assert!(panicked.is_err());
+        // A poisoning lock would now fail every later request that finishes or gets feedback.
+        s.insert(rec("b"));
+        assert!(s.contains("a") && s.contains("b"));
     }
 
     #[test]

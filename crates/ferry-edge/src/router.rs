@@ -26,11 +26,12 @@
 //! state is renamed aside (`.corrupt-<unix ms>`) with a warning and learning restarts; one written
 //! for another zoo or encoder is renamed aside as `.stale-<unix ms>`. Neither stops the daemon.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -414,7 +415,7 @@ impl ZooRouter {
             .embed(&[question])?
             .pop()
             .ok_or_else(|| Error::Engine("the encoder returned no embedding".into()))?;
-        let mut guard = self.inner.lock().expect("router lock");
+        let mut guard = self.inner.lock();
         let inner = &mut *guard;
         let (decision, predicted, ticket, reason) = match &mut inner.policy {
             Live::Mess(mess) => {
@@ -486,7 +487,7 @@ impl ZooRouter {
     /// Books a finished routed request: the joules of each zoo model that ran (zoo order),
     /// `Q`'s move by the predicted satisfaction, and the call.
     pub fn finished(&self, routed: &Routed, joules: &[Option<f64>]) {
-        let mut inner = self.inner.lock().expect("router lock");
+        let mut inner = self.inner.lock();
         match &mut inner.policy {
             Live::Mess(mess) => {
                 mess.record_costs(joules);
@@ -538,7 +539,7 @@ impl ZooRouter {
     /// Feedback on a request; true when the policy learned from it (a routed request still
     /// remembered, judged for the first time).
     pub fn feedback(&self, request_id: &str, satisfied: bool) -> bool {
-        let mut guard = self.inner.lock().expect("router lock");
+        let mut guard = self.inner.lock();
         let inner = &mut *guard;
         let Some(p) = inner.pending.get_mut(request_id) else {
             return false;
@@ -565,7 +566,7 @@ impl ZooRouter {
     /// Forgets a routed request that its tier never served (it fell back to another tier, or
     /// the app left before an answer), so its feedback teaches this router nothing.
     pub fn abandon(&self, request_id: &str) {
-        let mut inner = self.inner.lock().expect("router lock");
+        let mut inner = self.inner.lock();
         if inner.pending.remove(request_id).is_some() {
             inner.order.retain(|id| id != request_id);
         }
@@ -573,7 +574,7 @@ impl ZooRouter {
 
     /// What `Status` shows.
     pub fn status(&self) -> RouterStatus {
-        let inner = self.inner.lock().expect("router lock");
+        let inner = self.inner.lock();
         let n = self.zoo.len();
         let mut st = RouterStatus {
             tier: self.tier.clone(),
@@ -641,7 +642,7 @@ impl ZooRouter {
         self.dirty.store(false, Ordering::Release);
         let saved_unix_ms = unix_ms();
         let bytes = {
-            let inner = self.inner.lock().expect("router lock");
+            let inner = self.inner.lock();
             let file = StateFile {
                 format: STATE_FORMAT.to_string(),
                 version: STATE_VERSION,
@@ -673,7 +674,7 @@ impl ZooRouter {
         if result.is_err() {
             self.dirty.store(true, Ordering::Release);
         } else {
-            self.inner.lock().expect("router lock").saved_unix_ms = Some(saved_unix_ms);
+            self.inner.lock().saved_unix_ms = Some(saved_unix_ms);
             tracing::debug!(
                 path = %self.path.display(),
                 bytes = bytes.len(),

@@ -1,9 +1,10 @@
 //! The daemon's shared state: configuration, model registry and residency, admission control,
 //! request records, and the shutdown signals.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -49,7 +50,7 @@ pub struct AppState {
     /// Measures device energy and attributes it to requests.
     pub energy: EnergyMeter,
     /// Joules attributed per model since start.
-    energy_by_model: std::sync::Mutex<std::collections::BTreeMap<String, f64>>,
+    energy_by_model: parking_lot::Mutex<std::collections::BTreeMap<String, f64>>,
     /// Cancelled when in-flight generations must stop (end of the shutdown grace period).
     pub abort: CancellationToken,
     seed_state: AtomicU64,
@@ -152,10 +153,7 @@ impl AppState {
                 warm_up_ms = warm_up_ms as u64,
                 "model loaded"
             );
-            self.models
-                .write()
-                .expect("models lock")
-                .insert(id.clone(), Arc::new(model));
+            self.models.write().insert(id.clone(), Arc::new(model));
         }
         let default = match &self.config.models.default {
             Some(d) if self.model(d).is_some() => d.clone(),
@@ -172,7 +170,7 @@ impl AppState {
                 .cloned()
                 .ok_or_else(|| Error::invalid("models.load", "no model to load"))?,
         };
-        *self.default_model.write().expect("default lock") = Some(default);
+        *self.default_model.write() = Some(default);
         if self.config.router.enabled {
             let router = self.build_router(&device)?;
             let _ = self.router.set(Arc::new(router));
@@ -188,7 +186,6 @@ impl AppState {
         let mut zoo: Vec<(u64, String)> = self
             .models
             .read()
-            .expect("models lock")
             .values()
             .map(|m| (m.info().resident_weight_bytes, m.info().id.clone()))
             .collect();
@@ -241,7 +238,7 @@ impl AppState {
 
     /// The cloud tier's router, once built.
     pub fn cloud_router(&self) -> Option<Arc<ZooRouter>> {
-        self.cloud_router.lock().expect("cloud router lock").clone()
+        self.cloud_router.lock().clone()
     }
 
     /// Every router built so far (local first), for saving and status.
@@ -262,7 +259,7 @@ impl AppState {
         if !(self.config.router.enabled && self.config.cloud.route_auto) || zoo.is_empty() {
             return Ok(None);
         }
-        let mut slot = self.cloud_router.lock().expect("cloud router lock");
+        let mut slot = self.cloud_router.lock();
         if let Some(r) = slot.as_ref() {
             return Ok(Some(r.clone()));
         }
@@ -298,12 +295,12 @@ impl AppState {
 
     /// A loaded model by id.
     pub fn model(&self, id: &str) -> Option<Arc<LoadedModel>> {
-        self.models.read().expect("models lock").get(id).cloned()
+        self.models.read().get(id).cloned()
     }
 
     /// The model used for `auto`.
     pub fn default_model_id(&self) -> Option<String> {
-        self.default_model.read().expect("default lock").clone()
+        self.default_model.read().clone()
     }
 
     /// Picks the model for a request: the named one, or the default for `auto`.
@@ -370,7 +367,7 @@ impl AppState {
     /// `ferry_energy_joules{source,account}` with account `measured`, `attributed` or `idle`.
     pub fn add_model_energy(&self, model: &str, energy: &ferry_energy::meter::RequestEnergy) {
         let total = {
-            let mut by_model = self.energy_by_model.lock().expect("energy totals lock");
+            let mut by_model = self.energy_by_model.lock();
             let t = by_model.entry(model.to_string()).or_default();
             *t += energy.joules;
             *t
@@ -392,10 +389,7 @@ impl AppState {
 
     /// Joules attributed per model since start.
     pub fn energy_by_model(&self) -> std::collections::BTreeMap<String, f64> {
-        self.energy_by_model
-            .lock()
-            .expect("energy totals lock")
-            .clone()
+        self.energy_by_model.lock().clone()
     }
 
     /// A fresh seed for requests that bring none (splitmix64 over a time-seeded counter).

@@ -67,6 +67,10 @@ impl ServedPolicy {
     pub fn load(path: &Path, format: PolicyFormat) -> Result<ServedPolicy, TmoError> {
         match format {
             PolicyFormat::Safetensors => {
+                // The crate's one file read, kept beside TorchScript's loader (libtorch opens
+                // the path itself) so both formats load from a path; `from_bytes` is the pure
+                // entry point.
+                #[allow(clippy::disallowed_methods)]
                 let bytes = std::fs::read(path)
                     .map_err(|e| TmoError::Policy(format!("reading {}: {e}", path.display())))?;
                 Ok(ServedPolicy::Native(PlacementPolicy::from_bytes(&bytes)?))
