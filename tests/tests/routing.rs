@@ -249,13 +249,25 @@ async fn mixrank_learns_costs_rates_and_debt_and_keeps_them_across_restarts() {
         reason.starts_with("mixrank: predicted satisfaction"),
         "{reason}"
     );
+    // A request's task gets its own rates in mixrank (kept in the saved state).
+    let mut with_task = greedy("What is 3+4?", 3);
+    with_task.task = "arithmetic".into();
+    run(&mut t.client, with_task).await.unwrap();
     let before = status(&mut t).await;
     assert_eq!(before.explored, 0);
     t.server.shutdown(std::time::Duration::from_secs(5)).await;
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("router-local.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        saved["mixrank"]["tasks"][0][0], "arithmetic",
+        "{}",
+        saved["mixrank"]["tasks"]
+    );
 
     let mut t = TestServer::start(|c| mixrank(c, dir.path())).await;
     let after = status(&mut t).await;
-    assert_eq!(after.requests, 3);
+    assert_eq!(after.requests, 4);
     assert_eq!(after.debt, before.debt);
     assert_eq!(after.models, before.models);
     t.server.shutdown(std::time::Duration::from_secs(5)).await;

@@ -331,11 +331,13 @@ impl CloudJob {
                 let text = question(&self.req);
                 let id = self.request_id.clone();
                 let expect_feedback = self.req.expect_feedback;
-                let routed =
-                    tokio::task::spawn_blocking(move || r.route(&id, &text, expect_feedback))
-                        .await
-                        .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
-                        .and_then(|r| r);
+                let task = self.req.task.clone();
+                let routed = tokio::task::spawn_blocking(move || {
+                    r.route(&id, &text, task.as_deref(), expect_feedback)
+                })
+                .await
+                .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
+                .and_then(|r| r);
                 match routed {
                     Ok(routed) if zoo.iter().any(|m| m.id == routed.model) => {
                         let reason = format!("cloud {}", routed.reason);

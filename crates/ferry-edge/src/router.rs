@@ -408,7 +408,14 @@ impl ZooRouter {
     /// on the request waits for feedback, which may arrive before [`ZooRouter::finished`]
     /// (a MESS+ exploration step finishes only after the rest of the zoo ran).
     /// `expect_feedback`: the app said it will send Feedback on this request.
-    pub fn route(&self, request_id: &str, question: &str, expect_feedback: bool) -> Result<Routed> {
+    /// `task` is the request's task (its `task` field), for mixrank's per-task rates.
+    pub fn route(
+        &self,
+        request_id: &str,
+        question: &str,
+        task: Option<&str>,
+        expect_feedback: bool,
+    ) -> Result<Routed> {
         let started = Instant::now();
         let features = self
             .encoder
@@ -446,7 +453,7 @@ impl ZooRouter {
                     || (share > 0.0 && share_coin(request_id, self.cfg.seed) < share);
                 let r = m.route(&RouteRequest {
                     features: &features,
-                    task: None,
+                    task,
                     feedback_expected,
                     text_chars: Some(question.chars().count()),
                 });

@@ -184,11 +184,13 @@ pub(crate) async fn prepare_local(
             let text = question(req);
             let id = request_id.to_string();
             let expect_feedback = req.expect_feedback;
-            let routed =
-                tokio::task::spawn_blocking(move || router.route(&id, &text, expect_feedback))
-                    .await
-                    .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
-                    .and_then(|r| r)?;
+            let task = req.task.clone();
+            let routed = tokio::task::spawn_blocking(move || {
+                router.route(&id, &text, task.as_deref(), expect_feedback)
+            })
+            .await
+            .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
+            .and_then(|r| r)?;
             let model = state.resolve_model(Some(&routed.model))?;
             (model, Some(routed))
         }
