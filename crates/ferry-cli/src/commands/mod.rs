@@ -8,6 +8,11 @@ use clap::Args;
 
 use ferry_core::ModelManifest;
 
+pub(crate) mod bench;
+pub(crate) mod chat;
+pub(crate) mod energy;
+pub(crate) mod keys;
+pub(crate) mod models;
 pub(crate) mod replay;
 
 #[derive(Args)]
@@ -43,4 +48,15 @@ impl EmbedArgs {
 
 pub(crate) fn load_manifests(dir: &Path) -> anyhow::Result<Vec<ModelManifest>> {
     ModelManifest::load_dir(dir).with_context(|| format!("reading manifests in {}", dir.display()))
+}
+
+/// Runs an async command on a multi-threaded tokio runtime.
+pub(crate) fn tokio_main<F: std::future::Future<Output = anyhow::Result<()>>>(
+    f: F,
+) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
 }

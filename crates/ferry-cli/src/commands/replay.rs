@@ -562,3 +562,17 @@ pub(crate) fn train_prior(
     );
     Ok(())
 }
+
+/// Runs `ferry router …`.
+pub(crate) fn router(cmd: RouterCommand) -> anyhow::Result<()> {
+    match cmd {
+        RouterCommand::TrainPrior {
+            registry,
+            embed,
+            mess,
+            routellm,
+            exclude,
+            out,
+        } => train_prior(registry, embed, &mess, &routellm, &exclude, &out),
+    }
+}
