@@ -22,7 +22,9 @@ use parking_lot::{Mutex, RwLock};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -892,6 +894,33 @@ mod tests {
         assert_eq!(b.state(), CircuitState::Closed);
         assert!(b.allow(t1));
         assert_eq!(b.opened_total, 1);
+    }
+
+    /// The pool reads the clock through `tokio::time::Instant`, so its circuit can be tested
+    /// in paused time: open for exactly `open_ms`, then one trial.
+    #[tokio::test(start_paused = true)]
+    async fn an_open_circuit_lets_one_trial_through_after_open_ms() {
+        let cfg = CloudConfig {
+            endpoints: vec!["http://127.0.0.1:9".into()],
+            failure_threshold: 1,
+            open_ms: 5_000,
+            ..CloudConfig::default()
+        };
+        let pool = CloudPool::from_config(&cfg).unwrap().unwrap();
+        pool.endpoints[0].models.write().push(pb::ModelInfo {
+            id: "m".into(),
+            ..Default::default()
+        });
+        pool.acquire("m", &[]).unwrap().failed();
+        assert_eq!(pool.acquire("m", &[]).err(), Some(NoEndpoint::CircuitOpen));
+        tokio::time::advance(Duration::from_millis(4_999)).await;
+        assert_eq!(pool.acquire("m", &[]).err(), Some(NoEndpoint::CircuitOpen));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let trial = pool
+            .acquire("m", &[])
+            .expect("the cool-down is over: one trial");
+        assert_eq!(pool.acquire("m", &[]).err(), Some(NoEndpoint::CircuitOpen));
+        drop(trial);
     }
 
     #[test]
