@@ -71,7 +71,8 @@ pub struct GenerateRequest {
     #[prost(string, tag = "10")]
     pub dialogue_id: ::prost::alloc::string::String,
     /// Task category of this turn for the placement policy (one of the policy's task names, e.g.
-    /// "Query"); empty uses the daemon's placement.default_task.
+    /// "Query"); empty uses the daemon's placement.default_task. The router (mixrank) also keeps
+    /// per-task satisfaction rates for `auto` requests that name one.
     #[prost(string, tag = "11")]
     pub task: ::prost::alloc::string::String,
     /// The app will send Feedback on this request: the router (mixrank) may use it to try a
