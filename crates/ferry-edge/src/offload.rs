@@ -34,7 +34,7 @@ use crate::cloud::{is_endpoint_failure, CloudPool, Lease, NoEndpoint, OnDeadline
 use crate::delivered::Delivered;
 use crate::records::{unix_ms, RequestRecord};
 use crate::router::{Routed, ZooRouter};
-use crate::service::{prepare_local, question, run_local, Item};
+use crate::service::{prepare_local, route_off_thread, run_local, Item};
 use crate::state::AppState;
 
 /// Which cloud model a request asks for.
@@ -327,17 +327,7 @@ impl CloudJob {
             .and_then(|r| r);
         match router {
             Ok(Some(router)) => {
-                let r = router.clone();
-                let text = question(&self.req);
-                let id = self.request_id.clone();
-                let expect_feedback = self.req.expect_feedback;
-                let task = self.req.task.clone();
-                let routed = tokio::task::spawn_blocking(move || {
-                    r.route(&id, &text, task.as_deref(), expect_feedback)
-                })
-                .await
-                .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
-                .and_then(|r| r);
+                let routed = route_off_thread(router.clone(), &self.req, &self.request_id).await;
                 match routed {
                     Ok(routed) if zoo.iter().any(|m| m.id == routed.model) => {
                         let reason = format!("cloud {}", routed.reason);

@@ -180,17 +180,7 @@ pub(crate) async fn prepare_local(
 ) -> Result<LocalJob, Error> {
     let (model, routed) = match (requested, state.router()) {
         (None, Some(router)) => {
-            let router = router.clone();
-            let text = question(req);
-            let id = request_id.to_string();
-            let expect_feedback = req.expect_feedback;
-            let task = req.task.clone();
-            let routed = tokio::task::spawn_blocking(move || {
-                router.route(&id, &text, task.as_deref(), expect_feedback)
-            })
-            .await
-            .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
-            .and_then(|r| r)?;
+            let routed = route_off_thread(router.clone(), req, request_id).await?;
             let model = state.resolve_model(Some(&routed.model))?;
             (model, Some(routed))
         }
@@ -505,6 +495,22 @@ impl GenerationEvent for MeasureOnly {
     fn cancelled(&self) -> bool {
         self.abort.is_cancelled()
     }
+}
+
+/// Routes `req` (question, task, whether feedback will come) on a blocking thread: embedding
+/// the question and deciding are CPU work that must not hold an async worker.
+pub(crate) async fn route_off_thread(
+    router: Arc<crate::router::ZooRouter>,
+    req: &ValidatedRequest,
+    request_id: &str,
+) -> Result<Routed, Error> {
+    let text = question(req);
+    let id = request_id.to_string();
+    let (task, expect_feedback) = (req.task.clone(), req.expect_feedback);
+    tokio::task::spawn_blocking(move || router.route(&id, &text, task.as_deref(), expect_feedback))
+        .await
+        .map_err(|e| Error::Engine(format!("routing thread failed: {e}")))
+        .and_then(|r| r)
 }
 
 /// The text the router sees: the last user message.

@@ -45,10 +45,7 @@ impl Belief {
     /// One labelled answer whose logit is `self + offset` (the offset, e.g. `−b(x)`, taken as
     /// known): the Laplace step.
     pub fn observe(&mut self, offset: f64, satisfied: bool) {
-        let p = sigmoid(self.mean + offset);
-        let h = (p * (1.0 - p)).max(1e-6);
-        self.var = 1.0 / (1.0 / self.var + h);
-        self.mean += self.var * (f64::from(u8::from(satisfied)) - p);
+        self.observe_along(offset, 1.0, satisfied);
     }
 
     /// One labelled answer whose logit is `offset + self · x`: the Laplace step for a
