@@ -201,11 +201,24 @@ impl<P: Predictor> MessPlus<P> {
     /// [`MessPlus::record_unjudged`]); replay, which knows the label at once, uses
     /// [`ZooPolicy::observe`] instead.
     pub fn record_feedback(&mut self, x: &[f32], decision: Decision, satisfied: bool) {
-        let served = decision.served(self.models);
-        let s = if satisfied { 1.0 } else { 0.0 };
-        self.q_tracked = queue_update(self.q_tracked, self.cfg.alpha, s);
         let mut labels = vec![None; self.models];
-        labels[served] = Some(satisfied);
+        labels[decision.served(self.models)] = Some(satisfied);
+        self.record_labels(x, decision, &labels);
+    }
+
+    /// Labels for several models' answers to one request (zoo order, `None` where a model did
+    /// not run or was not graded), as a judge gives them for an exploration step, where every
+    /// model answered: the served model's label moves `Q_tracked`, and the predictor trains on
+    /// every label an exploration step has (the paper's offline labels, live) or on the served
+    /// one (`mess-plus-fb`).
+    pub fn record_labels(&mut self, x: &[f32], decision: Decision, labels: &[Option<bool>]) {
+        let served = decision.served(self.models);
+        if let Some(Some(satisfied)) = labels.get(served) {
+            let s = if *satisfied { 1.0 } else { 0.0 };
+            self.q_tracked = queue_update(self.q_tracked, self.cfg.alpha, s);
+        }
+        let mut labels = labels.to_vec();
+        labels.resize(self.models, None);
         self.train(x, decision, &labels, true);
     }
 
@@ -444,6 +457,42 @@ mod tests {
         assert!((m.q() - 0.3).abs() < 1e-12 && m.q_tracked() == 0.0);
         m.record_feedback(&[0.0], d, false);
         assert!((m.q() - 0.3).abs() < 1e-12 && (m.q_tracked() - 0.8).abs() < 1e-12);
+    }
+
+    /// A predictor that counts the labels it is trained on, per model.
+    struct Counting(Vec<u32>);
+
+    impl crate::predictor::Predictor for Counting {
+        fn outputs(&self) -> usize {
+            self.0.len()
+        }
+        fn predict(&mut self, _x: &[f32]) -> Vec<f64> {
+            vec![0.5; self.0.len()]
+        }
+        fn train(&mut self, _x: &[f32], labels: &[Option<bool>]) {
+            for (n, l) in self.0.iter_mut().zip(labels) {
+                *n += u32::from(l.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn judged_labels_of_an_exploration_step_train_every_model_and_move_q_tracked_once() {
+        let mut m = MessPlus::new(cfg(0.8, 0.0), 3, Counting(vec![0; 3])).unwrap();
+        // All three models answered; the judge could not grade the middle one.
+        m.record_labels(&[0.0], Decision::Explore, &[Some(true), None, Some(false)]);
+        assert_eq!(m.predictor().0, vec![1, 0, 1]);
+        // The most capable served (explore): its label, `false`, moves Q_tracked by alpha.
+        assert!((m.q_tracked() - 0.8).abs() < 1e-12);
+        // A served answer's label trains nothing in the paper's `mess-plus`...
+        m.record_labels(&[0.0], Decision::Serve(1), &[None, Some(true), None]);
+        assert_eq!(m.predictor().0, vec![1, 0, 1]);
+        assert!((m.q_tracked() - 0.6).abs() < 1e-12);
+        // ...and labels without the served model's leave Q_tracked alone; a short slice is
+        // read as the first models'.
+        m.record_labels(&[0.0], Decision::Explore, &[Some(true)]);
+        assert!((m.q_tracked() - 0.6).abs() < 1e-12);
+        assert_eq!(m.predictor().0, vec![2, 0, 1]);
     }
 
     proptest! {
