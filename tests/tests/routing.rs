@@ -351,3 +351,87 @@ async fn mixrank_loads_a_difficulty_prior_and_refuses_one_for_another_encoder() 
     assert!(shipped.heldout_logloss <= shipped.heldout_logloss_without);
     assert!(shipped.command.starts_with("ferry router train-prior"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The judge: the costliest local model grades answers no app sends Feedback on.
+
+/// Status once the judge has graded at least `n` answers (it runs after the app's answer).
+async fn judged(t: &mut TestServer, n: u64) -> pb::RouterStatus {
+    let mut r = status(t).await;
+    for _ in 0..1200 {
+        if r.judge_verdicts >= n {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        r = status(t).await;
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_judge_grades_answers_without_feedback_and_teaches_mixrank_apart_from_the_apps() {
+    let dir = tempfile::tempdir().unwrap();
+    let judge = zoo().last().unwrap().clone();
+    let mut t = TestServer::start(|c| {
+        mixrank(c, dir.path());
+        c.router.judge.model = Some(judge.clone());
+        c.router.judge.share = 1.0;
+    })
+    .await;
+    // A request whose app will send Feedback is left to the app...
+    let (_, _, own) = run(&mut t.client, asking_feedback("Name a colour."))
+        .await
+        .unwrap();
+    // ...the others are graded.
+    for q in [
+        "What is the capital of France?",
+        "What is 2+2?",
+        "Is the sun a star?",
+    ] {
+        run(&mut t.client, greedy(q, 12)).await.unwrap();
+    }
+    let r = judged(&mut t, 3).await;
+    assert_eq!(r.judge_model, judge);
+    assert_eq!(r.judge_verdicts, 3, "each judged answer graded once: {r:?}");
+    assert!(r.judge_satisfied <= 3);
+    assert_eq!(
+        (r.feedback, r.satisfied),
+        (0, 0),
+        "judge labels are not feedback"
+    );
+    let labels: u64 = r.models.iter().map(|m| m.labels).sum();
+    assert_eq!(labels, 3, "every grade taught mixrank: {:?}", r.models);
+    // The app's own label still teaches its request.
+    assert!(!feedback(&mut t, &own.request_id, true).await);
+    let r = status(&mut t).await;
+    assert_eq!((r.feedback, r.satisfied), (1, 1));
+    assert_eq!(r.models.iter().map(|m| m.labels).sum::<u64>(), 4);
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_judge_grades_every_answer_of_a_mess_plus_exploration_step() {
+    let judge = zoo().last().unwrap().clone();
+    let mut t = TestServer::start(|c| {
+        routed(c, None);
+        c.router.policy = "mess-plus".into();
+        // p_1 = 1: the first request explores; the judge grades it whatever its share.
+        c.router.c = 1.0;
+        c.router.judge.model = Some(judge.clone());
+        c.router.judge.share = 0.0;
+    })
+    .await;
+    let (_, _, done) = run(&mut t.client, greedy("What is the capital of France?", 12))
+        .await
+        .unwrap();
+    assert!(done.placement.unwrap().reason.contains("explore"));
+    let r = judged(&mut t, 2).await;
+    assert_eq!(r.explored, 1);
+    assert_eq!(
+        r.judge_verdicts,
+        zoo().len() as u64,
+        "both models' answers graded: {r:?}"
+    );
+    assert_eq!(r.feedback, 0);
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+}

@@ -78,6 +78,11 @@ pub fn to_json(s: &pb::StatusResponse) -> serde_json::Value {
                 "feedback": r.feedback,
                 "satisfied": r.satisfied,
                 "satisfaction": satisfaction(r),
+                "judge": (!r.judge_model.is_empty()).then(|| serde_json::json!({
+                    "model": r.judge_model,
+                    "verdicts": r.judge_verdicts,
+                    "satisfied": r.judge_satisfied,
+                })),
                 "calls": r.models.iter().map(|m| (m.model.clone(), serde_json::json!({
                     "calls": m.calls,
                     "fraction": if total > 0 { m.calls as f64 / total as f64 } else { 0.0 },
@@ -191,6 +196,13 @@ pub fn render(s: &pb::StatusResponse) -> String {
                 r.exploration_probability
             );
         }
+        if !r.judge_model.is_empty() {
+            let _ = writeln!(
+                o,
+                "  judge {}: {} answers graded, {} satisfying (judge labels, not the apps' feedback)",
+                r.judge_model, r.judge_verdicts, r.judge_satisfied
+            );
+        }
         let total: u64 = r.models.iter().map(|m| m.calls).sum();
         for m in &r.models {
             let _ = writeln!(
@@ -247,6 +259,9 @@ mod tests {
                 alpha: 0.7,
                 feedback: 4,
                 satisfied: 3,
+                judge_model: "big".into(),
+                judge_verdicts: 5,
+                judge_satisfied: 2,
                 models: vec![
                     pb::ModelCalls {
                         model: "a".into(),
@@ -295,6 +310,10 @@ mod tests {
         let v = to_json(&sample());
         let r = &v["routers"][0];
         assert_eq!(r["satisfaction"], 0.75);
+        // The judge's labels are reported apart from the apps' feedback.
+        assert_eq!(r["judge"]["verdicts"], 5);
+        assert_eq!(r["judge"]["model"], "big");
+        assert!(render(&sample()).contains("judge big: 5 answers graded, 2 satisfying"));
         assert_eq!(r["calls"]["a"]["fraction"], 0.75);
         assert_eq!(r["calls"]["b"]["mean_joules"], serde_json::Value::Null);
         assert_eq!(r["tier"], "local");

@@ -61,6 +61,35 @@ pub struct RouterConfig {
     pub encoder: String,
     /// Learned state is written to `<state.dir>/router-<tier>.json` at most this often.
     pub save_interval_ms: u64,
+    /// An optional judge that grades answers no app will send Feedback on.
+    pub judge: JudgeConfig,
+}
+
+/// `[router.judge]`: a model that grades routed answers, so the router learns on requests no
+/// app gives Feedback on. Its labels are counted apart from the apps' (`ferry status`), and
+/// they teach only a request that has no label yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JudgeConfig {
+    /// The grading model: a loaded local model or one the cloud tier serves (the strongest you
+    /// have). Unset: no judge.
+    pub model: Option<String>,
+    /// Share of the routed requests without `expect_feedback` that the judge grades. mixrank may
+    /// try an uncertain model on them; on a MESS+ exploration step the judge grades every
+    /// model's answer, so the predictor learns all of them as the paper's offline labels do.
+    pub share: f64,
+    /// Tokens the judge may write; its verdict is the first "yes" or "no" in them.
+    pub max_tokens: u32,
+}
+
+impl Default for JudgeConfig {
+    fn default() -> Self {
+        JudgeConfig {
+            model: None,
+            share: 0.1,
+            max_tokens: 8,
+        }
+    }
 }
 
 impl Default for RouterConfig {
@@ -76,6 +105,7 @@ impl Default for RouterConfig {
             seed: 42,
             encoder: "all-minilm-l6-v2".to_string(),
             save_interval_ms: 1000,
+            judge: JudgeConfig::default(),
         }
     }
 }
@@ -213,6 +243,22 @@ impl EdgeConfig {
         if r.save_interval_ms == 0 {
             return Err(bad("router.save_interval_ms", "must be at least 1"));
         }
+        if !(0.0..=1.0).contains(&r.judge.share) {
+            return Err(bad("router.judge.share", "must be in [0, 1]"));
+        }
+        if !(1..=256).contains(&r.judge.max_tokens) {
+            return Err(bad("router.judge.max_tokens", "must be in 1..=256"));
+        }
+        if r.judge
+            .model
+            .as_deref()
+            .is_some_and(|m| m.trim().is_empty())
+        {
+            return Err(bad(
+                "router.judge.model",
+                "must name a model (leave it out for no judge)",
+            ));
+        }
         self.cloud.validate()?;
         self.placement.validate()?;
         self.log.validate()?;
@@ -323,7 +369,8 @@ pub struct Cli {
     /// Route model "auto" with MESS+ over the loaded models (true/false).
     #[arg(long, env = "FERRY_ROUTER_ENABLED")]
     pub router_enabled: Option<bool>,
-    /// Routing policy: mixrank, mess-plus-fb or mess-plus.
+    /// Routing policy: mixrank, mess-plus-fb or mess-plus (the paper's: live, an exploration
+    /// step's Feedback trains only the served model; with a judge every answer is graded).
     #[arg(long, env = "FERRY_ROUTER_POLICY")]
     pub router_policy: Option<String>,
     /// SLA target alpha.
@@ -338,6 +385,12 @@ pub struct Cli {
     /// mixrank: share of requests without expect_feedback that may explore.
     #[arg(long, env = "FERRY_ROUTER_FEEDBACK_SHARE")]
     pub router_feedback_share: Option<f64>,
+    /// Judge model that grades routed answers without feedback (local or cloud model id).
+    #[arg(long, env = "FERRY_ROUTER_JUDGE_MODEL")]
+    pub router_judge_model: Option<String>,
+    /// Share of routed requests without expect_feedback that the judge grades.
+    #[arg(long, env = "FERRY_ROUTER_JUDGE_SHARE")]
+    pub router_judge_share: Option<f64>,
     /// mixrank: difficulty prior file (`ferry router train-prior`).
     #[arg(long, env = "FERRY_ROUTER_PRIOR")]
     pub router_prior: Option<PathBuf>,
@@ -442,6 +495,10 @@ impl Cli {
         if self.router_prior.is_some() {
             c.router.prior = self.router_prior.clone();
         }
+        if self.router_judge_model.is_some() {
+            c.router.judge.model = self.router_judge_model.clone();
+        }
+        set(&mut c.router.judge.share, &self.router_judge_share);
         set(&mut c.router.encoder, &self.router_encoder);
         set(
             &mut c.router.save_interval_ms,

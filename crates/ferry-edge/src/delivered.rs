@@ -16,9 +16,19 @@ pub(crate) struct Delivered {
     pub bytes: u64,
     /// When the first delta went out, in ms since the request arrived.
     pub first_token_ms: Option<f64>,
+    /// The text itself, kept only when asked (the judge will grade it).
+    pub text: Option<String>,
 }
 
 impl Delivered {
+    /// Books deltas, keeping their text too when `keep_text`.
+    pub fn new(keep_text: bool) -> Self {
+        Delivered {
+            text: keep_text.then(String::new),
+            ..Delivered::default()
+        }
+    }
+
     /// Books one delta sent to the app.
     pub fn push(&mut self, text: &str, arrived: Instant) {
         if self.first_token_ms.is_none() {
@@ -26,6 +36,9 @@ impl Delivered {
         }
         self.deltas += 1;
         self.bytes += text.len() as u64;
+        if let Some(t) = &mut self.text {
+            t.push_str(text);
+        }
     }
 
     /// The status that ends the stream, with the accounting. `endpoint` names the cloud

@@ -10,6 +10,7 @@ pub mod cloud;
 pub mod config;
 mod delivered;
 pub mod http;
+mod judge;
 pub mod metrics;
 pub mod offload;
 pub mod placement;

@@ -405,7 +405,8 @@ impl CloudJob {
         first: pb::OffloadResponse,
         ctx: StreamCtx,
     ) {
-        let mut delivered = Delivered::default();
+        let judged = ctx.routed.as_ref().is_some_and(|(_, rc)| rc.routed.judge);
+        let mut delivered = Delivered::new(judged);
         let mut next = Some(first);
         loop {
             let event = match next.take() {
@@ -557,16 +558,30 @@ impl CloudJob {
             placer.record(p, ctx.executed, total_ms / 1e3, c.cost_usd.unwrap_or(0.0));
         }
         if let Some((router, rc)) = ctx.routed {
-            self.learn(router, rc, energy.joules).await;
+            self.learn(router, rc, energy.joules, delivered.text.clone())
+                .await;
         }
     }
 
     /// Books a cloud router's request: on an exploration step, first offloads the same request
-    /// to the rest of the cloud zoo (after the app has its answer) to measure what each costs.
-    async fn learn(&self, router: Arc<ZooRouter>, rc: RoutedCloud, served_joules: Option<f64>) {
+    /// to the rest of the cloud zoo (after the app has its answer) to measure what each costs;
+    /// then hands the answers to the judge when it grades this request.
+    async fn learn(
+        &self,
+        router: Arc<ZooRouter>,
+        rc: RoutedCloud,
+        served_joules: Option<f64>,
+        served_text: Option<String>,
+    ) {
         let zoo = router.zoo().to_vec();
         let mut joules = vec![None; zoo.len()];
         joules[rc.routed.served] = served_joules;
+        let judge = rc.routed.judge;
+        let mut answers: Vec<(usize, String)> = served_text
+            .filter(|_| judge)
+            .map(|t| (rc.routed.served, t))
+            .into_iter()
+            .collect();
         if rc.routed.decision == ferry_router::Decision::Explore {
             for (i, model) in zoo.iter().enumerate() {
                 if i == rc.routed.served {
@@ -579,31 +594,38 @@ impl CloudJob {
                     .is_some_and(|m| m.capabilities.iter().any(|c| c == "image"));
                 let messages =
                     ChosenImages::select(&self.req.messages, None, reads_images).messages;
-                joules[i] = self.measure(model, messages).await;
+                if let Some((text, j)) = self.measure(model, messages, judge).await {
+                    joules[i] = j;
+                    if judge {
+                        answers.push((i, text));
+                    }
+                }
             }
         }
         router.finished(&rc.routed, &joules);
+        if judge {
+            crate::judge::spawn(
+                self.state.clone(),
+                router,
+                rc.request_id.clone(),
+                crate::service::question(&self.req),
+                answers,
+            );
+        }
     }
 
-    /// Runs the request on another cloud model only to read the joules it reports.
-    async fn measure(&self, model: &str, messages: Vec<pb::Message>) -> Option<f64> {
-        let lease = self.pool.acquire(model, &[]).ok()?;
+    /// Runs the request on another cloud model to read the joules it reports (and its text,
+    /// when the judge will grade it).
+    async fn measure(
+        &self,
+        model: &str,
+        messages: Vec<pb::Message>,
+        keep_text: bool,
+    ) -> Option<(String, Option<f64>)> {
         let budget = Duration::from_millis(self.pool.cfg.request_timeout_ms);
-        let mut r = self.offload_request(model, messages, budget);
-        r.get_mut().request_id = format!("{}.explore.{model}", self.request_id);
-        let run = async {
-            let mut s = lease.client().generate(r).await.ok()?.into_inner();
-            while let Ok(Some(m)) = s.message().await {
-                if let Some(pb::offload_response::Event::Completion(c)) = m.event {
-                    return c.energy.and_then(|e| e.joules);
-                }
-            }
-            None
-        };
-        tokio::select! {
-            j = tokio::time::timeout(budget, run) => j.ok().flatten(),
-            _ = self.state.abort.cancelled() => None,
-        }
+        let mut r = self.offload_request(model, messages, budget).into_inner();
+        r.request_id = format!("{}.explore.{model}", self.request_id);
+        run_to_end(&self.pool, &self.state.abort, r, keep_text).await
     }
 
     /// The stream broke after tokens were sent: end it with the status and the accounting.
@@ -886,6 +908,47 @@ impl ChosenImages {
             views_mask: mask,
             note,
         }
+    }
+}
+
+/// Text-only messages as the cloud reads them (a judge's conversation).
+pub(crate) fn text_messages(messages: &[ChatMessage]) -> Vec<pb::Message> {
+    ChosenImages::select(messages, None, false).messages
+}
+
+/// Runs one offload that no app streams (an exploration step's other models, a judge) to its
+/// completion within `cloud.request_timeout_ms`: the text when `keep_text` (else empty) and
+/// the joules the cloud reports. `None` when no endpoint serves the model or the call fails.
+pub(crate) async fn run_to_end(
+    pool: &Arc<CloudPool>,
+    abort: &tokio_util::sync::CancellationToken,
+    request: pb::OffloadRequest,
+    keep_text: bool,
+) -> Option<(String, Option<f64>)> {
+    let lease = pool.acquire(&request.model, &[]).ok()?;
+    let budget = Duration::from_millis(pool.cfg.request_timeout_ms);
+    let mut r = tonic::Request::new(pb::OffloadRequest {
+        timeout_ms: Some(budget.as_millis().clamp(1, u32::MAX as u128) as u32),
+        ..request
+    });
+    r.set_timeout(budget);
+    let run = async {
+        let mut s = lease.client().generate(r).await.ok()?.into_inner();
+        let mut text = String::new();
+        while let Ok(Some(m)) = s.message().await {
+            match m.event {
+                Some(pb::offload_response::Event::Delta(d)) if keep_text => text.push_str(&d.text),
+                Some(pb::offload_response::Event::Completion(c)) => {
+                    return Some((text, c.energy.and_then(|e| e.joules)));
+                }
+                _ => {}
+            }
+        }
+        None
+    };
+    tokio::select! {
+        j = tokio::time::timeout(budget, run) => j.ok().flatten(),
+        _ = abort.cancelled() => None,
     }
 }
 

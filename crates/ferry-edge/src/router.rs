@@ -59,6 +59,12 @@ pub struct RouterStats {
     /// Feedback received on routed requests, and how much of it said "satisfied".
     pub feedback: u64,
     pub satisfied: u64,
+    /// Answers the judge graded (every model's, on a MESS+ exploration step), and how many it
+    /// found satisfying: labels of the judge, not of the apps.
+    #[serde(default)]
+    pub judge_verdicts: u64,
+    #[serde(default)]
+    pub judge_satisfied: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -126,6 +132,8 @@ pub struct Routed {
     pub reason: String,
     /// Time spent embedding and deciding.
     pub route_ms: f64,
+    /// The judge grades this request's answers (see `router.judge`).
+    pub judge: bool,
 }
 
 struct Pending {
@@ -168,6 +176,10 @@ pub struct RouterStatus {
     pub mean_cost_joules: Vec<Option<f64>>,
     pub feedback: u64,
     pub satisfied: u64,
+    /// The judge's model (none: no judge) and its verdicts so far.
+    pub judge_model: Option<String>,
+    pub judge_verdicts: u64,
+    pub judge_satisfied: u64,
     pub state_file: PathBuf,
     pub saved_unix_ms: Option<u64>,
 }
@@ -417,6 +429,12 @@ impl ZooRouter {
         expect_feedback: bool,
     ) -> Result<Routed> {
         let started = Instant::now();
+        // The judge grades a share of the requests no app said it will send Feedback on, fixed
+        // by the request id (a retry stays in or out) with a coin of its own.
+        // A MESS+ exploration step, where every model answers, is graded whole (below).
+        let mut judge = self.cfg.judge.model.is_some()
+            && !expect_feedback
+            && share_coin(request_id, self.cfg.seed ^ JUDGE_SALT) < self.cfg.judge.share;
         let features = self
             .encoder
             .embed(&[question])?
@@ -428,6 +446,7 @@ impl ZooRouter {
             Live::Mess(mess) => {
                 let p = mess.exploration_probability();
                 let (decision, s_hat) = mess.decide_scored(&features);
+                judge |= self.cfg.judge.model.is_some() && decision == Decision::Explore;
                 let q = mess.q_tracked();
                 let served = decision.served(self.zoo.len());
                 let predicted = s_hat.get(served).copied();
@@ -450,6 +469,7 @@ impl ZooRouter {
                 // send Feedback without setting expect_feedback.
                 let share = self.cfg.feedback_share;
                 let feedback_expected = expect_feedback
+                    || judge
                     || (share > 0.0 && share_coin(request_id, self.cfg.seed) < share);
                 let r = m.route(&RouteRequest {
                     features: &features,
@@ -488,6 +508,7 @@ impl ZooRouter {
             features,
             reason,
             route_ms: started.elapsed().as_secs_f64() * 1e3,
+            judge,
         })
     }
 
@@ -570,6 +591,56 @@ impl ZooRouter {
         true
     }
 
+    /// The judge's grades of a request's answers (zoo order, `None` where a model did not run
+    /// or the judge gave no verdict); true when the policy learned from them. Like Feedback,
+    /// only a request with no label yet teaches: mixrank learns the served answer's grade, MESS+
+    /// every grade of an exploration step. Counted apart from the apps' feedback.
+    pub fn judge_labels(&self, request_id: &str, labels: &[Option<bool>]) -> bool {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let verdicts = labels.iter().flatten().count() as u64;
+        let yes = labels.iter().flatten().filter(|s| **s).count() as u64;
+        inner.stats.judge_verdicts += verdicts;
+        inner.stats.judge_satisfied += yes;
+        let served_label = |d: Decision| labels.get(d.served(self.zoo.len())).copied().flatten();
+        let learned = match inner.pending.get_mut(request_id) {
+            Some(p) if verdicts > 0 => match &mut inner.policy {
+                Live::Mess(mess) if !p.judged => {
+                    p.judged = true;
+                    mess.record_labels(&p.features, p.decision, labels);
+                    true
+                }
+                // The app's feedback on the served answer came first: it keeps that answer's
+                // label, the judge's grades of the others still train the predictor.
+                Live::Mess(mess) if p.decision == Decision::Explore => {
+                    let mut others = labels.to_vec();
+                    if let Some(l) = others.get_mut(p.decision.served(self.zoo.len())) {
+                        *l = None;
+                    }
+                    let any = others.iter().any(Option::is_some);
+                    if any {
+                        mess.record_labels(&p.features, p.decision, &others);
+                    }
+                    any
+                }
+                Live::Mess(_) => false,
+                Live::MixRank(_) if p.judged => false,
+                Live::MixRank(m) => match (served_label(p.decision), &p.ticket) {
+                    (Some(s), Some(t)) => {
+                        p.judged = true;
+                        m.record_feedback(t, s);
+                        true
+                    }
+                    _ => false,
+                },
+            },
+            _ => false,
+        };
+        drop(guard);
+        self.dirty.store(true, Ordering::Release);
+        learned
+    }
+
     /// Forgets a routed request that its tier never served (it fell back to another tier, or
     /// the app left before an answer), so its feedback teaches this router nothing.
     pub fn abandon(&self, request_id: &str) {
@@ -601,6 +672,9 @@ impl ZooRouter {
             mean_cost_joules: vec![None; n],
             feedback: inner.stats.feedback,
             satisfied: inner.stats.satisfied,
+            judge_model: self.cfg.judge.model.clone(),
+            judge_verdicts: inner.stats.judge_verdicts,
+            judge_satisfied: inner.stats.judge_satisfied,
             state_file: self.path.clone(),
             saved_unix_ms: inner.saved_unix_ms,
         };
@@ -692,6 +766,10 @@ impl ZooRouter {
         result
     }
 }
+
+/// Mixed into the seed for the judge's coin, so the judged share and `feedback_share` are
+/// independent draws.
+const JUDGE_SALT: u64 = 0x6a75_6467_6500_0000;
 
 /// A uniform number in [0, 1) fixed by the request id and the seed: the same request is in or
 /// out of `router.feedback_share` however often it is retried.

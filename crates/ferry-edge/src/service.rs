@@ -271,6 +271,7 @@ pub(crate) async fn run_local(
     let gen_model = model.clone();
     let gen_tx = tx.clone();
     let sampling = req.sampling.clone();
+    let judged = routed.as_ref().is_some_and(|r| r.judge);
     let result = tokio::task::spawn_blocking(move || {
         let _enter = span.enter();
         let mut sink = ChannelSink {
@@ -278,7 +279,7 @@ pub(crate) async fn run_local(
             abort: gen_state.abort.clone(),
             arrived,
             give_up_at,
-            delivered: Delivered::default(),
+            delivered: Delivered::new(judged),
         };
         // Energy is charged from here: queue time is not busy time.
         let account = gen_state.energy.begin();
@@ -392,7 +393,16 @@ pub(crate) async fn run_local(
             }
             if let Some(routed) = routed {
                 let served_joules = energy.as_ref().map(|e| e.joules);
-                learn_from_routed(&state, &routed, &req, served_joules, slot).await;
+                let served_text = delivered.text.clone();
+                learn_from_routed(
+                    &state,
+                    &routed,
+                    &req,
+                    &request_id,
+                    (served_joules, served_text),
+                    slot,
+                )
+                .await;
             }
         }
         Err(Error::Cancelled(why)) if state.abort.is_cancelled() && !tx.is_closed() => {
@@ -482,21 +492,6 @@ impl GenerationEvent for ChannelSink {
     }
 }
 
-/// Discards the text of the zoo models that run only to be measured (exploration steps).
-struct MeasureOnly {
-    abort: tokio_util::sync::CancellationToken,
-}
-
-impl GenerationEvent for MeasureOnly {
-    fn text(&mut self, _delta: &str) -> ControlFlow<()> {
-        ControlFlow::Continue(())
-    }
-
-    fn cancelled(&self) -> bool {
-        self.abort.is_cancelled()
-    }
-}
-
 /// Routes `req` (question, task, whether feedback will come) on a blocking thread: embedding
 /// the question and deciding are CPU work that must not hold an async worker.
 pub(crate) async fn route_off_thread(
@@ -551,12 +546,14 @@ fn placement_for(
 
 /// Books a routed request with its router: on an exploration step first runs the rest of the
 /// zoo on the same prompt (holding the request's slot, after the client has its answer) to
-/// measure what each model costs.
+/// measure what each model costs; then hands the answers (`served`: the served answer's
+/// joules and, when judged, text) to the judge when it grades this request.
 async fn learn_from_routed(
     state: &Arc<AppState>,
     routed: &Routed,
     req: &ValidatedRequest,
-    served_joules: Option<f64>,
+    request_id: &str,
+    served: (Option<f64>, Option<String>),
     slot: Option<ferry_core::admission::Slot>,
 ) {
     let Some(router) = state.router().cloned() else {
@@ -564,7 +561,14 @@ async fn learn_from_routed(
     };
     let zoo = router.zoo().to_vec();
     let mut joules = vec![None; zoo.len()];
+    let (served_joules, served_text) = served;
     joules[routed.served] = served_joules;
+    let judge = routed.judge;
+    let mut answers: Vec<(usize, String)> = served_text
+        .filter(|_| judge)
+        .map(|t| (routed.served, t))
+        .into_iter()
+        .collect();
     if routed.decision == ferry_router::Decision::Explore {
         let others: Vec<(usize, Arc<LoadedModel>)> = zoo
             .iter()
@@ -581,7 +585,8 @@ async fn learn_from_routed(
                 let Ok(prompt) = model.encode_chat(&messages) else {
                     continue;
                 };
-                let mut sink = MeasureOnly {
+                let mut sink = crate::judge::Collect {
+                    text: judge.then(String::new),
                     abort: st.abort.clone(),
                 };
                 let account = st.energy.begin();
@@ -590,7 +595,7 @@ async fn learn_from_routed(
                 let energy = st.energy.end(account);
                 st.add_model_energy(&model.info().id, &energy);
                 if result.is_ok() {
-                    out.push((i, energy.joules));
+                    out.push((i, energy.joules, sink.text));
                 }
             }
             drop(slot);
@@ -598,11 +603,23 @@ async fn learn_from_routed(
         })
         .await
         .unwrap_or_default();
-        for (i, j) in measured {
+        for (i, j, text) in measured {
             joules[i] = Some(j);
+            if let Some(t) = text {
+                answers.push((i, t));
+            }
         }
     }
     router.finished(routed, &joules);
+    if judge {
+        crate::judge::spawn(
+            state.clone(),
+            router,
+            request_id.to_string(),
+            question(req),
+            answers,
+        );
+    }
 }
 
 #[tonic::async_trait]
@@ -671,6 +688,9 @@ impl Inference for InferenceService {
                     prior: s.prior.unwrap_or_default(),
                     feedback: s.feedback,
                     satisfied: s.satisfied,
+                    judge_model: s.judge_model.unwrap_or_default(),
+                    judge_verdicts: s.judge_verdicts,
+                    judge_satisfied: s.judge_satisfied,
                     state_file: s.state_file.display().to_string(),
                     saved_unix_ms: s.saved_unix_ms.unwrap_or(0),
                 }

@@ -304,6 +304,15 @@ pub struct RouterStatus {
     pub debt: f64,
     #[prost(string, tag = "16")]
     pub prior: ::prost::alloc::string::String,
+    /// The judge (`router.judge`) grading answers no app sends Feedback on: its model (empty:
+    /// none), the answers it graded and how many it found satisfying. Its labels are the judge's,
+    /// counted apart from `feedback` and `satisfied`.
+    #[prost(string, tag = "17")]
+    pub judge_model: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "18")]
+    pub judge_verdicts: u64,
+    #[prost(uint64, tag = "19")]
+    pub judge_satisfied: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
