@@ -119,3 +119,84 @@ async fn tokens_are_checked_on_grpc_and_http_and_reloaded() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     t.server.shutdown(std::time::Duration::from_secs(5)).await;
 }
+
+/// Apps (bearer tokens) take turns for the generation slot: a flood from one app delays
+/// another app's request by one turn, and one app cannot fill the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_take_turns_and_one_app_cannot_fill_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!(
+            "{}\n{}\n",
+            token_line("flood", "tok-flood"),
+            token_line("other", "tok-other")
+        ),
+    )
+    .unwrap();
+    let tf = tokens.clone();
+    let t = TestServer::start(move |c| {
+        c.auth.tokens_file = Some(tf);
+        c.server.max_concurrent = 1;
+        // Half of it, 4, is one app's share of the waiting places.
+        c.server.max_queue = 8;
+    })
+    .await;
+    let grpc = format!("http://{}", t.server.local_addr);
+    let finished = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ask = |token: &'static str, name: String| {
+        let (grpc, finished) = (grpc.clone(), finished.clone());
+        tokio::spawn(async move {
+            let mut c = ferry_cli::client::inference_with_token(&grpc, Some(token))
+                .await
+                .unwrap();
+            let out = run(&mut c, greedy("Tell me about the sea.", 24)).await;
+            if out.is_ok() {
+                finished.lock().unwrap().push(name);
+            }
+            out.map(|_| ())
+        })
+    };
+    // One running and four waiting fill "flood"'s share; a sixth is refused.
+    let floods: Vec<_> = (0..6)
+        .map(|i| ask("tok-flood", format!("flood{i}")))
+        .collect();
+    let mut status = ferry_cli::client::inference_with_token(&grpc, Some("tok-other"))
+        .await
+        .unwrap();
+    for _ in 0..600 {
+        let s = status
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.running == 1 && s.queued == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let other = ask("tok-other", "other".into());
+    other
+        .await
+        .unwrap()
+        .expect("the other app is admitted and served");
+    let mut refused = Vec::new();
+    for f in floods {
+        if let Err(e) = f.await.unwrap() {
+            refused.push(e);
+        }
+    }
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused[0].message().contains("max_queue_per_app"),
+        "{}",
+        refused[0].message()
+    );
+    let order = finished.lock().unwrap().clone();
+    let at = order.iter().position(|n| n == "other").unwrap();
+    // The running request and at most one more of the flood's before it, not all five.
+    assert!(at <= 2, "other finished {at}th of {order:?}");
+    assert_eq!(order.len(), 6);
+}

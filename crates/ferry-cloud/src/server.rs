@@ -184,7 +184,11 @@ impl tonic::service::Interceptor for BearerCheck {
         req: tonic::Request<()>,
     ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
         match self.0.auth.check_metadata(req.metadata()) {
-            Ok(_) => Ok(req),
+            Ok(name) => {
+                let mut req = req;
+                req.extensions_mut().insert(ferry_core::auth::AppName(name));
+                Ok(req)
+            }
             Err(e) => {
                 crate::metrics::auth_refused("grpc");
                 tracing::debug!(peer = ?req.remote_addr(), "gRPC call refused: bad bearer token");

@@ -241,11 +241,13 @@ impl OffloadService {
         OffloadService { state }
     }
 
-    /// Validates and admits a request and starts it; returns the receiving end of its events.
+    /// Validates and admits a request of `app` (the caller's bearer token name; edges take
+    /// turns for the slots) and starts it; returns the receiving end of its events.
     fn start(
         &self,
         req: pb::OffloadRequest,
         grpc_deadline: Option<Duration>,
+        app: &str,
     ) -> Result<mpsc::Receiver<Item>, Failure> {
         let arrived = Instant::now();
         let state = &self.state;
@@ -372,7 +374,7 @@ impl OffloadService {
         // Refused at once when full, or when the expected wait for a slot exceeds the
         // request's budget: the edge then falls back at once, naming the wait, instead of
         // learning it from a timeout.
-        let ticket = match state.admission.admit_within(budget) {
+        let ticket = match state.admission.admit_for(app, budget) {
             Ok(t) => t,
             Err(e) => {
                 drop(admitted);
@@ -625,7 +627,12 @@ impl Offload for OffloadService {
         request: Request<pb::OffloadRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let grpc_deadline = ferry_core::deadline::grpc_timeout(request.metadata());
-        let mut rx = match self.start(request.into_inner(), grpc_deadline) {
+        let app = request
+            .extensions()
+            .get::<ferry_core::auth::AppName>()
+            .map(|a| a.0.clone())
+            .unwrap_or_default();
+        let mut rx = match self.start(request.into_inner(), grpc_deadline, &app) {
             Ok(rx) => rx,
             Err(f) => {
                 self.state.stats.rejected.fetch_add(1, Ordering::Relaxed);

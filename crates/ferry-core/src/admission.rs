@@ -1,28 +1,56 @@
 //! Admission control, the same for ferryd and ferry-cloud: at most `max_concurrent` requests
-//! generate at once and at most `max_queue` wait; anything beyond is refused at once with RESOURCE_EXHAUSTED rather than
-//! queued without bound (the behaviour TGI's router and vLLM users ask for). A request with a
-//! deadline is also refused at once when the expected wait for a slot already exceeds it: the
-//! wait is estimated from how long recent requests held their slots, so an app learns at once
-//! that it will not be served in time instead of timing out in the queue.
+//! generate at once and at most `max_queue` wait; anything beyond is refused at once with
+//! RESOURCE_EXHAUSTED rather than queued without bound (the behaviour TGI's router and vLLM users
+//! ask for). A request with a deadline is also refused at once when the expected wait for a slot
+//! already exceeds it: the wait is estimated from how long recent requests held their slots, so
+//! an app learns at once that it will not be served in time instead of timing out in the queue.
+//!
+//! Fairness between apps (an app is a bearer token's name; every unauthenticated caller is one
+//! app): a freed slot goes to the apps with waiting requests in turn (round robin, one request
+//! per turn, first come first served within an app), so a flood from one app delays another's
+//! request by at most one request per busy app, not by the whole flood. And one app may hold at
+//! most `max_queue_per_app` of the waiting places, so it cannot fill the queue and get the
+//! others refused.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
 
 use crate::{Error, Result};
 
 /// Shared admission state.
 #[derive(Debug)]
 pub struct Admission {
-    slots: Arc<Semaphore>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    turns: Mutex<Turns>,
     /// Requests admitted and not yet finished (running + waiting).
-    admitted: Arc<AtomicUsize>,
+    admitted: AtomicUsize,
     /// Moving average of how long a request held its slot, in ms as `f64` bits (0: none yet).
-    held_ms: Arc<AtomicU64>,
+    held_ms: AtomicU64,
     max_concurrent: usize,
     capacity: usize,
+    max_queue_per_app: usize,
+}
+
+/// Who runs next.
+#[derive(Debug, Default)]
+struct Turns {
+    /// Slots no request holds (only while nobody waits).
+    free: usize,
+    /// Waiting requests of each app, first come first.
+    waiting: HashMap<Arc<str>, VecDeque<oneshot::Sender<()>>>,
+    /// Apps with waiting requests, in turn order.
+    order: VecDeque<Arc<str>>,
+    /// Admitted requests of each app that do not run yet.
+    queued: HashMap<Arc<str>, usize>,
 }
 
 /// Weight of the newest slot time in the moving average: about the last ten requests.
@@ -31,16 +59,16 @@ const HELD_EWMA_WEIGHT: f64 = 0.2;
 /// A place in the system: held from admission until the request ends.
 #[derive(Debug)]
 pub struct Ticket {
-    admitted: Arc<AtomicUsize>,
-    slots: Arc<Semaphore>,
-    held_ms: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    app: Arc<str>,
+    /// Still counted among its app's queued requests (it has not started).
+    queued: bool,
 }
 
-/// A running slot; dropping it lets the next queued request start and books how long it was
-/// held.
+/// A running slot; dropping it hands the slot to the next app's request in turn and books how
+/// long it was held.
 #[derive(Debug)]
 pub struct Slot {
-    _permit: OwnedSemaphorePermit,
     ticket: Ticket,
     since: Instant,
 }
@@ -48,7 +76,7 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let ms = self.since.elapsed().as_secs_f64() * 1e3;
-        let cell = &self.ticket.held_ms;
+        let cell = &self.ticket.shared.held_ms;
         // A lost race between two releases drops one sample, which an average can afford.
         let old = f64::from_bits(cell.load(Ordering::Relaxed));
         let new = if old > 0.0 {
@@ -57,23 +85,97 @@ impl Drop for Slot {
             ms.max(f64::MIN_POSITIVE)
         };
         cell.store(new.to_bits(), Ordering::Relaxed);
+        self.ticket.shared.release();
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.admitted.fetch_sub(1, Ordering::AcqRel);
+        if self.queued {
+            self.shared.unqueue(&self.app);
+        }
+        self.shared.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Shared {
+    /// Hands a freed slot to the next app in turn that still has a request waiting, or keeps it
+    /// free.
+    fn release(&self) {
+        let mut t = self.turns.lock();
+        while let Some(app) = t.order.pop_front() {
+            let Some(queue) = t.waiting.get_mut(&app) else {
+                continue;
+            };
+            // Senders whose request stopped waiting (the app left) are skipped.
+            while let Some(tx) = queue.pop_front() {
+                if tx.send(()).is_ok() {
+                    if queue.is_empty() {
+                        t.waiting.remove(&app);
+                    } else {
+                        t.order.push_back(app);
+                    }
+                    return;
+                }
+            }
+            t.waiting.remove(&app);
+        }
+        t.free += 1;
+    }
+
+    fn unqueue(&self, app: &Arc<str>) {
+        let mut t = self.turns.lock();
+        if let Some(n) = t.queued.get_mut(app) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.queued.remove(app);
+            }
+        }
+    }
+}
+
+/// A request waiting for its turn; if it stops waiting after its slot was handed over, the
+/// slot goes on to the next request instead of being lost.
+struct Waiting {
+    rx: Option<oneshot::Receiver<()>>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                self.shared.release();
+            }
+        }
     }
 }
 
 impl Admission {
+    /// Limits without a per-app cap on the waiting places (the whole queue per app).
     pub fn new(max_concurrent: usize, max_queue: usize) -> Self {
+        Self::with_app_queue(max_concurrent, max_queue, max_queue)
+    }
+
+    /// Limits where one app may hold at most `max_queue_per_app` waiting places (at least 1).
+    pub fn with_app_queue(
+        max_concurrent: usize,
+        max_queue: usize,
+        max_queue_per_app: usize,
+    ) -> Self {
         Admission {
-            slots: Arc::new(Semaphore::new(max_concurrent)),
-            admitted: Arc::new(AtomicUsize::new(0)),
-            held_ms: Arc::new(AtomicU64::new(0)),
-            max_concurrent,
-            capacity: max_concurrent + max_queue,
+            shared: Arc::new(Shared {
+                turns: Mutex::new(Turns {
+                    free: max_concurrent,
+                    ..Turns::default()
+                }),
+                admitted: AtomicUsize::new(0),
+                held_ms: AtomicU64::new(0),
+                max_concurrent,
+                capacity: max_concurrent + max_queue,
+                max_queue_per_app: max_queue_per_app.max(1),
+            }),
         }
     }
 
@@ -86,88 +188,141 @@ impl Admission {
     /// once (RESOURCE_EXHAUSTED) when the expected wait for a slot exceeds it. Without a slot
     /// time measured yet, only the limits apply.
     pub fn admit_within(&self, deadline: Option<Duration>) -> Result<Ticket> {
-        let prev = self.admitted.fetch_add(1, Ordering::AcqRel);
-        if prev >= self.capacity {
-            self.admitted.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Overloaded(format!(
+        self.admit_for("", deadline)
+    }
+
+    /// [`Admission::admit_within`] for a request of `app` (a bearer token's name; empty for an
+    /// unauthenticated caller), which takes its turn among the apps and is refused when `app`
+    /// already holds its share of the waiting places.
+    pub fn admit_for(&self, app: &str, deadline: Option<Duration>) -> Result<Ticket> {
+        let sh = &self.shared;
+        let prev = sh.admitted.fetch_add(1, Ordering::AcqRel);
+        let refuse = |e: Error| {
+            sh.admitted.fetch_sub(1, Ordering::AcqRel);
+            Err(e)
+        };
+        if prev >= sh.capacity {
+            return refuse(Error::Overloaded(format!(
                 "{} requests running and {} queued (limits: max_concurrent {}, max_queue {}); retry later",
-                self.max_concurrent.min(prev),
-                prev.saturating_sub(self.max_concurrent),
-                self.max_concurrent,
-                self.capacity - self.max_concurrent
+                sh.max_concurrent.min(prev),
+                prev.saturating_sub(sh.max_concurrent),
+                sh.max_concurrent,
+                sh.capacity - sh.max_concurrent
             )));
         }
         if let Some(deadline) = deadline {
             if let Some(wait_ms) = self.expected_wait_ms(prev) {
                 if wait_ms > deadline.as_secs_f64() * 1e3 {
-                    self.admitted.fetch_sub(1, Ordering::AcqRel);
-                    return Err(Error::Overloaded(format!(
+                    return refuse(Error::Overloaded(format!(
                         "the expected wait for a slot is {wait_ms:.0} ms ({} requests ahead on {} slots, {:.0} ms each lately), over the request's deadline of {} ms; retry later or with a longer deadline",
                         prev,
-                        self.max_concurrent,
+                        sh.max_concurrent,
                         self.held_ms().unwrap_or(0.0),
                         deadline.as_millis()
                     )));
                 }
             }
         }
+        let app: Arc<str> = Arc::from(app);
+        {
+            let mut t = sh.turns.lock();
+            let mine = t.queued.get(&app).copied().unwrap_or(0);
+            // Only a request that will wait takes a waiting place.
+            if mine >= t.free + sh.max_queue_per_app {
+                drop(t);
+                return refuse(Error::Overloaded(format!(
+                    "this app already has {mine} requests waiting (server.max_queue_per_app {}), so that other apps keep their turn; retry later",
+                    sh.max_queue_per_app
+                )));
+            }
+            *t.queued.entry(app.clone()).or_default() += 1;
+        }
         Ok(Ticket {
-            admitted: self.admitted.clone(),
-            slots: self.slots.clone(),
-            held_ms: self.held_ms.clone(),
+            shared: sh.clone(),
+            app,
+            queued: true,
         })
     }
 
     /// How long a request held its slot lately (moving average), once one has finished.
     pub fn held_ms(&self) -> Option<f64> {
-        let ms = f64::from_bits(self.held_ms.load(Ordering::Relaxed));
+        let ms = f64::from_bits(self.shared.held_ms.load(Ordering::Relaxed));
         (ms > 0.0).then_some(ms)
     }
 
     /// Expected wait for a slot of a request arriving with `ahead` requests in the system:
     /// the `ahead − max_concurrent + 1` that must finish first, each taking a slot time, spread
     /// over the slots, less half a slot time since the running ones are half done on average.
+    /// (Taking turns among apps only shortens a light app's wait below this.)
     pub fn expected_wait_ms(&self, ahead: usize) -> Option<f64> {
         let held = self.held_ms()?;
-        let must_finish = (ahead + 1).saturating_sub(self.max_concurrent);
+        let n = self.shared.max_concurrent;
+        let must_finish = (ahead + 1).saturating_sub(n);
         if must_finish == 0 {
             return Some(0.0);
         }
-        Some((must_finish as f64 - 0.5) * held / self.max_concurrent as f64)
+        Some((must_finish as f64 - 0.5) * held / n as f64)
     }
 
     /// Requests admitted and not finished.
     pub fn in_system(&self) -> usize {
-        self.admitted.load(Ordering::Acquire)
+        self.shared.admitted.load(Ordering::Acquire)
     }
 
     /// Requests holding a running slot now.
     pub fn running(&self) -> usize {
-        self.max_concurrent - self.slots.available_permits().min(self.max_concurrent)
+        let free = self.shared.turns.lock().free;
+        self.shared.max_concurrent - free.min(self.shared.max_concurrent)
     }
 
     /// Most requests running at once.
     pub fn max_concurrent(&self) -> usize {
-        self.max_concurrent
+        self.shared.max_concurrent
     }
 
     /// Most requests waiting for a slot.
     pub fn max_queue(&self) -> usize {
-        self.capacity - self.max_concurrent
+        self.shared.capacity - self.shared.max_concurrent
+    }
+
+    /// Most requests one app may have waiting.
+    pub fn max_queue_per_app(&self) -> usize {
+        self.shared.max_queue_per_app
     }
 }
 
 impl Ticket {
-    /// Waits for a running slot.
-    pub async fn run(self) -> Slot {
-        let permit = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("admission semaphore is never closed");
+    /// Waits for this request's turn and a running slot.
+    pub async fn run(mut self) -> Slot {
+        let rx = {
+            let mut t = self.shared.turns.lock();
+            if t.free > 0 {
+                t.free -= 1;
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                t.waiting.entry(self.app.clone()).or_default().push_back(tx);
+                if !t.order.contains(&self.app) {
+                    t.order.push_back(self.app.clone());
+                }
+                Some(rx)
+            }
+        };
+        if let Some(rx) = rx {
+            let mut waiting = Waiting {
+                rx: Some(rx),
+                shared: self.shared.clone(),
+            };
+            if let Some(rx) = waiting.rx.as_mut() {
+                // A sender is dropped unsent only by `release` after the receiver closed,
+                // which this request has not: the result is always the handed-over slot.
+                let _ = rx.await;
+            }
+            waiting.rx = None;
+        }
+        self.queued = false;
+        self.shared.unqueue(&self.app);
         Slot {
-            _permit: permit,
             ticket: self,
             since: Instant::now(),
         }
@@ -219,5 +374,93 @@ mod tests {
         let _queued = a.admit_within(Some(Duration::from_secs(60))).unwrap();
         let _queued_too = a.admit().unwrap();
         assert_eq!(a.in_system(), 3);
+    }
+
+    /// Starts `ticket` on a task that records `name` when its turn comes and then holds the
+    /// slot until told to finish.
+    fn start(
+        ticket: Ticket,
+        name: &'static str,
+        log: Arc<std::sync::Mutex<Vec<&'static str>>>,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let h = tokio::spawn(async move {
+            let slot = ticket.run().await;
+            log.lock().unwrap().push(name);
+            let _ = done_rx.await;
+            drop(slot);
+        });
+        (h, done_tx)
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_from_one_app_delays_another_by_one_turn_not_by_the_flood() {
+        let a = Admission::new(1, 10);
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut done = VecDeque::new();
+        // App "a" takes the slot and queues three more; then "b" queues one.
+        for name in ["a1", "a2", "a3", "a4"] {
+            let (_, d) = start(a.admit_for("a", None).unwrap(), name, log.clone());
+            done.push_back(d);
+            settle().await;
+        }
+        let (_, d) = start(a.admit_for("b", None).unwrap(), "b1", log.clone());
+        settle().await;
+        assert_eq!(*log.lock().unwrap(), vec!["a1"]);
+        // Finish whoever runs, one at a time: "b" runs after one more of "a"'s, not three.
+        let mut b_done = Some(d);
+        for _ in 0..4 {
+            let last = *log.lock().unwrap().last().unwrap();
+            if last == "b1" {
+                let _ = b_done.take().unwrap().send(());
+            } else {
+                let _ = done.pop_front().unwrap().send(());
+            }
+            settle().await;
+        }
+        assert_eq!(*log.lock().unwrap(), vec!["a1", "a2", "b1", "a3", "a4"]);
+    }
+
+    #[tokio::test]
+    async fn one_app_holds_at_most_its_share_of_the_waiting_places() {
+        let a = Admission::with_app_queue(1, 4, 2);
+        let running = a.admit_for("a", None).unwrap().run().await;
+        let _w1 = a.admit_for("a", None).unwrap();
+        let _w2 = a.admit_for("a", None).unwrap();
+        let err = a.admit_for("a", None).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::ResourceExhausted);
+        assert!(err.to_string().contains("max_queue_per_app"), "{err}");
+        // Another app still finds a place.
+        let _b = a.admit_for("b", None).unwrap();
+        assert_eq!(a.in_system(), 4);
+        drop(running);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_that_leaves_does_not_take_the_slot_with_it() {
+        let a = Admission::new(1, 4);
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (_, first) = start(a.admit_for("a", None).unwrap(), "a1", log.clone());
+        settle().await;
+        let (gone, _keep) = start(a.admit_for("b", None).unwrap(), "b1", log.clone());
+        settle().await;
+        gone.abort();
+        settle().await;
+        let (_, _c) = start(a.admit_for("c", None).unwrap(), "c1", log.clone());
+        settle().await;
+        let _ = first.send(());
+        settle().await;
+        assert_eq!(*log.lock().unwrap(), vec!["a1", "c1"]);
+        assert_eq!(a.running(), 1);
+        assert_eq!(a.in_system(), 1, "the request that left holds no place");
     }
 }

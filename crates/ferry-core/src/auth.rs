@@ -57,6 +57,11 @@ impl tonic::service::Interceptor for Bearer {
 /// The message of every refusal.
 pub const REFUSED: &str = "missing or invalid bearer token";
 
+/// The calling app, as its bearer token's name (empty when authentication is off): the token
+/// check puts it in a request's extensions, and admission takes turns between apps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppName(pub String);
+
 /// The `[auth]` section of a ferry server's configuration: who may call it over TCP.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]

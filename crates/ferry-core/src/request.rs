@@ -211,6 +211,10 @@ pub struct ValidatedRequest {
     pub task: Option<String>,
     /// The app will send Feedback on this request.
     pub expect_feedback: bool,
+    /// The calling app: its bearer token's name, set by the server from the credentials
+    /// (empty for an unauthenticated caller), never by the request body. Admission takes
+    /// turns between apps.
+    pub app: String,
 }
 
 impl ValidatedRequest {
@@ -400,6 +404,7 @@ impl ValidatedRequest {
             dialogue_id: non_empty(req.dialogue_id),
             task: non_empty(req.task),
             expect_feedback: req.expect_feedback,
+            app: String::new(),
         })
     }
 }

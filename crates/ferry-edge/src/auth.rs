@@ -5,5 +5,5 @@
 //! The token file and its check are shared with ferry-cloud and live in [`ferry_core::auth`]
 //! (format, constant-time comparison, the one refusal message); this module re-exports them.
 
-pub use ferry_core::auth::{Auth, REFUSED};
+pub use ferry_core::auth::{AppName, Auth, REFUSED};
 pub use ferry_core::token::token_line;

@@ -126,6 +126,10 @@ pub struct ServerConfig {
     pub max_concurrent: usize,
     /// Requests waiting for a slot; beyond it new requests get RESOURCE_EXHAUSTED.
     pub max_queue: usize,
+    /// Waiting requests one app (bearer token) may hold, so a flood from one app cannot get
+    /// the others refused; unset: half of `max_queue` (at least 1). Freed slots go to the apps
+    /// in turn whatever this is.
+    pub max_queue_per_app: Option<usize>,
     /// Seconds in-flight requests may take to finish after SIGTERM before they are stopped.
     pub shutdown_grace_s: u64,
 }
@@ -139,6 +143,7 @@ impl Default for ServerConfig {
             http_addr: "127.0.0.1:8080".parse().expect("valid default address"),
             max_concurrent: 1,
             max_queue: 16,
+            max_queue_per_app: None,
             shutdown_grace_s: 30,
         }
     }
@@ -303,6 +308,9 @@ pub struct Cli {
     /// Requests allowed to wait for a slot.
     #[arg(long, env = "FERRY_MAX_QUEUE")]
     pub max_queue: Option<usize>,
+    /// Waiting requests one app (bearer token) may hold (default: half of max_queue).
+    #[arg(long, env = "FERRY_MAX_QUEUE_PER_APP")]
+    pub max_queue_per_app: Option<usize>,
     /// Seconds to let in-flight requests finish on SIGTERM.
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_S")]
     pub shutdown_grace_s: Option<u64>,
@@ -462,6 +470,9 @@ impl Cli {
         set(&mut c.server.http_addr, &self.http_addr);
         set(&mut c.server.max_concurrent, &self.max_concurrent);
         set(&mut c.server.max_queue, &self.max_queue);
+        if self.max_queue_per_app.is_some() {
+            c.server.max_queue_per_app = self.max_queue_per_app;
+        }
         set(&mut c.server.shutdown_grace_s, &self.shutdown_grace_s);
         set(&mut c.models.manifest_dir, &self.manifest_dir);
         set(&mut c.models.model_dir, &self.model_dir);

@@ -150,6 +150,7 @@ fn header(v: impl ToString) -> HeaderValue {
 
 async fn chat_completions(
     State(svc): State<Arc<InferenceService>>,
+    app: Option<axum::Extension<crate::auth::AppName>>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let ferry_core::openai::ChatCall {
@@ -160,7 +161,9 @@ async fn chat_completions(
     let requested_model = proto.model.clone();
     let id = proto.request_id.clone();
     let created = unix_s();
-    let mut events = svc.start(proto).await?;
+    let mut events = svc
+        .start_with_deadline(proto, None, app.as_ref().map(|a| &a.0))
+        .await?;
 
     if !stream {
         let mut text = String::new();
@@ -326,7 +329,11 @@ async fn require_token(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match svc.state().auth.check(header) {
-        Ok(_) => next.run(req).await,
+        Ok(name) => {
+            let mut req = req;
+            req.extensions_mut().insert(crate::auth::AppName(name));
+            next.run(req).await
+        }
         Err(e) => {
             crate::metrics::request_rejected(e.kind());
             let mut r = ApiError::from(e).into_response();

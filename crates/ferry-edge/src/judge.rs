@@ -34,6 +34,9 @@ use crate::state::AppState;
 const RUBRIC: &str = "You grade answers to questions. Reply with one word: yes if the answer \
 correctly and helpfully answers the question, no otherwise.";
 
+/// The judge's name in admission, where apps take turns.
+const JUDGE_APP: &str = "ferryd:judge";
+
 /// Longest answer text shown to the judge (characters); a longer one is cut, and the grade
 /// is of what the judge saw.
 const MAX_ANSWER_CHARS: usize = 4000;
@@ -204,7 +207,8 @@ async fn run_local(
             model.info().id
         ));
     }
-    let Ok(ticket) = state.admission.admit() else {
+    // The judge takes its turn as an app of its own, within its share of the queue.
+    let Ok(ticket) = state.admission.admit_for(JUDGE_APP, None) else {
         return Ok(None);
     };
     let slot = tokio::select! {

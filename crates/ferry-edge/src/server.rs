@@ -56,7 +56,11 @@ impl tonic::service::Interceptor for BearerCheck {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         match self.0.auth.check(header) {
-            Ok(_) => Ok(req),
+            Ok(name) => {
+                let mut req = req;
+                req.extensions_mut().insert(crate::auth::AppName(name));
+                Ok(req)
+            }
             Err(e) => {
                 crate::metrics::request_rejected(e.kind());
                 Err(e.into())

@@ -42,15 +42,17 @@ impl InferenceService {
     /// input, unknown model, full queue, not ready) come back here; failures after it started
     /// come as the stream's last item.
     pub async fn start(&self, request: pb::GenerateRequest) -> Result<ReceiverStream<Item>, Error> {
-        self.start_with_deadline(request, None).await
+        self.start_with_deadline(request, None, None).await
     }
 
     /// [`InferenceService::start`] with the app's deadline (time left when the request
-    /// arrived), which bounds an offload to the cloud tier.
+    /// arrived), which bounds an offload to the cloud tier and its wait in the queue, and the
+    /// calling app (its bearer token's name), which takes its turn in the queue.
     pub async fn start_with_deadline(
         &self,
         request: pb::GenerateRequest,
         deadline: Option<std::time::Duration>,
+        app: Option<&crate::auth::AppName>,
     ) -> Result<ReceiverStream<Item>, Error> {
         let arrived = Instant::now();
         let state = &self.state;
@@ -65,8 +67,12 @@ impl InferenceService {
                 "ferryd is still loading its models".into(),
             )));
         }
-        let req = ValidatedRequest::from_proto(request, &state.config.limits, state.next_seed())
-            .map_err(refuse)?;
+        let mut req =
+            ValidatedRequest::from_proto(request, &state.config.limits, state.next_seed())
+                .map_err(refuse)?;
+        if let Some(app) = app {
+            req.app = app.0.clone();
+        }
         let request_id = req
             .request_id
             .clone()
@@ -202,7 +208,7 @@ pub(crate) async fn prepare_local(
         ));
     }
     let left = deadline_at.map(|t| t.saturating_duration_since(Instant::now()));
-    let ticket = state.admission.admit_within(left)?;
+    let ticket = state.admission.admit_for(&req.app, left)?;
     let give_up_at = deadline_at
         .zip(left)
         .map(|(t, left)| t - ferry_core::deadline::margin(left));
@@ -636,8 +642,9 @@ impl Inference for InferenceService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(ferry_core::deadline::parse_grpc_timeout);
+        let app = request.extensions().get::<crate::auth::AppName>().cloned();
         let stream = self
-            .start_with_deadline(request.into_inner(), deadline)
+            .start_with_deadline(request.into_inner(), deadline, app.as_ref())
             .await?;
         Ok(Response::new(stream))
     }

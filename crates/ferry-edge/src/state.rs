@@ -106,7 +106,14 @@ impl AppState {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x5eed);
         Ok(AppState {
-            admission: Admission::new(config.server.max_concurrent, config.server.max_queue),
+            admission: Admission::with_app_queue(
+                config.server.max_concurrent,
+                config.server.max_queue,
+                config
+                    .server
+                    .max_queue_per_app
+                    .unwrap_or(config.server.max_queue / 2),
+            ),
             config,
             manifests,
             models: RwLock::new(HashMap::new()),
