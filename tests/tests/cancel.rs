@@ -93,4 +93,27 @@ async fn a_deadline_reached_mid_stream_ends_it_with_the_accounting() {
     );
     assert_eq!(stats.completed.load(Ordering::Relaxed), 0);
     assert_eq!(t.server.state.admission.in_system(), 0);
+    // The ledger recorded the cut request with what was delivered, so the app's Feedback on
+    // its partial answer finds it.
+    let id = md
+        .get("x-ferry-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    t.client
+        .feedback(ferry_proto::v1::FeedbackRequest {
+            request_id: id,
+            satisfied: false,
+            score: None,
+        })
+        .await
+        .expect("feedback on a request cut by its deadline is accepted");
+    let s = t
+        .client
+        .status(ferry_proto::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((s.requests_completed, s.requests_failed), (0, 1));
 }

@@ -11,6 +11,7 @@ pub mod config;
 mod delivered;
 pub mod http;
 mod judge;
+mod ledger;
 pub mod metrics;
 pub mod offload;
 pub mod placement;

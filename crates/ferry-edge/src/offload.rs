@@ -19,7 +19,6 @@
 //! Every offload carries the edge's request id, so a retry that reaches an endpoint which already
 //! finished it replays the stored answer instead of paying twice.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +31,7 @@ use ferry_router::tmo::Action;
 
 use crate::cloud::{is_endpoint_failure, CloudPool, Lease, NoEndpoint, OnDeadline};
 use crate::delivered::Delivered;
-use crate::records::{unix_ms, RequestRecord};
+use crate::ledger::{self, End};
 use crate::router::{Routed, ZooRouter};
 use crate::service::{prepare_local, route_off_thread, run_local, Item};
 use crate::state::AppState;
@@ -483,16 +482,6 @@ impl CloudJob {
         });
         let finish =
             pb::FinishReason::try_from(c.finish_reason).unwrap_or(pb::FinishReason::Unspecified);
-        self.state.records.insert(RequestRecord {
-            request_id: self.request_id.clone(),
-            model: ctx.model.clone(),
-            tier: "cloud",
-            finish_reason: finish_name(finish).to_string(),
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            total_ms,
-            finished_unix_ms: unix_ms(),
-        });
         let first_token_ms = delivered.first_token_ms;
         let completion = pb::Completion {
             request_id: self.request_id.clone(),
@@ -509,31 +498,24 @@ impl CloudJob {
             cost_usd: c.cost_usd,
             placement: Some(ctx.placement),
         };
-        tracing::info!(
-            request_id = %self.request_id,
-            model = %ctx.model,
-            tier = "cloud",
-            backend = %c.backend,
-            replayed = c.replayed,
-            prompt_tokens = usage.prompt_tokens,
-            completion_tokens = usage.completion_tokens,
-            joules = energy.joules,
-            cost_usd = c.cost_usd,
-            total_ms = total_ms as u64,
-            "request finished"
-        );
-        self.state
-            .stats
-            .requests_completed
-            .fetch_add(1, Ordering::Relaxed);
-        crate::metrics::request_finished(
-            "cloud",
-            &ctx.model,
-            "ok",
-            usage.prompt_tokens as u64,
-            usage.completion_tokens as u64,
-            total_ms / 1e3,
-            first_token_ms.map(|ms| ms / 1e3),
+        tracing::debug!(request_id = %self.request_id, backend = %c.backend, replayed = c.replayed, "cloud answer");
+        ledger::finish(
+            &self.state,
+            &ledger::Booking {
+                request_id: &self.request_id,
+                tier: "cloud",
+                model: &ctx.model,
+                total_ms,
+            },
+            End::Completed {
+                finish_reason: finish_name(finish).to_string(),
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                first_token_ms,
+                joules: energy.joules,
+                queue_ms: None,
+                cost_usd: c.cost_usd,
+            },
         );
         if let Some(j) = energy.joules {
             metrics::gauge!("ferry_cloud_energy_joules", "model" => ctx.model.clone(), "source" => energy.source.clone())
@@ -548,10 +530,7 @@ impl CloudJob {
             event: Some(pb::generate_response::Event::Completion(completion)),
         };
         if tx.send(Ok(msg)).await.is_err() {
-            self.state
-                .stats
-                .requests_abandoned
-                .fetch_add(1, Ordering::Relaxed);
+            ledger::completion_undelivered(&self.state);
         }
         drop(tx);
         if let (Some(placer), Some(p)) = (&self.state.placement, &self.placed) {
@@ -662,28 +641,18 @@ impl CloudJob {
             Some(lease.uri()),
         );
         tracing::warn!(request_id = %self.request_id, endpoint = %lease.uri(), deltas = delivered.deltas, bytes = delivered.bytes, error = %status.message(), "offload interrupted after the first token");
-        self.state.records.insert(RequestRecord {
-            request_id: self.request_id.clone(),
-            model: ctx.model.clone(),
-            tier: "cloud",
-            finish_reason: "interrupted".into(),
-            prompt_tokens: 0,
-            completion_tokens: delivered.deltas as u32,
-            total_ms,
-            finished_unix_ms: unix_ms(),
-        });
-        self.state
-            .stats
-            .requests_failed
-            .fetch_add(1, Ordering::Relaxed);
-        crate::metrics::request_finished(
-            "cloud",
-            &ctx.model,
-            "interrupted",
-            0,
-            0,
-            total_ms / 1e3,
-            None,
+        ledger::finish(
+            &self.state,
+            &ledger::Booking {
+                request_id: &self.request_id,
+                tier: "cloud",
+                model: &ctx.model,
+                total_ms,
+            },
+            End::Cut {
+                outcome: "interrupted",
+                delivered_deltas: delivered.deltas,
+            },
         );
         let _ = tx.send(Err(ended)).await;
         drop(tx);
@@ -726,28 +695,28 @@ impl CloudJob {
         self.ended_unanswered(model, routed, "failed");
     }
 
-    /// Books a request that ends without a full answer (`outcome`: `cancelled` or `failed`): the
-    /// counter, the metric, and the cloud router forgets it.
+    /// Books a request that ends without a full answer (`outcome`: `cancelled` or `failed`) in
+    /// the ledger, and the cloud router forgets it.
     fn ended_unanswered(
         &self,
         model: &str,
         routed: Option<&(Arc<ZooRouter>, RoutedCloud)>,
         outcome: &'static str,
     ) {
-        let counter = if outcome == "failed" {
-            &self.state.stats.requests_failed
+        let end = if outcome == "failed" {
+            End::Failed { outcome }
         } else {
-            &self.state.stats.requests_abandoned
+            End::Abandoned
         };
-        counter.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::request_finished(
-            "cloud",
-            model,
-            outcome,
-            0,
-            0,
-            self.arrived.elapsed().as_secs_f64(),
-            None,
+        ledger::finish(
+            &self.state,
+            &ledger::Booking {
+                request_id: &self.request_id,
+                tier: "cloud",
+                model,
+                total_ms: self.arrived.elapsed().as_secs_f64() * 1e3,
+            },
+            end,
         );
         if let Some((router, _)) = routed {
             router.abandon(&self.request_id);
@@ -783,7 +752,7 @@ impl CloudJob {
         let mut job = match job {
             Ok(j) => j,
             Err(e) => {
-                let e = crate::service::refused(&self.state, e);
+                let e = ledger::refused(&self.state, e);
                 let _ = tx
                     .send(Err(Status::new(
                         e.kind().grpc_code(),

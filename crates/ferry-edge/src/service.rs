@@ -22,7 +22,8 @@ use ferry_proto::v1 as pb;
 use pb::inference_server::Inference;
 
 use crate::delivered::Delivered;
-use crate::records::{unix_ms, Feedback, RequestRecord};
+use crate::ledger::{self, End};
+use crate::records::Feedback;
 use crate::router::Routed;
 use crate::state::AppState;
 
@@ -60,7 +61,7 @@ impl InferenceService {
             .stats
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
-        let refuse = |e: Error| refused(state, e);
+        let refuse = |e: Error| ledger::refused(state, e);
         let open = state.enter().map_err(refuse)?;
         if !state.is_ready() {
             return Err(refuse(Error::Unavailable(
@@ -164,17 +165,6 @@ pub(crate) struct LocalJob {
     pub(crate) placement: pb::Placement,
 }
 
-/// Counts and logs a request refused before its stream started.
-pub(crate) fn refused(state: &AppState, e: Error) -> Error {
-    state
-        .stats
-        .requests_rejected
-        .fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(error = %e, "request refused");
-    crate::metrics::request_rejected(e.kind());
-    e
-}
-
 /// Chooses the local model (`requested`, or MESS+ / the default for `auto`), checks the prompt
 /// against the limits and admits the request.
 pub(crate) async fn prepare_local(
@@ -247,10 +237,17 @@ pub(crate) async fn run_local(
             None => std::future::pending().await,
         }
     };
+    let model_id = model.info().id.clone();
+    let booking = |total_ms: f64| ledger::Booking {
+        request_id: &request_id,
+        tier: "local",
+        model: &model_id,
+        total_ms,
+    };
     let slot = tokio::select! {
         slot = ticket.run() => slot,
         _ = tx.closed() => {
-            state.stats.requests_abandoned.fetch_add(1, Ordering::Relaxed);
+            ledger::finish(&state, &booking(arrived.elapsed().as_secs_f64() * 1e3), End::Abandoned);
             return;
         }
         _ = state.abort.cancelled() => {
@@ -260,7 +257,7 @@ pub(crate) async fn run_local(
         _ = queue_expired => {
             let waited_ms = arrived.elapsed().as_millis();
             tracing::info!(request_id = %request_id, waited_ms = waited_ms as u64, "deadline reached while queued");
-            book_failed(&state, &model.info().id, "deadline", waited_ms as f64);
+            ledger::finish(&state, &booking(waited_ms as f64), End::Failed { outcome: "deadline" });
             let _ = tx
                 .send(Err(Status::deadline_exceeded(format!(
                     "no generation slot became free within the request's deadline (queued {waited_ms} ms); \
@@ -318,19 +315,17 @@ pub(crate) async fn run_local(
         }
     };
     let total_ms = arrived.elapsed().as_secs_f64() * 1e3;
+    // An error after part of the text reached the app is booked with what was delivered.
+    let cut = |outcome: &'static str| match delivered.deltas {
+        0 => End::Failed { outcome },
+        n => End::Cut {
+            outcome,
+            delivered_deltas: n,
+        },
+    };
     match outcome {
         Ok(out) => {
             let finish: pb::FinishReason = out.finish_reason.into();
-            state.records.insert(RequestRecord {
-                request_id: request_id.clone(),
-                model: model.info().id.clone(),
-                tier: "local",
-                finish_reason: format!("{:?}", out.finish_reason).to_lowercase(),
-                prompt_tokens: out.prompt_tokens as u32,
-                completion_tokens: out.completion_tokens as u32,
-                total_ms,
-                finished_unix_ms: unix_ms(),
-            });
             let completion = pb::Completion {
                 request_id: request_id.clone(),
                 model: model.info().id.clone(),
@@ -360,38 +355,24 @@ pub(crate) async fn run_local(
                 cost_usd: None,
                 placement: Some(placement),
             };
-            tracing::info!(
-                request_id = %request_id,
-                model = %model.info().id,
-                prompt_tokens = out.prompt_tokens,
-                completion_tokens = out.completion_tokens,
-                finish = ?out.finish_reason,
-                joules = energy.as_ref().map(|e| e.joules),
-                queue_ms = queue_ms as u64,
-                total_ms = total_ms as u64,
-                "request finished"
-            );
-            state
-                .stats
-                .requests_completed
-                .fetch_add(1, Ordering::Relaxed);
-            crate::metrics::request_finished(
-                "local",
-                &model.info().id,
-                "ok",
-                out.prompt_tokens as u64,
-                out.completion_tokens as u64,
-                total_ms / 1e3,
-                first_text_ms.map(|ms| ms / 1e3),
+            ledger::finish(
+                &state,
+                &booking(total_ms),
+                End::Completed {
+                    finish_reason: format!("{:?}", out.finish_reason).to_lowercase(),
+                    prompt_tokens: out.prompt_tokens as u32,
+                    completion_tokens: out.completion_tokens as u32,
+                    first_token_ms: first_text_ms,
+                    joules: energy.as_ref().map(|e| e.joules),
+                    queue_ms: Some(queue_ms),
+                    cost_usd: None,
+                },
             );
             let msg = pb::GenerateResponse {
                 event: Some(pb::generate_response::Event::Completion(completion)),
             };
             if tx.send(Ok(msg)).await.is_err() {
-                state
-                    .stats
-                    .requests_abandoned
-                    .fetch_add(1, Ordering::Relaxed);
+                ledger::completion_undelivered(&state);
             }
             drop(tx);
             if let (Some(placer), Some(p)) = (&state.placement, &placed) {
@@ -412,7 +393,7 @@ pub(crate) async fn run_local(
             }
         }
         Err(Error::Cancelled(why)) if state.abort.is_cancelled() && !tx.is_closed() => {
-            book_failed(&state, &model.info().id, "shutdown", total_ms);
+            ledger::finish(&state, &booking(total_ms), cut("shutdown"));
             let status = ended(
                 tonic::Code::Unavailable,
                 format!("ferryd shut down before the request finished ({why})"),
@@ -420,8 +401,7 @@ pub(crate) async fn run_local(
             let _ = tx.send(Err(status)).await;
         }
         Err(Error::Cancelled(_)) if past_deadline && !tx.is_closed() => {
-            tracing::info!(request_id = %request_id, deltas = delivered.deltas, "deadline reached while generating");
-            book_failed(&state, &model.info().id, "deadline", total_ms);
+            ledger::finish(&state, &booking(total_ms), cut("deadline"));
             let status = ended(
                 tonic::Code::DeadlineExceeded,
                 format!(
@@ -432,37 +412,18 @@ pub(crate) async fn run_local(
             let _ = tx.send(Err(status)).await;
         }
         Err(Error::Cancelled(why)) => {
-            state
-                .stats
-                .requests_abandoned
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(request_id = %request_id, "client went away: {why}");
-            crate::metrics::request_finished(
-                "local",
-                &model.info().id,
-                "cancelled",
-                0,
-                0,
-                total_ms / 1e3,
-                None,
-            );
+            tracing::debug!(request_id = %request_id, "client went away: {why}");
+            ledger::finish(&state, &booking(total_ms), End::Abandoned);
         }
         Err(e) => {
             tracing::warn!(request_id = %request_id, error = %e, "generation failed");
-            book_failed(&state, &model.info().id, "failed", total_ms);
+            ledger::finish(&state, &booking(total_ms), cut("failed"));
             let status: Status = e.into();
             let _ = tx
                 .send(Err(ended(status.code(), status.message().to_string())))
                 .await;
         }
     }
-}
-
-/// Books a local request that ended with an error status: counted as failed, and timed in the
-/// metrics under `outcome`.
-fn book_failed(state: &AppState, model: &str, outcome: &'static str, total_ms: f64) {
-    state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
-    crate::metrics::request_finished("local", model, outcome, 0, 0, total_ms / 1e3, None);
 }
 
 /// Forwards generated text into the response channel.

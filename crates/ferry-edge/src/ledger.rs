@@ -1,0 +1,178 @@
+//! The ledger: the one place where the end of a request that ferryd started is booked, on
+//! either tier — the outcome counter `Status` shows, the `ferry_requests_total` metric with the
+//! latency and token metrics of a completed request, the request record that `Feedback` refers
+//! to, and the log line.
+//!
+//! What ends a request, and how it is booked:
+//! - [`End::Completed`]: a full answer. Counted completed, recorded, timed.
+//! - [`End::Cut`]: an error status after the app already had part of the text (deadline,
+//!   shutdown, a cloud stream that broke). Counted failed and recorded with what was delivered,
+//!   so Feedback on the partial answer still finds its request.
+//! - [`End::Failed`]: an error status before any text. Counted failed.
+//! - [`End::Abandoned`]: the app left. Counted abandoned.
+//!
+//! A request refused before its stream started (bad input, full queue, not ready) is booked
+//! by [`refused`]: counted rejected, by reason.
+//!
+//! Teaching the placement and routing policies stays with the tier that knows what the request
+//! cost (`service::learn_from_routed`, `offload`), since it may run more models first.
+
+use std::sync::atomic::Ordering;
+
+use crate::records::{unix_ms, RequestRecord};
+use crate::state::AppState;
+
+/// Which request ended, where, and after how long.
+pub(crate) struct Booking<'a> {
+    pub request_id: &'a str,
+    /// `local` or `cloud`.
+    pub tier: &'static str,
+    pub model: &'a str,
+    /// From arrival to the end.
+    pub total_ms: f64,
+}
+
+/// How a request ended.
+pub(crate) enum End {
+    Completed {
+        finish_reason: String,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        first_token_ms: Option<f64>,
+        /// For the log line: the measured joules, the time waited for a slot, the cloud's price.
+        joules: Option<f64>,
+        queue_ms: Option<f64>,
+        cost_usd: Option<f64>,
+    },
+    /// An error status after `delivered_deltas` deltas reached the app (`outcome`: `deadline`,
+    /// `shutdown`, `interrupted`, `failed`).
+    Cut {
+        outcome: &'static str,
+        delivered_deltas: u64,
+    },
+    /// An error status before any text (`outcome`: `deadline`, `shutdown`, `failed`).
+    Failed {
+        outcome: &'static str,
+    },
+    Abandoned,
+}
+
+/// Books the end of a request: counter, metrics, record, log.
+pub(crate) fn finish(state: &AppState, b: &Booking, end: End) {
+    let stats = &state.stats;
+    let record = |finish_reason: String, prompt_tokens: u32, completion_tokens: u32| {
+        state.records.insert(RequestRecord {
+            request_id: b.request_id.to_string(),
+            model: b.model.to_string(),
+            tier: b.tier,
+            finish_reason,
+            prompt_tokens,
+            completion_tokens,
+            total_ms: b.total_ms,
+            finished_unix_ms: unix_ms(),
+        });
+    };
+    match end {
+        End::Completed {
+            finish_reason,
+            prompt_tokens,
+            completion_tokens,
+            first_token_ms,
+            joules,
+            queue_ms,
+            cost_usd,
+        } => {
+            tracing::info!(
+                request_id = %b.request_id,
+                tier = b.tier,
+                model = %b.model,
+                prompt_tokens,
+                completion_tokens,
+                finish = %finish_reason,
+                joules,
+                cost_usd,
+                queue_ms = queue_ms.map(|q| q as u64),
+                total_ms = b.total_ms as u64,
+                "request finished"
+            );
+            record(finish_reason, prompt_tokens, completion_tokens);
+            stats.requests_completed.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::request_finished(
+                b.tier,
+                b.model,
+                "ok",
+                u64::from(prompt_tokens),
+                u64::from(completion_tokens),
+                b.total_ms / 1e3,
+                first_token_ms.map(|ms| ms / 1e3),
+            );
+        }
+        End::Cut {
+            outcome,
+            delivered_deltas,
+        } => {
+            tracing::info!(request_id = %b.request_id, tier = b.tier, model = %b.model, outcome, deltas = delivered_deltas, total_ms = b.total_ms as u64, "request ended after part of its text");
+            record(
+                outcome.to_string(),
+                0,
+                u32::try_from(delivered_deltas).unwrap_or(u32::MAX),
+            );
+            stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::request_finished(
+                b.tier,
+                b.model,
+                outcome,
+                0,
+                0,
+                b.total_ms / 1e3,
+                None,
+            );
+        }
+        End::Failed { outcome } => {
+            tracing::info!(request_id = %b.request_id, tier = b.tier, model = %b.model, outcome, total_ms = b.total_ms as u64, "request ended without an answer");
+            stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::request_finished(
+                b.tier,
+                b.model,
+                outcome,
+                0,
+                0,
+                b.total_ms / 1e3,
+                None,
+            );
+        }
+        End::Abandoned => {
+            tracing::info!(request_id = %b.request_id, tier = b.tier, model = %b.model, total_ms = b.total_ms as u64, "the app went away");
+            stats.requests_abandoned.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::request_finished(
+                b.tier,
+                b.model,
+                "cancelled",
+                0,
+                0,
+                b.total_ms / 1e3,
+                None,
+            );
+        }
+    }
+}
+
+/// Books a request refused before its stream started; returns the error for the app.
+pub(crate) fn refused(state: &AppState, e: ferry_core::Error) -> ferry_core::Error {
+    state
+        .stats
+        .requests_rejected
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(error = %e, "request refused");
+    crate::metrics::request_rejected(e.kind());
+    e
+}
+
+/// The app went away after its completion was produced but before it could be sent: the request
+/// stays completed (it was served and paid for) and is also counted abandoned.
+pub(crate) fn completion_undelivered(state: &AppState) {
+    state
+        .stats
+        .requests_abandoned
+        .fetch_add(1, Ordering::Relaxed);
+}
