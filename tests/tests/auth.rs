@@ -41,19 +41,21 @@ async fn http_with(addr: std::net::SocketAddr, token: Option<&str>) -> (u16, ser
     (status, json)
 }
 
+/// A temporary directory holding a token file of `(name, token)` pairs, and the file's path.
+fn token_file(tokens: &[(&str, &str)]) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens");
+    let lines: String = tokens
+        .iter()
+        .map(|(name, tok)| format!("{}\n", token_line(name, tok)))
+        .collect();
+    std::fs::write(&path, lines).unwrap();
+    (dir, path)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_checked_on_grpc_and_http_and_reloaded() {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
-    std::fs::write(
-        &tokens,
-        format!(
-            "{}\n{}\n",
-            token_line("app", "tok-app"),
-            token_line("ops", "tok-ops")
-        ),
-    )
-    .unwrap();
+    let (dir, tokens) = token_file(&[("app", "tok-app"), ("ops", "tok-ops")]);
     let socket = dir.path().join("ferryd.sock");
     let (tf, sock) = (tokens.clone(), socket.clone());
     let t = TestServer::start(move |c| {
@@ -124,17 +126,7 @@ async fn tokens_are_checked_on_grpc_and_http_and_reloaded() {
 /// another app's request by one turn, and one app cannot fill the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_take_turns_and_one_app_cannot_fill_the_queue() {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
-    std::fs::write(
-        &tokens,
-        format!(
-            "{}\n{}\n",
-            token_line("flood", "tok-flood"),
-            token_line("other", "tok-other")
-        ),
-    )
-    .unwrap();
+    let (_dir, tokens) = token_file(&[("flood", "tok-flood"), ("other", "tok-other")]);
     let tf = tokens.clone();
     let t = TestServer::start(move |c| {
         c.auth.tokens_file = Some(tf);

@@ -217,14 +217,7 @@ async fn run_local(
     };
     let st = state.clone();
     tokio::task::spawn_blocking(move || {
-        let sampling = SamplingParams {
-            max_tokens,
-            temperature: 0.0,
-            top_p: None,
-            top_k: None,
-            seed: 0,
-            stop: Vec::new(),
-        };
+        let sampling = SamplingParams::greedy(max_tokens);
         let mut sink = Collect {
             text: Some(String::new()),
             abort: st.abort.clone(),

@@ -117,29 +117,11 @@ pub(crate) fn finish(state: &AppState, b: &Booking, end: End) {
                 0,
                 u32::try_from(delivered_deltas).unwrap_or(u32::MAX),
             );
-            stats.requests_failed.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::request_finished(
-                b.tier,
-                b.model,
-                outcome,
-                0,
-                0,
-                b.total_ms / 1e3,
-                None,
-            );
+            failed(state, b, outcome);
         }
         End::Failed { outcome } => {
             tracing::info!(request_id = %b.request_id, tier = b.tier, model = %b.model, outcome, total_ms = b.total_ms as u64, "request ended without an answer");
-            stats.requests_failed.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::request_finished(
-                b.tier,
-                b.model,
-                outcome,
-                0,
-                0,
-                b.total_ms / 1e3,
-                None,
-            );
+            failed(state, b, outcome);
         }
         End::Abandoned => {
             tracing::info!(request_id = %b.request_id, tier = b.tier, model = %b.model, total_ms = b.total_ms as u64, "the app went away");
@@ -155,6 +137,12 @@ pub(crate) fn finish(state: &AppState, b: &Booking, end: End) {
             );
         }
     }
+}
+
+/// Counts a request that ended with an error status, and its metric.
+fn failed(state: &AppState, b: &Booking, outcome: &'static str) {
+    state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::request_finished(b.tier, b.model, outcome, 0, 0, b.total_ms / 1e3, None);
 }
 
 /// Books a request refused before its stream started; returns the error for the app.

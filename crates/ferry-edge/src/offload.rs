@@ -501,12 +501,7 @@ impl CloudJob {
         tracing::debug!(request_id = %self.request_id, backend = %c.backend, replayed = c.replayed, "cloud answer");
         ledger::finish(
             &self.state,
-            &ledger::Booking {
-                request_id: &self.request_id,
-                tier: "cloud",
-                model: &ctx.model,
-                total_ms,
-            },
+            &self.booking(&ctx.model, total_ms),
             End::Completed {
                 finish_reason: finish_name(finish).to_string(),
                 prompt_tokens: usage.prompt_tokens,
@@ -643,12 +638,7 @@ impl CloudJob {
         tracing::warn!(request_id = %self.request_id, endpoint = %lease.uri(), deltas = delivered.deltas, bytes = delivered.bytes, error = %status.message(), "offload interrupted after the first token");
         ledger::finish(
             &self.state,
-            &ledger::Booking {
-                request_id: &self.request_id,
-                tier: "cloud",
-                model: &ctx.model,
-                total_ms,
-            },
+            &self.booking(&ctx.model, total_ms),
             End::Cut {
                 outcome: "interrupted",
                 delivered_deltas: delivered.deltas,
@@ -676,6 +666,16 @@ impl CloudJob {
             let mut costs = vec![None; router.zoo().len()];
             costs[rc.routed.served] = joules;
             router.finished(&rc.routed, &costs);
+        }
+    }
+
+    /// This request's line in the ledger, served by cloud `model`.
+    fn booking<'a>(&'a self, model: &'a str, total_ms: f64) -> ledger::Booking<'a> {
+        ledger::Booking {
+            request_id: &self.request_id,
+            tier: "cloud",
+            model,
+            total_ms,
         }
     }
 
@@ -708,16 +708,8 @@ impl CloudJob {
         } else {
             End::Abandoned
         };
-        ledger::finish(
-            &self.state,
-            &ledger::Booking {
-                request_id: &self.request_id,
-                tier: "cloud",
-                model,
-                total_ms: self.arrived.elapsed().as_secs_f64() * 1e3,
-            },
-            end,
-        );
+        let total_ms = self.arrived.elapsed().as_secs_f64() * 1e3;
+        ledger::finish(&self.state, &self.booking(model, total_ms), end);
         if let Some((router, _)) = routed {
             router.abandon(&self.request_id);
         }
