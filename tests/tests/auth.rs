@@ -122,8 +122,8 @@ async fn tokens_are_checked_on_grpc_and_http_and_reloaded() {
     t.server.shutdown(std::time::Duration::from_secs(5)).await;
 }
 
-/// Apps (bearer tokens) take turns for the generation slot: a flood from one app delays
-/// another app's request by one turn, and one app cannot fill the queue.
+/// Apps (bearer tokens) share the generation slot by the slot time they used: a flood from one
+/// app does not delay another app's request behind the flood, and one app cannot fill the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_take_turns_and_one_app_cannot_fill_the_queue() {
     let (_dir, tokens) = token_file(&[("flood", "tok-flood"), ("other", "tok-other")]);

@@ -6,11 +6,14 @@
 //! an app learns at once that it will not be served in time instead of timing out in the queue.
 //!
 //! Fairness between apps (an app is a bearer token's name; every unauthenticated caller is one
-//! app): a freed slot goes to the apps with waiting requests in turn (round robin, one request
-//! per turn, first come first served within an app), so a flood from one app delays another's
-//! request by at most one request per busy app, not by the whole flood. And one app may hold at
-//! most `max_queue_per_app` of the waiting places, so it cannot fill the queue and get the
-//! others refused.
+//! app): a freed slot goes to the waiting app that has used the least slot time (fair queuing
+//! on the time its requests held slots, first come first served within an app), so a flood
+//! from one app does not delay another's request behind the flood, and an app with long
+//! requests does not get more of the CPU than one with short ones. An app that starts waiting
+//! is charged at least the least slot time of the apps already waiting, so an app idle for an
+//! hour cannot then hold the slots for as long. And one app may hold at most
+//! `max_queue_per_app` of the waiting places, so it cannot fill the queue and get the others
+//! refused.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -47,8 +50,10 @@ struct Turns {
     free: usize,
     /// Waiting requests of each app, first come first.
     waiting: HashMap<Arc<str>, VecDeque<oneshot::Sender<()>>>,
-    /// Apps with waiting requests, in turn order.
+    /// Apps with waiting requests, in the order they started waiting (ties of slot time).
     order: VecDeque<Arc<str>>,
+    /// Slot time each app's requests have held (ms), the fair-queuing clock.
+    used_ms: HashMap<Arc<str>, f64>,
     /// Admitted requests of each app that do not run yet.
     queued: HashMap<Arc<str>, usize>,
 }
@@ -85,7 +90,14 @@ impl Drop for Slot {
             ms.max(f64::MIN_POSITIVE)
         };
         cell.store(new.to_bits(), Ordering::Relaxed);
-        self.ticket.shared.release();
+        let shared = &self.ticket.shared;
+        *shared
+            .turns
+            .lock()
+            .used_ms
+            .entry(self.ticket.app.clone())
+            .or_default() += ms;
+        shared.release();
     }
 }
 
@@ -99,28 +111,45 @@ impl Drop for Ticket {
 }
 
 impl Shared {
-    /// Hands a freed slot to the next app in turn that still has a request waiting, or keeps it
-    /// free.
+    /// Hands a freed slot to the waiting app that has used the least slot time (the earliest
+    /// to start waiting among equals), or keeps it free.
     fn release(&self) {
         let mut t = self.turns.lock();
-        while let Some(app) = t.order.pop_front() {
-            let Some(queue) = t.waiting.get_mut(&app) else {
-                continue;
+        loop {
+            let next = t
+                .order
+                .iter()
+                .enumerate()
+                .min_by(|(i, a), (j, b)| {
+                    let used = |x: &Arc<str>| t.used_ms.get(x).copied().unwrap_or(0.0);
+                    used(a).total_cmp(&used(b)).then(i.cmp(j))
+                })
+                .map(|(i, _)| i);
+            let Some(i) = next else {
+                t.free += 1;
+                return;
             };
-            // Senders whose request stopped waiting (the app left) are skipped.
-            while let Some(tx) = queue.pop_front() {
-                if tx.send(()).is_ok() {
-                    if queue.is_empty() {
-                        t.waiting.remove(&app);
-                    } else {
-                        t.order.push_back(app);
+            let app = t.order[i].clone();
+            let handed = match t.waiting.get_mut(&app) {
+                // Senders whose request stopped waiting (the app left) are skipped.
+                Some(queue) => loop {
+                    let Some(tx) = queue.pop_front() else {
+                        break false;
+                    };
+                    if tx.send(()).is_ok() {
+                        break true;
                     }
-                    return;
-                }
+                },
+                None => false,
+            };
+            if t.waiting.get(&app).is_none_or(VecDeque::is_empty) {
+                t.waiting.remove(&app);
+                t.order.remove(i);
             }
-            t.waiting.remove(&app);
+            if handed {
+                return;
+            }
         }
-        t.free += 1;
     }
 
     fn unqueue(&self, app: &Arc<str>) {
@@ -303,6 +332,16 @@ impl Ticket {
                 let (tx, rx) = oneshot::channel();
                 t.waiting.entry(self.app.clone()).or_default().push_back(tx);
                 if !t.order.contains(&self.app) {
+                    // Starting to wait: charged at least what the waiting apps have used.
+                    let floor = t
+                        .order
+                        .iter()
+                        .map(|a| t.used_ms.get(a).copied().unwrap_or(0.0))
+                        .fold(f64::INFINITY, f64::min);
+                    if floor.is_finite() {
+                        let used = t.used_ms.entry(self.app.clone()).or_default();
+                        *used = used.max(floor);
+                    }
                     t.order.push_back(self.app.clone());
                 }
                 Some(rx)
@@ -403,7 +442,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_flood_from_one_app_delays_another_by_one_turn_not_by_the_flood() {
+    async fn a_flood_from_one_app_does_not_delay_another_behind_the_flood() {
         let a = Admission::new(1, 10);
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut done = VecDeque::new();
@@ -416,7 +455,8 @@ mod tests {
         let (_, d) = start(a.admit_for("b", None).unwrap(), "b1", log.clone());
         settle().await;
         assert_eq!(*log.lock().unwrap(), vec!["a1"]);
-        // Finish whoever runs, one at a time: "b" runs after one more of "a"'s, not three.
+        // Finish whoever runs, one at a time: "b" has used no slot time, "a" has, so "b" runs
+        // next, not after the flood (first come first served would give a2, a3, a4, b1).
         let mut b_done = Some(d);
         for _ in 0..4 {
             let last = *log.lock().unwrap().last().unwrap();
@@ -427,7 +467,40 @@ mod tests {
             }
             settle().await;
         }
-        assert_eq!(*log.lock().unwrap(), vec!["a1", "a2", "b1", "a3", "a4"]);
+        assert_eq!(*log.lock().unwrap(), vec!["a1", "b1", "a2", "a3", "a4"]);
+    }
+
+    #[tokio::test]
+    async fn an_app_with_long_requests_yields_to_one_with_short_ones() {
+        let a = Admission::new(1, 10);
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // Each request holds its slot for `ms`, then lets the next in.
+        let hold = |ticket: Ticket, name: &'static str, ms: u64| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let slot = ticket.run().await;
+                log.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                drop(slot);
+            })
+        };
+        let mut all = vec![hold(a.admit_for("long", None).unwrap(), "L1", 100)];
+        settle().await;
+        for name in ["L2", "L3"] {
+            all.push(hold(a.admit_for("long", None).unwrap(), name, 100));
+        }
+        for name in ["S1", "S2", "S3"] {
+            all.push(hold(a.admit_for("short", None).unwrap(), name, 1));
+        }
+        for h in all {
+            h.await.unwrap();
+        }
+        // Taking turns by request would give L1 L2 S1 L3 S2 S3: "long" would hold the slot
+        // three times as long; by slot time "short" runs until it has used as much.
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec!["L1", "S1", "S2", "S3", "L2", "L3"]
+        );
     }
 
     #[tokio::test]

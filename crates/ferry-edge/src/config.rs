@@ -127,8 +127,8 @@ pub struct ServerConfig {
     /// Requests waiting for a slot; beyond it new requests get RESOURCE_EXHAUSTED.
     pub max_queue: usize,
     /// Waiting requests one app (bearer token) may hold, so a flood from one app cannot get
-    /// the others refused; unset: half of `max_queue` (at least 1). Freed slots go to the apps
-    /// in turn whatever this is.
+    /// the others refused; unset: half of `max_queue` (at least 1). Whatever this is, a freed
+    /// slot goes to the waiting app that has used the least slot time.
     pub max_queue_per_app: Option<usize>,
     /// Seconds in-flight requests may take to finish after SIGTERM before they are stopped.
     pub shutdown_grace_s: u64,
