@@ -492,21 +492,20 @@ async fn a_busy_cloud_is_fallen_back_from_without_opening_its_circuit() {
         "{:?}",
         s.cloud_endpoints
     );
-    // Once the slot is free the next offload is served there.
+    // Once the slot is free the next offload is served there. (An attempt admitted while the
+    // long generation was still winding down can run out of its 1.5 s budget mid-stream on a
+    // loaded machine — CI runs these tests two at a time on two cores — and ends with
+    // DEADLINE_EXCEEDED and the accounting; that is the documented outcome, so try again.)
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, _, d) = run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4))
-            .await
-            .unwrap();
-        if d.tier == pb::Tier::Cloud as i32 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never offloaded again: {:?}",
-            d.placement
-        );
+        let last = match run(&mut t.client, named(CLOUD_MODEL, QUESTION, 4)).await {
+            Ok((_, _, d)) if d.tier == pb::Tier::Cloud as i32 => break,
+            Ok((_, _, d)) => format!("{:?}", d.placement),
+            Err(e) if e.code() == tonic::Code::DeadlineExceeded => e.message().to_string(),
+            Err(e) => panic!("{e:?}"),
+        };
+        assert!(Instant::now() < deadline, "never offloaded again: {last}");
     }
     cloud.shutdown(Duration::from_millis(100)).await;
 }
