@@ -90,14 +90,7 @@ impl Drop for Slot {
             ms.max(f64::MIN_POSITIVE)
         };
         cell.store(new.to_bits(), Ordering::Relaxed);
-        let shared = &self.ticket.shared;
-        *shared
-            .turns
-            .lock()
-            .used_ms
-            .entry(self.ticket.app.clone())
-            .or_default() += ms;
-        shared.release();
+        self.ticket.shared.release(Some((&self.ticket.app, ms)));
     }
 }
 
@@ -112,9 +105,13 @@ impl Drop for Ticket {
 
 impl Shared {
     /// Hands a freed slot to the waiting app that has used the least slot time (the earliest
-    /// to start waiting among equals), or keeps it free.
-    fn release(&self) {
+    /// to start waiting among equals), or keeps it free; `used` charges the releasing app for
+    /// the time it held the slot first.
+    fn release(&self, used: Option<(&Arc<str>, f64)>) {
         let mut t = self.turns.lock();
+        if let Some((app, ms)) = used {
+            *t.used_ms.entry(app.clone()).or_default() += ms;
+        }
         loop {
             let next = t
                 .order
@@ -175,7 +172,7 @@ impl Drop for Waiting {
         if let Some(mut rx) = self.rx.take() {
             rx.close();
             if rx.try_recv().is_ok() {
-                self.shared.release();
+                self.shared.release(None);
             }
         }
     }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use ferry_core::{ChatMessage, Role, SamplingParams};
-use ferry_engine::{GenerateOptions, GenerationEvent};
+use ferry_engine::GenerationEvent;
 use ferry_proto::v1 as pb;
 
 use crate::router::ZooRouter;
@@ -222,10 +222,7 @@ async fn run_local(
             text: Some(String::new()),
             abort: st.abort.clone(),
         };
-        let account = st.energy.begin();
-        let out = model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
-        let energy = st.energy.end(account);
-        st.add_model_energy(&model.info().id, &energy);
+        let (out, energy) = st.generate_metered(&model, &prompt, &sampling, &mut sink);
         metrics::counter!("ferry_judge_energy_millijoules_total")
             .increment((energy.joules * 1e3).max(0.0) as u64);
         drop(slot);

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use ferry_core::{Error, Role, ValidatedRequest};
-use ferry_engine::{GenerateOptions, GenerationEvent, LoadedModel};
+use ferry_engine::{GenerationEvent, LoadedModel};
 use ferry_proto::v1 as pb;
 use pb::inference_server::Inference;
 
@@ -285,10 +285,7 @@ pub(crate) async fn run_local(
             delivered: Delivered::new(judged),
         };
         // Energy is charged from here: queue time is not busy time.
-        let account = gen_state.energy.begin();
-        let out = gen_model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
-        let energy = gen_state.energy.end(account);
-        gen_state.add_model_energy(&gen_model.info().id, &energy);
+        let (out, energy) = gen_state.generate_metered(&gen_model, &prompt, &sampling, &mut sink);
         (out, sink.delivered, Some(energy), slot)
     })
     .await;
@@ -556,11 +553,7 @@ async fn learn_from_routed(
                     text: judge.then(String::new),
                     abort: st.abort.clone(),
                 };
-                let account = st.energy.begin();
-                let result =
-                    model.generate(&prompt, &sampling, GenerateOptions::default(), &mut sink);
-                let energy = st.energy.end(account);
-                st.add_model_energy(&model.info().id, &energy);
+                let (result, energy) = st.generate_metered(&model, &prompt, &sampling, &mut sink);
                 if result.is_ok() {
                     out.push((i, energy.joules, sink.text));
                 }

@@ -366,6 +366,31 @@ impl AppState {
         self.open_requests.load(Ordering::SeqCst)
     }
 
+    /// Runs `model` on `prompt` on this (blocking) thread with the energy of the run measured
+    /// and booked to the model ([`AppState::add_model_energy`]): what every local generation —
+    /// an app's, an exploration step's other models, the judge's — goes through.
+    pub fn generate_metered(
+        &self,
+        model: &LoadedModel,
+        prompt: &[u32],
+        sampling: &ferry_core::SamplingParams,
+        sink: &mut dyn ferry_engine::GenerationEvent,
+    ) -> (
+        Result<ferry_engine::GenerationOutcome>,
+        ferry_energy::meter::RequestEnergy,
+    ) {
+        let account = self.energy.begin();
+        let out = model.generate(
+            prompt,
+            sampling,
+            ferry_engine::GenerateOptions::default(),
+            sink,
+        );
+        let energy = self.energy.end(account);
+        self.add_model_energy(&model.info().id, &energy);
+        (out, energy)
+    }
+
     /// Books a request's energy: its model's total, and the exported metrics.
     ///
     /// Metrics (labels bounded by the configured models and sources):
