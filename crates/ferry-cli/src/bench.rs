@@ -84,7 +84,7 @@ pub fn run_ferry(
         decode.push((out.completion_tokens.saturating_sub(1)) as f64 / (out.decode_ms / 1e3));
     }
     Ok(EngineResult {
-        engine: "ferry (candle)".into(),
+        engine: format!("ferry ({})", ferry_engine::kernels::kernel_isa()),
         prefill_tok_s: median(prefill),
         decode_tok_s: median(decode),
         load_s,

@@ -162,8 +162,10 @@ pub struct ModelManifest {
     /// (e.g. the start of the next turn, for a model that does not end its own).
     #[serde(default)]
     pub stop: Vec<String>,
-    /// On CPU, requantise Q4_1 GGUF weights to Q8_0 at load: candle has no SIMD Q4_1 kernel, so
-    /// this about doubles decode speed for ~1.8x the weight memory. Default on.
+    /// On a CPU where ferry's quantized kernels do not run (not x86-64 with AVX2/FMA/F16C),
+    /// requantise Q4_1 GGUF weights to Q8_0 at load: candle's Q4_1 product is a scalar loop
+    /// there, so this about doubles decode speed for ~1.8x the weight memory. Default on; where
+    /// ferry's kernels run, Q4_1 is read as the file stores it and this has no effect.
     #[serde(default = "default_true")]
     pub cpu_repack_q4_1: bool,
     #[serde(default)]

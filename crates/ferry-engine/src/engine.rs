@@ -258,7 +258,11 @@ impl LoadedModel {
                     Some(p) => tokenizer::from_file(p)?,
                     None => tokenizer::from_gguf(&content, &path)?,
                 };
-                let repacked = if device.is_cpu() && manifest.cpu_repack_q4_1 {
+                // ferry's kernels read Q4_1 as it is; candle alone needs the Q8_0 copy.
+                let repacked = if device.is_cpu()
+                    && manifest.cpu_repack_q4_1
+                    && !crate::kernels::kernel_available()
+                {
                     crate::model::repack_q4_1_as_q8_0(&content, &mut file, &path)?
                 } else {
                     None

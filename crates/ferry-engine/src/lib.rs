@@ -10,6 +10,7 @@
 
 pub mod encoder;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod sampling;
 pub mod source;

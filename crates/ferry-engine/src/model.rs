@@ -5,7 +5,10 @@
 //! never see each other's attention state.
 
 pub mod gemma3;
+pub mod gguf_llama;
+mod llama_cpu;
 pub mod llava;
+mod parts;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,7 +28,11 @@ pub const SUPPORTED: &str =
 /// Loaded weights of one model.
 #[derive(Clone)]
 pub enum Backbone {
-    /// Quantized llama-family GGUF (llama, SmolLM2, Mistral, ...).
+    /// Quantized llama-family GGUF (llama, SmolLM2, Mistral, ...): ferry's forward pass, see
+    /// [`gguf_llama`].
+    GgufLlama(Arc<gguf_llama::GgufLlama>),
+    /// Quantized llama-family GGUF that [`gguf_llama`] does not run (mixture of experts, partial
+    /// rotary): candle's implementation.
     QuantizedLlama(quantized_llama::ModelWeights),
     /// Quantized Gemma 3 GGUF (ferry's own forward pass, see [`gemma3`]).
     QuantizedGemma3(Arc<gemma3::Gemma3>),
@@ -51,7 +58,9 @@ impl Backbone {
     /// Family name as used in manifests.
     pub fn family(&self) -> &'static str {
         match self {
-            Backbone::QuantizedLlama(_) | Backbone::Llama { .. } => "llama",
+            Backbone::GgufLlama(_) | Backbone::QuantizedLlama(_) | Backbone::Llama { .. } => {
+                "llama"
+            }
             Backbone::QuantizedGemma3(_) => "gemma3",
             Backbone::Qwen2(_) => "qwen2",
             Backbone::Llava(m) => match m.config.version {
@@ -83,6 +92,11 @@ impl Backbone {
             reason: e.to_string(),
         };
         match arch.as_str() {
+            "llama" if gguf_llama::GgufLlama::supports(&content) => {
+                gguf_llama::GgufLlama::from_gguf(&content, file, device)
+                    .map(|m| Backbone::GgufLlama(Arc::new(m)))
+                    .map_err(bad)
+            }
             "llama" => quantized_llama::ModelWeights::from_gguf(content, file, device)
                 .map(Backbone::QuantizedLlama)
                 .map_err(bad),
@@ -165,6 +179,7 @@ impl Backbone {
     /// Largest sequence length the implementation supports, if it has a hard limit.
     pub fn max_positions(&self) -> Option<usize> {
         match self {
+            Backbone::GgufLlama(m) => m.context_length,
             Backbone::QuantizedLlama(_) => Some(quantized_llama::MAX_SEQ_LEN),
             // RoPE angles are computed per position: no table bounds the context.
             Backbone::QuantizedGemma3(_) => None,
@@ -175,9 +190,10 @@ impl Backbone {
     }
 
     /// Bytes of weights resident in memory when the backbone knows better than the file size
-    /// (Gemma 3 requantizes some tensors at load).
+    /// (ferry's GGUF models count what they hold; Gemma 3 may requantize some tensors at load).
     pub fn resident_bytes(&self) -> Option<u64> {
         match self {
+            Backbone::GgufLlama(m) => Some(m.resident_bytes),
             Backbone::QuantizedGemma3(m) => Some(m.resident_bytes),
             _ => None,
         }
@@ -186,6 +202,10 @@ impl Backbone {
     /// A fresh decoding session sharing these weights.
     pub fn session(&self, device: &Device) -> Result<Session> {
         let state = match self {
+            Backbone::GgufLlama(m) => SessionState::GgufLlama {
+                cache: m.new_cache(),
+                model: m.clone(),
+            },
             Backbone::QuantizedLlama(m) => {
                 let mut m = m.clone();
                 m.clear_kv_cache();
@@ -223,10 +243,9 @@ impl Backbone {
 
 /// Rewrites a GGUF file in memory with every Q4_1 tensor requantised to Q8_0.
 ///
-/// candle 0.11 has no SIMD kernel for Q4_1 (its `vec_dot` is the generic scalar loop) but an AVX2
-/// one for Q8_0, and decoding a small model on a CPU is bound by that kernel, not by memory
-/// bandwidth. Requantising at load costs about half a second and 1.8x the Q4_1 bytes, and doubles
-/// decode speed. Q8_0 keeps 255 levels per 32-value block where Q4_1 has 16, so the requantised
+/// For CPUs where ferry's own kernels do not run ([`crate::kernels::kernel_available`]): candle
+/// 0.11's x86 Q4_1 dot product is its generic scalar loop, its Q8_0 one SIMD. Requantising at
+/// load costs about half a second and 1.8x the Q4_1 bytes, and there doubles decode speed. Q8_0 keeps 255 levels per 32-value block where Q4_1 has 16, so the requantised
 /// weights differ from the originals by well under one Q4_1 step. Returns `None` when the file has
 /// no Q4_1 tensor.
 pub fn repack_q4_1_as_q8_0(
@@ -284,6 +303,10 @@ pub fn gguf_architecture(content: &gguf_file::Content) -> String {
 }
 
 enum SessionState {
+    GgufLlama {
+        model: Arc<gguf_llama::GgufLlama>,
+        cache: gguf_llama::LlamaCache,
+    },
     QuantizedLlama(quantized_llama::ModelWeights),
     QuantizedGemma3 {
         model: Arc<gemma3::Gemma3>,
@@ -315,6 +338,7 @@ impl Session {
             .map_err(candle_err)?;
         let pos = self.position;
         let logits = match &mut self.state {
+            SessionState::GgufLlama { model, cache } => model.forward(cache, tokens, pos),
             SessionState::QuantizedLlama(m) => m.forward(&input, pos),
             SessionState::QuantizedGemma3 { model, cache } => model.forward(cache, tokens, pos),
             SessionState::Llama { model, cache } => model.forward(&input, pos, cache),

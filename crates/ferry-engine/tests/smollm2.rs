@@ -170,18 +170,87 @@ fn sink_break_cancels() {
     );
 }
 
+/// ferry's llama forward pass (its own kernels on this CPU) against the same forward pass in
+/// f32 (`dequantized`) and against candle's `quantized_llama`, all fed the f32 model's greedy
+/// continuation of a chat prompt: the f32 model's choice stays among ferry's top three at every
+/// step, and ferry's logits are no further from f32 than candle's own quantized ones (both
+/// round activations to int8; near-ties such as "The" vs "Sure" at the first token can flip).
 #[test]
-fn q8_0_repack_answers_like_the_original_q4_1() {
-    let repacked = load();
-    let mut manifest =
-        ModelManifest::load(&root().join("models/smollm2-135m-instruct.toml")).unwrap();
-    manifest.cpu_repack_q4_1 = false;
-    let original = LoadedModel::load(&manifest, &model_dir(), &ferry_engine::Device::Cpu).unwrap();
-    assert!(repacked.info().resident_weight_bytes > original.info().resident_weight_bytes);
-    let params = SamplingParams::greedy(24);
-    let (a, _, _) = generate(&repacked, "What is the capital of France?", &params);
-    let (b, _, _) = generate(&original, "What is the capital of France?", &params);
-    assert_eq!(a, b);
+fn ferrys_llama_matches_f32_as_closely_as_candles_quantized_llama() {
+    use candle_core::quantized::gguf_file;
+    use candle_core::Tensor;
+    use candle_transformers::models::quantized_llama;
+    use ferry_engine::model::gguf_llama::GgufLlama;
+
+    let manifest = ModelManifest::load(&root().join("models/smollm2-135m-instruct.toml")).unwrap();
+    let path = model_dir()
+        .join(&manifest.id)
+        .join(manifest.weights.as_deref().unwrap());
+    let open = || {
+        let mut f = std::fs::File::open(&path).unwrap();
+        let ct = gguf_file::Content::read(&mut f).unwrap();
+        (ct, f)
+    };
+    let cpu = candle_core::Device::Cpu;
+    let (ct, mut f) = open();
+    assert!(GgufLlama::supports(&ct));
+    let ours = GgufLlama::from_gguf(&ct, &mut f, &cpu).unwrap();
+    assert_eq!(
+        ours.uses_kernels(),
+        ferry_engine::kernels::kernel_available(),
+        "every layer takes ferry's kernel where the CPU runs it"
+    );
+    assert_eq!(ours.uses_cpu_path(), ours.uses_kernels());
+    let (ct, mut f) = open();
+    let exact = GgufLlama::from_gguf(&ct, &mut f, &cpu)
+        .unwrap()
+        .dequantized()
+        .unwrap();
+    let (ct, mut f) = open();
+    let mut candle = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &cpu).unwrap();
+
+    let prompt = load()
+        .encode_chat(&[
+            ChatMessage::text(Role::System, "You are a helpful assistant."),
+            ChatMessage::text(Role::User, "What is the capital of France?"),
+        ])
+        .unwrap();
+    let logits = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let gap = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    let (mut c_ours, mut c_exact) = (ours.new_cache(), exact.new_cache());
+    let (mut worst_ours, mut worst_candle) = (0f32, 0f32);
+    let mut feed = prompt;
+    let mut pos = 0;
+    for step in 0..12 {
+        let e = logits(exact.forward(&mut c_exact, &feed, pos).unwrap());
+        let o = logits(ours.forward(&mut c_ours, &feed, pos).unwrap());
+        let input = Tensor::new(feed.as_slice(), &cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let c = logits(candle.forward(&input, pos).unwrap());
+        pos += feed.len();
+        worst_ours = worst_ours.max(gap(&o, &e));
+        worst_candle = worst_candle.max(gap(&c, &e));
+        let choice = (0..e.len()).max_by(|&a, &b| e[a].total_cmp(&e[b])).unwrap();
+        let above = o.iter().filter(|&&v| v > o[choice]).count();
+        assert!(
+            above < 3,
+            "step {step}: f32's token {choice} is ranked {} by ferry's kernels",
+            above + 1
+        );
+        feed = vec![choice as u32];
+    }
+    eprintln!("largest logit gap to f32: ferry {worst_ours}, candle {worst_candle}");
+    assert!(
+        worst_ours <= 1.5 * worst_candle + 0.25,
+        "ferry's logits are {worst_ours} from f32, candle's {worst_candle}"
+    );
 }
 
 #[test]

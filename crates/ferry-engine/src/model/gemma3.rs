@@ -9,14 +9,18 @@
 //! Here the weights stay quantized: the embedding is shared with the tied output head and only
 //! the rows a request looks up are dequantized (on the CPU), RoPE angles are computed for the
 //! positions being fed, and sliding-window layers keep only the last `window - 1` keys. On the
-//! CPU, weights in formats that candle 0.11 has no SIMD kernel for (Q4_1, Q5_0, Q5_1) are
-//! requantized to Q8_0 at load (AVX2 kernel; Q8_0 keeps 255 levels per 32-value block).
+//! CPU, Q4_0/Q4_1/Q5_0/Q8_0 weights run on ferry's kernels ([`crate::kernels`]) as stored; the
+//! formats neither they nor candle have a SIMD product for (Q5_1, and Q4_1/Q5_0 on a CPU
+//! without AVX2) are requantized to Q8_0 at load.
 
 use std::sync::Arc;
 
-use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
+
+use super::parts::{causal_mask, inv_freq, rope_angles, Embedding};
+use crate::kernels::{self, QLinear};
 
 /// Gemma 3 alternates five sliding-window layers with one global layer unless the file says
 /// otherwise.
@@ -24,63 +28,31 @@ const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
 /// RoPE base of the sliding-window layers (the GGUF stores only the global one).
 const DEFAULT_LOCAL_ROPE_BASE: f64 = 10_000.0;
 
-/// Formats candle 0.11 multiplies with a scalar loop on the CPU.
+/// Formats that neither ferry's kernels (on this CPU) nor candle's SIMD ones multiply: candle
+/// runs them through a scalar loop.
 fn lacks_cpu_kernel(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
-}
-
-/// The token embedding, also the output head's weight when the file ties them.
-#[derive(Debug, Clone)]
-enum Embedding {
-    /// Quantized rows, dequantized on lookup (CPU).
-    Rows(Arc<QTensor>),
-    /// Dequantized table (accelerators, where row slicing of quantized storage is not exposed).
-    Dense(Tensor),
-}
-
-impl Embedding {
-    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
-        match self {
-            Embedding::Dense(t) => {
-                let ids = Tensor::new(ids, device)?;
-                t.index_select(&ids, 0)?.unsqueeze(0)
-            }
-            Embedding::Rows(qt) => {
-                let (rows, dim) = qt.shape().dims2()?;
-                let dtype = qt.dtype();
-                let row_bytes = dim / dtype.block_size() * dtype.type_size();
-                let data = qt.data()?;
-                let mut out = Vec::with_capacity(ids.len() * dim);
-                for &id in ids {
-                    let id = id as usize;
-                    if id >= rows {
-                        candle_core::bail!("token id {id} is outside the {rows}-row embedding");
-                    }
-                    let raw = &data[id * row_bytes..(id + 1) * row_bytes];
-                    let row = ggml_file::qtensor_from_ggml(dtype, raw, vec![dim], &Device::Cpu)?;
-                    out.extend(row.dequantize(&Device::Cpu)?.to_vec1::<f32>()?);
-                }
-                Tensor::from_vec(out, (1, ids.len(), dim), device)
-            }
-        }
+    match dtype {
+        GgmlDType::Q5_1 => true,
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 => !kernels::kernel_available(),
+        _ => false,
     }
 }
 
 #[derive(Debug, Clone)]
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: QLinear,
+    wk: QLinear,
+    wv: QLinear,
+    wo: QLinear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     attn_norm: RmsNorm,
     post_attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
     post_ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: QLinear,
+    up: QLinear,
+    down: QLinear,
     /// `Some(window)` for sliding-window layers.
     window: Option<usize>,
 }
@@ -95,7 +67,7 @@ pub struct Gemma3 {
     head_dim: usize,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: QLinear,
     /// RoPE inverse frequencies of the global and the sliding-window layers.
     inv_freq_global: Vec<f64>,
     inv_freq_local: Vec<f64>,
@@ -112,12 +84,6 @@ pub struct Gemma3 {
 #[derive(Debug, Clone, Default)]
 pub struct Gemma3Cache {
     kv: Vec<Option<(Tensor, Tensor)>>,
-}
-
-fn inv_freq(base: f64, head_dim: usize) -> Vec<f64> {
-    (0..head_dim / 2)
-        .map(|i| 1.0 / base.powf(2.0 * i as f64 / head_dim as f64))
-        .collect()
 }
 
 impl Gemma3 {
@@ -171,15 +137,15 @@ impl Gemma3 {
         let norm_of = |t: QTensor| RmsNorm::from_qtensor(t, eps);
 
         let embed = Arc::new(tensor("token_embd.weight")?);
-        let output = if ct.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(tensor("output.weight")?)?
+        let (output, embedding) = if ct.tensor_infos.contains_key("output.weight") {
+            (
+                QLinear::from_qtensor(tensor("output.weight")?)?,
+                Embedding::new(embed, device)?,
+            )
         } else {
-            QMatMul::from_arc(embed.clone())?
-        };
-        let embedding = if device.is_cpu() {
-            Embedding::Rows(embed)
-        } else {
-            Embedding::Dense(embed.dequantize(device)?)
+            let head = QLinear::from_arc(embed.clone())?;
+            let embedding = Embedding::tied(&head, embed, device)?;
+            (head, embedding)
         };
         let norm = norm_of(tensor("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(n_layer);
@@ -187,19 +153,19 @@ impl Gemma3 {
             let mut t = |name: &str| tensor(&format!("blk.{i}.{name}.weight"));
             let sliding = (i + 1) % pattern != 0;
             layers.push(Layer {
-                wq: QMatMul::from_qtensor(t("attn_q")?)?,
-                wk: QMatMul::from_qtensor(t("attn_k")?)?,
-                wv: QMatMul::from_qtensor(t("attn_v")?)?,
-                wo: QMatMul::from_qtensor(t("attn_output")?)?,
+                wq: QLinear::from_qtensor(t("attn_q")?)?,
+                wk: QLinear::from_qtensor(t("attn_k")?)?,
+                wv: QLinear::from_qtensor(t("attn_v")?)?,
+                wo: QLinear::from_qtensor(t("attn_output")?)?,
                 q_norm: norm_of(t("attn_q_norm")?)?,
                 k_norm: norm_of(t("attn_k_norm")?)?,
                 attn_norm: norm_of(t("attn_norm")?)?,
                 post_attn_norm: norm_of(t("post_attention_norm")?)?,
                 ffn_norm: norm_of(t("ffn_norm")?)?,
                 post_ffn_norm: norm_of(t("post_ffw_norm")?)?,
-                gate: QMatMul::from_qtensor(t("ffn_gate")?)?,
-                up: QMatMul::from_qtensor(t("ffn_up")?)?,
-                down: QMatMul::from_qtensor(t("ffn_down")?)?,
+                gate: QLinear::from_qtensor(t("ffn_gate")?)?,
+                up: QLinear::from_qtensor(t("ffn_up")?)?,
+                down: QLinear::from_qtensor(t("ffn_down")?)?,
                 window: sliding.then_some(window),
             });
         }
@@ -250,10 +216,8 @@ impl Gemma3 {
     /// forward passes; the f32 model gives the same logits for any split (tests), at ~4x the
     /// memory.
     pub fn dequantized(mut self) -> Result<Self> {
-        fn f32_matmul(m: &mut QMatMul) -> Result<()> {
-            if let QMatMul::QTensor(q) = m {
-                *m = QMatMul::Tensor(q.dequantize(&q.device())?);
-            }
+        fn f32_matmul(m: &mut QLinear) -> Result<()> {
+            *m = m.dequantized()?;
             Ok(())
         }
         for l in &mut self.layers {
@@ -280,37 +244,18 @@ impl Gemma3 {
         }
     }
 
-    /// `(cos, sin)`, each `(len, head_dim / 2)`, for positions `start..start + len`.
-    fn rope(
-        &self,
-        inv_freq: &[f64],
-        scale: f64,
-        start: usize,
-        len: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
-            let p = p as f64 / scale;
-            for f in inv_freq {
-                let a = p * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (len, half), &self.device)?,
-            Tensor::from_vec(sin, (len, half), &self.device)?,
-        ))
-    }
-
     /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
     pub fn forward(&self, cache: &mut Gemma3Cache, tokens: &[u32], pos: usize) -> Result<Tensor> {
         let t = tokens.len();
         let mut x = (self.embedding.lookup(tokens, &self.device)? * (self.hidden as f64).sqrt())?;
-        let global = self.rope(&self.inv_freq_global, self.global_scale, pos, t)?;
-        let local = self.rope(&self.inv_freq_local, 1.0, pos, t)?;
+        let global = rope_angles(
+            &self.inv_freq_global,
+            self.global_scale,
+            pos,
+            t,
+            &self.device,
+        )?;
+        let local = rope_angles(&self.inv_freq_local, 1.0, pos, t, &self.device)?;
         for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
             let (cos, sin) = if layer.window.is_some() {
                 &local
@@ -366,17 +311,8 @@ impl Gemma3 {
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         let needs_mask = t > 1 || layer.window.is_some_and(|w| pos + t - first > w);
         if needs_mask {
-            let mut mask = Vec::with_capacity(t * len);
-            for i in 0..t {
-                let qi = pos + i;
-                for j in 0..len {
-                    let kj = first + j;
-                    let visible = kj <= qi && layer.window.is_none_or(|w| qi - kj < w);
-                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-                }
-            }
             // Rows are (query head in the group, query position), as stacked above.
-            let mask = Tensor::from_vec(mask, (t, len), &self.device)?
+            let mask = causal_mask(t, len, pos, first, layer.window, &self.device)?
                 .repeat((rep, 1))?
                 .to_dtype(scores.dtype())?;
             scores = scores.broadcast_add(&mask)?;

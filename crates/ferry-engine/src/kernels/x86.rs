@@ -1,0 +1,435 @@
+//! The x86-64 kernels: one function per instruction set, chosen once at run time.
+//!
+//! Each block is unpacked to 32 unsigned bytes in a 256-bit register and dotted with the
+//! activation block; the per-block scales go into a float accumulator, the offsets into a scalar
+//! one (see the parent module for the algebra). 256-bit registers hold exactly one block, which
+//! keeps one code path for every format.
+// SIMD intrinsics and raw-pointer loads need `unsafe`; every pointer is derived from slices
+// whose lengths `QWeight::from_qtensor` and `QuantizedActs::quantize` checked.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use super::{Format, QWeight, QuantizedActs, BLOCK};
+
+/// Instruction sets the kernels are compiled for, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// `vpdpbusd` on 256-bit registers from AVX-512 VNNI (with VL).
+    Avx512Vnni,
+    /// `vpdpbusd` from AVX-VNNI (VEX-encoded).
+    AvxVnni,
+    /// Widening multiply-adds (`vpmaddwd`) on AVX2.
+    Avx2,
+}
+
+impl Isa {
+    /// Short name for logs and benchmark tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::AvxVnni => "avx-vnni",
+            Isa::Avx2 => "avx2",
+        }
+    }
+}
+
+/// Every instruction set this CPU runs, best first.
+pub fn available() -> Vec<Isa> {
+    let mut out = Vec::new();
+    if !(is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c"))
+    {
+        return out;
+    }
+    if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+        out.push(Isa::Avx512Vnni);
+    }
+    if is_x86_feature_detected!("avxvnni") {
+        out.push(Isa::AvxVnni);
+    }
+    out.push(Isa::Avx2);
+    out
+}
+
+/// The best instruction set of this CPU, or `None` without AVX2/FMA/F16C.
+pub fn detect() -> Option<Isa> {
+    static BEST: OnceLock<Option<Isa>> = OnceLock::new();
+    *BEST.get_or_init(|| available().first().copied())
+}
+
+/// Products smaller than this many multiply-adds run on the calling thread: waking the pool
+/// costs more than it saves.
+pub(super) const PARALLEL_MIN_MACS: usize = 1 << 15;
+
+/// The output buffer, shared by the pool's threads; each writes only the rows it was handed.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: threads write disjoint rows (`execute_chunked` hands out non-overlapping ranges).
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[j·rows + r]` for every weight row `r` and activation row `j < m`.
+pub fn matmul(isa: Isa, w: &QWeight, acts: &QuantizedActs, m: usize, out: &mut [f32]) {
+    assert_eq!(out.len(), m * w.rows);
+    assert_eq!(acts.q.len(), m * w.cols);
+    assert_eq!(
+        w.raw().len(),
+        w.rows * w.cols / BLOCK * w.format.block_bytes()
+    );
+    let dst = Out(out.as_mut_ptr());
+    let run = |rows: Range<usize>| {
+        // SAFETY: the asserts above bound every pointer the kernel forms; `isa` was detected
+        // on this CPU (`available`), so its instructions exist.
+        unsafe { dispatch(isa, w, acts, m, rows, dst.ptr()) }
+    };
+    if w.rows * w.cols * m < PARALLEL_MIN_MACS {
+        run(0..w.rows);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(w.rows, run);
+    }
+}
+
+/// One f32 activation row against every weight row (see `QWeight::matvec_f32`); `sums` holds
+/// the activation's per-block sums.
+pub fn matvec_f32(w: &QWeight, x: &[f32], sums: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), w.cols);
+    assert_eq!(sums.len(), w.cols / BLOCK);
+    assert_eq!(out.len(), w.rows);
+    let dst = Out(out.as_mut_ptr());
+    let run = |rows: Range<usize>| {
+        // SAFETY: lengths asserted above; AVX2/FMA/F16C checked by `detect` before any call.
+        unsafe {
+            match w.format {
+                Format::Q4_0 => f32_rows::<Q4_0>(w, x, sums, rows, dst.ptr()),
+                Format::Q4_1 => f32_rows::<Q4_1>(w, x, sums, rows, dst.ptr()),
+                Format::Q5_0 => f32_rows::<Q5_0>(w, x, sums, rows, dst.ptr()),
+                Format::Q8_0 => f32_rows::<Q8_0>(w, x, sums, rows, dst.ptr()),
+            }
+        }
+    };
+    if w.rows * w.cols < PARALLEL_MIN_MACS {
+        run(0..w.rows);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(w.rows, run);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_rows<const F: u8>(
+    w: &QWeight,
+    x: &[f32],
+    sums: &[f32],
+    rows: Range<usize>,
+    out: *mut f32,
+) {
+    let nb = w.cols / BLOCK;
+    let bb = block_bytes(F);
+    let base = w.raw().as_ptr();
+    let xp = x.as_ptr();
+    for r in rows {
+        let row = base.add(r * nb * bb);
+        let mut acc = _mm256_setzero_ps();
+        let mut offsets = 0f32;
+        for b in 0..nb {
+            let (u, dw, cw) = unpack::<F>(row.add(b * bb));
+            let xb = xp.add(b * BLOCK);
+            let lo = _mm256_castsi256_si128(u);
+            let hi = _mm256_extracti128_si256(u, 1);
+            let mut block = _mm256_setzero_ps();
+            for (i, bytes) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+                .into_iter()
+                .enumerate()
+            {
+                let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                block = _mm256_fmadd_ps(v, _mm256_loadu_ps(xb.add(8 * i)), block);
+            }
+            acc = _mm256_fmadd_ps(block, _mm256_set1_ps(dw), acc);
+            offsets += cw * *sums.get_unchecked(b);
+        }
+        *out.add(r) = hsum(acc) + offsets;
+    }
+}
+
+/// `f(i, &mut out[i·width..(i + 1)·width])` for every item, on the pool.
+pub(super) fn par_items<F: Fn(usize, &mut [f32]) + Sync>(
+    out: &mut [f32],
+    items: usize,
+    width: usize,
+    f: &F,
+) {
+    let dst = Out(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        for i in range {
+            // SAFETY: `out` holds `items · width` values (asserted by the caller) and the pool
+            // hands out each item once, so the slices are in bounds and disjoint.
+            let slice = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(i * width), width) };
+            f(i, slice);
+        }
+    });
+}
+
+unsafe fn dispatch(
+    isa: Isa,
+    w: &QWeight,
+    acts: &QuantizedActs,
+    m: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+) {
+    macro_rules! by_format {
+        ($module:ident) => {
+            match w.format {
+                Format::Q4_0 => $module::rows::<Q4_0>(w, acts, m, rows, out),
+                Format::Q4_1 => $module::rows::<Q4_1>(w, acts, m, rows, out),
+                Format::Q5_0 => $module::rows::<Q5_0>(w, acts, m, rows, out),
+                Format::Q8_0 => $module::rows::<Q8_0>(w, acts, m, rows, out),
+            }
+        };
+    }
+    match isa {
+        Isa::Avx512Vnni => by_format!(avx512vnni),
+        Isa::AvxVnni => by_format!(avxvnni),
+        Isa::Avx2 => by_format!(avx2),
+    }
+}
+
+// Format tags for the kernels' const parameter.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q8_0: u8 = 3;
+
+const fn block_bytes(f: u8) -> usize {
+    match f {
+        Q4_0 => Format::Q4_0.block_bytes(),
+        Q4_1 => Format::Q4_1.block_bytes(),
+        Q5_0 => Format::Q5_0.block_bytes(),
+        _ => Format::Q8_0.block_bytes(),
+    }
+}
+
+/// f16 at `p` (little-endian) as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half(p: *const u8) -> f32 {
+    let bits = u16::from_le(std::ptr::read_unaligned(p as *const u16));
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// 16 bytes of packed nibbles to 32 bytes: low nibbles first (values 0–15), then high ones.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(qs: *const u8) -> __m256i {
+    let v = _mm_loadu_si128(qs as *const __m128i);
+    let mask = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(v, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Byte `j` is 0x10 where bit `j` of `qh` is set (Q5_0's fifth bits).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fifth_bits(qh: u32) -> __m256i {
+    let v = _mm256_set1_epi32(qh as i32);
+    // Bytes 0–7 take byte 0 of qh, 8–15 byte 1 (low lane), 16–23 byte 2, 24–31 byte 3 (high
+    // lane; the broadcast puts qh's bytes in both lanes).
+    let pick = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bytes = _mm256_shuffle_epi8(v, pick);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// One block at `p` as unsigned bytes with `(d_w, c_w)`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack<const F: u8>(p: *const u8) -> (__m256i, f32, f32) {
+    let d = half(p);
+    match F {
+        Q4_0 => (nibbles(p.add(2)), d, -8.0 * d),
+        Q4_1 => (nibbles(p.add(4)), d, half(p.add(2))),
+        Q5_0 => {
+            let qh = u32::from_le(std::ptr::read_unaligned(p.add(2) as *const u32));
+            let u = _mm256_or_si256(nibbles(p.add(6)), fifth_bits(qh));
+            (u, d, -16.0 * d)
+        }
+        _ => {
+            let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
+            (
+                _mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN)),
+                d,
+                -128.0 * d,
+            )
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// The kernels for one instruction set: `$dp(u, q)` sums `u·q` over groups of four bytes into
+/// eight i32 lanes.
+macro_rules! kernels {
+    ($name:ident, $features:literal, |$u:ident, $q:ident| $dp:expr) => {
+        mod $name {
+            use super::*;
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn dot($u: __m256i, $q: __m256i) -> __m256i {
+                $dp
+            }
+
+            /// Rows `rows` of `w` against `m` activation rows, into `out[j·w.rows + r]`.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows<const F: u8>(
+                w: &QWeight,
+                acts: &QuantizedActs,
+                m: usize,
+                rows: Range<usize>,
+                out: *mut f32,
+            ) {
+                let nb = w.cols / BLOCK;
+                let bb = block_bytes(F);
+                let q = acts.q.as_ptr();
+                let d = acts.d.as_ptr();
+                let s = acts.sum.as_ptr();
+                let base = w.raw().as_ptr();
+                if m == 1 {
+                    for r in rows {
+                        let row = base.add(r * nb * bb);
+                        let mut acc = _mm256_setzero_ps();
+                        let mut offsets = 0f32;
+                        for b in 0..nb {
+                            let (u, dw, cw) = unpack::<F>(row.add(b * bb));
+                            let a = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
+                            let da = *d.add(b);
+                            let p = _mm256_cvtepi32_ps(dot(u, a));
+                            acc = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * da), acc);
+                            offsets += cw * da * *s.add(b);
+                        }
+                        *out.add(r) = hsum(acc) + offsets;
+                    }
+                    return;
+                }
+                // A prompt: unpack each weight row once, then dot it with every activation row.
+                let mut us = vec![0u8; nb * BLOCK];
+                let mut dws = vec![0f32; nb];
+                let mut cws = vec![0f32; nb];
+                for r in rows {
+                    let row = base.add(r * nb * bb);
+                    for b in 0..nb {
+                        let (u, dw, cw) = unpack::<F>(row.add(b * bb));
+                        _mm256_storeu_si256(us.as_mut_ptr().add(b * BLOCK) as *mut __m256i, u);
+                        dws[b] = dw;
+                        cws[b] = cw;
+                    }
+                    for j in 0..m {
+                        let qj = q.add(j * nb * BLOCK);
+                        let dj = d.add(j * nb);
+                        let sj = s.add(j * nb);
+                        let mut acc = _mm256_setzero_ps();
+                        let mut offsets = 0f32;
+                        for b in 0..nb {
+                            let u =
+                                _mm256_loadu_si256(us.as_ptr().add(b * BLOCK) as *const __m256i);
+                            let a = _mm256_loadu_si256(qj.add(b * BLOCK) as *const __m256i);
+                            let da = *dj.add(b);
+                            let p = _mm256_cvtepi32_ps(dot(u, a));
+                            acc = _mm256_fmadd_ps(p, _mm256_set1_ps(dws[b] * da), acc);
+                            offsets += cws[b] * da * *sj.add(b);
+                        }
+                        *out.add(j * w.rows + r) = hsum(acc) + offsets;
+                    }
+                }
+            }
+        }
+    };
+}
+
+kernels!(
+    avx512vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    |u, q| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q)
+);
+kernels!(avxvnni, "avx2,fma,f16c,avxvnni", |u, q| {
+    _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, q)
+});
+kernels!(avx2, "avx2,fma,f16c", |u, q| {
+    // u ≤ 255 and |q| ≤ 127: widen to 16 bits so the pairwise sums cannot saturate.
+    let lo = _mm256_madd_epi16(
+        _mm256_cvtepu8_epi16(_mm256_castsi256_si128(u)),
+        _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+    );
+    let hi = _mm256_madd_epi16(
+        _mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1)),
+        _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)),
+    );
+    _mm256_add_epi32(lo, hi)
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn every_instruction_set_of_this_cpu_agrees_with_the_scalar_loop() {
+        let (rows, cols) = (40, 640);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+            .collect();
+        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
+            let qw = QWeight::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
+                .unwrap()
+                .unwrap();
+            for m in [1, 3] {
+                let x: Vec<f32> = (0..m * cols)
+                    .map(|i| ((i * 104729 % 997) as f32 / 997.0 - 0.5) * 2.0)
+                    .collect();
+                let acts = QuantizedActs::quantize(&x, m, cols);
+                let mut want = vec![0f32; m * rows];
+                qw.matmul_reference(&acts, m, &mut want);
+                for isa in available() {
+                    let mut got = vec![0f32; m * rows];
+                    matmul(isa, &qw, &acts, m, &mut got);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+                            "{dtype:?} {isa:?} m={m}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Pieces the GGUF transformers ([`super::gemma3`], [`super::gguf_llama`]) share: the quantized
+//! token embedding that only dequantizes the rows a request looks up, and RoPE angles computed
+//! for the positions being fed rather than a table for the whole context.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
+use candle_core::{Device, Result, Tensor};
+
+use crate::kernels::{QLinear, QWeight};
+
+/// The token embedding, also the output head's weight when the file ties them.
+#[derive(Debug, Clone)]
+pub(crate) enum Embedding {
+    /// Quantized rows, dequantized on lookup (CPU).
+    Rows(Arc<QTensor>),
+    /// The rows of a tied output head that ferry's kernel holds (so the table is held once).
+    HeadRows(Arc<QWeight>),
+    /// Dequantized table (accelerators, where row slicing of quantized storage is not exposed).
+    Dense(Tensor),
+}
+
+impl Embedding {
+    /// Row lookup on the CPU, a dense table elsewhere.
+    pub(crate) fn new(table: Arc<QTensor>, device: &Device) -> Result<Self> {
+        Ok(if device.is_cpu() {
+            Embedding::Rows(table)
+        } else {
+            Embedding::Dense(table.dequantize(device)?)
+        })
+    }
+
+    /// The embedding of a file whose output head is the same table: shares the head's copy
+    /// when ferry's kernel holds it.
+    pub(crate) fn tied(head: &QLinear, table: Arc<QTensor>, device: &Device) -> Result<Self> {
+        match head {
+            QLinear::Kernel(w) if device.is_cpu() => Ok(Embedding::HeadRows(w.clone())),
+            _ => Self::new(table, device),
+        }
+    }
+
+    /// The embeddings of `ids`, `(1, ids.len(), hidden)`.
+    pub(crate) fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => {
+                let ids = Tensor::new(ids, device)?;
+                t.index_select(&ids, 0)?.unsqueeze(0)
+            }
+            Embedding::Rows(qt) => {
+                let (rows, dim) = qt.shape().dims2()?;
+                lookup_rows(qt.dtype(), &qt.data()?, rows, dim, ids, device)
+            }
+            Embedding::HeadRows(w) => {
+                lookup_rows(w.ggml_dtype(), w.raw(), w.rows(), w.cols(), ids, device)
+            }
+        }
+    }
+}
+
+/// Dequantizes rows `ids` of a `rows × dim` table stored as GGML blocks of `dtype`.
+fn lookup_rows(
+    dtype: GgmlDType,
+    data: &[u8],
+    rows: usize,
+    dim: usize,
+    ids: &[u32],
+    device: &Device,
+) -> Result<Tensor> {
+    let row_bytes = dim / dtype.block_size() * dtype.type_size();
+    let mut out = Vec::with_capacity(ids.len() * dim);
+    for &id in ids {
+        let id = id as usize;
+        if id >= rows {
+            candle_core::bail!("token id {id} is outside the {rows}-row embedding");
+        }
+        let raw = &data[id * row_bytes..(id + 1) * row_bytes];
+        let row = ggml_file::qtensor_from_ggml(dtype, raw, vec![dim], &Device::Cpu)?;
+        out.extend(row.dequantize(&Device::Cpu)?.to_vec1::<f32>()?);
+    }
+    Tensor::from_vec(out, (1, ids.len(), dim), device)
+}
+
+/// RoPE inverse frequencies `base^(-2i/dim)` for `i < dim/2`.
+pub(crate) fn inv_freq(base: f64, dim: usize) -> Vec<f64> {
+    (0..dim / 2)
+        .map(|i| 1.0 / base.powf(2.0 * i as f64 / dim as f64))
+        .collect()
+}
+
+/// `(cos, sin)`, each `(len, inv_freq.len())`, for positions `start..start + len` divided by
+/// `scale` (linear RoPE scaling).
+pub(crate) fn rope_angles(
+    inv_freq: &[f64],
+    scale: f64,
+    start: usize,
+    len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(len * half);
+    let mut sin = Vec::with_capacity(len * half);
+    for p in start..start + len {
+        let p = p as f64 / scale;
+        for f in inv_freq {
+            let a = p * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (len, half), device)?,
+        Tensor::from_vec(sin, (len, half), device)?,
+    ))
+}
+
+/// The causal mask of `t` queries at positions `pos..pos + t` over `len` keys starting at
+/// absolute position `first`, with an optional sliding window; `(t, len)`, 0 or -inf.
+pub(crate) fn causal_mask(
+    t: usize,
+    len: usize,
+    pos: usize,
+    first: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut mask = Vec::with_capacity(t * len);
+    for i in 0..t {
+        let qi = pos + i;
+        for j in 0..len {
+            let kj = first + j;
+            let visible = kj <= qi && window.is_none_or(|w| qi - kj < w);
+            mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+        }
+    }
+    Tensor::from_vec(mask, (t, len), device)
+}
