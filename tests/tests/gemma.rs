@@ -293,6 +293,23 @@ fn sliding_window_prefill_and_decode_agree() {
     }
     // The window is real: the 512-token window predicts differently.
     assert!(max_diff(&whole, &full_window) > 0.1);
+
+    // The same checks on candle's tensor forward pass (accelerators, CPUs without ferry's
+    // kernels), when the one above ran on ferry's plain-buffer CPU path: both passes agree.
+    if g.uses_cpu_path() {
+        let plain_whole = whole.clone();
+        let g = g.on_candle_path();
+        let whole = logits(&g, &[12]);
+        for split in [&[5, 1, 1, 1, 1, 1, 1, 1][..], &[1; 12], &[2, 6, 4]] {
+            let d = max_diff(&whole, &logits(&g, split));
+            assert!(
+                d < 1e-3,
+                "candle path, split {split:?}: max logit difference {d}"
+            );
+        }
+        let d = max_diff(&whole, &plain_whole);
+        assert!(d < 1e-2, "plain-buffer vs candle pass: {d}");
+    }
 }
 
 /// The manifest as shipped: plain `User:` / `Assistant:` lines after three example exchanges,

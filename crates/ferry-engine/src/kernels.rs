@@ -474,6 +474,51 @@ impl QLinear {
         Ok(QLinear::Candle(QMatMul::Tensor(dense)))
     }
 
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        match self {
+            QLinear::Kernel(w) => w.rows,
+            QLinear::Candle(m) => match m {
+                QMatMul::QTensor(q) => q.shape().dims().first().copied().unwrap_or(0),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                    t.dims().first().copied().unwrap_or(0)
+                }
+            },
+        }
+    }
+
+    /// `out = x · Wᵀ` on plain buffers (`m` rows of input); candle's product goes through
+    /// tensors.
+    pub fn matmul_f32(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            QLinear::Kernel(w) => {
+                w.matmul(x, m, out);
+                Ok(())
+            }
+            QLinear::Candle(q) => {
+                let k = x.len() / m.max(1);
+                let y = q.forward(&Tensor::from_slice(x, (m, k), &candle_core::Device::Cpu)?)?;
+                let y = y.flatten_all()?.to_vec1::<f32>()?;
+                if y.len() != out.len() {
+                    candle_core::bail!("product gave {} values for {}", y.len(), out.len());
+                }
+                out.copy_from_slice(&y);
+                Ok(())
+            }
+        }
+    }
+
+    /// The output head on one f32 row: ferry's kernel keeps the activations in f32
+    /// ([`QWeight::matvec_f32`]).
+    pub fn head_f32(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.out_features()];
+        match self {
+            QLinear::Kernel(w) => w.matvec_f32(x, &mut out),
+            QLinear::Candle(_) => self.matmul_f32(x, 1, &mut out)?,
+        }
+        Ok(out)
+    }
+
     /// Whether ferry's kernel serves this layer.
     pub fn uses_kernel(&self) -> bool {
         matches!(self, QLinear::Kernel(_))

@@ -19,6 +19,9 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::cpu_ops::{
+    attend, gelu_tanh, rms_norm, rms_norm_in_place, rope_halves, rope_tables, AttentionShape,
+};
 use super::parts::{causal_mask, inv_freq, rope_angles, Embedding};
 use crate::kernels::{self, QLinear};
 
@@ -58,9 +61,30 @@ struct Layer {
 }
 
 /// Gemma 3 weights, shared by every session.
+/// A layer's norm weights as the CPU path reads them.
+#[derive(Debug)]
+struct LayerNorms {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    attn: Vec<f32>,
+    post_attn: Vec<f32>,
+    ffn: Vec<f32>,
+    post_ffn: Vec<f32>,
+}
+
+/// What the plain-buffer CPU forward pass needs besides the layers' products.
+#[derive(Debug)]
+struct GemmaCpu {
+    layers: Vec<LayerNorms>,
+    norm: Vec<f32>,
+    eps: f32,
+}
+
 #[derive(Debug)]
 pub struct Gemma3 {
     embedding: Embedding,
+    /// The plain-buffer forward pass (on CPUs where ferry's kernels run).
+    cpu: Option<GemmaCpu>,
     hidden: usize,
     n_head: usize,
     n_kv_head: usize,
@@ -80,10 +104,13 @@ pub struct Gemma3 {
     device: Device,
 }
 
-/// Per-session attention cache: keys and values per layer, `(batch, kv_heads, len, head_dim)`.
+/// Per-session attention cache: keys and values per layer, `(batch, kv_heads, len, head_dim)`
+/// on candle's path; on the CPU path plain `[position][kv head][head_dim]` buffers with the
+/// absolute position of their first entry (sliding-window layers drop old keys).
 #[derive(Debug, Clone, Default)]
 pub struct Gemma3Cache {
     kv: Vec<Option<(Tensor, Tensor)>>,
+    plain: Vec<(Vec<f32>, Vec<f32>, usize)>,
 }
 
 impl Gemma3 {
@@ -134,7 +161,13 @@ impl Gemma3 {
             resident += t.storage_size_in_bytes() as u64;
             Ok(t)
         };
-        let norm_of = |t: QTensor| RmsNorm::from_qtensor(t, eps);
+        // The CPU path reads the norms as plain vectors: the final one, then per layer q, k,
+        // attention, post-attention, ffn, post-ffn (the order they are read below).
+        let mut plain_norms: Vec<Vec<f32>> = Vec::new();
+        let mut norm_of = |t: QTensor| -> Result<RmsNorm> {
+            plain_norms.push(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?);
+            RmsNorm::from_qtensor(t, eps)
+        };
 
         let embed = Arc::new(tensor("token_embd.weight")?);
         let (output, embedding) = if ct.tensor_infos.contains_key("output.weight") {
@@ -169,8 +202,24 @@ impl Gemma3 {
                 window: sliding.then_some(window),
             });
         }
+        let cpu = (device.is_cpu() && kernels::kernel_available()).then(|| GemmaCpu {
+            norm: plain_norms[0].clone(),
+            layers: plain_norms[1..]
+                .chunks_exact(6)
+                .map(|c| LayerNorms {
+                    q: c[0].clone(),
+                    k: c[1].clone(),
+                    attn: c[2].clone(),
+                    post_attn: c[3].clone(),
+                    ffn: c[4].clone(),
+                    post_ffn: c[5].clone(),
+                })
+                .collect(),
+            eps: eps as f32,
+        });
         Ok(Gemma3 {
             embedding,
+            cpu,
             hidden,
             n_head,
             n_kv_head,
@@ -237,15 +286,31 @@ impl Gemma3 {
         Ok(self)
     }
 
+    /// The same model on candle's tensor forward pass, the one accelerators and CPUs without
+    /// ferry's kernels run (tests compare the two passes).
+    pub fn on_candle_path(mut self) -> Self {
+        self.cpu = None;
+        self
+    }
+
+    /// Whether the forward pass runs on plain buffers (a CPU where ferry's kernels run).
+    pub fn uses_cpu_path(&self) -> bool {
+        self.cpu.is_some()
+    }
+
     /// An empty cache for a new session.
     pub fn new_cache(&self) -> Gemma3Cache {
         Gemma3Cache {
             kv: vec![None; self.layers.len()],
+            plain: vec![(Vec::new(), Vec::new(), 0); self.layers.len()],
         }
     }
 
     /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
     pub fn forward(&self, cache: &mut Gemma3Cache, tokens: &[u32], pos: usize) -> Result<Tensor> {
+        if let Some(cpu) = &self.cpu {
+            return self.forward_cpu(cpu, cache, tokens, pos);
+        }
         let t = tokens.len();
         let mut x = (self.embedding.lookup(tokens, &self.device)? * (self.hidden as f64).sqrt())?;
         let global = rope_angles(
@@ -272,6 +337,110 @@ impl Gemma3 {
         }
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         self.output.forward(&self.norm.forward(&last)?)
+    }
+
+    /// The forward pass on plain buffers (see [`super::llama_cpu`] for why).
+    fn forward_cpu(
+        &self,
+        cpu: &GemmaCpu,
+        cache: &mut Gemma3Cache,
+        tokens: &[u32],
+        pos: usize,
+    ) -> Result<Tensor> {
+        let t = tokens.len();
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let (q_width, kv_width) = (nh * hd, nkv * hd);
+        let hidden = self.hidden;
+        let embed_scale = (hidden as f32).sqrt();
+        let mut x: Vec<f32> = self
+            .embedding
+            .lookup(tokens, &self.device)?
+            .flatten_all()?
+            .to_vec1()?;
+        for v in &mut x {
+            *v *= embed_scale;
+        }
+        let global = rope_tables(&self.inv_freq_global, self.global_scale, pos, t);
+        let local = rope_tables(&self.inv_freq_local, 1.0, pos, t);
+        let half = hd / 2;
+        let ffn = self.layers.first().map_or(0, |l| l.gate.out_features());
+        let mut h = vec![0f32; t * hidden];
+        let mut h2 = vec![0f32; t * hidden];
+        let mut q = vec![0f32; t * q_width];
+        let mut k = vec![0f32; t * kv_width];
+        let mut v = vec![0f32; t * kv_width];
+        let mut att = vec![0f32; t * q_width];
+        let mut gate = vec![0f32; t * ffn];
+        let mut up = vec![0f32; t * ffn];
+        for ((layer, norms), (kc, vc, first)) in self
+            .layers
+            .iter()
+            .zip(&cpu.layers)
+            .zip(cache.plain.iter_mut())
+        {
+            let (cos, sin) = if layer.window.is_some() {
+                &local
+            } else {
+                &global
+            };
+            rms_norm(&x, &norms.attn, cpu.eps, &mut h);
+            layer.wq.matmul_f32(&h, t, &mut q)?;
+            layer.wk.matmul_f32(&h, t, &mut k)?;
+            layer.wv.matmul_f32(&h, t, &mut v)?;
+            rms_norm_in_place(&mut q, &norms.q, cpu.eps);
+            rms_norm_in_place(&mut k, &norms.k, cpu.eps);
+            for i in 0..t {
+                let (c, s) = (&cos[i * half..][..half], &sin[i * half..][..half]);
+                for head in q[i * q_width..][..q_width].chunks_exact_mut(hd) {
+                    rope_halves(head, c, s);
+                }
+                for head in k[i * kv_width..][..kv_width].chunks_exact_mut(hd) {
+                    rope_halves(head, c, s);
+                }
+            }
+            kc.extend_from_slice(&k);
+            vc.extend_from_slice(&v);
+            let shape = AttentionShape {
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: hd,
+                scale: self.attn_scale as f32,
+                window: layer.window,
+            };
+            attend(&shape, &q, q_width, kc, vc, *first, pos, t, &mut att);
+            // A sliding-window layer never looks further back than window - 1 keys; drop the
+            // rest once there are twice as many, so the copy is paid rarely.
+            if let Some(w) = layer.window {
+                let len = kc.len() / kv_width;
+                if len >= 2 * w {
+                    let drop = len - (w - 1);
+                    kc.drain(..drop * kv_width);
+                    vc.drain(..drop * kv_width);
+                    *first += drop;
+                }
+            }
+            layer.wo.matmul_f32(&att, t, &mut h)?;
+            rms_norm(&h, &norms.post_attn, cpu.eps, &mut h2);
+            for (a, b) in x.iter_mut().zip(&h2) {
+                *a += b;
+            }
+            rms_norm(&x, &norms.ffn, cpu.eps, &mut h);
+            layer.gate.matmul_f32(&h, t, &mut gate)?;
+            layer.up.matmul_f32(&h, t, &mut up)?;
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = gelu_tanh(*g) * u;
+            }
+            layer.down.matmul_f32(&gate, t, &mut h)?;
+            rms_norm(&h, &norms.post_ffn, cpu.eps, &mut h2);
+            for (a, b) in x.iter_mut().zip(&h2) {
+                *a += b;
+            }
+        }
+        let mut normed = vec![0f32; hidden];
+        rms_norm(&x[(t - 1) * hidden..], &cpu.norm, cpu.eps, &mut normed);
+        let logits = self.output.head_f32(&normed)?;
+        let vocab = logits.len();
+        Tensor::from_vec(logits, (1, vocab), &self.device)
     }
 
     fn attention(

@@ -9,7 +9,8 @@
 
 use std::sync::Arc;
 
-use crate::kernels::{par_items, QWeight};
+use super::cpu_ops::{attend, rms_norm, rope_interleaved, rope_tables, AttentionShape};
+use crate::kernels::QWeight;
 
 /// One layer's weights as the CPU path reads them.
 #[derive(Debug)]
@@ -53,38 +54,6 @@ impl CpuCache {
     }
 }
 
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    for (xr, or) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
-            *o = v * inv * g;
-        }
-    }
-}
-
-/// Dot product in eight lanes (auto-vectorized).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
-}
-
-/// Interleaved rotary embedding of one head: pairs `(2i, 2i+1)` turn by `angle_i`.
-fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
-    for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-        let (a, b) = (pair[0], pair[1]);
-        pair[0] = a * c - b * s;
-        pair[1] = a * s + b * c;
-    }
-}
-
 impl CpuLlama {
     /// Feeds `x` (`t` embedded tokens at positions `pos..`, row-major) through every layer and
     /// returns the logits of the last token.
@@ -101,17 +70,8 @@ impl CpuLlama {
         let kv_width = nkv * hd;
         let qkv_width = hidden + 2 * kv_width;
         let half = hd / 2;
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in pos..pos + t {
-            for f in inv_freq {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
+        let (cos, sin) = rope_tables(inv_freq, 1.0, pos, t);
         let scale = 1.0 / (hd as f32).sqrt();
-        let rep = nh / nkv;
         let mut h = vec![0f32; t * hidden];
         let mut qkv = vec![0f32; t * qkv_width];
         let mut att = vec![0f32; t * hidden];
@@ -130,42 +90,19 @@ impl CpuLlama {
                     &sin[i * half..(i + 1) * half],
                 );
                 for head in row[..hidden + kv_width].chunks_exact_mut(hd) {
-                    rope(head, c, s);
+                    rope_interleaved(head, c, s);
                 }
                 kc.extend_from_slice(&row[hidden..hidden + kv_width]);
                 vc.extend_from_slice(&row[hidden + kv_width..]);
             }
-            let (kc, vc): (&[f32], &[f32]) = (kc, vc);
-            let qkv_ref = &qkv;
-            // One item per (query position, head): its causal window over the cache.
-            par_items(
-                &mut att,
-                t * nh,
-                hd,
-                t * nh * (pos + t) * hd * 2,
-                |item, out| {
-                    let (i, head) = (item / nh, item % nh);
-                    let kvh = head / rep;
-                    let q = &qkv_ref[i * qkv_width + head * hd..i * qkv_width + (head + 1) * hd];
-                    let len = pos + i + 1;
-                    let mut scores: Vec<f32> = (0..len)
-                        .map(|p| dot(q, &kc[p * kv_width + kvh * hd..][..hd]) * scale)
-                        .collect();
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut total = 0f32;
-                    for s in &mut scores {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    out.fill(0.0);
-                    for (p, s) in scores.iter().enumerate() {
-                        let w = s / total;
-                        for (o, &v) in out.iter_mut().zip(&vc[p * kv_width + kvh * hd..][..hd]) {
-                            *o += w * v;
-                        }
-                    }
-                },
-            );
+            let shape = AttentionShape {
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: hd,
+                scale,
+                window: None,
+            };
+            attend(&shape, &qkv, qkv_width, kc, vc, 0, pos, t, &mut att);
             layer.wo.matmul(&att, t, &mut h);
             for (a, b) in x.iter_mut().zip(&h) {
                 *a += b;
