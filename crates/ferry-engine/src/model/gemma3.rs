@@ -13,8 +13,6 @@
 //! formats neither they nor candle have a SIMD product for (Q5_1, and Q4_1/Q5_0 on a CPU
 //! without AVX2) are requantized to Q8_0 at load.
 
-use std::sync::Arc;
-
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
@@ -22,7 +20,7 @@ use candle_transformers::quantized_nn::RmsNorm;
 use super::cpu_ops::{
     attend, gelu_tanh, rms_norm, rms_norm_in_place, rope_halves, rope_tables, AttentionShape,
 };
-use super::parts::{causal_mask, inv_freq, rope_angles, Embedding};
+use super::parts::{causal_mask, head_and_embedding, inv_freq, rope_angles, Embedding};
 use crate::kernels::{self, QLinear};
 
 /// Gemma 3 alternates five sliding-window layers with one global layer unless the file says
@@ -169,17 +167,13 @@ impl Gemma3 {
             RmsNorm::from_qtensor(t, eps)
         };
 
-        let embed = Arc::new(tensor("token_embd.weight")?);
-        let (output, embedding) = if ct.tensor_infos.contains_key("output.weight") {
-            (
-                QLinear::from_qtensor(tensor("output.weight")?)?,
-                Embedding::new(embed, device)?,
-            )
+        let embed = tensor("token_embd.weight")?;
+        let head = if ct.tensor_infos.contains_key("output.weight") {
+            Some(tensor("output.weight")?)
         } else {
-            let head = QLinear::from_arc(embed.clone())?;
-            let embedding = Embedding::tied(&head, embed, device)?;
-            (head, embedding)
+            None
         };
+        let (output, embedding) = head_and_embedding(embed, head, device)?;
         let norm = norm_of(tensor("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {

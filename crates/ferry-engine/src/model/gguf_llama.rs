@@ -19,7 +19,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::llama_cpu::{CpuCache, CpuLayer, CpuLlama};
-use super::parts::{causal_mask, inv_freq, rope_angles, Embedding};
+use super::parts::{causal_mask, head_and_embedding, inv_freq, rope_angles, Embedding};
 use crate::kernels::{QLinear, QWeight};
 
 #[derive(Debug, Clone)]
@@ -151,17 +151,13 @@ impl GgufLlama {
             }
         }
 
-        let embed = Arc::new(tensor("token_embd.weight")?);
-        let (output, embedding) = if ct.tensor_infos.contains_key("output.weight") {
-            (
-                QLinear::from_qtensor(tensor("output.weight")?)?,
-                Embedding::new(embed, device)?,
-            )
+        let embed = tensor("token_embd.weight")?;
+        let head = if ct.tensor_infos.contains_key("output.weight") {
+            Some(tensor("output.weight")?)
         } else {
-            let head = QLinear::from_arc(embed.clone())?;
-            let embedding = Embedding::tied(&head, embed, device)?;
-            (head, embedding)
+            None
         };
+        let (output, embedding) = head_and_embedding(embed, head, device)?;
         let norm = norm_of(tensor("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {

@@ -97,20 +97,29 @@ pub(crate) fn rope_angles(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
-    let mut cos = Vec::with_capacity(len * half);
-    let mut sin = Vec::with_capacity(len * half);
-    for p in start..start + len {
-        let p = p as f64 / scale;
-        for f in inv_freq {
-            let a = p * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
+    let (cos, sin) = super::cpu_ops::rope_tables(inv_freq, scale, start, len);
     Ok((
         Tensor::from_vec(cos, (len, half), device)?,
         Tensor::from_vec(sin, (len, half), device)?,
     ))
+}
+
+/// The output head and the token embedding: the file's own `output.weight` when it has one,
+/// else the embedding table tied to the head (held once, see [`Embedding::tied`]).
+pub(crate) fn head_and_embedding(
+    embed: QTensor,
+    output: Option<QTensor>,
+    device: &Device,
+) -> Result<(QLinear, Embedding)> {
+    let embed = Arc::new(embed);
+    match output {
+        Some(head) => Ok((QLinear::from_qtensor(head)?, Embedding::new(embed, device)?)),
+        None => {
+            let head = QLinear::from_arc(embed.clone())?;
+            let embedding = Embedding::tied(&head, embed, device)?;
+            Ok((head, embedding))
+        }
+    }
 }
 
 /// The causal mask of `t` queries at positions `pos..pos + t` over `len` keys starting at
