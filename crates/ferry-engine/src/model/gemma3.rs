@@ -432,7 +432,7 @@ impl Gemma3 {
         }
         let mut normed = vec![0f32; hidden];
         rms_norm(&x[(t - 1) * hidden..], &cpu.norm, cpu.eps, &mut normed);
-        let logits = self.output.head_f32(&normed)?;
+        let logits = self.output.head_logits(&normed)?;
         let vocab = logits.len();
         Tensor::from_vec(logits, (1, vocab), &self.device)
     }

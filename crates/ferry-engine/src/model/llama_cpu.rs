@@ -126,9 +126,7 @@ impl CpuLlama {
         let last = &x[(t - 1) * hidden..];
         let mut normed = vec![0f32; hidden];
         rms_norm(last, &self.norm, self.eps, &mut normed);
-        let mut logits = vec![0f32; self.output.rows()];
-        // The head picks the token: its input stays f32 (see `QWeight::matvec_f32`).
-        self.output.matvec_f32(&normed, &mut logits);
-        logits
+        // The head picks the token: its leading logits are exact (`QWeight::head_logits`).
+        self.output.head_logits(&normed)
     }
 }
