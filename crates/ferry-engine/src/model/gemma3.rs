@@ -20,7 +20,7 @@ use candle_transformers::quantized_nn::RmsNorm;
 use super::cpu_ops::{
     attend, gelu_tanh, rms_norm, rms_norm_in_place, rope_halves, rope_tables, AttentionShape,
 };
-use super::parts::{causal_mask, head_and_embedding, inv_freq, rope_angles, Embedding};
+use super::parts::{cached_attention, head_and_embedding, inv_freq, rope_angles, Embedding};
 use crate::kernels::{self, QLinear};
 
 /// Gemma 3 alternates five sliding-window layers with one global layer unless the file says
@@ -457,48 +457,7 @@ impl Gemma3 {
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
 
-        let cached = kv.as_ref().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
-        let (k, v) = match kv.take() {
-            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
-            None => (k, v),
-        };
-        let len = k.dim(2)?;
-        // Absolute position of key 0; queries sit at pos..pos + t.
-        let first = pos - cached;
-
-        // Grouped-query attention without copying keys: the query heads that share a key head
-        // are stacked along the sequence axis.
-        let rep = nh / nkv;
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scale = self.attn_scale;
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        let needs_mask = t > 1 || layer.window.is_some_and(|w| pos + t - first > w);
-        if needs_mask {
-            // Rows are (query head in the group, query position), as stacked above.
-            let mask = causal_mask(t, len, pos, first, layer.window, &self.device)?
-                .repeat((rep, 1))?
-                .to_dtype(scores.dtype())?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-
-        // A sliding-window layer never looks further back than window - 1 keys.
-        let (k, v) = match layer.window {
-            Some(w) if len > w - 1 => {
-                let keep = w - 1;
-                (
-                    k.narrow(2, len - keep, keep)?.contiguous()?,
-                    v.narrow(2, len - keep, keep)?.contiguous()?,
-                )
-            }
-            _ => (k, v),
-        };
-        *kv = Some((k, v));
+        let out = cached_attention(kv, &q, k, v, pos, self.attn_scale, layer.window)?;
         layer.wo.forward(&out)
     }
 }

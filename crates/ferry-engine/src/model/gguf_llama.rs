@@ -19,7 +19,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::llama_cpu::{CpuCache, CpuLayer, CpuLlama};
-use super::parts::{causal_mask, head_and_embedding, inv_freq, rope_angles, Embedding};
+use super::parts::{cached_attention, head_and_embedding, inv_freq, rope_angles, Embedding};
 use crate::kernels::{QLinear, QWeight};
 
 #[derive(Debug, Clone)]
@@ -290,32 +290,8 @@ impl GgufLlama {
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
 
-        let cached = kv.as_ref().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
-        let (k, v) = match kv.take() {
-            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
-            None => (k, v),
-        };
-        let len = k.dim(2)?;
-
-        // Grouped-query attention without copying keys: the query heads that share a key head
-        // are stacked along the sequence axis.
-        let rep = nh / nkv;
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        if t > 1 {
-            // Rows are (query head in the group, query position), as stacked above.
-            let mask = causal_mask(t, len, pos, pos - cached, None, &self.device)?
-                .repeat((rep, 1))?
-                .to_dtype(scores.dtype())?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        *kv = Some((k, v));
+        let scale = 1.0 / (hd as f64).sqrt();
+        let out = cached_attention(kv, &q, k, v, pos, scale, None)?;
         layer.wo.forward(&out)
     }
 }

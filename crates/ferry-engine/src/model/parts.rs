@@ -143,3 +143,62 @@ pub(crate) fn causal_mask(
     }
     Tensor::from_vec(mask, (t, len), device)
 }
+
+/// Causal grouped-query attention over a tensor key/value cache (candle's path): appends `k` and
+/// `v` (`(b, kv_heads, t, head_dim)`, already rotated) to `kv`, attends `q`
+/// (`(b, heads, t, head_dim)`, queries at positions `pos..`) with logit scale `scale`, keeps a
+/// sliding-window layer's cache at `window - 1` keys, and returns `(b, t, heads·head_dim)`.
+pub(crate) fn cached_attention(
+    kv: &mut Option<(Tensor, Tensor)>,
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: usize,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let cached = kv.as_ref().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+    let (k, v) = match kv.take() {
+        Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+        None => (k, v),
+    };
+    let len = k.dim(2)?;
+    // Absolute position of key 0; queries sit at pos..pos + t.
+    let first = pos - cached;
+
+    // Grouped-query attention without copying keys: the query heads that share a key head are
+    // stacked along the sequence axis.
+    let rep = nh / nkv;
+    let q = q.reshape((b, nkv, rep * t, hd))?;
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    let needs_mask = t > 1 || window.is_some_and(|w| pos + t - first > w);
+    if needs_mask {
+        // Rows are (query head in the group, query position), as stacked above.
+        let mask = causal_mask(t, len, pos, first, window, q.device())?
+            .repeat((rep, 1))?
+            .to_dtype(scores.dtype())?;
+        scores = scores.broadcast_add(&mask)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs
+        .matmul(&v)?
+        .reshape((b, nh, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * hd))?;
+
+    // A sliding-window layer never looks further back than window - 1 keys.
+    let (k, v) = match window {
+        Some(w) if len > w - 1 => {
+            let keep = w - 1;
+            (
+                k.narrow(2, len - keep, keep)?.contiguous()?,
+                v.narrow(2, len - keep, keep)?.contiguous()?,
+            )
+        }
+        _ => (k, v),
+    };
+    *kv = Some((k, v));
+    Ok(out)
+}
