@@ -25,7 +25,7 @@ use futures::StreamExt;
 const CLOUD_MODEL: &str = "cloud-smollm2";
 const QUESTION: &str = "Name three colours of the rainbow.";
 /// A prompt that keeps a small model talking for hundreds of tokens.
-const LONG: &str = "Count from 1 to 500, writing every number in words, separated by commas.";
+const LONG: &str = ferry_integration::LONG_PROMPT;
 
 fn candle_model(id: &str) -> ModelConfig {
     serde_json::from_value(serde_json::json!({
