@@ -284,7 +284,7 @@ impl QWeight {
         out
     }
 
-    fn matvec_f32_reference(&self, x: &[f32], sums: &[f32], out: &mut [f32]) {
+    pub(crate) fn matvec_f32_reference(&self, x: &[f32], sums: &[f32], out: &mut [f32]) {
         let nb = self.cols / BLOCK;
         let bb = self.format.block_bytes();
         let mut u = [0u8; BLOCK];

@@ -524,6 +524,56 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     #[test]
+    fn both_f32_activation_paths_agree_with_the_scalar_loop() {
+        if !available().contains(&Isa::Avx2) {
+            return;
+        }
+        let (rows, cols) = (21, 352);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+            .collect();
+        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
+            let qw = QWeight::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
+                .unwrap()
+                .unwrap();
+            let mut want = vec![0f32; rows];
+            qw.matvec_f32_reference(&x, &sums, &mut want);
+            let mut avx2 = vec![0f32; rows];
+            // SAFETY: AVX2/FMA/F16C are present (checked above); lengths match the weight.
+            unsafe {
+                match dtype {
+                    GgmlDType::Q4_0 => f32_rows::<Q4_0>(&qw, &x, &sums, 0..rows, avx2.as_mut_ptr()),
+                    GgmlDType::Q4_1 => f32_rows::<Q4_1>(&qw, &x, &sums, 0..rows, avx2.as_mut_ptr()),
+                    GgmlDType::Q5_0 => f32_rows::<Q5_0>(&qw, &x, &sums, 0..rows, avx2.as_mut_ptr()),
+                    _ => f32_rows::<Q8_0>(&qw, &x, &sums, 0..rows, avx2.as_mut_ptr()),
+                }
+            }
+            let mut best = vec![0f32; rows];
+            matvec_f32(&qw, &x, &sums, &mut best);
+            for ((a, b), w) in avx2.iter().zip(&best).zip(&want) {
+                assert!(
+                    (a - w).abs() <= 1e-3 * w.abs().max(1.0),
+                    "{dtype:?} avx2: {a} vs {w}"
+                );
+                assert!(
+                    (b - w).abs() <= 1e-3 * w.abs().max(1.0),
+                    "{dtype:?} best: {b} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn every_instruction_set_of_this_cpu_agrees_with_the_scalar_loop() {
         let (rows, cols) = (40, 640);
         let w: Vec<f32> = (0..rows * cols)
