@@ -88,11 +88,14 @@ pub fn matmul(isa: Isa, w: &QWeight, acts: &QuantizedActs, m: usize, out: &mut [
         w.raw().len(),
         w.rows * w.cols / BLOCK * w.format.block_bytes()
     );
+    // The 512-bit prompt kernel's activation scales, laid out once per product (not once per
+    // chunk of rows each thread takes).
+    let scales = (isa == Isa::Avx512Vnni && m > 1).then(|| PromptScales::new(acts));
     let dst = Out(out.as_mut_ptr());
     let run = |rows: Range<usize>| {
         // SAFETY: the asserts above bound every pointer the kernel forms; `isa` was detected
         // on this CPU (`available`), so its instructions exist.
-        unsafe { dispatch(isa, w, acts, m, rows, dst.ptr()) }
+        unsafe { dispatch(isa, w, acts, scales.as_ref(), m, rows, dst.ptr()) }
     };
     if w.rows * w.cols * m < PARALLEL_MIN_MACS {
         run(0..w.rows);
@@ -171,6 +174,21 @@ unsafe fn f32_rows<const F: u8>(
     }
 }
 
+/// Activation scales as the 512-bit prompt kernel reads them: each block's `d_a` eight lanes
+/// wide, and `d_a · Σq` per block.
+struct PromptScales {
+    dax: Vec<f32>,
+    das: Vec<f32>,
+}
+
+impl PromptScales {
+    fn new(acts: &QuantizedActs) -> Self {
+        let dax = acts.d.iter().flat_map(|&d| [d; 8]).collect();
+        let das = acts.d.iter().zip(&acts.sum).map(|(d, s)| d * s).collect();
+        PromptScales { dax, das }
+    }
+}
+
 /// Several activation rows (a prompt) with 512-bit registers: two blocks per `vpdpbusd`, and
 /// the per-block scales multiplied as vectors (each block's `d_w` and each activation block's
 /// `d_a` are laid out eight lanes wide once per call), so the inner loop is ~8 instructions per
@@ -179,6 +197,7 @@ unsafe fn f32_rows<const F: u8>(
 unsafe fn prompt_512<const F: u8>(
     w: &QWeight,
     acts: &QuantizedActs,
+    scales: &PromptScales,
     m: usize,
     rows: Range<usize>,
     out: *mut f32,
@@ -189,12 +208,7 @@ unsafe fn prompt_512<const F: u8>(
     let base = w.raw().as_ptr();
     let q = acts.q.as_ptr();
     // Activation scales eight lanes wide, and scale × sum per block.
-    let mut dax = vec![0f32; m * nb * 8];
-    let mut das = vec![0f32; m * nb];
-    for i in 0..m * nb {
-        dax[i * 8..(i + 1) * 8].fill(acts.d[i]);
-        das[i] = acts.d[i] * acts.sum[i];
-    }
+    let (dax, das) = (&scales.dax, &scales.das);
     let mut us = vec![0u8; nb * BLOCK];
     let mut dwx = vec![0f32; nb * 8];
     let mut cws = vec![0f32; nb];
@@ -305,6 +319,7 @@ unsafe fn dispatch(
     isa: Isa,
     w: &QWeight,
     acts: &QuantizedActs,
+    scales: Option<&PromptScales>,
     m: usize,
     rows: Range<usize>,
     out: *mut f32,
@@ -320,12 +335,22 @@ unsafe fn dispatch(
         };
     }
     match isa {
-        Isa::Avx512Vnni if m > 1 => match w.format {
-            Format::Q4_0 => prompt_512::<Q4_0>(w, acts, m, rows, out),
-            Format::Q4_1 => prompt_512::<Q4_1>(w, acts, m, rows, out),
-            Format::Q5_0 => prompt_512::<Q5_0>(w, acts, m, rows, out),
-            Format::Q8_0 => prompt_512::<Q8_0>(w, acts, m, rows, out),
-        },
+        Isa::Avx512Vnni if m > 1 => {
+            let owned;
+            let scales = match scales {
+                Some(s) => s,
+                None => {
+                    owned = PromptScales::new(acts);
+                    &owned
+                }
+            };
+            match w.format {
+                Format::Q4_0 => prompt_512::<Q4_0>(w, acts, scales, m, rows, out),
+                Format::Q4_1 => prompt_512::<Q4_1>(w, acts, scales, m, rows, out),
+                Format::Q5_0 => prompt_512::<Q5_0>(w, acts, scales, m, rows, out),
+                Format::Q8_0 => prompt_512::<Q8_0>(w, acts, scales, m, rows, out),
+            }
+        }
         Isa::Avx512Vnni => by_format!(avx512vnni),
         Isa::AvxVnni => by_format!(avxvnni),
         Isa::Avx2 => by_format!(avx2),
