@@ -189,10 +189,47 @@ impl PromptScales {
     }
 }
 
-/// Several activation rows (a prompt) with 512-bit registers: two blocks per `vpdpbusd`, and
-/// the per-block scales multiplied as vectors (each block's `d_w` and each activation block's
-/// `d_a` are laid out eight lanes wide once per call), so the inner loop is ~8 instructions per
-/// 64 multiply-adds. The offset terms are one short dot product per output.
+/// One weight row unpacked for the prompt kernel: unsigned bytes, each block's `d_w` eight
+/// lanes wide (a 512-bit load then holds two blocks' scales), and each block's `c_w`.
+struct RowScratch {
+    us: Vec<u8>,
+    dwx: Vec<f32>,
+    cws: Vec<f32>,
+}
+
+impl RowScratch {
+    fn new(blocks: usize) -> Self {
+        RowScratch {
+            us: vec![0; blocks * BLOCK],
+            dwx: vec![0.0; blocks * 8],
+            cws: vec![0.0; blocks],
+        }
+    }
+
+    /// Unpacks the `nb`-block row at `row`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack<const F: u8>(&mut self, row: *const u8, nb: usize) {
+        let bb = block_bytes(F);
+        for b in 0..nb {
+            let (u, dw, cw) = unpack::<F>(row.add(b * bb));
+            _mm256_storeu_si256(self.us.as_mut_ptr().add(b * BLOCK) as *mut __m256i, u);
+            _mm256_storeu_ps(self.dwx.as_mut_ptr().add(b * 8), _mm256_set1_ps(dw));
+            self.cws[b] = cw;
+        }
+    }
+}
+
+/// Weight rows and activation rows of one register tile of the 512-bit prompt kernel.
+const ROW_TILE: usize = 4;
+const ACT_TILE: usize = 4;
+
+/// Several activation rows (a prompt) with 512-bit registers: two blocks per `vpdpbusd`, the
+/// per-block scales multiplied as vectors (each block's `d_w` and each activation block's `d_a`
+/// laid out eight lanes wide), and a register tile of 4 weight rows × 4 activation rows, so each
+/// loaded weight pair serves four activation rows and each activation pair four weight rows:
+/// four instructions per 64 multiply-adds. The offset terms are one short dot product per
+/// output.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn prompt_512<const F: u8>(
     w: &QWeight,
@@ -204,38 +241,75 @@ unsafe fn prompt_512<const F: u8>(
 ) {
     let nb = w.cols / BLOCK;
     let bb = block_bytes(F);
-    let pairs = nb / 2;
     let base = w.raw().as_ptr();
-    let q = acts.q.as_ptr();
-    // Activation scales eight lanes wide, and scale × sum per block.
-    let (dax, das) = (&scales.dax, &scales.das);
-    let mut us = vec![0u8; nb * BLOCK];
-    let mut dwx = vec![0f32; nb * 8];
-    let mut cws = vec![0f32; nb];
-    for r in rows {
-        let row = base.add(r * nb * bb);
-        for b in 0..nb {
-            let (u, dw, cw) = unpack::<F>(row.add(b * bb));
-            _mm256_storeu_si256(us.as_mut_ptr().add(b * BLOCK) as *mut __m256i, u);
-            dwx[b * 8..(b + 1) * 8].fill(dw);
-            cws[b] = cw;
+    let mut scratch: [RowScratch; ROW_TILE] = std::array::from_fn(|_| RowScratch::new(nb));
+    let mut r = rows.start;
+    while r < rows.end {
+        let nr = (rows.end - r).min(ROW_TILE);
+        for (i, s) in scratch.iter_mut().take(nr).enumerate() {
+            s.unpack::<F>(base.add((r + i) * nb * bb), nb);
         }
-        for j in 0..m {
-            let qj = q.add(j * nb * BLOCK);
-            let dj = dax.as_ptr().add(j * nb * 8);
-            let mut acc = _mm512_setzero_ps();
-            for p in 0..pairs {
-                let u2 = _mm512_loadu_si512(us.as_ptr().add(p * 64) as *const __m512i);
-                let a2 = _mm512_loadu_si512(qj.add(p * 64) as *const __m512i);
-                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u2, a2);
-                let scale = _mm512_mul_ps(
-                    _mm512_loadu_ps(dwx.as_ptr().add(p * 16)),
-                    _mm512_loadu_ps(dj.add(p * 16)),
-                );
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), scale, acc);
+        // A short tile repeats its last row (or activation row); only real outputs are written.
+        let row_at: [usize; ROW_TILE] = std::array::from_fn(|i| i.min(nr - 1));
+        let mut j = 0;
+        while j < m {
+            let nj = (m - j).min(ACT_TILE);
+            let act_at: [usize; ACT_TILE] = std::array::from_fn(|i| j + i.min(nj - 1));
+            let tile = prompt_tile(&scratch, row_at, acts, scales, act_at, nb);
+            for (i, row) in tile.iter().enumerate().take(nr) {
+                for (k, &v) in row.iter().enumerate().take(nj) {
+                    *out.add((j + k) * w.rows + r + i) = v;
+                }
             }
-            // Offsets: Σ_b c_w · d_a · Σq, sixteen blocks per step, folded into the same sum.
-            let dsj = das.as_ptr().add(j * nb);
+            j += nj;
+        }
+        r += nr;
+    }
+}
+
+/// One register tile: rows `scratch[row_at[i]]` against activation rows `act_at[k]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn prompt_tile(
+    scratch: &[RowScratch; ROW_TILE],
+    row_at: [usize; ROW_TILE],
+    acts: &QuantizedActs,
+    scales: &PromptScales,
+    act_at: [usize; ACT_TILE],
+    nb: usize,
+) -> [[f32; ACT_TILE]; ROW_TILE] {
+    let pairs = nb / 2;
+    let q = acts.q.as_ptr();
+    let us: [*const u8; ROW_TILE] = std::array::from_fn(|i| scratch[row_at[i]].us.as_ptr());
+    let dws: [*const f32; ROW_TILE] = std::array::from_fn(|i| scratch[row_at[i]].dwx.as_ptr());
+    let qs: [*const i8; ACT_TILE] = std::array::from_fn(|k| q.add(act_at[k] * nb * BLOCK));
+    let das: [*const f32; ACT_TILE] =
+        std::array::from_fn(|k| scales.dax.as_ptr().add(act_at[k] * nb * 8));
+    let mut acc = [[_mm512_setzero_ps(); ACT_TILE]; ROW_TILE];
+    for p in 0..pairs {
+        let mut a = [_mm512_setzero_si512(); ACT_TILE];
+        let mut da = [_mm512_setzero_ps(); ACT_TILE];
+        for k in 0..ACT_TILE {
+            a[k] = _mm512_loadu_si512(qs[k].add(p * 64) as *const __m512i);
+            da[k] = _mm512_loadu_ps(das[k].add(p * 16));
+        }
+        for i in 0..ROW_TILE {
+            let u = _mm512_loadu_si512(us[i].add(p * 64) as *const __m512i);
+            let dw = _mm512_loadu_ps(dws[i].add(p * 16));
+            for k in 0..ACT_TILE {
+                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, a[k]);
+                acc[i][k] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_mul_ps(dw, da[k]), acc[i][k]);
+            }
+        }
+    }
+    let mut tile = [[0f32; ACT_TILE]; ROW_TILE];
+    for i in 0..ROW_TILE {
+        let row = &scratch[row_at[i]];
+        for k in 0..ACT_TILE {
+            let mut sum = acc[i][k];
+            // Offsets: Σ_b c_w · d_a · Σq, sixteen blocks per step.
+            let dsj = scales.das.as_ptr().add(act_at[k] * nb);
             let mut b = 0;
             while b < nb {
                 let mask: __mmask16 = if nb - b >= 16 {
@@ -243,24 +317,25 @@ unsafe fn prompt_512<const F: u8>(
                 } else {
                     (1u16 << (nb - b)) - 1
                 };
-                acc = _mm512_fmadd_ps(
-                    _mm512_maskz_loadu_ps(mask, cws.as_ptr().add(b)),
+                sum = _mm512_fmadd_ps(
+                    _mm512_maskz_loadu_ps(mask, row.cws.as_ptr().add(b)),
                     _mm512_maskz_loadu_ps(mask, dsj.add(b)),
-                    acc,
+                    sum,
                 );
                 b += 16;
             }
-            let mut total = _mm512_reduce_add_ps(acc);
+            let mut total = _mm512_reduce_add_ps(sum);
             if nb % 2 == 1 {
                 let b = nb - 1;
-                let u = _mm256_loadu_si256(us.as_ptr().add(b * BLOCK) as *const __m256i);
-                let a = _mm256_loadu_si256(qj.add(b * BLOCK) as *const __m256i);
+                let u = _mm256_loadu_si256(row.us.as_ptr().add(b * BLOCK) as *const __m256i);
+                let a = _mm256_loadu_si256(qs[k].add(b * BLOCK) as *const __m256i);
                 let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a);
-                total += hsum(_mm256_cvtepi32_ps(dp)) * dwx[b * 8] * *dj.add(b * 8);
+                total += hsum(_mm256_cvtepi32_ps(dp)) * row.dwx[b * 8] * *das[k].add(b * 8);
             }
-            *out.add(j * w.rows + r) = total;
+            tile[i][k] = total;
         }
     }
+    tile
 }
 
 /// [`f32_rows`] with 16-lane registers: half the conversions and multiply-adds per block.
@@ -470,19 +545,32 @@ macro_rules! kernels {
                 let s = acts.sum.as_ptr();
                 let base = w.raw().as_ptr();
                 if m == 1 {
+                    // Two accumulators (even and odd blocks): one chain of multiply-adds would
+                    // wait out its latency at every block, and decoding is this loop.
+                    let block = |row: *const u8, b: usize, acc: __m256, offsets: f32| {
+                        let (u, dw, cw) = unpack::<F>(row.add(b * bb));
+                        let a = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
+                        let da = *d.add(b);
+                        let p = _mm256_cvtepi32_ps(dot(u, a));
+                        (
+                            _mm256_fmadd_ps(p, _mm256_set1_ps(dw * da), acc),
+                            offsets + cw * da * *s.add(b),
+                        )
+                    };
                     for r in rows {
                         let row = base.add(r * nb * bb);
-                        let mut acc = _mm256_setzero_ps();
-                        let mut offsets = 0f32;
-                        for b in 0..nb {
-                            let (u, dw, cw) = unpack::<F>(row.add(b * bb));
-                            let a = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
-                            let da = *d.add(b);
-                            let p = _mm256_cvtepi32_ps(dot(u, a));
-                            acc = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * da), acc);
-                            offsets += cw * da * *s.add(b);
+                        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                        let (mut off0, mut off1) = (0f32, 0f32);
+                        let mut b = 0;
+                        while b + 1 < nb {
+                            (acc0, off0) = block(row, b, acc0, off0);
+                            (acc1, off1) = block(row, b + 1, acc1, off1);
+                            b += 2;
                         }
-                        *out.add(r) = hsum(acc) + offsets;
+                        if b < nb {
+                            (acc0, off0) = block(row, b, acc0, off0);
+                        }
+                        *out.add(r) = hsum(_mm256_add_ps(acc0, acc1)) + off0 + off1;
                     }
                     return;
                 }
