@@ -58,10 +58,41 @@ pub(crate) fn rope_halves(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// GELU, tanh approximation (as candle's `gelu`).
+/// GELU, tanh approximation (as candle's `gelu`), written as `v·σ(2y)` with
+/// `y = √(2/π)(v + 0.044715v³)` (the same function: `½(1 + tanh y) = σ(2y)`) so that it runs on
+/// [`exp_fast`] and vectorises; libm's `tanhf` took 9 % of a Gemma prefill.
+#[inline]
 pub(crate) fn gelu_tanh(v: f32) -> f32 {
     const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
-    0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + 0.044_715 * v * v)).tanh())
+    let y = SQRT_TWO_OVER_PI * v * (1.0 + 0.044_715 * v * v);
+    v / (1.0 + exp_fast(-2.0 * y))
+}
+
+/// SiLU, `v·σ(v)`, on [`exp_fast`].
+#[inline]
+pub(crate) fn silu(v: f32) -> f32 {
+    v / (1.0 + exp_fast(-v))
+}
+
+/// `eˣ` to within a few units in the last place (relative error < 1e-6 where the result is a
+/// normal float), without a libm call, so loops over it vectorise: `x = n·ln2 + r` with the
+/// product taken in two parts (Cody–Waite, so `r` keeps its precision for large `|x|`),
+/// `2ⁿ` set in the exponent bits and `eʳ` (|r| ≤ ln2/2) a degree-7 polynomial. Inputs are
+/// clamped to [-87, 88]: below, the result is under 1.7e-38 (treated as zero by every caller:
+/// softmax weights and sigmoid tails); above, it would overflow.
+#[inline]
+pub(crate) fn exp_fast(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_375; // few mantissa bits, so n·LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
 }
 
 /// `(cos, sin)` of `positions · inv_freq / scale`, `[position][freq]`.
@@ -131,7 +162,7 @@ pub(crate) fn attend(
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0f32;
         for s in &mut scores {
-            *s = (*s - max).exp();
+            *s = exp_fast(*s - max);
             total += *s;
         }
         out.fill(0.0);
@@ -146,4 +177,41 @@ pub(crate) fn attend(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_exponential_is_within_a_few_ulps_of_libm() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let (got, want) = (exp_fast(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_3;
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert_eq!(exp_fast(0.0), 1.0);
+        assert!(exp_fast(-1e9) < 1e-37 && exp_fast(-1e9) >= 0.0);
+        assert!(exp_fast(1e9).is_finite());
+    }
+
+    #[test]
+    fn gelu_and_silu_match_their_libm_definitions() {
+        for i in -4000..4000 {
+            let v = i as f32 / 400.0;
+            let gelu = 0.5 * v * (1.0 + (0.797_884_6 * v * (1.0 + 0.044_715 * v * v)).tanh());
+            assert!(
+                (gelu_tanh(v) - gelu).abs() <= 1e-6 * gelu.abs().max(1.0),
+                "gelu({v})"
+            );
+            let silu_ref = v / (1.0 + (-v).exp());
+            assert!(
+                (silu(v) - silu_ref).abs() <= 1e-6 * silu_ref.abs().max(1.0),
+                "silu({v})"
+            );
+        }
+    }
 }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::cpu_ops::{attend, rms_norm, rope_interleaved, rope_tables, AttentionShape};
+use super::cpu_ops::{attend, rms_norm, rope_interleaved, rope_tables, silu, AttentionShape};
 use crate::kernels::QWeight;
 
 /// One layer's weights as the CPU path reads them.
@@ -115,7 +115,7 @@ impl CpuLlama {
             {
                 let (gate, up) = row.split_at(self.ffn);
                 for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
+                    *o = silu(g) * u;
                 }
             }
             layer.down.matmul(&act, t, &mut h);
