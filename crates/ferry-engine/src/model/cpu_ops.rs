@@ -82,7 +82,8 @@ pub(crate) fn silu(v: f32) -> f32 {
 /// softmax weights and sigmoid tails); above, it would overflow.
 #[inline]
 pub(crate) fn exp_fast(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_375; // few mantissa bits, so n·LN2_HI is exact
+    // 355/512 = 0.693359375: few mantissa bits, so n·LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 355.0 / 512.0;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
