@@ -55,10 +55,39 @@ pub fn available() -> Vec<Isa> {
     out
 }
 
-/// The best instruction set of this CPU, or `None` without AVX2/FMA/F16C.
+/// Environment variable naming the instruction set the kernels use instead of the best one
+/// (`avx512-vnni`, `avx-vnni`, `avx2`), or `candle` for candle's products everywhere: to measure
+/// the paths a CPU without AVX-512 takes, or to rule the kernels out when chasing a bug.
+pub const ISA_ENV: &str = "FERRY_KERNEL_ISA";
+
+/// The instruction set the kernels run with: the best of this CPU, or the one `FERRY_KERNEL_ISA`
+/// names if this CPU has it; `None` without AVX2/FMA/F16C (or with `FERRY_KERNEL_ISA=candle`).
 pub fn detect() -> Option<Isa> {
-    static BEST: OnceLock<Option<Isa>> = OnceLock::new();
-    *BEST.get_or_init(|| available().first().copied())
+    static CHOSEN: OnceLock<Option<Isa>> = OnceLock::new();
+    *CHOSEN.get_or_init(|| choose(&available(), std::env::var(ISA_ENV).ok().as_deref()))
+}
+
+/// The instruction set for a `FERRY_KERNEL_ISA` value among those this CPU has (best first).
+fn choose(have: &[Isa], wanted: Option<&str>) -> Option<Isa> {
+    let best = have.first().copied();
+    let Some(wanted) = wanted.map(str::trim).filter(|w| !w.is_empty()) else {
+        return best;
+    };
+    if wanted == "candle" {
+        return None;
+    }
+    match have.iter().find(|isa| isa.name() == wanted) {
+        Some(&isa) => Some(isa),
+        None => {
+            tracing::warn!(
+                wanted,
+                available = ?have.iter().map(|i| i.name()).collect::<Vec<_>>(),
+                "{ISA_ENV} names an instruction set this CPU lacks or ferry does not know \
+                 (avx512-vnni, avx-vnni, avx2, candle); using the best available"
+            );
+            best
+        }
+    }
 }
 
 /// Products smaller than this many multiply-adds run on the calling thread: waking the pool
@@ -189,7 +218,7 @@ impl PromptScales {
     }
 }
 
-/// One weight row unpacked for the prompt kernel: unsigned bytes, each block's `d_w` eight
+/// One weight row unpacked for the prompt kernels: unsigned bytes, each block's `d_w` eight
 /// lanes wide (a 512-bit load then holds two blocks' scales), and each block's `c_w`.
 struct RowScratch {
     us: Vec<u8>,
@@ -574,35 +603,58 @@ macro_rules! kernels {
                     }
                     return;
                 }
-                // A prompt: unpack each weight row once, then dot it with every activation row.
-                let mut us = vec![0u8; nb * BLOCK];
-                let mut dws = vec![0f32; nb];
-                let mut cws = vec![0f32; nb];
-                for r in rows {
-                    let row = base.add(r * nb * bb);
-                    for b in 0..nb {
-                        let (u, dw, cw) = unpack::<F>(row.add(b * bb));
-                        _mm256_storeu_si256(us.as_mut_ptr().add(b * BLOCK) as *mut __m256i, u);
-                        dws[b] = dw;
-                        cws[b] = cw;
+                // A prompt: unpack each weight row once, then dot it with the activation rows
+                // in register tiles of 2 weight rows × 4 activation rows (16 registers: each
+                // loaded activation block serves two weight rows, each weight block four).
+                const R: usize = 2;
+                const J: usize = 4;
+                let mut scratch: [RowScratch; R] = std::array::from_fn(|_| RowScratch::new(nb));
+                let mut r = rows.start;
+                while r < rows.end {
+                    let nr = (rows.end - r).min(R);
+                    for (i, sc) in scratch.iter_mut().take(nr).enumerate() {
+                        sc.unpack::<F>(base.add((r + i) * nb * bb), nb);
                     }
-                    for j in 0..m {
-                        let qj = q.add(j * nb * BLOCK);
-                        let dj = d.add(j * nb);
-                        let sj = s.add(j * nb);
-                        let mut acc = _mm256_setzero_ps();
-                        let mut offsets = 0f32;
+                    let row_at: [usize; R] = std::array::from_fn(|i| i.min(nr - 1));
+                    let mut j = 0;
+                    while j < m {
+                        let nj = (m - j).min(J);
+                        let act_at: [usize; J] = std::array::from_fn(|k| j + k.min(nj - 1));
+                        let mut acc = [[_mm256_setzero_ps(); J]; R];
+                        let mut offsets = [[0f32; J]; R];
                         for b in 0..nb {
-                            let u =
-                                _mm256_loadu_si256(us.as_ptr().add(b * BLOCK) as *const __m256i);
-                            let a = _mm256_loadu_si256(qj.add(b * BLOCK) as *const __m256i);
-                            let da = *dj.add(b);
-                            let p = _mm256_cvtepi32_ps(dot(u, a));
-                            acc = _mm256_fmadd_ps(p, _mm256_set1_ps(dws[b] * da), acc);
-                            offsets += cws[b] * da * *sj.add(b);
+                            let mut a = [_mm256_setzero_si256(); J];
+                            let mut da = [0f32; J];
+                            let mut das = [0f32; J];
+                            for k in 0..J {
+                                let ab = act_at[k] * nb + b;
+                                a[k] = _mm256_loadu_si256(q.add(ab * BLOCK) as *const __m256i);
+                                da[k] = *d.add(ab);
+                                das[k] = da[k] * *s.add(ab);
+                            }
+                            for i in 0..R {
+                                let row = &scratch[row_at[i]];
+                                let u = _mm256_loadu_si256(
+                                    row.us.as_ptr().add(b * BLOCK) as *const __m256i
+                                );
+                                let (dw, cw) = (row.dwx[b * 8], row.cws[b]);
+                                for k in 0..J {
+                                    let p = _mm256_cvtepi32_ps(dot(u, a[k]));
+                                    acc[i][k] =
+                                        _mm256_fmadd_ps(p, _mm256_set1_ps(dw * da[k]), acc[i][k]);
+                                    offsets[i][k] += cw * das[k];
+                                }
+                            }
                         }
-                        *out.add(j * w.rows + r) = hsum(acc) + offsets;
+                        for i in 0..nr {
+                            for k in 0..nj {
+                                *out.add((j + k) * w.rows + r + i) =
+                                    hsum(acc[i][k]) + offsets[i][k];
+                            }
+                        }
+                        j += nj;
                     }
+                    r += nr;
                 }
             }
         }
@@ -635,6 +687,20 @@ mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn the_environment_picks_an_instruction_set_only_among_those_the_cpu_has() {
+        let have = [Isa::AvxVnni, Isa::Avx2];
+        assert_eq!(choose(&have, None), Some(Isa::AvxVnni));
+        assert_eq!(choose(&have, Some("")), Some(Isa::AvxVnni));
+        assert_eq!(choose(&have, Some("avx2")), Some(Isa::Avx2));
+        assert_eq!(choose(&have, Some(" avx2 ")), Some(Isa::Avx2));
+        assert_eq!(choose(&have, Some("candle")), None);
+        // Not on this CPU, or not a name: the best one, never an instruction the CPU lacks.
+        assert_eq!(choose(&have, Some("avx512-vnni")), Some(Isa::AvxVnni));
+        assert_eq!(choose(&have, Some("sse2")), Some(Isa::AvxVnni));
+        assert_eq!(choose(&[], Some("avx2")), None);
+    }
 
     #[test]
     fn both_f32_activation_paths_agree_with_the_scalar_loop() {
