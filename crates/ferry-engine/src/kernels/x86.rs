@@ -249,6 +249,46 @@ impl RowScratch {
     }
 }
 
+/// Walks `rows` × `m` activation rows in register tiles of `R` weight rows × `J` activation
+/// rows: each weight row is unpacked once, `tile(scratch, row_at, act_at)` computes one tile, and
+/// only real outputs are written to `out[j·w.rows + r]` (a short tile repeats its last weight or
+/// activation row rather than taking another code path).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn walk_tiles<const F: u8, const R: usize, const J: usize>(
+    w: &QWeight,
+    m: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+    mut tile: impl FnMut(&[RowScratch; R], [usize; R], [usize; J]) -> [[f32; J]; R],
+) {
+    let nb = w.cols / BLOCK;
+    let bb = block_bytes(F);
+    let base = w.raw().as_ptr();
+    let mut scratch: [RowScratch; R] = std::array::from_fn(|_| RowScratch::new(nb));
+    let mut r = rows.start;
+    while r < rows.end {
+        let nr = (rows.end - r).min(R);
+        for (i, s) in scratch.iter_mut().take(nr).enumerate() {
+            s.unpack::<F>(base.add((r + i) * nb * bb), nb);
+        }
+        let row_at: [usize; R] = std::array::from_fn(|i| i.min(nr - 1));
+        let mut j = 0;
+        while j < m {
+            let nj = (m - j).min(J);
+            let act_at: [usize; J] = std::array::from_fn(|k| j + k.min(nj - 1));
+            let values = tile(&scratch, row_at, act_at);
+            for (i, row) in values.iter().enumerate().take(nr) {
+                for (k, &v) in row.iter().enumerate().take(nj) {
+                    *out.add((j + k) * w.rows + r + i) = v;
+                }
+            }
+            j += nj;
+        }
+        r += nr;
+    }
+}
+
 /// Weight rows and activation rows of one register tile of the 512-bit prompt kernel.
 const ROW_TILE: usize = 4;
 const ACT_TILE: usize = 4;
@@ -269,31 +309,10 @@ unsafe fn prompt_512<const F: u8>(
     out: *mut f32,
 ) {
     let nb = w.cols / BLOCK;
-    let bb = block_bytes(F);
-    let base = w.raw().as_ptr();
-    let mut scratch: [RowScratch; ROW_TILE] = std::array::from_fn(|_| RowScratch::new(nb));
-    let mut r = rows.start;
-    while r < rows.end {
-        let nr = (rows.end - r).min(ROW_TILE);
-        for (i, s) in scratch.iter_mut().take(nr).enumerate() {
-            s.unpack::<F>(base.add((r + i) * nb * bb), nb);
-        }
-        // A short tile repeats its last row (or activation row); only real outputs are written.
-        let row_at: [usize; ROW_TILE] = std::array::from_fn(|i| i.min(nr - 1));
-        let mut j = 0;
-        while j < m {
-            let nj = (m - j).min(ACT_TILE);
-            let act_at: [usize; ACT_TILE] = std::array::from_fn(|i| j + i.min(nj - 1));
-            let tile = prompt_tile(&scratch, row_at, acts, scales, act_at, nb);
-            for (i, row) in tile.iter().enumerate().take(nr) {
-                for (k, &v) in row.iter().enumerate().take(nj) {
-                    *out.add((j + k) * w.rows + r + i) = v;
-                }
-            }
-            j += nj;
-        }
-        r += nr;
-    }
+    walk_tiles::<F, ROW_TILE, ACT_TILE>(w, m, rows, out, |scratch, row_at, act_at| {
+        // SAFETY: as for this function (same instruction sets, same bounds).
+        unsafe { prompt_tile(scratch, row_at, acts, scales, act_at, nb) }
+    });
 }
 
 /// One register tile: rows `scratch[row_at[i]]` against activation rows `act_at[k]`.
@@ -608,54 +627,41 @@ macro_rules! kernels {
                 // loaded activation block serves two weight rows, each weight block four).
                 const R: usize = 2;
                 const J: usize = 4;
-                let mut scratch: [RowScratch; R] = std::array::from_fn(|_| RowScratch::new(nb));
-                let mut r = rows.start;
-                while r < rows.end {
-                    let nr = (rows.end - r).min(R);
-                    for (i, sc) in scratch.iter_mut().take(nr).enumerate() {
-                        sc.unpack::<F>(base.add((r + i) * nb * bb), nb);
-                    }
-                    let row_at: [usize; R] = std::array::from_fn(|i| i.min(nr - 1));
-                    let mut j = 0;
-                    while j < m {
-                        let nj = (m - j).min(J);
-                        let act_at: [usize; J] = std::array::from_fn(|k| j + k.min(nj - 1));
-                        let mut acc = [[_mm256_setzero_ps(); J]; R];
-                        let mut offsets = [[0f32; J]; R];
-                        for b in 0..nb {
-                            let mut a = [_mm256_setzero_si256(); J];
-                            let mut da = [0f32; J];
-                            let mut das = [0f32; J];
+                walk_tiles::<F, R, J>(w, m, rows, out, |scratch, row_at, act_at| {
+                    let mut acc = [[_mm256_setzero_ps(); J]; R];
+                    let mut offsets = [[0f32; J]; R];
+                    for b in 0..nb {
+                        let mut a = [_mm256_setzero_si256(); J];
+                        let mut da = [0f32; J];
+                        let mut das = [0f32; J];
+                        for k in 0..J {
+                            let ab = act_at[k] * nb + b;
+                            a[k] = _mm256_loadu_si256(q.add(ab * BLOCK) as *const __m256i);
+                            da[k] = *d.add(ab);
+                            das[k] = da[k] * *s.add(ab);
+                        }
+                        for i in 0..R {
+                            let row = &scratch[row_at[i]];
+                            let u = _mm256_loadu_si256(
+                                row.us.as_ptr().add(b * BLOCK) as *const __m256i
+                            );
+                            let (dw, cw) = (row.dwx[b * 8], row.cws[b]);
                             for k in 0..J {
-                                let ab = act_at[k] * nb + b;
-                                a[k] = _mm256_loadu_si256(q.add(ab * BLOCK) as *const __m256i);
-                                da[k] = *d.add(ab);
-                                das[k] = da[k] * *s.add(ab);
-                            }
-                            for i in 0..R {
-                                let row = &scratch[row_at[i]];
-                                let u = _mm256_loadu_si256(
-                                    row.us.as_ptr().add(b * BLOCK) as *const __m256i
-                                );
-                                let (dw, cw) = (row.dwx[b * 8], row.cws[b]);
-                                for k in 0..J {
-                                    let p = _mm256_cvtepi32_ps(dot(u, a[k]));
-                                    acc[i][k] =
-                                        _mm256_fmadd_ps(p, _mm256_set1_ps(dw * da[k]), acc[i][k]);
-                                    offsets[i][k] += cw * das[k];
-                                }
+                                let p = _mm256_cvtepi32_ps(dot(u, a[k]));
+                                acc[i][k] =
+                                    _mm256_fmadd_ps(p, _mm256_set1_ps(dw * da[k]), acc[i][k]);
+                                offsets[i][k] += cw * das[k];
                             }
                         }
-                        for i in 0..nr {
-                            for k in 0..nj {
-                                *out.add((j + k) * w.rows + r + i) =
-                                    hsum(acc[i][k]) + offsets[i][k];
-                            }
-                        }
-                        j += nj;
                     }
-                    r += nr;
-                }
+                    let mut values = [[0f32; J]; R];
+                    for i in 0..R {
+                        for k in 0..J {
+                            values[i][k] = hsum(acc[i][k]) + offsets[i][k];
+                        }
+                    }
+                    values
+                });
             }
         }
     };
