@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
             features: &x,
             task: Some(["a", "b"][i as usize % 2]),
             feedback_expected: true,
+            label_unserved: true,
             text_chars: Some(10 + i as usize * 7),
         });
         assert!(r.model < 3);

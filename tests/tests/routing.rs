@@ -435,3 +435,96 @@ async fn the_judge_grades_every_answer_of_a_mess_plus_exploration_step() {
     assert_eq!(r.feedback, 0);
     t.server.shutdown(std::time::Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixrank_learns_a_written_off_model_beside_the_served_one_through_the_judge() {
+    // A zoo of three: SmolLM2, the same SmolLM2 under a second id (a manifest sharing its
+    // files), and Gemma, which also judges every routed answer.
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = tempfile::tempdir().unwrap();
+    let repo = ferry_integration::repo_root().join("models");
+    for e in std::fs::read_dir(&repo).unwrap().filter_map(|e| e.ok()) {
+        if e.path().extension().is_some_and(|x| x == "toml") {
+            std::fs::copy(e.path(), manifests.path().join(e.file_name())).unwrap();
+        }
+    }
+    let twin = "smollm2-twin";
+    let smol = std::fs::read_to_string(repo.join("smollm2-135m-instruct.toml")).unwrap();
+    let twin_manifest = smol.replacen(
+        "id = \"smollm2-135m-instruct\"",
+        &format!("id = \"{twin}\"\ndir = \"smollm2-135m-instruct\""),
+        1,
+    );
+    std::fs::write(manifests.path().join("twin.toml"), twin_manifest).unwrap();
+    let judge = zoo().last().unwrap().clone();
+    let config = |c: &mut ferry_edge::EdgeConfig| {
+        mixrank(c, dir.path());
+        c.models.manifest_dir = manifests.path().to_path_buf();
+        c.models.load = vec![zoo()[0].clone(), twin.into(), judge.clone()];
+        c.router.alpha = 0.85;
+        c.router.judge.model = Some(judge.clone());
+        c.router.judge.share = 1.0;
+    };
+    let mut t = TestServer::start(config).await;
+    let r = status(&mut t).await;
+    let ids: Vec<&str> = r.models.iter().map(|m| m.model.as_str()).collect();
+    assert_eq!(ids, [zoo()[0].as_str(), twin, judge.as_str()]);
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+
+    // What 300 requests taught it, written into its state: the first SmolLM2 is poor (10 of
+    // 40), Gemma is good (57 of 60), and the twin lost 3 of its first 4 answers, so it is
+    // off the mix, but a good rate would let it take Gemma's place at a fifth of its price;
+    // and the SLA is 20 requests in debt, so Gemma serves (the debt is paid with the model
+    // known to be good, never with one still to be learned).
+    let path = dir.path().join("router-local.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let m = &mut saved["mixrank"];
+    m["rate_counts"]["global"] = serde_json::json!([
+        {"satisfied": 10.0, "unsatisfied": 30.0},
+        {"satisfied": 1.0, "unsatisfied": 3.0},
+        {"satisfied": 57.0, "unsatisfied": 3.0},
+    ]);
+    m["cost_sum"] = serde_json::json!([1000.0, 4000.0, 20000.0]);
+    m["cost_n"] = serde_json::json!([1000, 1000, 1000]);
+    m["labels"] = serde_json::json!([40, 4, 60]);
+    m["served"] = serde_json::json!([40, 4, 60]);
+    m["t"] = serde_json::json!(300);
+    m["debt"] = serde_json::json!(20.0);
+    std::fs::write(&path, serde_json::to_vec(&saved).unwrap()).unwrap();
+
+    // Every judged request may explore: Gemma serves, and the twin runs beside it.
+    let mut t = TestServer::start(config).await;
+    let (_, _, done) = run(&mut t.client, greedy("What is 2 plus 1?", 6))
+        .await
+        .unwrap();
+    let reason = done.placement.unwrap().reason;
+    assert!(reason.contains(&format!("{twin} also runs")), "{reason}");
+    assert_eq!(done.model, judge, "{reason}");
+    // The judge grades the served answer and the twin's; the twin's run is charged to its
+    // cost (its mean moves off the written 4 J) but it served nothing, and a grade of its
+    // answer, where the judge gave one, is one more label for it.
+    let r = judged(&mut t, 2).await;
+    assert!(r.judge_verdicts <= 2, "{r:?}");
+    let twin_status = &r.models[1];
+    assert_eq!(twin_status.calls, 0, "the twin served nothing: {r:?}");
+    assert!(r.judge_verdicts < 2 || twin_status.labels == 5, "{r:?}");
+    // Only the served answer's grade moves the SLA debt (20 + 0.85 - s).
+    assert!(
+        [20.0, 19.85, 20.85].iter().any(|d| (r.debt - d).abs() < 1e-9),
+        "debt {}",
+        r.debt
+    );
+    assert!(
+        twin_status
+            .mean_joules
+            .is_some_and(|j| (j - 4.0).abs() > 1e-9),
+        "{twin_status:?}"
+    );
+    assert_eq!(
+        (r.feedback, r.satisfied),
+        (0, 0),
+        "judge labels are not feedback"
+    );
+    t.server.shutdown(std::time::Duration::from_secs(5)).await;
+}

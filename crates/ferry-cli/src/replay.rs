@@ -518,6 +518,7 @@ fn run_once(
             features: x,
             task: rec.task.as_deref(),
             feedback_expected: true,
+            label_unserved: true,
             text_chars: (!rec.text.is_empty()).then(|| rec.text.chars().count()),
         });
         if let Some(p) = policy.predicted().filter(|p| p.len() == n) {
@@ -536,12 +537,18 @@ fn run_once(
                     feedback: true,
                 }
             }
-            Decision::Serve(m) => {
-                cost += rec.costs[m];
+            Decision::Serve(_) | Decision::Shadow { .. } => {
                 let mut costs = vec![None; n];
-                costs[m] = Some(rec.costs[m]);
                 let mut s = vec![None; n];
-                s[m] = Some(rec.satisfied[m]);
+                let learn = match d {
+                    Decision::Shadow { learn, .. } => Some(learn),
+                    _ => None,
+                };
+                for m in std::iter::once(served).chain(learn) {
+                    cost += rec.costs[m];
+                    costs[m] = Some(rec.costs[m]);
+                    s[m] = Some(rec.satisfied[m]);
+                }
                 Observation {
                     costs,
                     satisfied: s,

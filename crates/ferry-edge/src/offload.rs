@@ -556,11 +556,11 @@ impl CloudJob {
             .map(|t| (rc.routed.served, t))
             .into_iter()
             .collect();
-        if rc.routed.decision == ferry_router::Decision::Explore {
-            for (i, model) in zoo.iter().enumerate() {
-                if i == rc.routed.served {
-                    continue;
-                }
+        for &i in &rc.routed.also {
+            let Some(model) = zoo.get(i) else {
+                continue;
+            };
+            {
                 // Images only to models that read them (a text-only model refuses them).
                 let reads_images = self
                     .pool

@@ -134,6 +134,9 @@ pub struct Routed {
     pub route_ms: f64,
     /// The judge grades this request's answers (see `router.judge`).
     pub judge: bool,
+    /// Zoo models that run beside the served one after the answer, only to be learned from
+    /// (every other model on a MESS+ exploration step; one cheaper model on a mixrank shadow).
+    pub also: Vec<usize>,
 }
 
 struct Pending {
@@ -455,7 +458,7 @@ impl ZooRouter {
                         "{} explore (p={p:.3}): every {} model runs, the most capable serves",
                         self.policy, self.tier
                     ),
-                    Decision::Serve(_) => format!(
+                    Decision::Serve(_) | Decision::Shadow { .. } => format!(
                         "{} argmin V*E+Q*(alpha-s): predicted satisfaction {:.2}, Q {q:.2}, alpha {}",
                         self.policy,
                         predicted.unwrap_or(f64::NAN),
@@ -475,6 +478,7 @@ impl ZooRouter {
                     features: &features,
                     task,
                     feedback_expected,
+                    label_unserved: judge,
                     text_chars: Some(question.chars().count()),
                 });
                 let predicted = r.predicted.get(r.model).copied();
@@ -488,11 +492,24 @@ impl ZooRouter {
                         predicted.unwrap_or(f64::NAN)
                     )
                 };
+                let also = r.shadow.map_or(String::new(), |m| {
+                    format!(
+                        "; {} also runs, for the judge, to learn its rate",
+                        self.zoo[m]
+                    )
+                });
                 let reason = format!(
-                    "mixrank: {why}, SLA debt {:.1}, alpha {}",
+                    "mixrank: {why}, SLA debt {:.1}, alpha {}{also}",
                     r.debt, self.cfg.alpha
                 );
-                (Decision::Serve(r.model), predicted, Some(r.ticket), reason)
+                let decision = match r.shadow {
+                    Some(learn) => Decision::Shadow {
+                        serve: r.model,
+                        learn,
+                    },
+                    None => Decision::Serve(r.model),
+                };
+                (decision, predicted, Some(r.ticket), reason)
             }
         };
         // The encoder already hands out a shared vector (also its cache entry): keep that.
@@ -509,6 +526,7 @@ impl ZooRouter {
             reason,
             route_ms: started.elapsed().as_secs_f64() * 1e3,
             judge,
+            also: decision.also_runs(self.zoo.len()),
         })
     }
 
@@ -593,8 +611,9 @@ impl ZooRouter {
 
     /// The judge's grades of a request's answers (zoo order, `None` where a model did not run
     /// or the judge gave no verdict); true when the policy learned from them. Like Feedback,
-    /// only a request with no label yet teaches: mixrank learns the served answer's grade, MESS+
-    /// every grade of an exploration step. Counted apart from the apps' feedback.
+    /// only a request with no label yet teaches: mixrank learns the served answer's grade (and
+    /// a shadow model's, whoever labelled the served one), MESS+ every grade of an exploration
+    /// step. Counted apart from the apps' feedback.
     pub fn judge_labels(&self, request_id: &str, labels: &[Option<bool>]) -> bool {
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
@@ -624,14 +643,27 @@ impl ZooRouter {
                     any
                 }
                 Live::Mess(_) => false,
-                Live::MixRank(_) if p.judged => false,
-                Live::MixRank(m) => match (served_label(p.decision), &p.ticket) {
-                    (Some(s), Some(t)) => {
-                        p.judged = true;
-                        m.record_feedback(t, s);
-                        true
+                Live::MixRank(m) => match p.ticket.clone() {
+                    None => false,
+                    Some(t) => {
+                        // A shadow's grade teaches its model's rate whoever labelled the served
+                        // answer (the app's Feedback may have come first).
+                        let mut learned = false;
+                        if let Decision::Shadow { learn, .. } = p.decision {
+                            if let Some(Some(s)) = labels.get(learn) {
+                                let mut shadow = t.clone();
+                                shadow.model = learn;
+                                m.record_label(&shadow, *s, false);
+                                learned = true;
+                            }
+                        }
+                        if let (false, Some(s)) = (p.judged, served_label(p.decision)) {
+                            p.judged = true;
+                            m.record_feedback(&t, s);
+                            learned = true;
+                        }
+                        learned
                     }
-                    _ => false,
                 },
             },
             _ => false,

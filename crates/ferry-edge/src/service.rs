@@ -303,9 +303,9 @@ pub(crate) async fn run_local(
     let ended = |code: tonic::Code, message: String| {
         delivered.status(code, message, "local", &model.info().id, &request_id, None)
     };
-    // An exploration step keeps the slot to run the rest of the zoo after the answer.
+    // An exploration or shadow step keeps the slot to run its other models after the answer.
     let slot = match &routed {
-        Some(r) if r.decision == ferry_router::Decision::Explore && outcome.is_ok() => slot,
+        Some(r) if !r.also.is_empty() && outcome.is_ok() => slot,
         _ => {
             drop(slot);
             None
@@ -509,8 +509,8 @@ fn placement_for(
 }
 
 /// Books a routed request with its router: on an exploration step first runs the rest of the
-/// zoo on the same prompt (holding the request's slot, after the client has its answer) to
-/// measure what each model costs; then hands the answers (`served`: the served answer's
+/// zoo on the same prompt (on a mixrank shadow step, the one model it learns), holding the
+/// request's slot, after the client has its answer, to measure what each model costs; then hands the answers (`served`: the served answer's
 /// joules and, when judged, text) to the judge when it grades this request.
 async fn learn_from_routed(
     state: &Arc<AppState>,
@@ -533,12 +533,11 @@ async fn learn_from_routed(
         .map(|t| (routed.served, t))
         .into_iter()
         .collect();
-    if routed.decision == ferry_router::Decision::Explore {
-        let others: Vec<(usize, Arc<LoadedModel>)> = zoo
+    if !routed.also.is_empty() {
+        let others: Vec<(usize, Arc<LoadedModel>)> = routed
+            .also
             .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != routed.served)
-            .filter_map(|(i, id)| state.model(id).map(|m| (i, m)))
+            .filter_map(|&i| state.model(zoo.get(i)?).map(|m| (i, m)))
             .collect();
         let st = state.clone();
         let messages = req.messages.clone();

@@ -20,6 +20,9 @@ pub enum Decision {
     Explore,
     /// Run only this model (index into the zoo, ordered by ascending cost).
     Serve(usize),
+    /// Run `serve` and serve its answer; run `learn` too, only to learn from its label
+    /// (charged like any call, never served).
+    Shadow { serve: usize, learn: usize },
 }
 
 impl Decision {
@@ -27,7 +30,22 @@ impl Decision {
     pub fn served(self, n: usize) -> usize {
         match self {
             Decision::Explore => n - 1,
-            Decision::Serve(m) => m,
+            Decision::Serve(m) | Decision::Shadow { serve: m, .. } => m,
+        }
+    }
+
+    /// The models that run beside the served one, only to be learned from (zoo order).
+    pub fn also_runs(self, n: usize) -> Vec<usize> {
+        match self {
+            Decision::Explore => (0..n.saturating_sub(1)).collect(),
+            Decision::Serve(_) => Vec::new(),
+            Decision::Shadow { serve, learn } => {
+                if learn != serve && learn < n {
+                    vec![learn]
+                } else {
+                    Vec::new()
+                }
+            }
         }
     }
 }
@@ -52,6 +70,10 @@ pub struct RouteRequest<'a> {
     pub task: Option<&'a str>,
     /// Whether a satisfaction label can come back; policies explore only on such requests.
     pub feedback_expected: bool,
+    /// Whether an answer that is not served can be labelled too (a judge grades it, or the
+    /// replayed data holds every model's label): only then may a policy run a model beside
+    /// the served one just to learn it.
+    pub label_unserved: bool,
     /// Length of the request's text in characters, where known: longer questions are often
     /// harder (or, in some streams, easier), and a router may learn which.
     pub text_chars: Option<usize>,

@@ -232,7 +232,9 @@ impl<P: Predictor> MessPlus<P> {
                     self.predictor.train(x, &only);
                 }
             }
+            // MESS+ never shadows; a shadow step teaches what it labelled, like exploration.
             Decision::Serve(_) => {}
+            Decision::Shadow { .. } => self.predictor.train(x, labels),
         }
     }
 
@@ -525,7 +527,7 @@ mod tests {
                 let s = rng.random::<f64>() < p;
                 let costs = match d {
                     Decision::Explore => vec![Some(1.0), Some(10.0), Some(100.0)],
-                    Decision::Serve(k) => (0..3).map(|j| (j == k).then_some([1.0, 10.0, 100.0][j])).collect(),
+                    Decision::Serve(k) | Decision::Shadow { serve: k, .. } => (0..3).map(|j| (j == k).then_some([1.0, 10.0, 100.0][j])).collect(),
                 };
                 let mut sat = vec![None; 3];
                 sat[served] = Some(s);

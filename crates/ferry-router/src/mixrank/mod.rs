@@ -25,6 +25,11 @@
 //!   every such call is an ordinary served and charged answer. What optimism overstates comes
 //!   back as SLA debt, which raises the price. Costs are learned by serving each
 //!   model once, cheapest known first.
+//! - **Shadows** where an unserved answer can be labelled too (a judge, or replayed data): a
+//!   model cheaper than the served one and outside the mix, whose rate could still make the
+//!   mix cheaper (a few unlucky first answers write a good model off for hundreds of
+//!   requests), runs beside the served one, charged, its label teaching the rates but not the
+//!   SLA debt, while the expected saving over the stream pays for its labels.
 
 pub mod irt;
 pub mod knn;
@@ -132,6 +137,9 @@ pub struct Routed {
     pub explored: bool,
     /// Whether the model was served only to learn its cost.
     pub probe: bool,
+    /// A cheaper model to run beside the served one, only to learn its rate (its answer is
+    /// not served, its cost is charged, its label teaches the rates but not the SLA debt).
+    pub shadow: Option<usize>,
     /// Price of satisfaction in the cost unit, and the SLA debt that set it.
     pub lambda: f64,
     pub debt: f64,
@@ -479,6 +487,7 @@ impl MixRank {
                 predicted,
                 explored: false,
                 probe: true,
+                shadow: None,
                 lambda: 0.0,
                 debt,
                 ticket: ticket(m),
@@ -500,19 +509,102 @@ impl MixRank {
         let u = self.rng.random::<f64>();
         let (model, lambda) = self.decide_model(b, length, task, &cost, z, u);
         let explored = explore && self.decide_model(b, length, task, &cost, 0.0, u).0 != model;
-        self.explored += u64::from(explored);
+        let shadow = if explore && req.label_unserved {
+            self.shadow(model, task, &cost)
+        } else {
+            None
+        };
+        self.explored += u64::from(explored || shadow.is_some());
         self.served[model] += 1;
         let routed = Routed {
             model,
             predicted,
             explored,
             probe: false,
+            shadow,
             lambda,
             debt,
             ticket: ticket(model),
         };
         self.last = Some(routed.clone());
         routed
+    }
+
+    /// A cheaper model worth running beside `served` only to learn its rate, charged like any
+    /// call. Its answer costs less than the served one's, so the lesson never costs more than
+    /// the request; serving that model instead would stake the SLA on a rate not yet known.
+    ///
+    /// Candidates are the costed models cheaper than `served` and outside the honest mix (the
+    /// mix's own models get labels by being served, and the SLA feedback corrects their
+    /// share). A candidate's worth is the expected saving on the cheapest mix meeting α over
+    /// its rate's posterior (logit-normal, the upper tail, where a better rate could lower
+    /// the mix's cost), times the requests seen so far (as many again are expected). It runs
+    /// while that worth covers the price of doubling its labels; the worthiest one is taken.
+    fn shadow(&self, served: usize, task: Option<u32>, cost: &[f64]) -> Option<usize> {
+        const GRID: usize = 24;
+        const GRID_STEP: f64 = 0.25;
+        let posts: Vec<_> = (0..self.models)
+            .map(|m| self.rates.posterior(m, task, self.cfg.task_sd))
+            .collect();
+        let honest: Vec<f64> = posts.iter().map(|p| p.mean()).collect();
+        let mix_cost = |p: &[f64]| {
+            let th = lagrange::threshold(&[p.to_vec()], cost, self.cfg.alpha);
+            th.reachable.then_some(th.cost)
+        };
+        let base_th = lagrange::threshold(std::slice::from_ref(&honest), cost, self.cfg.alpha);
+        let base = if base_th.reachable {
+            base_th.cost
+        } else {
+            cost.iter().copied().fold(0.0, f64::max)
+        };
+        let in_mix = |m: usize| {
+            base_th.reachable
+                && [false, true]
+                    .iter()
+                    .any(|&up| lagrange::choose_with(&honest, cost, base_th.lambda, up) == m)
+        };
+        let tiny = 1e-9 * base.max(f64::MIN_POSITIVE);
+        let mut best: Option<(f64, usize)> = None;
+        for m in 0..self.models {
+            if m == served || self.cost_n[m] == 0 || cost[m] >= cost[served] || in_mix(m) {
+                continue;
+            }
+            let post = posts[m];
+            let (mu, sd) = ((post.a / post.b).ln(), post.logit_var().sqrt());
+            let at = |logit: f64| {
+                let mut p = honest.clone();
+                p[m] = irt::sigmoid(logit);
+                mix_cost(&p).unwrap_or(base)
+            };
+            // Expected saving: a Riemann sum over the upper tail, to 6 standard deviations.
+            let mut saving = 0.0;
+            for k in 1..=GRID {
+                let u = k as f64 * GRID_STEP;
+                let gain = (base - at(mu + u * sd)).max(0.0);
+                saving +=
+                    gain * (-0.5 * u * u).exp() * GRID_STEP / (2.0 * std::f64::consts::PI).sqrt();
+            }
+            if saving <= tiny {
+                continue;
+            }
+            let worth = saving * self.t as f64;
+            if worth >= cost[m] * (self.labels[m] + 1) as f64 && best.is_none_or(|(w, _)| worth > w)
+            {
+                best = Some((worth, m));
+            }
+        }
+        best.map(|(_, m)| m)
+    }
+
+    /// Every model's rate on `task` at `z` standard deviations above its logit mean: an upper
+    /// confidence bound that stays open as long as the model's answers are few.
+    fn upper_bounds(&self, task: Option<u32>, z: f64) -> Vec<f64> {
+        (0..self.models)
+            .map(|m| {
+                let post = self.rates.posterior(m, task, self.cfg.task_sd);
+                post.shifted(z * post.logit_var().sqrt())
+            })
+            .collect()
     }
 
     /// Population rates of every model on `task`: honest (`z = 0`, the rate's expectation
@@ -579,16 +671,16 @@ impl MixRank {
         let alpha = self.cfg.alpha;
         let at_alpha = lagrange::threshold(&rows, cost, alpha);
         if !at_alpha.reachable {
-            // Nothing believed meets α: the most promising model by UCB's widening bound, so
-            // a model unlucky in its first answers is retried however well the others are
-            // known.
+            // Nothing believed meets α: the most promising model by UCB's widening bound (in
+            // standard deviations: the SLA is being missed anyway, and a model unlucky in its
+            // first answers must be retried however well the others are known).
             let wide = if z > 0.0 {
                 (2.0 * (self.t as f64).max(1.0).ln()).sqrt().max(z)
             } else {
                 0.0
             };
             let top =
-                lagrange::choose_with(&self.task_rates(task, wide), cost, f64::INFINITY, true);
+                lagrange::choose_with(&self.upper_bounds(task, wide), cost, f64::INFINITY, true);
             return (top, f64::INFINITY);
         }
         // The mix's price: where α is crossed, or the first switch when the cheapest choices
@@ -680,12 +772,20 @@ impl MixRank {
     /// The satisfaction label of a decided request: moves the SLA debt, the abilities, the
     /// difficulty weights, and remembers the question for its neighbours.
     pub fn record_feedback(&mut self, ticket: &Ticket, satisfied: bool) {
+        self.record_label(ticket, satisfied, true);
+    }
+
+    /// The label of one model's answer to a decided request: `served` says whether the user
+    /// got that answer (only those move the SLA debt; a shadow answer teaches the rates).
+    pub fn record_label(&mut self, ticket: &Ticket, satisfied: bool, served: bool) {
         let m = ticket.model;
         if m >= self.models {
             return;
         }
-        let s = f64::from(u8::from(satisfied));
-        self.debt = (self.debt + self.cfg.alpha - s).max(-self.cfg.max_surplus_requests);
+        if served {
+            let s = f64::from(u8::from(satisfied));
+            self.debt = (self.debt + self.cfg.alpha - s).max(-self.cfg.max_surplus_requests);
+        }
         let b = self.weights.dot(ticket.difficulty);
         let task = ticket
             .task
@@ -872,12 +972,20 @@ impl ZooPolicy for MixRank {
             features: x,
             task: None,
             feedback_expected: true,
+            label_unserved: true,
             text_chars: None,
         })
     }
 
     fn decide_for(&mut self, req: &RouteRequest) -> Decision {
-        Decision::Serve(self.route(req).model)
+        let r = self.route(req);
+        match r.shadow {
+            Some(learn) => Decision::Shadow {
+                serve: r.model,
+                learn,
+            },
+            None => Decision::Serve(r.model),
+        }
     }
 
     fn predicted(&self) -> Option<Vec<f64>> {
@@ -899,9 +1007,16 @@ impl ZooPolicy for MixRank {
         };
         let m = decision.served(self.models);
         if let (true, Some(Some(s))) = (obs.feedback, obs.satisfied.get(m)) {
-            let mut ticket = routed.ticket;
+            let mut ticket = routed.ticket.clone();
             ticket.model = m;
             self.record_feedback(&ticket, *s);
+        }
+        if let Decision::Shadow { learn, .. } = decision {
+            if let Some(Some(s)) = obs.satisfied.get(learn) {
+                let mut ticket = routed.ticket;
+                ticket.model = learn;
+                self.record_label(&ticket, *s, false);
+            }
         }
     }
 }
