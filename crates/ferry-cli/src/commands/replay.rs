@@ -63,6 +63,8 @@ pub(crate) struct ReplayArgs {
     /// mixrank (ferry's default router), mess-plus (the paper's), mess-plus-fb (ours: MESS+ that
     /// also learns from served answers), always:<model>, random-alpha, random-target:<T> or oracle. Default:
     /// mixrank; with --format routellm a comma list, default mixrank,mess-plus,mess-plus-fb.
+    /// The data holds every model's label, so mixrank may run a shadow (a cheaper model beside
+    /// the served one, charged to its cost) on any request; live that takes the judge.
     #[arg(long, value_delimiter = ',')]
     pub(crate) policy: Option<Vec<String>>,
     /// mixrank's difficulty prior (a `ferry router train-prior` file). Replaying a benchmark
