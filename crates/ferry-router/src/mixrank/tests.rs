@@ -258,18 +258,18 @@ fn a_cheap_model_written_off_too_early_is_learned_beside_the_costly_one() {
     // rate, only where an unserved answer can be labelled.
     let mut p = MixRank::new(MixRankConfig::new(0.85, 3), 3, 0, None).unwrap();
     let costs = [1.0, 4.0, 20.0];
+    let ticket = |model| Ticket {
+        model,
+        x: Vec::new(),
+        task: None,
+        difficulty: [0.0, 0.0],
+        length: 0.0,
+    };
     let history = [(0, 10, 40), (1, 1, 4), (2, 57, 60)];
     for &(m, good, n) in &history {
         for i in 0..n {
             p.record_cost(m, costs[m]);
-            let t = Ticket {
-                model: m,
-                x: Vec::new(),
-                task: None,
-                difficulty: [0.0, 0.0],
-                length: 0.0,
-            };
-            p.record_label(&t, i < good, true);
+            p.record_label(&ticket(m), i < good, true);
         }
     }
     p.t = 300;
@@ -290,15 +290,8 @@ fn a_cheap_model_written_off_too_early_is_learned_beside_the_costly_one() {
     assert!(shadows >= 10, "{shadows} shadows of 25 possible");
     // Once it has answered as often as the others and is known to be poor, it stops.
     for i in 0..60 {
-        let t = Ticket {
-            model: 1,
-            x: Vec::new(),
-            task: None,
-            difficulty: [0.0, 0.0],
-            length: 0.0,
-        };
         let debt = p.debt();
-        p.record_label(&t, i % 3 == 0, false);
+        p.record_label(&ticket(1), i % 3 == 0, false);
         assert_eq!(p.debt(), debt, "a shadow's label moved the SLA debt");
     }
     for _ in 0..50 {
