@@ -511,7 +511,9 @@ async fn mixrank_learns_a_written_off_model_beside_the_served_one_through_the_ju
     assert!(r.judge_verdicts < 2 || twin_status.labels == 5, "{r:?}");
     // Only the served answer's grade moves the SLA debt (20 + 0.85 - s).
     assert!(
-        [20.0, 19.85, 20.85].iter().any(|d| (r.debt - d).abs() < 1e-9),
+        [20.0, 19.85, 20.85]
+            .iter()
+            .any(|d| (r.debt - d).abs() < 1e-9),
         "debt {}",
         r.debt
     );
