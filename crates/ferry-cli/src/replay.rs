@@ -527,35 +527,20 @@ fn run_once(
             }
         }
         let served = d.served(n);
-        let obs = match d {
-            Decision::Explore => {
-                explored += 1;
-                cost += rec.costs.iter().sum::<f64>();
-                Observation {
-                    costs: rec.costs.iter().map(|&c| Some(c)).collect(),
-                    satisfied: rec.satisfied.iter().map(|&s| Some(s)).collect(),
-                    feedback: true,
-                }
-            }
-            Decision::Serve(_) | Decision::Shadow { .. } => {
-                let mut costs = vec![None; n];
-                let mut s = vec![None; n];
-                let learn = match d {
-                    Decision::Shadow { learn, .. } => Some(learn),
-                    _ => None,
-                };
-                for m in std::iter::once(served).chain(learn) {
-                    cost += rec.costs[m];
-                    costs[m] = Some(rec.costs[m]);
-                    s[m] = Some(rec.satisfied[m]);
-                }
-                Observation {
-                    costs,
-                    satisfied: s,
-                    feedback: true,
-                }
-            }
+        // The served model and those run beside it only to be learned from, in zoo order.
+        let mut ran: Vec<usize> = std::iter::once(served).chain(d.also_runs(n)).collect();
+        ran.sort_unstable();
+        explored += u64::from(d == Decision::Explore);
+        cost += ran.iter().map(|&m| rec.costs[m]).sum::<f64>();
+        let mut obs = Observation {
+            costs: vec![None; n],
+            satisfied: vec![None; n],
+            feedback: true,
         };
+        for &m in &ran {
+            obs.costs[m] = Some(rec.costs[m]);
+            obs.satisfied[m] = Some(rec.satisfied[m]);
+        }
         policy.observe(x, d, &obs);
         calls[served] += 1;
         score += rec.score.get(served).copied().unwrap_or(0.0);

@@ -560,19 +560,16 @@ impl CloudJob {
             let Some(model) = zoo.get(i) else {
                 continue;
             };
-            {
-                // Images only to models that read them (a text-only model refuses them).
-                let reads_images = self
-                    .pool
-                    .model(model)
-                    .is_some_and(|m| m.capabilities.iter().any(|c| c == "image"));
-                let messages =
-                    ChosenImages::select(&self.req.messages, None, reads_images).messages;
-                if let Some((text, j)) = self.measure(model, messages, judge).await {
-                    joules[i] = j;
-                    if judge {
-                        answers.push((i, text));
-                    }
+            // Images only to models that read them (a text-only model refuses them).
+            let reads_images = self
+                .pool
+                .model(model)
+                .is_some_and(|m| m.capabilities.iter().any(|c| c == "image"));
+            let messages = ChosenImages::select(&self.req.messages, None, reads_images).messages;
+            if let Some((text, j)) = self.measure(model, messages, judge).await {
+                joules[i] = j;
+                if judge {
+                    answers.push((i, text));
                 }
             }
         }

@@ -508,9 +508,10 @@ fn placement_for(
     }
 }
 
-/// Books a routed request with its router: on an exploration step first runs the rest of the
-/// zoo on the same prompt (on a mixrank shadow step, the one model it learns), holding the
-/// request's slot, after the client has its answer, to measure what each model costs; then hands the answers (`served`: the served answer's
+/// Books a routed request with its router: first runs the models that run beside the served
+/// one (`Routed::also`: the rest of the zoo on a MESS+ exploration step, one model on a mixrank
+/// shadow step) on the same prompt, holding the request's slot, after the client has its
+/// answer, to measure what each costs; then hands the answers (`served`: the served answer's
 /// joules and, when judged, text) to the judge when it grades this request.
 async fn learn_from_routed(
     state: &Arc<AppState>,
