@@ -170,7 +170,7 @@ async fn grade(
         let request = pb::OffloadRequest {
             request_id: id.to_string(),
             model: judge.to_string(),
-            messages: crate::offload::text_messages(&messages),
+            messages: crate::cloud::offload::text_messages(&messages),
             max_tokens: Some(max_tokens),
             temperature: Some(0.0),
             top_p: None,
@@ -179,7 +179,7 @@ async fn grade(
             stop: Vec::new(),
             timeout_ms: None,
         };
-        match crate::offload::run_to_end(&pool, &state.abort, request, true).await {
+        match crate::cloud::offload::run_to_end(&pool, &state.abort, request, true).await {
             Some((t, _joules)) => t,
             None => return Outcome::Failed(format!("cloud model `{judge}` gave no answer")),
         }

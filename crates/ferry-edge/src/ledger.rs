@@ -14,12 +14,18 @@
 //! A request refused before its stream started (bad input, full queue, not ready) is booked
 //! by [`refused`]: counted rejected, by reason.
 //!
-//! Teaching the placement and routing policies stays with the tier that knows what the request
-//! cost (`service::learn_from_routed`, `offload`), since it may run more models first.
+//! The policies are taught here too, once the tier knows what the request cost: the placement
+//! policy by [`teach_placer`], a tier's router by [`teach_router`] (after the models that run
+//! beside the served one, which the tier runs first) or [`forget_route`] when no answer came.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use ferry_router::tmo::Action;
+
+use crate::placement::Placement;
 use crate::records::{unix_ms, RequestRecord};
+use crate::router::{Routed, ZooRouter};
 use crate::state::AppState;
 
 /// Which request ended, where, and after how long.
@@ -163,4 +169,86 @@ pub(crate) fn completion_undelivered(state: &AppState) {
         .stats
         .requests_abandoned
         .fetch_add(1, Ordering::Relaxed);
+}
+
+/// What a placed request cost on the tier that ran it.
+pub(crate) enum PlacedCost {
+    /// Ran here, with the joules measured (when a source measured them).
+    Local { joules: Option<f64> },
+    /// Offloaded with the views in `executed`, at the cloud's price.
+    Cloud { executed: Action, usd: f64 },
+}
+
+/// Teaches the placement policy what the request it placed cost (`latency_s` from arrival to
+/// the end). Nothing without a placement.
+pub(crate) fn teach_placer(
+    state: &AppState,
+    placed: Option<&Placement>,
+    latency_s: f64,
+    cost: PlacedCost,
+) {
+    let (Some(placer), Some(p)) = (&state.placement, placed) else {
+        return;
+    };
+    match cost {
+        PlacedCost::Local { joules } => placer.record_local(p, latency_s, joules),
+        PlacedCost::Cloud { executed, usd } => placer.record(p, executed, latency_s, usd),
+    }
+}
+
+/// What a routed request's models cost, and what they answered when the judge grades them.
+#[derive(Default)]
+pub(crate) struct RouteCosts {
+    /// The served model's joules (measured here, reported by the cloud, or estimated).
+    pub served_joules: Option<f64>,
+    /// The served answer, kept when the judge grades this request.
+    pub served_text: Option<String>,
+    /// The models that ran beside it ([`Routed::also`]): zoo index, joules, and the answer when
+    /// judged.
+    pub also: Vec<(usize, Option<f64>, Option<String>)>,
+}
+
+/// Teaches `router` what its request cost, and hands the answers to the judge when it grades
+/// this request (`question` is what it grades them against).
+pub(crate) fn teach_router(
+    state: &Arc<AppState>,
+    router: Arc<ZooRouter>,
+    routed: &Routed,
+    request_id: &str,
+    question: String,
+    costs: RouteCosts,
+) {
+    let mut joules = vec![None; router.zoo().len()];
+    if let Some(j) = joules.get_mut(routed.served) {
+        *j = costs.served_joules;
+    }
+    let mut answers: Vec<(usize, String)> = costs
+        .served_text
+        .filter(|_| routed.judge)
+        .map(|t| (routed.served, t))
+        .into_iter()
+        .collect();
+    for (i, j, text) in costs.also {
+        if let Some(slot) = joules.get_mut(i) {
+            *slot = j;
+        }
+        if let Some(t) = text.filter(|_| routed.judge) {
+            answers.push((i, t));
+        }
+    }
+    router.finished(routed, &joules);
+    if routed.judge {
+        crate::judge::spawn(
+            state.clone(),
+            router,
+            request_id.to_string(),
+            question,
+            answers,
+        );
+    }
+}
+
+/// A routed request that ended without an answer to learn from: its router forgets it.
+pub(crate) fn forget_route(router: &ZooRouter, request_id: &str) {
+    router.abandon(request_id);
 }

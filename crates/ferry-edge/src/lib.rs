@@ -13,7 +13,7 @@ pub mod http;
 mod judge;
 mod ledger;
 pub mod metrics;
-pub mod offload;
+mod pipeline;
 pub mod placement;
 pub mod records;
 pub mod router;

@@ -19,7 +19,8 @@
 //! one with the fewest offloads in flight (ties rotate).
 //!
 //! This module is the pool (endpoints, leases, load balancing, the client and its TLS); the
-//! settings are in `config`, the breaker in `breaker`, the probes in `health`.
+//! settings are in `config`, the breaker in `breaker`, the probes in `health`, one offload call
+//! as the wire carries it in `offload`.
 
 use parking_lot::{Mutex, RwLock};
 use std::path::PathBuf;
@@ -39,6 +40,7 @@ use pb::offload_client::OffloadClient;
 mod breaker;
 mod config;
 mod health;
+pub(crate) mod offload;
 
 pub use breaker::{Breaker, CircuitState};
 pub use config::{CloudConfig, OnDeadline};
