@@ -34,7 +34,11 @@ async fn readyz(State(state): State<Arc<CloudState>>) -> Response {
 }
 
 async fn metrics_text(State(state): State<Arc<CloudState>>) -> Response {
-    crate::metrics::refresh_gauges(&state);
+    crate::metrics::set_load_gauges(
+        state.running(),
+        state.in_system(),
+        state.is_ready() && !state.is_draining(),
+    );
     (
         [(header::CONTENT_TYPE, ferry_core::telemetry::CONTENT_TYPE)],
         ferry_core::telemetry::render(),

@@ -24,19 +24,12 @@
 
 use ferry_core::ErrorKind;
 
-use crate::service::CloudState;
-
-/// Sets the gauges read off live state at scrape time.
-pub fn refresh_gauges(state: &CloudState) {
-    let running = state.running();
+/// Sets the gauges read off live state at scrape time: requests generating, requests
+/// admitted in all (running or queued), and whether ferry-cloud takes requests.
+pub fn set_load_gauges(running: usize, in_system: usize, ready: bool) {
     metrics::gauge!("ferry_cloud_requests_running").set(running as f64);
-    metrics::gauge!("ferry_cloud_requests_queued")
-        .set(state.in_system().saturating_sub(running) as f64);
-    metrics::gauge!("ferry_cloud_ready").set(if state.is_ready() && !state.is_draining() {
-        1.0
-    } else {
-        0.0
-    });
+    metrics::gauge!("ferry_cloud_requests_queued").set(in_system.saturating_sub(running) as f64);
+    metrics::gauge!("ferry_cloud_ready").set(if ready { 1.0 } else { 0.0 });
 }
 
 /// What one finished request reports.
