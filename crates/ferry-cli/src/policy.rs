@@ -13,8 +13,8 @@ use serde::Serialize;
 
 pub use ferry_router::tmo;
 use ferry_router::tmo::{
-    eval, learn, BanditConfig, Ceiling, ConstrainedBandit, CostModel, Dataset, Env, EnvConfig,
-    Metrics, PlacementPolicy, TrainConfig, TrainReport,
+    eval, learn, policy, BanditConfig, Ceiling, ConstrainedBandit, CostModel, Dataset, Env,
+    EnvConfig, Metrics, PlacementPolicy, TrainConfig, TrainReport,
 };
 
 /// `ferry policy ...`
@@ -119,7 +119,7 @@ pub fn train(
     data: &Dataset,
     args: &TrainArgs,
 ) -> anyhow::Result<(PlacementPolicy, TrainReport, f64)> {
-    let (algorithm, variant) = learn::parse_algo(&args.algo)?;
+    let (algorithm, variant) = policy::parse_algo(&args.algo)?;
     let mut cfg = TrainConfig::new(algorithm, variant, args.steps, args.seed);
     cfg.costs = CostModel::by_name(&args.env_args.device, &args.env_args.network)?;
     cfg.sampling = args.budget_sampling.parse()?;

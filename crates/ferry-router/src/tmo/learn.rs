@@ -9,85 +9,12 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 
 use super::nn::{Mlp, Optimizer, Rule};
-use super::policy::masked_softmax;
+use super::policy::{masked_softmax, Algorithm, Variant};
 use super::{
     Action, BudgetSampling, CostModel, Dialogue, Env, EnvConfig, HistoryProtocol, Knn,
     PlacementPolicy, PolicyMeta, TmoError, ACTIONS, HISTORY, LATENCY_BUDGET_S, USD_BUDGET,
 };
 use crate::rng::seeded;
-
-/// The learning algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Algorithm {
-    A2c,
-    Ppo,
-    Dqn,
-}
-
-/// Plain, or resource-constrained (budgets observed, overdraw rewarded 0, hard mask).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Variant {
-    Plain,
-    Constrained,
-}
-
-impl std::fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Algorithm::A2c => "a2c",
-            Algorithm::Ppo => "ppo",
-            Algorithm::Dqn => "dqn",
-        })
-    }
-}
-
-impl std::str::FromStr for Algorithm {
-    type Err = TmoError;
-    fn from_str(s: &str) -> Result<Self, TmoError> {
-        match s {
-            "a2c" => Ok(Algorithm::A2c),
-            "ppo" => Ok(Algorithm::Ppo),
-            "dqn" => Ok(Algorithm::Dqn),
-            _ => Err(TmoError::Invalid(format!(
-                "algorithm `{s}` (a2c, ppo or dqn)"
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for Variant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Variant::Plain => "plain",
-            Variant::Constrained => "rc",
-        })
-    }
-}
-
-impl std::str::FromStr for Variant {
-    type Err = TmoError;
-    fn from_str(s: &str) -> Result<Self, TmoError> {
-        match s {
-            "plain" => Ok(Variant::Plain),
-            "rc" => Ok(Variant::Constrained),
-            _ => Err(TmoError::Invalid(format!("variant `{s}` (plain or rc)"))),
-        }
-    }
-}
-
-/// Parses `a2c`, `ppo`, `dqn`, `rc-a2c`, `rc-ppo`, `rc-dqn`.
-pub fn parse_algo(s: &str) -> Result<(Algorithm, Variant), TmoError> {
-    let lower = s.to_ascii_lowercase();
-    let parsed = match lower.strip_prefix("rc-") {
-        Some(a) => a.parse().map(|a| (a, Variant::Constrained)),
-        None => lower.parse().map(|a| (a, Variant::Plain)),
-    };
-    parsed.map_err(|_| {
-        TmoError::Invalid(format!(
-            "algorithm `{s}` (a2c, ppo, dqn, rc-a2c, rc-ppo or rc-dqn)"
-        ))
-    })
-}
 
 /// Training settings.
 #[derive(Debug, Clone)]
@@ -602,6 +529,7 @@ mod tests {
 
     use super::*;
     use crate::tmo::env::tests::toy;
+    use crate::tmo::policy::parse_algo;
     use crate::tmo::{evaluate, DialogueState};
 
     fn run(

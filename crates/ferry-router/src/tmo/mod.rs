@@ -82,6 +82,7 @@ pub mod data;
 pub mod env;
 pub mod eval;
 pub mod knn;
+#[cfg(feature = "train")]
 pub mod learn;
 pub mod live;
 mod nn;
@@ -97,9 +98,10 @@ pub use data::{Dataset, Dialogue, Turn};
 pub use env::{BudgetSampling, Env, EnvConfig, HistoryProtocol, StepOutcome};
 pub use eval::{ceiling, evaluate, Ceiling, Metrics, Placer};
 pub use knn::Knn;
-pub use learn::{train, Algorithm, TrainConfig, TrainReport, Variant};
+#[cfg(feature = "train")]
+pub use learn::{train, TrainConfig, TrainReport};
 pub use live::LiveCosts;
-pub use policy::{PlacementPolicy, PolicyMeta};
+pub use policy::{Algorithm, PlacementPolicy, PolicyMeta, Variant};
 pub use profiles::{CallPrices, CostModel, DeviceProfile, NetworkProfile};
 pub use serve::{PolicyFormat, ServedPolicy, TORCHSCRIPT_SUPPORTED};
 pub use state::{feasible, DialogueState, Observation};

@@ -4,8 +4,10 @@
 
 use candle_core::{Device, Tensor, Var};
 
+#[cfg(any(test, feature = "train"))]
 use super::env::normal;
 use super::TmoError;
+#[cfg(any(test, feature = "train"))]
 use crate::rng::PolicyRng;
 
 /// The nonlinearity between layers.
@@ -27,6 +29,7 @@ pub(crate) struct Mlp {
 
 /// `rows × cols` semi-orthogonal matrix scaled by `gain` (as `torch.nn.init.orthogonal_`):
 /// Gram–Schmidt on the columns of a standard normal draw of the taller orientation.
+#[cfg(any(test, feature = "train"))]
 fn orthogonal(rows: usize, cols: usize, gain: f64, rng: &mut PolicyRng) -> Vec<f32> {
     let (n, m) = (rows.max(cols), rows.min(cols));
     // Columns of an n × m matrix.
@@ -59,6 +62,7 @@ fn orthogonal(rows: usize, cols: usize, gain: f64, rng: &mut PolicyRng) -> Vec<f
 impl Mlp {
     /// Layers of `sizes[0] → sizes[1] → ... → sizes[last]`, orthogonal weights (gain
     /// `hidden_gain`, last layer `out_gain`), zero biases.
+    #[cfg(any(test, feature = "train"))]
     pub fn new(
         sizes: &[usize],
         hidden_gain: f64,
@@ -88,6 +92,7 @@ impl Mlp {
 
     /// Layers with PyTorch's default `nn.Linear` initialisation (weights and biases uniform in
     /// ±1/√fan_in), as SB3's DQN Q-network gets.
+    #[cfg(any(test, feature = "train"))]
     pub fn torch_default(
         sizes: &[usize],
         activation: Activation,
@@ -122,6 +127,7 @@ impl Mlp {
     }
 
     /// An independent copy of the weights (a DQN target network).
+    #[cfg(feature = "train")]
     pub fn detached_copy(&self) -> Result<Self, TmoError> {
         let t = self
             .layers
@@ -133,6 +139,7 @@ impl Mlp {
     }
 
     /// Overwrites these weights with `other`'s (same shapes).
+    #[cfg(feature = "train")]
     pub fn copy_from(&self, other: &Mlp) -> Result<(), TmoError> {
         for ((w, b), (ow, ob)) in self.layers.iter().zip(&other.layers) {
             w.set(ow.as_tensor())?;
@@ -162,6 +169,7 @@ impl Mlp {
         self.forward(&xt)?.flatten_all()?.to_vec1::<f32>()
     }
 
+    #[cfg(feature = "train")]
     pub fn vars(&self) -> Vec<Var> {
         self.layers
             .iter()
@@ -172,6 +180,7 @@ impl Mlp {
 
 /// The optimiser rule.
 #[derive(Debug, Clone, Copy)]
+#[cfg(feature = "train")]
 pub(crate) enum Rule {
     /// torch.optim.RMSprop (not centred, no momentum).
     RmsProp { lr: f64, alpha: f64, eps: f64 },
@@ -185,6 +194,7 @@ pub(crate) enum Rule {
 }
 
 /// An optimiser over a fixed list of variables, with global-norm gradient clipping.
+#[cfg(feature = "train")]
 pub(crate) struct Optimizer {
     rule: Rule,
     clip: f64,
@@ -194,6 +204,7 @@ pub(crate) struct Optimizer {
     t: i32,
 }
 
+#[cfg(feature = "train")]
 impl Optimizer {
     pub fn new(rule: Rule, clip: f64, vars: Vec<Var>) -> Self {
         let zeros: Vec<Vec<f32>> = vars.iter().map(|v| vec![0.0; v.elem_count()]).collect();
@@ -268,7 +279,7 @@ impl Optimizer {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "train"))]
 mod tests {
     use super::*;
     use crate::rng::seeded;

@@ -15,16 +15,89 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::SafeTensors;
 
-use super::learn::{Algorithm, Variant};
 use super::nn::{Activation, Mlp};
 use super::{
     feasible, Action, CallPrices, CostModel, EnvConfig, HistoryProtocol, Observation, TmoError,
     ACTIONS, HISTORY, OBS_DIM, OBS_DIM_RC, VIEWS,
 };
+#[cfg(any(test, feature = "train"))]
 use crate::rng::PolicyRng;
 
 const FORMAT: &str = "ferry-tmo-policy";
 const VERSION: &str = "1";
+
+/// The learning algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    A2c,
+    Ppo,
+    Dqn,
+}
+
+/// Plain, or resource-constrained (budgets observed, overdraw rewarded 0, hard mask).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Variant {
+    Plain,
+    Constrained,
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Algorithm::A2c => "a2c",
+            Algorithm::Ppo => "ppo",
+            Algorithm::Dqn => "dqn",
+        })
+    }
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = TmoError;
+    fn from_str(s: &str) -> Result<Self, TmoError> {
+        match s {
+            "a2c" => Ok(Algorithm::A2c),
+            "ppo" => Ok(Algorithm::Ppo),
+            "dqn" => Ok(Algorithm::Dqn),
+            _ => Err(TmoError::Invalid(format!(
+                "algorithm `{s}` (a2c, ppo or dqn)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Variant::Plain => "plain",
+            Variant::Constrained => "rc",
+        })
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = TmoError;
+    fn from_str(s: &str) -> Result<Self, TmoError> {
+        match s {
+            "plain" => Ok(Variant::Plain),
+            "rc" => Ok(Variant::Constrained),
+            _ => Err(TmoError::Invalid(format!("variant `{s}` (plain or rc)"))),
+        }
+    }
+}
+
+/// Parses `a2c`, `ppo`, `dqn`, `rc-a2c`, `rc-ppo`, `rc-dqn`.
+pub fn parse_algo(s: &str) -> Result<(Algorithm, Variant), TmoError> {
+    let lower = s.to_ascii_lowercase();
+    let parsed = match lower.strip_prefix("rc-") {
+        Some(a) => a.parse().map(|a| (a, Variant::Constrained)),
+        None => lower.parse().map(|a| (a, Variant::Plain)),
+    };
+    parsed.map_err(|_| {
+        TmoError::Invalid(format!(
+            "algorithm `{s}` (a2c, ppo, dqn, rc-a2c, rc-ppo or rc-dqn)"
+        ))
+    })
+}
 
 /// What a policy was trained for.
 #[derive(Debug, Clone, PartialEq)]
@@ -163,6 +236,7 @@ pub(crate) fn most_probable(p: Result<[f64; ACTIONS], TmoError>) -> Action {
 impl PlacementPolicy {
     /// Freshly initialised networks, as SB3 initialises them: orthogonal for the actor-critic
     /// learners, PyTorch's default for DQN's Q-network.
+    #[cfg(any(test, feature = "train"))]
     pub(crate) fn init(meta: PolicyMeta, rng: &mut PolicyRng) -> Result<Self, TmoError> {
         let costs = CostModel::by_name(&meta.device, &meta.network)?;
         let mut sizes = vec![meta.obs_size()];

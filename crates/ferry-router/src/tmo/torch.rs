@@ -24,7 +24,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{CModule, IValue, Kind, Tensor};
 
-use super::learn::Variant;
+use super::policy::Variant;
 use super::policy::{features_for, mask_for, masked_softmax, most_probable};
 use super::{
     Action, CostModel, Observation, PolicyMeta, TmoError, ACTIONS, LATENCY_BUDGET_S, USD_BUDGET,
