@@ -354,7 +354,7 @@ pub fn train_policy(algo: &str, out: &Path) {
 
 /// The same for a network profile and a number of steps.
 pub fn train_policy_on(algo: &str, network: &str, steps: usize, out: &Path) {
-    use ferry_cli::policy::{self, EnvArgs, TrainArgs};
+    use ferry_lab::policy::{self, EnvArgs, TrainArgs};
     let data_path = repo_root().join("../shared/data/tmo-m4a1/M4A1.json");
     let data = policy::load_data(&data_path).unwrap();
     let args = TrainArgs {

@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use ferry_cli::replay::{replay, Dataset, PolicyKind, ReplayOptions};
 use ferry_core::ModelManifest;
 use ferry_integration::{model_dir, repo_root};
+use ferry_lab::replay::{replay, Dataset, PolicyKind, ReplayOptions};
 
 fn mess_data(benchmark: &str) -> PathBuf {
     let p = repo_root()
@@ -47,7 +47,7 @@ fn replay_twice(
     dim: usize,
     policy: PolicyKind,
     c: f64,
-) -> ferry_cli::replay::Report {
+) -> ferry_lab::replay::Report {
     let opts = ReplayOptions {
         alpha: 0.35,
         v: data.default_v(),

@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use ferry_cli::policy::{self, tmo, EnvArgs, EvalArgs, PolicyCommand, TrainArgs};
 use ferry_integration::repo_root;
+use ferry_lab::policy::{self, tmo, EnvArgs, EvalArgs, PolicyCommand, TrainArgs};
 
 fn data_path() -> PathBuf {
     let p = repo_root().join("../shared/data/tmo-m4a1/M4A1.json");

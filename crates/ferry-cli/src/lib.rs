@@ -1,17 +1,12 @@
-//! The library behind the `ferry` command: connecting to ferryd (TCP or Unix socket), installing
-//! the bundled models from the package registry, and the engine benchmark. `main.rs` is only the
-//! argument parsing and printing.
+//! The library behind the `ferry` command's operator side: connecting to ferryd (TCP or Unix
+//! socket), its status, installing the bundled models from the package registry and checking
+//! that they answer, tokens and development certificates, and the offload benchmark against
+//! running daemons. The research harness (replays, policy training, plots, the engine and router
+//! benchmarks) is the `ferry_lab` crate. `main.rs` is only the argument parsing and dispatch.
 
 pub mod answers;
-pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod fetch;
 pub mod offload_bench;
-pub mod plot;
-pub mod policy;
-pub mod prior;
-pub mod replay;
-pub mod routellm;
 pub mod status;
-pub mod synthetic;

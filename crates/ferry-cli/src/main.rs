@@ -54,7 +54,7 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// TMO placement policies: train on the M4A1 dialogue log, evaluate beside the baselines.
     #[command(subcommand)]
-    Policy(ferry_cli::policy::PolicyCommand),
+    Policy(ferry_lab::policy::PolicyCommand),
     /// The zoo router (mixrank): its pretrained difficulty prior.
     #[command(subcommand)]
     Router(replay::RouterCommand),
@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Energy(cmd) => energy::run(cmd),
         Command::Replay(args) => replay::run_replay(args),
-        Command::Policy(cmd) => ferry_cli::policy::run(cmd),
+        Command::Policy(cmd) => ferry_lab::policy::run(cmd),
         Command::Router(cmd) => replay::router(cmd),
     }
 }

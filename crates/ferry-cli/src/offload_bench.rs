@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 use ferry_proto::v1 as pb;
 use pb::offload_client::OffloadClient;
 
-use crate::bench::percentile;
+use ferry_lab::bench::percentile;
 
 /// Settings of `ferry bench offload`.
 #[derive(Debug, Clone)]

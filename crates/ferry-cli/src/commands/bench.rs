@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use super::energy::EnergyArgs;
 use super::{load_manifests, tokio_main, EmbedArgs, Registry};
-use ferry_cli::bench;
+use ferry_lab::bench;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -366,7 +366,7 @@ pub(crate) fn bench_router(
         "{:<44} {:>8.2}ms {:>8.2}ms",
         format!(
             "encoder, first {} questions ({} tokens p50)",
-            ferry_cli::bench::STREAM_WINDOW.min(r.stream_questions),
+            ferry_lab::bench::STREAM_WINDOW.min(r.stream_questions),
             r.stream_tokens_p50
         ),
         r.stream_p50_ms,
@@ -376,7 +376,7 @@ pub(crate) fn bench_router(
         "{:<44} {:>8.2}ms {:>8.2}ms",
         format!(
             "encoder, last {} of the first {}",
-            ferry_cli::bench::STREAM_WINDOW.min(r.stream_questions),
+            ferry_lab::bench::STREAM_WINDOW.min(r.stream_questions),
             r.stream_questions
         ),
         r.stream_late_p50_ms,
@@ -411,7 +411,7 @@ pub(crate) fn bench_router(
         "{:<44} {:>8.2}ms {:>8.2}ms     ferry / peer p50: {:.2}× (first window), {:.2}× (last)",
         format!(
             "peer encoder, first {} questions",
-            ferry_cli::bench::STREAM_WINDOW.min(r.stream_questions)
+            ferry_lab::bench::STREAM_WINDOW.min(r.stream_questions)
         ),
         p.stream_p50_ms,
         p.stream_p99_ms,

@@ -135,7 +135,7 @@ pub(crate) enum ReplayFormat {
 }
 
 pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
-    use ferry_cli::{plot, replay, routellm};
+    use ferry_lab::{plot, replay, routellm};
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
@@ -156,7 +156,7 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
     let needs_features = policies.iter().any(|p| p.needs_features());
     if args.format == ReplayFormat::Synthetic {
         let count = args.zoos.unwrap_or(30);
-        let rows = ferry_cli::synthetic::evaluate(
+        let rows = ferry_lab::synthetic::evaluate(
             args.zoo_offset..args.zoo_offset + count,
             &policies[0],
             &args.seeds,
@@ -196,7 +196,7 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         .clone()
         .context("--input is required for --format mess and routellm")?;
     let prior = match &args.prior {
-        Some(path) => Some(ferry_cli::prior::load(path, &args.embed.encoder)?),
+        Some(path) => Some(ferry_lab::prior::load(path, &args.embed.encoder)?),
         None => None,
     };
     // Question embeddings (cached under --cache-dir), for the policies that read them.
@@ -268,7 +268,7 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             prior: prior.clone(),
         };
         if let Some(p) = &prior {
-            ferry_cli::prior::refuse_if_trained_on(p, &[d.benchmark.name().to_string()])?;
+            ferry_lab::prior::refuse_if_trained_on(p, &[d.benchmark.name().to_string()])?;
         }
         let t = std::time::Instant::now();
         let report = routellm::evaluate(&d, &features, dim, &sweep)?;
@@ -350,7 +350,7 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         args.task_column.as_deref(),
     )?;
     if let Some(p) = &prior {
-        ferry_cli::prior::refuse_if_trained_on(p, &ferry_cli::prior::benchmarks_of(&data, &input))?;
+        ferry_lab::prior::refuse_if_trained_on(p, &ferry_lab::prior::benchmarks_of(&data, &input))?;
     }
     let mut opts = replay::ReplayOptions {
         alpha: args.alpha[0],
@@ -449,7 +449,7 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         }
         print_replay_report(report);
     }
-    fn print_replay_report(report: &ferry_cli::replay::Report) {
+    fn print_replay_report(report: &ferry_lab::replay::Report) {
         println!(
         "{} requests ({} duplicates dropped) · models {:?} · alpha {} · V {:.3e} · c {} · seeds {:?}",
         report.requests, report.duplicates_dropped, report.models, report.alpha, report.v, report.c, report.seeds
@@ -482,7 +482,7 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         );
         for (name, b) in &report.baselines {
             let met =
-                ferry_cli::replay::meets_sla(b.satisfaction, b.satisfaction_min, report.alpha);
+                ferry_lab::replay::meets_sla(b.satisfaction, b.satisfaction_min, report.alpha);
             println!(
                 "{:<16} {:>11.1}% {:>6} {:>14.0} {:>12.1}{}",
                 name,
@@ -511,7 +511,7 @@ pub(crate) fn train_prior(
     exclude: &[String],
     out: &Path,
 ) -> anyhow::Result<()> {
-    use ferry_cli::{prior, replay};
+    use ferry_lab::{prior, replay};
     let m = embed.manifest(&registry)?;
     let tok_path =
         ferry_engine::source::ModelLocation::of(&m, &registry.model_dir).file("tokenizer.json")?;

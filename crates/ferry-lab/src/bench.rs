@@ -261,7 +261,7 @@ pub fn sampler_overhead(
 }
 
 /// The `q` quantile of sorted values (nearest rank).
-pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
