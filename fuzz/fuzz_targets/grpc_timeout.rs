@@ -2,7 +2,7 @@
 //! refused, never a panic.
 #![no_main]
 
-use ferry_core::deadline::parse_grpc_timeout;
+use ferry_daemon::deadline::parse_grpc_timeout;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

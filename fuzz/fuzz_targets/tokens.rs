@@ -2,7 +2,7 @@
 //! panic.
 #![no_main]
 
-use ferry_core::auth::check_token_file;
+use ferry_daemon::auth::check_token_file;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

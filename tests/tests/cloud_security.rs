@@ -312,7 +312,7 @@ async fn bearer_tokens_missing_or_wrong_are_unauthenticated_and_reload() {
     // The same message as ferryd's: missing, wrong and revoked tokens are not told apart.
     let refused = format!(
         "Unauthenticated: unauthenticated: {}",
-        ferry_core::auth::REFUSED
+        ferry_daemon::auth::REFUSED
     );
     assert_eq!(list_models(endpoint(), None).await.unwrap_err(), refused);
     assert_eq!(
@@ -334,7 +334,7 @@ async fn bearer_tokens_missing_or_wrong_are_unauthenticated_and_reload() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(
-        err.message().ends_with(ferry_core::auth::REFUSED),
+        err.message().ends_with(ferry_daemon::auth::REFUSED),
         "{err:?}"
     );
     // Health stays open for probes.

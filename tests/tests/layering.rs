@@ -275,7 +275,7 @@ fn the_cycle_check_sees_cycles() {
 
 #[test]
 fn the_daemons_use_locks_that_do_not_poison() {
-    for name in ["ferry-edge", "ferry-cloud"] {
+    for name in ["ferry-edge", "ferry-cloud", "ferry-daemon"] {
         let src = repo_root().join("crates").join(name).join("src");
         for (m, file) in modules(&src) {
             let code = code(&file);

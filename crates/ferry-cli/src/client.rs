@@ -6,7 +6,7 @@ use ferry_proto::v1::inference_client::InferenceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-pub use ferry_core::auth::Bearer;
+pub use ferry_core::token::Bearer;
 
 /// An `Inference` client, with or without a token.
 pub type Client = InferenceClient<InterceptedService<Channel, Bearer>>;

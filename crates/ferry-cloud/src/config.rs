@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
-use ferry_core::auth::AuthConfig;
-use ferry_core::config::LogConfig;
 use ferry_core::{Error, RequestLimits, Result};
+use ferry_daemon::auth::AuthConfig;
+use ferry_daemon::config::LogConfig;
 use ferry_energy::EnergyConfig;
 
 /// The whole ferry-cloud configuration.
@@ -191,14 +191,14 @@ fn default_read_timeout_ms() -> u64 {
 impl CloudConfig {
     /// Parses a config file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: CloudConfig = ferry_core::config::read_toml(path)?;
+        let cfg: CloudConfig = ferry_daemon::config::read_toml(path)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Parses config text; `path` is for messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
-        let cfg: CloudConfig = ferry_core::config::parse_toml(text, path)?;
+        let cfg: CloudConfig = ferry_daemon::config::parse_toml(text, path)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -11,7 +11,7 @@
 //!   streamed over SSE, its errors mapped to ferry's statuses.
 //!
 //! Around them: mutual TLS and bearer tokens on the gRPC listener ([`config::TlsConfig`],
-//! [`ferry_core::auth`]), and an HTTP listener with `/healthz`, `/readyz` and Prometheus
+//! [`ferry_daemon::auth`]), and an HTTP listener with `/healthz`, `/readyz` and Prometheus
 //! `/metrics` ([`http`], [`metrics`]). The listeners are bound before the models load.
 //!
 //! The binary in `main.rs` only parses the command line and runs [`CloudServer`].

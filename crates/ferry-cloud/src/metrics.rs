@@ -1,5 +1,5 @@
 //! ferry-cloud's metrics, served as Prometheus text on `GET /metrics` (the recorder is
-//! [`ferry_core::telemetry`]'s, shared with ferryd).
+//! [`ferry_daemon::telemetry`]'s, shared with ferryd).
 //!
 //! Every name starts with `ferry_cloud_`; labels are bounded: model ids and backends come from
 //! the configured zoo, outcomes and reasons from fixed sets, energy sources from the probed

@@ -21,8 +21,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use ferry_core::auth::Auth;
 use ferry_core::{Error, ModelManifest, Result, Tier};
+use ferry_daemon::auth::Auth;
 use ferry_energy::meter::EnergyMeter;
 use ferry_engine::LoadedModel;
 use ferry_proto::v1 as pb;
@@ -33,9 +33,6 @@ use crate::candle::CandleBackend;
 use crate::config::{BackendKind, CloudConfig, TlsConfig};
 use crate::openai::OpenAiBackend;
 use crate::service::{CloudModel, CloudState, OffloadService};
-
-/// Largest gRPC message accepted (requests may carry images).
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Builds every configured model's backend; loads the candle models (blocking: call it from a
 /// blocking thread).
@@ -173,31 +170,6 @@ fn server_builder(tls: &TlsConfig) -> Result<Server> {
     }
 }
 
-/// Checks the bearer token of every call to the service it wraps (when `auth.tokens_file` is
-/// set).
-#[derive(Clone)]
-struct BearerCheck(Arc<CloudState>);
-
-impl tonic::service::Interceptor for BearerCheck {
-    fn call(
-        &mut self,
-        req: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        match self.0.auth.check_metadata(req.metadata()) {
-            Ok(name) => {
-                let mut req = req;
-                req.extensions_mut().insert(ferry_core::auth::AppName(name));
-                Ok(req)
-            }
-            Err(e) => {
-                crate::metrics::auth_refused("grpc");
-                tracing::debug!(peer = ?req.remote_addr(), "gRPC call refused: bad bearer token");
-                Err(e.into())
-            }
-        }
-    }
-}
-
 /// A running ferry-cloud.
 pub struct CloudServer {
     /// The bound gRPC address (useful with port 0).
@@ -212,8 +184,7 @@ pub struct CloudServer {
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    health.set_service_status(SERVICE_NAME, status).await;
+    ferry_daemon::grpc::set_health(health, SERVICE_NAME, status).await;
 }
 
 impl CloudServer {
@@ -248,16 +219,12 @@ impl CloudServer {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| Error::Engine(format!("reflection service: {e}")))?;
+        let reflection = ferry_daemon::grpc::reflection()?;
         let offload = OffloadServer::new(OffloadService::new(state.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(ferry_daemon::grpc::MAX_MESSAGE_BYTES);
         let mut builder = builder;
         let router = if state.auth.enabled() {
-            let check = BearerCheck(state.clone());
+            let check = ferry_daemon::grpc::TokenCheck(state.clone());
             builder
                 .add_service(health_service)
                 .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -296,8 +263,7 @@ impl CloudServer {
             let _ = rx.wait_for(|s| *s).await;
         };
         let server = tokio::spawn(router.serve_with_incoming_shutdown(
-            // Small gRPC frames (one token each) must not wait for Nagle and delayed ACKs.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ferry_daemon::grpc::incoming(listener),
             stopped(stop_rx.clone()),
         ));
         tracing::info!(
@@ -311,7 +277,7 @@ impl CloudServer {
         let mut http_addr = None;
         let mut http_server = None;
         if let Some(listener) = http_listener {
-            ferry_core::telemetry::install();
+            ferry_daemon::telemetry::install();
             let bound = listener
                 .local_addr()
                 .map_err(|e| Error::io("reading the bound HTTP address", e))?;
@@ -371,16 +337,7 @@ impl CloudServer {
         tracing::info!(in_flight = self.state.in_system(), "draining");
         self.state.start_draining();
         set_health(&self.health, ServingStatus::NotServing).await;
-        let deadline = tokio::time::Instant::now() + grace;
-        while self.state.in_system() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if self.state.in_system() > 0 {
-            tracing::warn!(
-                in_flight = self.state.in_system(),
-                "grace period over; stopping in-flight requests"
-            );
-        }
+        ferry_daemon::drain::wait_idle(self.state.as_ref(), grace).await;
         self.state.abort.cancel();
         // Let the stopped requests send their UNAVAILABLE before the listener closes.
         let settle = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -388,17 +345,9 @@ impl CloudServer {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = self.stop_tx.send(true);
-        match tokio::time::timeout(Duration::from_secs(5), self.server).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
-            Ok(_) => {}
-            Err(_) => tracing::warn!("listener did not close within 5 s"),
-        }
+        ferry_daemon::drain::join(self.server, "server").await;
         if let Some(h) = self.http_server {
-            match tokio::time::timeout(Duration::from_secs(5), h).await {
-                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
-                Ok(_) => {}
-                Err(_) => tracing::warn!("HTTP listener did not close within 5 s"),
-            }
+            ferry_daemon::drain::join(h, "HTTP server").await;
         }
         tracing::info!("stopped");
     }

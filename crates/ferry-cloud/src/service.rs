@@ -26,9 +26,9 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use ferry_core::admission::{Admission, Ticket};
-use ferry_core::auth::Auth;
 use ferry_core::{Error, ErrorKind, ValidatedRequest};
+use ferry_daemon::admission::{Admission, Ticket};
+use ferry_daemon::auth::Auth;
 use ferry_proto::v1 as pb;
 use pb::offload_server::Offload;
 
@@ -121,11 +121,36 @@ pub struct CloudState {
     /// Cancelled at the end of the shutdown grace period: in-flight requests stop.
     pub abort: CancellationToken,
     draining: AtomicBool,
-    /// Slots and queue, with the expected-wait refusal (`ferry_core::admission`, ferryd's too).
+    /// Slots and queue, with the expected-wait refusal (`ferry_daemon::admission`, ferryd's too).
     admission: Admission,
     in_system: AtomicUsize,
     replay: Mutex<Replay>,
     seed: AtomicU64,
+}
+
+impl ferry_daemon::Daemon for CloudState {
+    fn auth(&self) -> &Auth {
+        &self.auth
+    }
+    fn is_ready(&self) -> bool {
+        CloudState::is_ready(self)
+    }
+    fn is_draining(&self) -> bool {
+        CloudState::is_draining(self)
+    }
+    fn in_flight(&self) -> usize {
+        self.in_system()
+    }
+    fn token_refused(&self, surface: &'static str, _error: &Error) {
+        crate::metrics::auth_refused(surface);
+    }
+    fn refresh_gauges(&self) {
+        crate::metrics::set_load_gauges(
+            self.running(),
+            self.in_system(),
+            self.is_ready() && !self.is_draining(),
+        );
+    }
 }
 
 impl CloudState {
@@ -424,7 +449,7 @@ async fn run(
     // edge hears "busy" (RESOURCE_EXHAUSTED: fall back, the endpoint is not failing) instead of
     // its own transport timeout, which would count against the endpoint's circuit.
     let queue_deadline =
-        deadline.map(|d| d - budget.map_or(Duration::ZERO, ferry_core::deadline::margin));
+        deadline.map(|d| d - budget.map_or(Duration::ZERO, ferry_daemon::deadline::margin));
     let queue_expired = async move {
         match queue_deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -626,10 +651,10 @@ impl Offload for OffloadService {
         &self,
         request: Request<pb::OffloadRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let grpc_deadline = ferry_core::deadline::grpc_timeout(request.metadata());
+        let grpc_deadline = ferry_daemon::deadline::grpc_timeout(request.metadata());
         let app = request
             .extensions()
-            .get::<ferry_core::auth::AppName>()
+            .get::<ferry_daemon::auth::AppName>()
             .map(|a| a.0.clone())
             .unwrap_or_default();
         let mut rx = match self.start(request.into_inner(), grpc_deadline, &app) {

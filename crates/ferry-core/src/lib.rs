@@ -2,17 +2,13 @@
 //! type with its single mapping to gRPC status codes and HTTP statuses.
 //!
 //! This crate holds no policy and does no network I/O; it is what `ferry-engine`, `ferryd`,
-//! `ferry-cloud` and the CLI agree on.
+//! `ferry-cloud` and the CLI agree on. What only the daemons share (auth, admission, deadlines,
+//! config files and logs, metrics, the servers' scaffolding) is `ferry-daemon`.
 
-pub mod admission;
-pub mod auth;
-pub mod config;
-pub mod deadline;
 pub mod error;
 pub mod manifest;
 pub mod openai;
 pub mod request;
-pub mod telemetry;
 pub mod token;
 
 pub use error::{Error, ErrorKind, Result};

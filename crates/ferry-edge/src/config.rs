@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
-use ferry_core::config::LogConfig;
 use ferry_core::{Error, RequestLimits, Result};
+use ferry_daemon::config::LogConfig;
 use ferry_energy::EnergyConfig;
 
 /// The whole daemon configuration.
@@ -30,7 +30,7 @@ pub struct EdgeConfig {
 
 /// Who may call ferryd over TCP (gRPC and HTTP): the same `[auth]` settings as ferry-cloud's.
 /// The Unix socket is trusted: its file permissions decide.
-pub use ferry_core::auth::AuthConfig;
+pub use ferry_daemon::auth::AuthConfig;
 
 /// Routing of `model: "auto"` over the loaded local models (and the cloud tier's zoo).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,14 +196,14 @@ impl Default for StateConfig {
 impl EdgeConfig {
     /// Parses a config file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: EdgeConfig = ferry_core::config::read_toml(path)?;
+        let cfg: EdgeConfig = ferry_daemon::config::read_toml(path)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Parses config text; `path` is for messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
-        let cfg: EdgeConfig = ferry_core::config::parse_toml(text, path)?;
+        let cfg: EdgeConfig = ferry_daemon::config::parse_toml(text, path)?;
         cfg.validate()?;
         Ok(cfg)
     }

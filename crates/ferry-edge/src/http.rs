@@ -34,6 +34,8 @@ use serde_json::{json, Value};
 use ferry_core::{Error, ErrorKind};
 use ferry_proto::v1 as pb;
 
+use ferry_daemon::http::{behind_token, metrics_routes, probe_routes};
+
 use crate::service::InferenceService;
 
 /// Largest request body accepted (requests may carry images as data URLs).
@@ -291,77 +293,23 @@ async fn models(State(svc): State<Arc<InferenceService>>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// A refused token, OpenAI-shaped like every other error of this API.
+fn api_refusal(e: Error) -> Response {
+    ApiError::from(e).into_response()
 }
 
-async fn readyz(State(svc): State<Arc<InferenceService>>) -> Response {
-    let state = svc.state();
-    if state.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
-    } else if state.is_ready() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "loading\n").into_response()
-    }
-}
-
-async fn metrics_text(State(svc): State<Arc<InferenceService>>) -> Response {
-    crate::metrics::refresh_gauges(svc.state());
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            ferry_core::telemetry::CONTENT_TYPE,
-        )],
-        crate::metrics::render(),
-    )
-        .into_response()
-}
-
-/// Refuses callers without a valid bearer token (when `auth.tokens_file` is set).
-async fn require_token(
-    State(svc): State<Arc<InferenceService>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let header = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match svc.state().auth.check(header) {
-        Ok(name) => {
-            let mut req = req;
-            req.extensions_mut().insert(crate::auth::AppName(name));
-            next.run(req).await
-        }
-        Err(e) => {
-            crate::metrics::request_rejected(e.kind());
-            let mut r = ApiError::from(e).into_response();
-            r.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
-            r
-        }
-    }
-}
-
-/// The HTTP router: the API and `/metrics` behind the token check, the probes open.
+/// The HTTP router: the API and `/metrics` behind the token check, the probes open (the
+/// probes, `/metrics` and the token check are the daemon kit's, shared with ferry-cloud).
 pub fn router(svc: Arc<InferenceService>) -> Router {
-    let protected = Router::new()
+    let state = svc.state().clone();
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/metrics", get(metrics_text))
-        .route_layer(axum::middleware::from_fn_with_state(
-            svc.clone(),
-            require_token,
-        ));
-    Router::new()
-        .merge(protected)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(svc)
+        .merge(metrics_routes(state.clone()));
+    behind_token(api, state.clone(), api_refusal)
+        .merge(probe_routes(state))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use ferry_daemon::signals::Signals;
 use ferry_edge::{Cli, RunningServer};
 
 #[tokio::main]
@@ -17,28 +18,27 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting ferryd")?;
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    let mut signals = Signals::install().context("installing the signal handlers")?;
     // SIGHUP re-reads the token file and the placement policy; a broken file keeps what runs.
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
     let state = server.state.clone();
-    tokio::spawn(async move {
-        while sighup.recv().await.is_some() {
-            if let Err(e) = state.auth.reload() {
-                tracing::error!(error = %e, "SIGHUP: token file not reloaded; previous tokens stay in force");
-            }
-            if let Some(p) = &state.placement {
-                if let Err(e) = p.reload() {
-                    tracing::error!(error = %e, "SIGHUP: placement policy not reloaded; the running one stays");
-                }
+    let reload = move || {
+        if let Err(e) = state.auth.reload() {
+            tracing::error!(error = %e, "SIGHUP: token file not reloaded; previous tokens stay in force");
+        }
+        if let Some(p) = &state.placement {
+            if let Err(e) = p.reload() {
+                tracing::error!(error = %e, "SIGHUP: placement policy not reloaded; the running one stays");
             }
         }
-    });
+    };
     let notifier = std::sync::Arc::new(ferry_edge::sdnotify::Notifier::from_env());
     notifier.notify("STATUS=loading models");
-    let stop_reason = tokio::select! {
-        ready = server.wait_ready() => {
+    let ready = tokio::select! {
+        ready = server.wait_ready() => Ok(ready),
+        signal = signals.until_stopped(reload.clone()) => Err(signal),
+    };
+    let stop_reason = match ready {
+        Ok(ready) => {
             ready.context("loading models")?;
             // Ready means: models loaded and router state restored (wait_ready covers both).
             notifier.notify("READY=1\nSTATUS=serving");
@@ -54,13 +54,9 @@ async fn main() -> anyhow::Result<()> {
                     }
                 });
             }
-            tokio::select! {
-                _ = sigterm.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-            }
+            signals.until_stopped(reload).await
         }
-        _ = sigterm.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
+        Err(signal) => signal,
     };
     tracing::info!(signal = stop_reason, "shutting down");
     notifier.notify("STOPPING=1\nSTATUS=draining");

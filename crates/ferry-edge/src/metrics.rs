@@ -37,7 +37,7 @@
 //! recorder is already installed (a test's debugging recorder), `/metrics` renders nothing and
 //! the metrics go to that recorder instead.
 
-pub use ferry_core::telemetry::{install, render};
+pub use ferry_daemon::telemetry::{install, render};
 
 use crate::state::AppState;
 

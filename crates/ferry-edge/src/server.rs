@@ -19,9 +19,6 @@ use crate::config::EdgeConfig;
 use crate::service::InferenceService;
 use crate::state::AppState;
 
-/// Largest gRPC message accepted (requests may carry images).
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-
 /// A running ferryd.
 pub struct RunningServer {
     /// The bound TCP address (useful with port 0).
@@ -38,34 +35,27 @@ pub struct RunningServer {
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    health.set_service_status(SERVICE_NAME, status).await;
+    ferry_daemon::grpc::set_health(health, SERVICE_NAME, status).await;
 }
 
-/// Checks the bearer token of a TCP caller (a no-op when authentication is off).
-#[derive(Clone)]
-struct BearerCheck(Arc<AppState>);
-
-impl tonic::service::Interceptor for BearerCheck {
-    fn call(
-        &mut self,
-        req: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        match self.0.auth.check(header) {
-            Ok(name) => {
-                let mut req = req;
-                req.extensions_mut().insert(crate::auth::AppName(name));
-                Ok(req)
-            }
-            Err(e) => {
-                crate::metrics::request_rejected(e.kind());
-                Err(e.into())
-            }
-        }
+impl ferry_daemon::Daemon for AppState {
+    fn auth(&self) -> &ferry_daemon::auth::Auth {
+        &self.auth
+    }
+    fn is_ready(&self) -> bool {
+        AppState::is_ready(self)
+    }
+    fn is_draining(&self) -> bool {
+        AppState::is_draining(self)
+    }
+    fn in_flight(&self) -> usize {
+        self.open_requests()
+    }
+    fn token_refused(&self, _surface: &'static str, error: &Error) {
+        crate::metrics::request_rejected(error.kind());
+    }
+    fn refresh_gauges(&self) {
+        crate::metrics::refresh_gauges(self);
     }
 }
 
@@ -79,16 +69,12 @@ fn router(
     >,
     authenticate: bool,
 ) -> Result<tonic::transport::server::Router> {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Engine(format!("reflection service: {e}")))?;
+    let reflection = ferry_daemon::grpc::reflection()?;
     let inference = InferenceServer::new(InferenceService::new(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(ferry_daemon::grpc::MAX_MESSAGE_BYTES);
     let builder = Server::builder().add_service(health_service);
     Ok(if authenticate && state.auth.enabled() {
-        let check = BearerCheck(state.clone());
+        let check = ferry_daemon::grpc::TokenCheck(state.clone());
         builder
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 reflection,
@@ -144,8 +130,7 @@ impl RunningServer {
             .map_err(|e| Error::io("reading the bound address", e))?;
         let mut servers = Vec::new();
         let tcp = router(&state, health_service.clone(), true)?.serve_with_incoming_shutdown(
-            // Small gRPC frames (one token each) must not wait for Nagle and delayed ACKs.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ferry_daemon::grpc::incoming(listener),
             stopped(stop_rx.clone()),
         );
         servers.push(tokio::spawn(tcp));
@@ -252,20 +237,10 @@ impl RunningServer {
     /// Drains and stops: refuse new requests, let in-flight ones finish for up to `grace`, then
     /// stop the rest (their streams end with UNAVAILABLE), then close the listeners.
     pub async fn shutdown(self, grace: Duration) {
-        let in_flight = |s: &AppState| s.open_requests();
-        tracing::info!(in_flight = in_flight(&self.state), "draining");
+        tracing::info!(in_flight = self.state.open_requests(), "draining");
         self.state.start_draining();
         set_health(&self.health, ServingStatus::NotServing).await;
-        let deadline = tokio::time::Instant::now() + grace;
-        while in_flight(&self.state) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if in_flight(&self.state) > 0 {
-            tracing::warn!(
-                in_flight = in_flight(&self.state),
-                "grace period over; stopping in-flight requests"
-            );
-        }
+        ferry_daemon::drain::wait_idle(self.state.as_ref(), grace).await;
         self.state.abort.cancel();
         let _ = self.stop_tx.send(true);
         for router in self.state.routers() {
@@ -278,18 +253,10 @@ impl RunningServer {
         self.loader.abort();
         for s in self.servers {
             // Connections that stay open after their streams ended must not hold shutdown.
-            match tokio::time::timeout(Duration::from_secs(5), s).await {
-                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
-                Ok(_) => {}
-                Err(_) => tracing::warn!("listener did not close within 5 s"),
-            }
+            ferry_daemon::drain::join(s, "server").await;
         }
         if let Some(h) = self.http_server {
-            match tokio::time::timeout(Duration::from_secs(5), h).await {
-                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
-                Ok(_) => {}
-                Err(_) => tracing::warn!("HTTP listener did not close within 5 s"),
-            }
+            ferry_daemon::drain::join(h, "HTTP server").await;
         }
         if let Some(path) = &self.state.config.server.unix_socket {
             let _ = std::fs::remove_file(path);

@@ -66,7 +66,7 @@ impl Inference for InferenceService {
             .metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
-            .and_then(ferry_core::deadline::parse_grpc_timeout);
+            .and_then(ferry_daemon::deadline::parse_grpc_timeout);
         let app = request.extensions().get::<crate::auth::AppName>().cloned();
         let stream = self
             .start_with_deadline(request.into_inner(), deadline, app.as_ref())

@@ -18,7 +18,7 @@ use crate::cloud::CloudPool;
 use crate::config::EdgeConfig;
 use crate::records::RecordStore;
 use crate::router::ZooRouter;
-use ferry_core::admission::Admission;
+use ferry_daemon::admission::Admission;
 use ferry_engine::encoder::SentenceEncoder;
 use ferry_proto::v1 as pb;
 

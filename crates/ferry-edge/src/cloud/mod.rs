@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use ferry_core::auth::Bearer;
+use ferry_core::token::Bearer;
 use ferry_core::{Error, Result};
 use ferry_proto::v1 as pb;
 use pb::offload_client::OffloadClient;

@@ -144,7 +144,7 @@ impl Offload {
         let app_deadline = self
             .job
             .deadline
-            .map(|d| ferry_core::deadline::give_up_at(self.job.arrived, d));
+            .map(|d| ferry_daemon::deadline::give_up_at(self.job.arrived, d));
         let budget = Duration::from_millis(cfg.request_timeout_ms);
         let until = match app_deadline {
             Some(a) => a.min(self.job.arrived + budget),

@@ -33,8 +33,8 @@ pub(crate) struct LocalJob {
     model: Arc<LoadedModel>,
     routed: Option<Routed>,
     prompt: Vec<u32>,
-    ticket: ferry_core::admission::Ticket,
-    /// When work on the request stops: the app's deadline less [`ferry_core::deadline::margin`],
+    ticket: ferry_daemon::admission::Ticket,
+    /// When work on the request stops: the app's deadline less [`ferry_daemon::deadline::margin`],
     /// so that the app hears why (and, once text has gone out, how much) before its own timer
     /// fires.
     give_up_at: Option<Instant>,
@@ -80,7 +80,7 @@ impl Tier for LocalTier {
         let ticket = state.admission.admit_for(&req.app, left)?;
         let give_up_at = deadline_at
             .zip(left)
-            .map(|(t, left)| t - ferry_core::deadline::margin(left));
+            .map(|(t, left)| t - ferry_daemon::deadline::margin(left));
         let mut placement = placement_for(&model, req, requested, routed.as_ref());
         if let Some(lead) = &job.lead {
             placement.reason = format!("{}; {}", lead.reason, placement.reason);
@@ -328,7 +328,7 @@ async fn run_also(
     state: &Arc<AppState>,
     routed: &Routed,
     req: &ValidatedRequest,
-    slot: Option<ferry_core::admission::Slot>,
+    slot: Option<ferry_daemon::admission::Slot>,
 ) -> Vec<(usize, Option<f64>, Option<String>)> {
     let Some(router) = state.router() else {
         return Vec::new();

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::{Error, Result};
+use ferry_core::{Error, Result};
 
 /// Shared admission state.
 #[derive(Debug)]
@@ -375,7 +375,7 @@ mod tests {
         let t1 = a.admit().unwrap();
         let t2 = a.admit().unwrap();
         let err = a.admit().unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::ResourceExhausted);
+        assert_eq!(err.kind(), ferry_core::ErrorKind::ResourceExhausted);
         let s1 = t1.run().await;
         drop(s1);
         let s2 = t2.run().await;
@@ -403,7 +403,7 @@ mod tests {
         let wait = a.expected_wait_ms(1).unwrap();
         assert!((wait - held / 2.0).abs() < 1e-9, "{wait} {held}");
         let err = a.admit_within(Some(Duration::from_millis(1))).unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::ResourceExhausted);
+        assert_eq!(err.kind(), ferry_core::ErrorKind::ResourceExhausted);
         assert!(err.to_string().contains("deadline"), "{err}");
         assert_eq!(a.in_system(), 1, "a refused request holds no place");
         // A deadline longer than the wait, or none, queues.
@@ -507,7 +507,7 @@ mod tests {
         let _w1 = a.admit_for("a", None).unwrap();
         let _w2 = a.admit_for("a", None).unwrap();
         let err = a.admit_for("a", None).unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::ResourceExhausted);
+        assert_eq!(err.kind(), ferry_core::ErrorKind::ResourceExhausted);
         assert!(err.to_string().contains("max_queue_per_app"), "{err}");
         // Another app still finds a place.
         let _b = a.admit_for("b", None).unwrap();

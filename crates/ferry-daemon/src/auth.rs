@@ -10,49 +10,13 @@
 //! Every refusal says the same thing ([`REFUSED`]) — missing, malformed, wrong and revoked tokens
 //! are not told apart — so a caller learns nothing about which tokens exist.
 
+use parking_lot::RwLock;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
-use crate::token::digest;
-use crate::{Error, Result};
-
-/// The client side: adds `authorization: Bearer <token>` to every gRPC call when a token is set
-/// (the `ferry` CLI to ferryd, ferryd to ferry-cloud).
-#[derive(Debug, Clone, Default)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl Bearer {
-    /// A token to present, or none; `field` names the setting in the error for a token a header
-    /// cannot carry.
-    pub fn new(token: Option<&str>, field: &str) -> Result<Self> {
-        match token {
-            Some(t) => format!("Bearer {t}")
-                .parse()
-                .map(|v| Bearer(Some(v)))
-                .map_err(|_| Error::invalid(field, "the token must be printable ASCII")),
-            None => Ok(Bearer(None)),
-        }
-    }
-
-    /// Whether a token is presented.
-    pub fn is_set(&self) -> bool {
-        self.0.is_some()
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut req: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
+use ferry_core::token::digest;
+use ferry_core::{Error, Result};
 
 /// The message of every refusal.
 pub const REFUSED: &str = "missing or invalid bearer token";
@@ -175,7 +139,7 @@ impl Auth {
         };
         let tokens = read(path)?;
         let n = tokens.entries.len();
-        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens;
+        *self.tokens.write() = tokens;
         tracing::info!(path = %path.display(), tokens = n, "bearer tokens reloaded");
         Ok(n)
     }
@@ -192,7 +156,7 @@ impl Auth {
             return Err(refused());
         }
         let d = digest(token.trim());
-        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        let tokens = self.tokens.read();
         // Look at every entry so the time taken does not depend on which one matched.
         let mut found = None;
         for (name, stored) in &tokens.entries {
@@ -212,7 +176,7 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::token_line;
+    use ferry_core::token::token_line;
 
     fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -280,7 +244,7 @@ mod tests {
         .unwrap();
         let mut m = tonic::metadata::MetadataMap::new();
         let e = auth.check_metadata(&m).unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::Unauthenticated);
+        assert_eq!(e.kind(), ferry_core::ErrorKind::Unauthenticated);
         m.insert("authorization", "Bearer wrong".parse().unwrap());
         assert!(auth.check_metadata(&m).is_err());
         m.insert("authorization", "Bearer s3cret".parse().unwrap());
