@@ -11,13 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use ferry_core::{Error, RequestLimits, Result};
 use ferry_daemon::auth::AuthConfig;
-use ferry_daemon::config::LogConfig;
+use ferry_daemon::config::{ConfigVersion, LogConfig};
 use ferry_energy::EnergyConfig;
 
 /// The whole ferry-cloud configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct CloudConfig {
+    /// The file format (`version = 1`; absent reads as 1).
+    pub version: ConfigVersion,
     pub server: ServerConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
@@ -205,6 +207,7 @@ impl CloudConfig {
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<()> {
+        self.version.validate()?;
         let bad = |field: &str, reason: &str| Error::invalid(field, reason);
         if self.server.max_concurrent == 0 {
             return Err(bad("server.max_concurrent", "must be at least 1"));
@@ -341,93 +344,74 @@ pub struct Cli {
     /// TOML config file; flags and FERRY_CLOUD_* variables override its values.
     #[arg(long, env = "FERRY_CLOUD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// gRPC listen address.
-    #[arg(long, env = "FERRY_CLOUD_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Serve /healthz, /readyz and /metrics over HTTP (true/false).
-    #[arg(long, env = "FERRY_CLOUD_HTTP_ENABLED")]
-    pub http_enabled: Option<bool>,
-    /// HTTP listen address of the probes and metrics.
-    #[arg(long, env = "FERRY_CLOUD_HTTP_ADDR")]
-    pub http_addr: Option<SocketAddr>,
-    /// Requests generating at once.
-    #[arg(long, env = "FERRY_CLOUD_MAX_CONCURRENT")]
-    pub max_concurrent: Option<usize>,
-    /// Requests allowed to wait for a slot.
-    #[arg(long, env = "FERRY_CLOUD_MAX_QUEUE")]
-    pub max_queue: Option<usize>,
-    /// Seconds to let in-flight requests finish on SIGTERM.
-    #[arg(long, env = "FERRY_CLOUD_SHUTDOWN_GRACE_S")]
-    pub shutdown_grace_s: Option<u64>,
-    /// Finished answers kept for retries by request id.
-    #[arg(long, env = "FERRY_CLOUD_REPLAY_CACHE")]
-    pub replay_cache: Option<usize>,
-    /// Server certificate chain, PEM (TLS on the gRPC listener).
-    #[arg(long, env = "FERRY_CLOUD_TLS_CERT_FILE")]
-    pub tls_cert_file: Option<PathBuf>,
-    /// Server private key, PEM.
-    #[arg(long, env = "FERRY_CLOUD_TLS_KEY_FILE")]
-    pub tls_key_file: Option<PathBuf>,
-    /// CA certificate(s), PEM, that sign client certificates; set: mutual TLS.
-    #[arg(long, env = "FERRY_CLOUD_TLS_CLIENT_CA_FILE")]
-    pub tls_client_ca_file: Option<PathBuf>,
-    /// Bearer token file (hashed tokens, `ferry token new`; reloaded on SIGHUP).
-    #[arg(long, env = "FERRY_CLOUD_TOKENS_FILE")]
-    pub tokens_file: Option<PathBuf>,
-    /// Allow a non-loopback listener with neither mutual TLS nor tokens (true/false).
-    #[arg(long, env = "FERRY_CLOUD_ALLOW_UNAUTHENTICATED_NETWORK")]
-    pub allow_unauthenticated_network: Option<bool>,
-    /// Directory of model manifests (candle backend).
-    #[arg(long, env = "FERRY_CLOUD_MANIFEST_DIR")]
-    pub manifest_dir: Option<PathBuf>,
-    /// Directory of model files (candle backend).
-    #[arg(long, env = "FERRY_CLOUD_MODEL_DIR")]
-    pub model_dir: Option<PathBuf>,
-    /// Most messages per request.
-    #[arg(long, env = "FERRY_CLOUD_MAX_MESSAGES")]
-    pub max_messages: Option<usize>,
-    /// Most text bytes per request.
-    #[arg(long, env = "FERRY_CLOUD_MAX_TEXT_BYTES")]
-    pub max_text_bytes: Option<usize>,
-    /// Most images per request.
-    #[arg(long, env = "FERRY_CLOUD_MAX_IMAGES")]
-    pub max_images: Option<usize>,
-    /// Most bytes per image.
-    #[arg(long, env = "FERRY_CLOUD_MAX_IMAGE_BYTES")]
-    pub max_image_bytes: Option<usize>,
-    /// Most stop strings per request.
-    #[arg(long, env = "FERRY_CLOUD_MAX_STOP_SEQUENCES")]
-    pub max_stop_sequences: Option<usize>,
-    /// Largest max_tokens a request may ask for.
-    #[arg(long, env = "FERRY_CLOUD_MAX_NEW_TOKENS")]
-    pub max_new_tokens: Option<u32>,
-    /// max_tokens when a request sets none.
-    #[arg(long, env = "FERRY_CLOUD_DEFAULT_MAX_TOKENS")]
-    pub default_max_tokens: Option<u32>,
-    /// Most prompt tokens after the chat template (candle backend).
-    #[arg(long, env = "FERRY_CLOUD_MAX_PROMPT_TOKENS")]
-    pub max_prompt_tokens: Option<u32>,
-    /// Energy sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
-    #[arg(long, env = "FERRY_CLOUD_ENERGY_SOURCES", value_delimiter = ',')]
-    pub energy_sources: Option<Vec<String>>,
-    /// Energy sampler rate in Hz.
-    #[arg(long, env = "FERRY_CLOUD_ENERGY_SAMPLE_HZ")]
-    pub energy_sample_hz: Option<f64>,
-    /// Estimate: package power at full CPU utilisation, watts.
-    #[arg(long, env = "FERRY_CLOUD_ENERGY_PACKAGE_WATTS")]
-    pub energy_package_watts: Option<f64>,
-    /// Estimate: idle package power, watts.
-    #[arg(long, env = "FERRY_CLOUD_ENERGY_IDLE_WATTS")]
-    pub energy_idle_watts: Option<f64>,
-    /// Root of the sysfs tree the energy sources read.
-    #[arg(long, env = "FERRY_CLOUD_ENERGY_SYSFS_ROOT")]
-    pub energy_sysfs_root: Option<PathBuf>,
-    /// Log format: text or json.
-    #[arg(long, env = "FERRY_CLOUD_LOG_FORMAT")]
-    pub log_format: Option<String>,
-    /// Log filter, e.g. info or ferry_cloud=debug.
-    #[arg(long, env = "FERRY_CLOUD_LOG_LEVEL")]
-    pub log_level: Option<String>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+ferry_daemon::settings! {
+    /// Every scalar setting of [`CloudConfig`] but the file itself, each as a flag, a
+    /// `FERRY_CLOUD_*` variable and the config key it overrides.
+    pub struct Settings for CloudConfig {
+        /// gRPC listen address.
+        listen: SocketAddr = "FERRY_CLOUD_LISTEN" => server.listen;
+        /// Serve /healthz, /readyz and /metrics over HTTP (true/false).
+        http_enabled: bool = "FERRY_CLOUD_HTTP_ENABLED" => server.http_enabled;
+        /// HTTP listen address of the probes and metrics.
+        http_addr: SocketAddr = "FERRY_CLOUD_HTTP_ADDR" => server.http_addr;
+        /// Requests generating at once.
+        max_concurrent: usize = "FERRY_CLOUD_MAX_CONCURRENT" => server.max_concurrent;
+        /// Requests allowed to wait for a slot.
+        max_queue: usize = "FERRY_CLOUD_MAX_QUEUE" => server.max_queue;
+        /// Seconds to let in-flight requests finish on SIGTERM.
+        shutdown_grace_s: u64 = "FERRY_CLOUD_SHUTDOWN_GRACE_S" => server.shutdown_grace_s;
+        /// Finished answers kept for retries by request id.
+        replay_cache: usize = "FERRY_CLOUD_REPLAY_CACHE" => server.replay_cache;
+        /// Server certificate chain, PEM (TLS on the gRPC listener).
+        tls_cert_file: PathBuf = "FERRY_CLOUD_TLS_CERT_FILE" => tls.cert_file;
+        /// Server private key, PEM.
+        tls_key_file: PathBuf = "FERRY_CLOUD_TLS_KEY_FILE" => tls.key_file;
+        /// CA certificate(s), PEM, that sign client certificates; set: mutual TLS.
+        tls_client_ca_file: PathBuf = "FERRY_CLOUD_TLS_CLIENT_CA_FILE" => tls.client_ca_file;
+        /// Bearer token file (hashed tokens, `ferry token new`; reloaded on SIGHUP).
+        tokens_file: PathBuf = "FERRY_CLOUD_TOKENS_FILE" => auth.tokens_file;
+        /// Allow a non-loopback listener with neither mutual TLS nor tokens (true/false).
+        allow_unauthenticated_network: bool = "FERRY_CLOUD_ALLOW_UNAUTHENTICATED_NETWORK" => auth.allow_unauthenticated_network;
+        /// Directory of model manifests (candle backend).
+        manifest_dir: PathBuf = "FERRY_CLOUD_MANIFEST_DIR" => candle.manifest_dir;
+        /// Directory of model files (candle backend).
+        model_dir: PathBuf = "FERRY_CLOUD_MODEL_DIR" => candle.model_dir;
+        /// Most messages per request.
+        max_messages: usize = "FERRY_CLOUD_MAX_MESSAGES" => limits.max_messages;
+        /// Most text bytes per request.
+        max_text_bytes: usize = "FERRY_CLOUD_MAX_TEXT_BYTES" => limits.max_text_bytes;
+        /// Most images per request.
+        max_images: usize = "FERRY_CLOUD_MAX_IMAGES" => limits.max_images;
+        /// Most bytes per image.
+        max_image_bytes: usize = "FERRY_CLOUD_MAX_IMAGE_BYTES" => limits.max_image_bytes;
+        /// Most stop strings per request.
+        max_stop_sequences: usize = "FERRY_CLOUD_MAX_STOP_SEQUENCES" => limits.max_stop_sequences;
+        /// Largest max_tokens a request may ask for.
+        max_new_tokens: u32 = "FERRY_CLOUD_MAX_NEW_TOKENS" => limits.max_new_tokens;
+        /// max_tokens when a request sets none.
+        default_max_tokens: u32 = "FERRY_CLOUD_DEFAULT_MAX_TOKENS" => limits.default_max_tokens;
+        /// Most prompt tokens after the chat template (candle backend).
+        max_prompt_tokens: u32 = "FERRY_CLOUD_MAX_PROMPT_TOKENS" => limits.max_prompt_tokens;
+        /// Energy sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
+        #[arg(value_delimiter = ',')]
+        energy_sources: Vec<String> = "FERRY_CLOUD_ENERGY_SOURCES" => energy.sources;
+        /// Energy sampler rate in Hz.
+        energy_sample_hz: f64 = "FERRY_CLOUD_ENERGY_SAMPLE_HZ" => energy.sample_hz;
+        /// Estimate: package power at full CPU utilisation, watts.
+        energy_package_watts: f64 = "FERRY_CLOUD_ENERGY_PACKAGE_WATTS" => energy.package_watts;
+        /// Estimate: idle package power, watts.
+        energy_idle_watts: f64 = "FERRY_CLOUD_ENERGY_IDLE_WATTS" => energy.idle_watts;
+        /// Root of the sysfs tree the energy sources read.
+        energy_sysfs_root: PathBuf = "FERRY_CLOUD_ENERGY_SYSFS_ROOT" => energy.sysfs_root;
+        /// Log format: text or json.
+        log_format: String = "FERRY_CLOUD_LOG_FORMAT" => log.format;
+        /// Log filter, e.g. info or ferry_cloud=debug.
+        log_level: String = "FERRY_CLOUD_LOG_LEVEL" => log.level;
+    }
 }
 
 impl Cli {
@@ -437,49 +421,7 @@ impl Cli {
             Some(p) => CloudConfig::from_file(p)?,
             None => CloudConfig::default(),
         };
-        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
-            if let Some(v) = src {
-                *dst = v.clone();
-            }
-        }
-        set(&mut c.server.listen, &self.listen);
-        set(&mut c.server.http_enabled, &self.http_enabled);
-        set(&mut c.server.http_addr, &self.http_addr);
-        set(&mut c.server.max_concurrent, &self.max_concurrent);
-        set(&mut c.server.max_queue, &self.max_queue);
-        set(&mut c.server.shutdown_grace_s, &self.shutdown_grace_s);
-        set(&mut c.server.replay_cache, &self.replay_cache);
-        for (dst, src) in [
-            (&mut c.tls.cert_file, &self.tls_cert_file),
-            (&mut c.tls.key_file, &self.tls_key_file),
-            (&mut c.tls.client_ca_file, &self.tls_client_ca_file),
-            (&mut c.auth.tokens_file, &self.tokens_file),
-        ] {
-            if src.is_some() {
-                dst.clone_from(src);
-            }
-        }
-        set(
-            &mut c.auth.allow_unauthenticated_network,
-            &self.allow_unauthenticated_network,
-        );
-        set(&mut c.candle.manifest_dir, &self.manifest_dir);
-        set(&mut c.candle.model_dir, &self.model_dir);
-        set(&mut c.limits.max_messages, &self.max_messages);
-        set(&mut c.limits.max_text_bytes, &self.max_text_bytes);
-        set(&mut c.limits.max_images, &self.max_images);
-        set(&mut c.limits.max_image_bytes, &self.max_image_bytes);
-        set(&mut c.limits.max_stop_sequences, &self.max_stop_sequences);
-        set(&mut c.limits.max_new_tokens, &self.max_new_tokens);
-        set(&mut c.limits.default_max_tokens, &self.default_max_tokens);
-        set(&mut c.limits.max_prompt_tokens, &self.max_prompt_tokens);
-        set(&mut c.energy.sources, &self.energy_sources);
-        set(&mut c.energy.sample_hz, &self.energy_sample_hz);
-        set(&mut c.energy.package_watts, &self.energy_package_watts);
-        set(&mut c.energy.idle_watts, &self.energy_idle_watts);
-        set(&mut c.energy.sysfs_root, &self.energy_sysfs_root);
-        set(&mut c.log.format, &self.log_format);
-        set(&mut c.log.level, &self.log_level);
+        self.settings.apply(&mut c);
         c.validate()?;
         Ok(c)
     }
@@ -488,6 +430,22 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_setting_has_its_own_flag_variable_and_key() {
+        let mut seen = std::collections::HashSet::new();
+        for (flag, var, key) in Settings::TABLE {
+            assert!(var.starts_with("FERRY_CLOUD_"), "{var}");
+            assert!(
+                seen.insert(*flag) && seen.insert(*var),
+                "{flag} / {var} twice"
+            );
+            assert!(
+                seen.insert(Box::leak(key.join(".").into_boxed_str())),
+                "{key:?} twice"
+            );
+        }
+    }
 
     fn sample_path() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/cloud.toml")

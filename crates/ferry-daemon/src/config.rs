@@ -24,6 +24,39 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T> {
     parse_toml(&text, path)
 }
 
+/// The config file format's version, `version = 1` at the top of a file; a file without it reads
+/// as version 1. A later format gets a new number, so that a daemon refuses a file it would
+/// misread instead of guessing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConfigVersion(pub u32);
+
+impl ConfigVersion {
+    /// The one version this build reads.
+    pub const CURRENT: ConfigVersion = ConfigVersion(1);
+
+    /// Refuses a version this build does not read.
+    pub fn validate(self) -> Result<()> {
+        if self == Self::CURRENT {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "version",
+            format!(
+                "config format version {} is not one this build reads (it reads version {})",
+                self.0,
+                Self::CURRENT.0
+            ),
+        ))
+    }
+}
+
+impl Default for ConfigVersion {
+    fn default() -> Self {
+        Self::CURRENT
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -71,6 +104,23 @@ impl LogConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_of_another_format_version_is_refused_and_none_reads_as_version_1() {
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct C {
+            version: ConfigVersion,
+        }
+        let p = Path::new("c.toml");
+        let c: C = parse_toml("", p).unwrap();
+        assert_eq!(c.version, ConfigVersion::CURRENT);
+        let c: C = parse_toml("version = 1", p).unwrap();
+        assert!(c.version.validate().is_ok());
+        let c: C = parse_toml("version = 2", p).unwrap();
+        let e = c.version.validate().unwrap_err().to_string();
+        assert!(e.contains("version 2"), "{e}");
+    }
 
     #[test]
     fn errors_name_the_file_and_unknown_keys_are_refused() {

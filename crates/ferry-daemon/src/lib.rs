@@ -6,6 +6,7 @@
 //!   once when the expected wait exceeds a request's deadline; [`deadline`]: the `grpc-timeout`
 //!   header and the margin that lets a daemon answer before the app's own timer fires.
 //! - [`config`]: TOML config files with errors naming the file, and the `[log]` section;
+//!   [`settings`]: each setting's flag, `FERRY_*` variable and config key declared once;
 //!   [`telemetry`]: the Prometheus recorder behind `/metrics`.
 //! - [`grpc`]: health and reflection, the token interceptor, TCP without Nagle; [`http`]:
 //!   `/healthz`, `/readyz`, `/metrics` and the token middleware; [`drain`]: a graceful stop;
@@ -20,6 +21,7 @@ pub mod deadline;
 pub mod drain;
 pub mod grpc;
 pub mod http;
+pub mod settings;
 pub mod signals;
 pub mod telemetry;
 

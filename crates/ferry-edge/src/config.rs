@@ -9,13 +9,15 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use ferry_core::{Error, RequestLimits, Result};
-use ferry_daemon::config::LogConfig;
+use ferry_daemon::config::{ConfigVersion, LogConfig};
 use ferry_energy::EnergyConfig;
 
 /// The whole daemon configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
+    /// The file format (`version = 1`; absent reads as 1).
+    pub version: ConfigVersion,
     pub server: ServerConfig,
     pub models: ModelsConfig,
     pub limits: RequestLimits,
@@ -210,6 +212,7 @@ impl EdgeConfig {
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<()> {
+        self.version.validate()?;
         let bad = |field: &str, reason: &str| Error::invalid(field, reason);
         if self.server.max_concurrent == 0 {
             return Err(bad("server.max_concurrent", "must be at least 1"));
@@ -290,164 +293,125 @@ pub struct Cli {
     /// TOML config file; flags and FERRY_* variables override its values.
     #[arg(long, env = "FERRY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// gRPC listen address.
-    #[arg(long, env = "FERRY_GRPC_ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
-    /// Also serve on this Unix socket.
-    #[arg(long, env = "FERRY_UNIX_SOCKET")]
-    pub unix_socket: Option<PathBuf>,
-    /// Serve the HTTP API, /metrics and probes (true/false).
-    #[arg(long, env = "FERRY_HTTP_ENABLED")]
-    pub http_enabled: Option<bool>,
-    /// HTTP listen address (OpenAI-compatible API, /metrics, /healthz, /readyz).
-    #[arg(long, env = "FERRY_HTTP_ADDR")]
-    pub http_addr: Option<SocketAddr>,
-    /// Requests generating at once.
-    #[arg(long, env = "FERRY_MAX_CONCURRENT")]
-    pub max_concurrent: Option<usize>,
-    /// Requests allowed to wait for a slot.
-    #[arg(long, env = "FERRY_MAX_QUEUE")]
-    pub max_queue: Option<usize>,
-    /// Waiting requests one app (bearer token) may hold (default: half of max_queue).
-    #[arg(long, env = "FERRY_MAX_QUEUE_PER_APP")]
-    pub max_queue_per_app: Option<usize>,
-    /// Seconds to let in-flight requests finish on SIGTERM.
-    #[arg(long, env = "FERRY_SHUTDOWN_GRACE_S")]
-    pub shutdown_grace_s: Option<u64>,
-    /// Directory of model manifests.
-    #[arg(long, env = "FERRY_MANIFEST_DIR")]
-    pub manifest_dir: Option<PathBuf>,
-    /// Directory of model files.
-    #[arg(long, env = "FERRY_MODEL_DIR")]
-    pub model_dir: Option<PathBuf>,
-    /// Model ids to load at start (comma-separated).
-    #[arg(long, env = "FERRY_LOAD", value_delimiter = ',')]
-    pub load: Option<Vec<String>>,
-    /// Default model id.
-    #[arg(long, env = "FERRY_DEFAULT_MODEL")]
-    pub default_model: Option<String>,
-    /// Most messages per request.
-    #[arg(long, env = "FERRY_MAX_MESSAGES")]
-    pub max_messages: Option<usize>,
-    /// Most text bytes per request.
-    #[arg(long, env = "FERRY_MAX_TEXT_BYTES")]
-    pub max_text_bytes: Option<usize>,
-    /// Most images per request.
-    #[arg(long, env = "FERRY_MAX_IMAGES")]
-    pub max_images: Option<usize>,
-    /// Most bytes per image.
-    #[arg(long, env = "FERRY_MAX_IMAGE_BYTES")]
-    pub max_image_bytes: Option<usize>,
-    /// Most stop strings per request.
-    #[arg(long, env = "FERRY_MAX_STOP_SEQUENCES")]
-    pub max_stop_sequences: Option<usize>,
-    /// Largest max_tokens a request may ask for.
-    #[arg(long, env = "FERRY_MAX_NEW_TOKENS")]
-    pub max_new_tokens: Option<u32>,
-    /// max_tokens when a request sets none.
-    #[arg(long, env = "FERRY_DEFAULT_MAX_TOKENS")]
-    pub default_max_tokens: Option<u32>,
-    /// Most prompt tokens after the chat template.
-    #[arg(long, env = "FERRY_MAX_PROMPT_TOKENS")]
-    pub max_prompt_tokens: Option<u32>,
-    /// Energy sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
-    #[arg(long, env = "FERRY_ENERGY_SOURCES", value_delimiter = ',')]
-    pub energy_sources: Option<Vec<String>>,
-    /// Energy sampler rate in Hz.
-    #[arg(long, env = "FERRY_ENERGY_SAMPLE_HZ")]
-    pub energy_sample_hz: Option<f64>,
-    /// Jetson INA3221 rails to count (comma-separated).
-    #[arg(long, env = "FERRY_ENERGY_RAILS", value_delimiter = ',')]
-    pub energy_rails: Option<Vec<String>>,
-    /// Estimate: package power at full CPU utilisation, watts.
-    #[arg(long, env = "FERRY_ENERGY_PACKAGE_WATTS")]
-    pub energy_package_watts: Option<f64>,
-    /// Estimate: idle package power, watts.
-    #[arg(long, env = "FERRY_ENERGY_IDLE_WATTS")]
-    pub energy_idle_watts: Option<f64>,
-    /// Root of the sysfs tree the energy sources read.
-    #[arg(long, env = "FERRY_ENERGY_SYSFS_ROOT")]
-    pub energy_sysfs_root: Option<PathBuf>,
-    /// State directory.
-    #[arg(long, env = "FERRY_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Request records kept for Feedback.
-    #[arg(long, env = "FERRY_MAX_RECORDS")]
-    pub max_records: Option<usize>,
-    /// Route model "auto" with MESS+ over the loaded models (true/false).
-    #[arg(long, env = "FERRY_ROUTER_ENABLED")]
-    pub router_enabled: Option<bool>,
-    /// Routing policy: mixrank, mess-plus-fb or mess-plus (the paper's: live, an exploration
-    /// step's Feedback trains only the served model; with a judge every answer is graded).
-    #[arg(long, env = "FERRY_ROUTER_POLICY")]
-    pub router_policy: Option<String>,
-    /// SLA target alpha.
-    #[arg(long, env = "FERRY_ROUTER_ALPHA")]
-    pub router_alpha: Option<f64>,
-    /// Cost weight V per joule.
-    #[arg(long, env = "FERRY_ROUTER_V_PER_JOULE")]
-    pub router_v_per_joule: Option<f64>,
-    /// Exploration constant c.
-    #[arg(long, env = "FERRY_ROUTER_C")]
-    pub router_c: Option<f64>,
-    /// mixrank: share of requests without expect_feedback that may explore.
-    #[arg(long, env = "FERRY_ROUTER_FEEDBACK_SHARE")]
-    pub router_feedback_share: Option<f64>,
-    /// Judge model that grades routed answers without feedback (local or cloud model id).
-    #[arg(long, env = "FERRY_ROUTER_JUDGE_MODEL")]
-    pub router_judge_model: Option<String>,
-    /// Share of routed requests without expect_feedback that the judge grades.
-    #[arg(long, env = "FERRY_ROUTER_JUDGE_SHARE")]
-    pub router_judge_share: Option<f64>,
-    /// mixrank: difficulty prior file (`ferry router train-prior`).
-    #[arg(long, env = "FERRY_ROUTER_PRIOR")]
-    pub router_prior: Option<PathBuf>,
-    /// Router seed.
-    #[arg(long, env = "FERRY_ROUTER_SEED")]
-    pub router_seed: Option<u64>,
-    /// Sentence encoder manifest id for routing.
-    #[arg(long, env = "FERRY_ROUTER_ENCODER")]
-    pub router_encoder: Option<String>,
-    /// Least milliseconds between two saves of the router's state.
-    #[arg(long, env = "FERRY_ROUTER_SAVE_INTERVAL_MS")]
-    pub router_save_interval_ms: Option<u64>,
-    /// TMO placement policy file from `ferry policy train` (reloaded on SIGHUP).
-    #[arg(long, env = "FERRY_PLACEMENT_POLICY")]
-    pub placement_policy: Option<PathBuf>,
-    /// Task category of requests that name none.
-    #[arg(long, env = "FERRY_PLACEMENT_DEFAULT_TASK")]
-    pub placement_default_task: Option<String>,
     /// ferry-cloud endpoints to offload to (comma-separated http:// or https:// URIs; empty
     /// string: no cloud tier).
     #[arg(long, env = "FERRY_CLOUD_ENDPOINTS", value_delimiter = ',')]
     pub cloud_endpoints: Option<Vec<String>>,
-    /// CA certificate (PEM) of the cloud endpoints' TLS certificates.
-    #[arg(long, env = "FERRY_CLOUD_CA_FILE")]
-    pub cloud_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS with ferry-cloud.
-    #[arg(long, env = "FERRY_CLOUD_CERT_FILE")]
-    pub cloud_cert_file: Option<PathBuf>,
-    /// Client key (PEM) for mutual TLS with ferry-cloud.
-    #[arg(long, env = "FERRY_CLOUD_KEY_FILE")]
-    pub cloud_key_file: Option<PathBuf>,
-    /// File holding the bearer token sent to ferry-cloud.
-    #[arg(long, env = "FERRY_CLOUD_TOKEN_FILE")]
-    pub cloud_token_file: Option<PathBuf>,
-    /// Time budget of an offloaded request without an app deadline, milliseconds.
-    #[arg(long, env = "FERRY_CLOUD_REQUEST_TIMEOUT_MS")]
-    pub cloud_request_timeout_ms: Option<u64>,
-    /// Bearer token file (hashed tokens; reloaded on SIGHUP).
-    #[arg(long, env = "FERRY_TOKENS_FILE")]
-    pub tokens_file: Option<PathBuf>,
-    /// Allow a non-loopback listener without a token file (true/false).
-    #[arg(long, env = "FERRY_ALLOW_UNAUTHENTICATED_NETWORK")]
-    pub allow_unauthenticated_network: Option<bool>,
-    /// Log format: text or json.
-    #[arg(long, env = "FERRY_LOG_FORMAT")]
-    pub log_format: Option<String>,
-    /// Log filter, e.g. info or ferry_edge=debug.
-    #[arg(long, env = "FERRY_LOG_LEVEL")]
-    pub log_level: Option<String>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+ferry_daemon::settings! {
+    /// Every setting of [`EdgeConfig`] but the file itself and the cloud endpoints, each as a
+    /// flag, a `FERRY_*` variable and the config key it overrides.
+    pub struct Settings for EdgeConfig {
+        /// gRPC listen address.
+        grpc_addr: SocketAddr = "FERRY_GRPC_ADDR" => server.grpc_addr;
+        /// Also serve on this Unix socket.
+        unix_socket: PathBuf = "FERRY_UNIX_SOCKET" => server.unix_socket;
+        /// Serve the HTTP API, /metrics and probes (true/false).
+        http_enabled: bool = "FERRY_HTTP_ENABLED" => server.http_enabled;
+        /// HTTP listen address (OpenAI-compatible API, /metrics, /healthz, /readyz).
+        http_addr: SocketAddr = "FERRY_HTTP_ADDR" => server.http_addr;
+        /// Requests generating at once.
+        max_concurrent: usize = "FERRY_MAX_CONCURRENT" => server.max_concurrent;
+        /// Requests allowed to wait for a slot.
+        max_queue: usize = "FERRY_MAX_QUEUE" => server.max_queue;
+        /// Waiting requests one app (bearer token) may hold (default: half of max_queue).
+        max_queue_per_app: usize = "FERRY_MAX_QUEUE_PER_APP" => server.max_queue_per_app;
+        /// Seconds to let in-flight requests finish on SIGTERM.
+        shutdown_grace_s: u64 = "FERRY_SHUTDOWN_GRACE_S" => server.shutdown_grace_s;
+        /// Directory of model manifests.
+        manifest_dir: PathBuf = "FERRY_MANIFEST_DIR" => models.manifest_dir;
+        /// Directory of model files.
+        model_dir: PathBuf = "FERRY_MODEL_DIR" => models.model_dir;
+        /// Model ids to load at start (comma-separated).
+        #[arg(value_delimiter = ',')]
+        load: Vec<String> = "FERRY_LOAD" => models.load;
+        /// Default model id.
+        default_model: String = "FERRY_DEFAULT_MODEL" => models.default;
+        /// Most messages per request.
+        max_messages: usize = "FERRY_MAX_MESSAGES" => limits.max_messages;
+        /// Most text bytes per request.
+        max_text_bytes: usize = "FERRY_MAX_TEXT_BYTES" => limits.max_text_bytes;
+        /// Most images per request.
+        max_images: usize = "FERRY_MAX_IMAGES" => limits.max_images;
+        /// Most bytes per image.
+        max_image_bytes: usize = "FERRY_MAX_IMAGE_BYTES" => limits.max_image_bytes;
+        /// Most stop strings per request.
+        max_stop_sequences: usize = "FERRY_MAX_STOP_SEQUENCES" => limits.max_stop_sequences;
+        /// Largest max_tokens a request may ask for.
+        max_new_tokens: u32 = "FERRY_MAX_NEW_TOKENS" => limits.max_new_tokens;
+        /// max_tokens when a request sets none.
+        default_max_tokens: u32 = "FERRY_DEFAULT_MAX_TOKENS" => limits.default_max_tokens;
+        /// Most prompt tokens after the chat template.
+        max_prompt_tokens: u32 = "FERRY_MAX_PROMPT_TOKENS" => limits.max_prompt_tokens;
+        /// Energy sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
+        #[arg(value_delimiter = ',')]
+        energy_sources: Vec<String> = "FERRY_ENERGY_SOURCES" => energy.sources;
+        /// Energy sampler rate in Hz.
+        energy_sample_hz: f64 = "FERRY_ENERGY_SAMPLE_HZ" => energy.sample_hz;
+        /// Jetson INA3221 rails to count (comma-separated).
+        #[arg(value_delimiter = ',')]
+        energy_rails: Vec<String> = "FERRY_ENERGY_RAILS" => energy.rails;
+        /// Estimate: package power at full CPU utilisation, watts.
+        energy_package_watts: f64 = "FERRY_ENERGY_PACKAGE_WATTS" => energy.package_watts;
+        /// Estimate: idle package power, watts.
+        energy_idle_watts: f64 = "FERRY_ENERGY_IDLE_WATTS" => energy.idle_watts;
+        /// Root of the sysfs tree the energy sources read.
+        energy_sysfs_root: PathBuf = "FERRY_ENERGY_SYSFS_ROOT" => energy.sysfs_root;
+        /// State directory.
+        state_dir: PathBuf = "FERRY_STATE_DIR" => state.dir;
+        /// Request records kept for Feedback.
+        max_records: usize = "FERRY_MAX_RECORDS" => state.max_records;
+        /// Route model "auto" with MESS+ over the loaded models (true/false).
+        router_enabled: bool = "FERRY_ROUTER_ENABLED" => router.enabled;
+        /// Routing policy: mixrank, mess-plus-fb or mess-plus (the paper's: live, an exploration
+        /// step's Feedback trains only the served model; with a judge every answer is graded).
+        router_policy: String = "FERRY_ROUTER_POLICY" => router.policy;
+        /// SLA target alpha.
+        router_alpha: f64 = "FERRY_ROUTER_ALPHA" => router.alpha;
+        /// Cost weight V per joule.
+        router_v_per_joule: f64 = "FERRY_ROUTER_V_PER_JOULE" => router.v_per_joule;
+        /// Exploration constant c.
+        router_c: f64 = "FERRY_ROUTER_C" => router.c;
+        /// mixrank: share of requests without expect_feedback that may explore.
+        router_feedback_share: f64 = "FERRY_ROUTER_FEEDBACK_SHARE" => router.feedback_share;
+        /// Judge model that grades routed answers without feedback (local or cloud model id).
+        router_judge_model: String = "FERRY_ROUTER_JUDGE_MODEL" => router.judge.model;
+        /// Share of routed requests without expect_feedback that the judge grades.
+        router_judge_share: f64 = "FERRY_ROUTER_JUDGE_SHARE" => router.judge.share;
+        /// mixrank: difficulty prior file (`ferry router train-prior`).
+        router_prior: PathBuf = "FERRY_ROUTER_PRIOR" => router.prior;
+        /// Router seed.
+        router_seed: u64 = "FERRY_ROUTER_SEED" => router.seed;
+        /// Sentence encoder manifest id for routing.
+        router_encoder: String = "FERRY_ROUTER_ENCODER" => router.encoder;
+        /// Least milliseconds between two saves of the router's state.
+        router_save_interval_ms: u64 = "FERRY_ROUTER_SAVE_INTERVAL_MS" => router.save_interval_ms;
+        /// TMO placement policy file from `ferry policy train` (reloaded on SIGHUP).
+        placement_policy: PathBuf = "FERRY_PLACEMENT_POLICY" => placement.policy_file;
+        /// Task category of requests that name none.
+        placement_default_task: String = "FERRY_PLACEMENT_DEFAULT_TASK" => placement.default_task;
+        /// CA certificate (PEM) of the cloud endpoints' TLS certificates.
+        cloud_ca_file: PathBuf = "FERRY_CLOUD_CA_FILE" => cloud.ca_file;
+        /// Client certificate (PEM) for mutual TLS with ferry-cloud.
+        cloud_cert_file: PathBuf = "FERRY_CLOUD_CERT_FILE" => cloud.cert_file;
+        /// Client key (PEM) for mutual TLS with ferry-cloud.
+        cloud_key_file: PathBuf = "FERRY_CLOUD_KEY_FILE" => cloud.key_file;
+        /// File holding the bearer token sent to ferry-cloud.
+        cloud_token_file: PathBuf = "FERRY_CLOUD_TOKEN_FILE" => cloud.token_file;
+        /// Time budget of an offloaded request without an app deadline, milliseconds.
+        cloud_request_timeout_ms: u64 = "FERRY_CLOUD_REQUEST_TIMEOUT_MS" => cloud.request_timeout_ms;
+        /// Bearer token file (hashed tokens; reloaded on SIGHUP).
+        tokens_file: PathBuf = "FERRY_TOKENS_FILE" => auth.tokens_file;
+        /// Allow a non-loopback listener without a token file (true/false).
+        allow_unauthenticated_network: bool = "FERRY_ALLOW_UNAUTHENTICATED_NETWORK" => auth.allow_unauthenticated_network;
+        /// Log format: text or json.
+        log_format: String = "FERRY_LOG_FORMAT" => log.format;
+        /// Log filter, e.g. info or ferry_edge=debug.
+        log_level: String = "FERRY_LOG_LEVEL" => log.level;
+    }
 }
 
 impl Cli {
@@ -457,96 +421,11 @@ impl Cli {
             Some(p) => EdgeConfig::from_file(p)?,
             None => EdgeConfig::default(),
         };
-        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
-            if let Some(v) = src {
-                *dst = v.clone();
-            }
-        }
-        set(&mut c.server.grpc_addr, &self.grpc_addr);
-        if self.unix_socket.is_some() {
-            c.server.unix_socket = self.unix_socket.clone();
-        }
-        set(&mut c.server.http_enabled, &self.http_enabled);
-        set(&mut c.server.http_addr, &self.http_addr);
-        set(&mut c.server.max_concurrent, &self.max_concurrent);
-        set(&mut c.server.max_queue, &self.max_queue);
-        if self.max_queue_per_app.is_some() {
-            c.server.max_queue_per_app = self.max_queue_per_app;
-        }
-        set(&mut c.server.shutdown_grace_s, &self.shutdown_grace_s);
-        set(&mut c.models.manifest_dir, &self.manifest_dir);
-        set(&mut c.models.model_dir, &self.model_dir);
-        set(&mut c.models.load, &self.load);
-        if self.default_model.is_some() {
-            c.models.default = self.default_model.clone();
-        }
-        set(&mut c.limits.max_messages, &self.max_messages);
-        set(&mut c.limits.max_text_bytes, &self.max_text_bytes);
-        set(&mut c.limits.max_images, &self.max_images);
-        set(&mut c.limits.max_image_bytes, &self.max_image_bytes);
-        set(&mut c.limits.max_stop_sequences, &self.max_stop_sequences);
-        set(&mut c.limits.max_new_tokens, &self.max_new_tokens);
-        set(&mut c.limits.default_max_tokens, &self.default_max_tokens);
-        set(&mut c.limits.max_prompt_tokens, &self.max_prompt_tokens);
-        set(&mut c.energy.sources, &self.energy_sources);
-        set(&mut c.energy.sample_hz, &self.energy_sample_hz);
-        set(&mut c.energy.rails, &self.energy_rails);
-        set(&mut c.energy.package_watts, &self.energy_package_watts);
-        set(&mut c.energy.idle_watts, &self.energy_idle_watts);
-        set(&mut c.energy.sysfs_root, &self.energy_sysfs_root);
-        set(&mut c.state.dir, &self.state_dir);
-        set(&mut c.state.max_records, &self.max_records);
-        set(&mut c.router.enabled, &self.router_enabled);
-        set(&mut c.router.policy, &self.router_policy);
-        set(&mut c.router.alpha, &self.router_alpha);
-        set(&mut c.router.v_per_joule, &self.router_v_per_joule);
-        set(&mut c.router.c, &self.router_c);
-        set(&mut c.router.seed, &self.router_seed);
-        set(&mut c.router.feedback_share, &self.router_feedback_share);
-        if self.router_prior.is_some() {
-            c.router.prior = self.router_prior.clone();
-        }
-        if self.router_judge_model.is_some() {
-            c.router.judge.model = self.router_judge_model.clone();
-        }
-        set(&mut c.router.judge.share, &self.router_judge_share);
-        set(&mut c.router.encoder, &self.router_encoder);
-        set(
-            &mut c.router.save_interval_ms,
-            &self.router_save_interval_ms,
-        );
-        if self.placement_policy.is_some() {
-            c.placement.policy_file = self.placement_policy.clone();
-        }
-        if self.placement_default_task.is_some() {
-            c.placement.default_task = self.placement_default_task.clone();
-        }
+        self.settings.apply(&mut c);
+        // An empty entry (`FERRY_CLOUD_ENDPOINTS=""`) means no cloud tier.
         if let Some(e) = &self.cloud_endpoints {
             c.cloud.endpoints = e.iter().filter(|s| !s.trim().is_empty()).cloned().collect();
         }
-        for (dst, src) in [
-            (&mut c.cloud.ca_file, &self.cloud_ca_file),
-            (&mut c.cloud.cert_file, &self.cloud_cert_file),
-            (&mut c.cloud.key_file, &self.cloud_key_file),
-            (&mut c.cloud.token_file, &self.cloud_token_file),
-        ] {
-            if src.is_some() {
-                *dst = src.clone();
-            }
-        }
-        set(
-            &mut c.cloud.request_timeout_ms,
-            &self.cloud_request_timeout_ms,
-        );
-        if self.tokens_file.is_some() {
-            c.auth.tokens_file = self.tokens_file.clone();
-        }
-        set(
-            &mut c.auth.allow_unauthenticated_network,
-            &self.allow_unauthenticated_network,
-        );
-        set(&mut c.log.format, &self.log_format);
-        set(&mut c.log.level, &self.log_level);
         c.validate()?;
         Ok(c)
     }
@@ -555,6 +434,22 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_setting_has_its_own_flag_variable_and_key() {
+        let mut seen = std::collections::HashSet::new();
+        for (flag, var, key) in Settings::TABLE {
+            assert!(var.starts_with("FERRY_"), "{var}");
+            assert!(
+                seen.insert(*flag) && seen.insert(*var),
+                "{flag} / {var} twice"
+            );
+            assert!(
+                seen.insert(Box::leak(key.join(".").into_boxed_str())),
+                "{key:?} twice"
+            );
+        }
+    }
 
     #[test]
     fn sample_config_parses_and_flags_override() {

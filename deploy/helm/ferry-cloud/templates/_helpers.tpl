@@ -75,6 +75,8 @@ refuses to render a Deployment that could never become ready.
 # Written by the ferry-cloud Helm chart ({{ include "ferry-cloud.chart" . }}, release {{ .Release.Name }}).
 # Edit the chart's values, not this ConfigMap.
 
+version = 1
+
 [server]
 listen = {{ printf "0.0.0.0:%d" (int $v.service.grpcPort) | quote }}
 http_addr = {{ printf "0.0.0.0:%d" (int $v.service.httpPort) | quote }}
