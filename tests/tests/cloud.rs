@@ -338,7 +338,7 @@ async fn openai_backend_fronts_a_real_openai_compatible_server() {
     let tf = tokens.clone();
     let edge = TestServer::start(move |c| c.auth.tokens_file = Some(tf)).await;
     // SAFETY: set once, before anything in this process reads it.
-    #[allow(unsafe_code)]
+    #[allow(unsafe_code, clippy::disallowed_methods)]
     unsafe {
         std::env::set_var(KEY_VAR, "tok-cloud")
     };

@@ -13,11 +13,8 @@ fn workspace_root() -> PathBuf {
 fn generate(out: &Path) {
     let root = workspace_root();
     let protoc = protoc_bin_vendored::protoc_bin_path().expect("vendored protoc");
-    // SAFETY: single-threaded at this point of the test; prost-build reads PROTOC from the env.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::env::set_var("PROTOC", protoc)
-    };
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc);
     let protos = [
         root.join("proto/ferry/v1/inference.proto"),
         root.join("proto/ferry/v1/offload.proto"),
@@ -28,7 +25,7 @@ fn generate(out: &Path) {
         .out_dir(out)
         .file_descriptor_set_path(out.join("ferry_descriptor.bin"))
         .emit_rerun_if_changed(false)
-        .compile_protos(&protos, &[root.join("proto")])
+        .compile_with_config(config, &protos, &[root.join("proto")])
         .expect("protoc failed");
 }
 
