@@ -346,6 +346,8 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub settings: Settings,
+    #[command(flatten)]
+    pub shared: SharedSettings,
 }
 
 ferry_daemon::settings! {
@@ -380,38 +382,12 @@ ferry_daemon::settings! {
         manifest_dir: PathBuf = "FERRY_CLOUD_MANIFEST_DIR" => candle.manifest_dir;
         /// Directory of model files (candle backend).
         model_dir: PathBuf = "FERRY_CLOUD_MODEL_DIR" => candle.model_dir;
-        /// Most messages per request.
-        max_messages: usize = "FERRY_CLOUD_MAX_MESSAGES" => limits.max_messages;
-        /// Most text bytes per request.
-        max_text_bytes: usize = "FERRY_CLOUD_MAX_TEXT_BYTES" => limits.max_text_bytes;
-        /// Most images per request.
-        max_images: usize = "FERRY_CLOUD_MAX_IMAGES" => limits.max_images;
-        /// Most bytes per image.
-        max_image_bytes: usize = "FERRY_CLOUD_MAX_IMAGE_BYTES" => limits.max_image_bytes;
-        /// Most stop strings per request.
-        max_stop_sequences: usize = "FERRY_CLOUD_MAX_STOP_SEQUENCES" => limits.max_stop_sequences;
-        /// Largest max_tokens a request may ask for.
-        max_new_tokens: u32 = "FERRY_CLOUD_MAX_NEW_TOKENS" => limits.max_new_tokens;
-        /// max_tokens when a request sets none.
-        default_max_tokens: u32 = "FERRY_CLOUD_DEFAULT_MAX_TOKENS" => limits.default_max_tokens;
-        /// Most prompt tokens after the chat template (candle backend).
-        max_prompt_tokens: u32 = "FERRY_CLOUD_MAX_PROMPT_TOKENS" => limits.max_prompt_tokens;
-        /// Energy sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
-        #[arg(value_delimiter = ',')]
-        energy_sources: Vec<String> = "FERRY_CLOUD_ENERGY_SOURCES" => energy.sources;
-        /// Energy sampler rate in Hz.
-        energy_sample_hz: f64 = "FERRY_CLOUD_ENERGY_SAMPLE_HZ" => energy.sample_hz;
-        /// Estimate: package power at full CPU utilisation, watts.
-        energy_package_watts: f64 = "FERRY_CLOUD_ENERGY_PACKAGE_WATTS" => energy.package_watts;
-        /// Estimate: idle package power, watts.
-        energy_idle_watts: f64 = "FERRY_CLOUD_ENERGY_IDLE_WATTS" => energy.idle_watts;
-        /// Root of the sysfs tree the energy sources read.
-        energy_sysfs_root: PathBuf = "FERRY_CLOUD_ENERGY_SYSFS_ROOT" => energy.sysfs_root;
-        /// Log format: text or json.
-        log_format: String = "FERRY_CLOUD_LOG_FORMAT" => log.format;
-        /// Log filter, e.g. info or ferry_cloud=debug.
-        log_level: String = "FERRY_CLOUD_LOG_LEVEL" => log.level;
     }
+}
+
+ferry_daemon::shared_settings! {
+    /// The request limits, energy and log settings, as in every ferry daemon.
+    pub struct SharedSettings for CloudConfig, prefix = "FERRY_CLOUD_"
 }
 
 impl Cli {
@@ -422,6 +398,7 @@ impl Cli {
             None => CloudConfig::default(),
         };
         self.settings.apply(&mut c);
+        self.shared.apply(&mut c);
         c.validate()?;
         Ok(c)
     }
@@ -434,7 +411,7 @@ mod tests {
     #[test]
     fn every_setting_has_its_own_flag_variable_and_key() {
         let mut seen = std::collections::HashSet::new();
-        for (flag, var, key) in Settings::TABLE {
+        for (flag, var, key) in Settings::TABLE.iter().chain(SharedSettings::TABLE) {
             assert!(var.starts_with("FERRY_CLOUD_"), "{var}");
             assert!(
                 seen.insert(*flag) && seen.insert(*var),

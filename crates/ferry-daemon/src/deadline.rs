@@ -38,8 +38,12 @@ pub fn margin(budget: Duration) -> Duration {
     (budget / 10).min(Duration::from_secs(1))
 }
 
-/// When a request that arrived at `arrived` with `budget` stops being worked on (see [`margin`]).
-pub fn give_up_at(arrived: std::time::Instant, budget: Duration) -> std::time::Instant {
+/// When a request that arrived at `arrived` with `budget` stops being worked on (see [`margin`]);
+/// for std's or tokio's `Instant` (ferryd's deadlines run on tokio's, so tests can pause time).
+pub fn give_up_at<I>(arrived: I, budget: Duration) -> I
+where
+    I: std::ops::Add<Duration, Output = I> + std::ops::Sub<Duration, Output = I>,
+{
     arrived + budget - margin(budget)
 }
 

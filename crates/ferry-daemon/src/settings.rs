@@ -51,7 +51,7 @@ macro_rules! settings {
         pub struct $name:ident for $config:ty {
             $(
                 $(#[$field_meta:meta])*
-                $field:ident : $ty:ty = $env:literal => $($key:ident).+ ;
+                $field:ident : $ty:ty = $env:expr => $($key:ident).+ ;
             )*
         }
     ) => {
@@ -78,6 +78,61 @@ macro_rules! settings {
                         $crate::settings::Assign::assign(&mut config.$($key).+, v.clone());
                     }
                 )*
+            }
+        }
+    };
+}
+
+/// The settings both daemons have, under their own variable prefix (`"FERRY_"` for ferryd,
+/// `"FERRY_CLOUD_"` for ferry-cloud): the request limits (`limits.*`), the energy meter
+/// (`energy.*`) and the logs (`log.*`). `$config` needs those three fields
+/// (`ferry_core::RequestLimits`, `ferry_energy::EnergyConfig`, [`crate::config::LogConfig`]).
+#[macro_export]
+macro_rules! shared_settings {
+    ($(#[$meta:meta])* pub struct $name:ident for $config:ty, prefix = $p:literal) => {
+        $crate::settings! {
+            $(#[$meta])*
+            pub struct $name for $config {
+                /// Most messages per request.
+                max_messages: usize = concat!($p, "MAX_MESSAGES") => limits.max_messages;
+                /// Most text bytes per request.
+                max_text_bytes: usize = concat!($p, "MAX_TEXT_BYTES") => limits.max_text_bytes;
+                /// Most images per request.
+                max_images: usize = concat!($p, "MAX_IMAGES") => limits.max_images;
+                /// Most bytes per image.
+                max_image_bytes: usize = concat!($p, "MAX_IMAGE_BYTES") => limits.max_image_bytes;
+                /// Most stop strings per request.
+                max_stop_sequences: usize =
+                    concat!($p, "MAX_STOP_SEQUENCES") => limits.max_stop_sequences;
+                /// Largest max_tokens a request may ask for.
+                max_new_tokens: u32 = concat!($p, "MAX_NEW_TOKENS") => limits.max_new_tokens;
+                /// max_tokens when a request sets none.
+                default_max_tokens: u32 =
+                    concat!($p, "DEFAULT_MAX_TOKENS") => limits.default_max_tokens;
+                /// Most prompt tokens after the chat template (candle models; also capped by the
+                /// model's context).
+                max_prompt_tokens: u32 =
+                    concat!($p, "MAX_PROMPT_TOKENS") => limits.max_prompt_tokens;
+                /// Energy sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
+                #[arg(value_delimiter = ',')]
+                energy_sources: Vec<String> = concat!($p, "ENERGY_SOURCES") => energy.sources;
+                /// Energy sampler rate in Hz.
+                energy_sample_hz: f64 = concat!($p, "ENERGY_SAMPLE_HZ") => energy.sample_hz;
+                /// Jetson INA3221 rails to count (comma-separated).
+                #[arg(value_delimiter = ',')]
+                energy_rails: Vec<String> = concat!($p, "ENERGY_RAILS") => energy.rails;
+                /// Estimate: package power at full CPU utilisation, watts.
+                energy_package_watts: f64 =
+                    concat!($p, "ENERGY_PACKAGE_WATTS") => energy.package_watts;
+                /// Estimate: idle package power, watts.
+                energy_idle_watts: f64 = concat!($p, "ENERGY_IDLE_WATTS") => energy.idle_watts;
+                /// Root of the sysfs tree the energy sources read.
+                energy_sysfs_root: std::path::PathBuf =
+                    concat!($p, "ENERGY_SYSFS_ROOT") => energy.sysfs_root;
+                /// Log format: text or json.
+                log_format: String = concat!($p, "LOG_FORMAT") => log.format;
+                /// Log filter, e.g. info or ferry_edge=debug,info.
+                log_level: String = concat!($p, "LOG_LEVEL") => log.level;
             }
         }
     };

@@ -299,6 +299,8 @@ pub struct Cli {
     pub cloud_endpoints: Option<Vec<String>>,
     #[command(flatten)]
     pub settings: Settings,
+    #[command(flatten)]
+    pub shared: SharedSettings,
 }
 
 ferry_daemon::settings! {
@@ -330,36 +332,6 @@ ferry_daemon::settings! {
         load: Vec<String> = "FERRY_LOAD" => models.load;
         /// Default model id.
         default_model: String = "FERRY_DEFAULT_MODEL" => models.default;
-        /// Most messages per request.
-        max_messages: usize = "FERRY_MAX_MESSAGES" => limits.max_messages;
-        /// Most text bytes per request.
-        max_text_bytes: usize = "FERRY_MAX_TEXT_BYTES" => limits.max_text_bytes;
-        /// Most images per request.
-        max_images: usize = "FERRY_MAX_IMAGES" => limits.max_images;
-        /// Most bytes per image.
-        max_image_bytes: usize = "FERRY_MAX_IMAGE_BYTES" => limits.max_image_bytes;
-        /// Most stop strings per request.
-        max_stop_sequences: usize = "FERRY_MAX_STOP_SEQUENCES" => limits.max_stop_sequences;
-        /// Largest max_tokens a request may ask for.
-        max_new_tokens: u32 = "FERRY_MAX_NEW_TOKENS" => limits.max_new_tokens;
-        /// max_tokens when a request sets none.
-        default_max_tokens: u32 = "FERRY_DEFAULT_MAX_TOKENS" => limits.default_max_tokens;
-        /// Most prompt tokens after the chat template.
-        max_prompt_tokens: u32 = "FERRY_MAX_PROMPT_TOKENS" => limits.max_prompt_tokens;
-        /// Energy sources: auto, or a comma list of nvml, rapl, ina3221, estimate.
-        #[arg(value_delimiter = ',')]
-        energy_sources: Vec<String> = "FERRY_ENERGY_SOURCES" => energy.sources;
-        /// Energy sampler rate in Hz.
-        energy_sample_hz: f64 = "FERRY_ENERGY_SAMPLE_HZ" => energy.sample_hz;
-        /// Jetson INA3221 rails to count (comma-separated).
-        #[arg(value_delimiter = ',')]
-        energy_rails: Vec<String> = "FERRY_ENERGY_RAILS" => energy.rails;
-        /// Estimate: package power at full CPU utilisation, watts.
-        energy_package_watts: f64 = "FERRY_ENERGY_PACKAGE_WATTS" => energy.package_watts;
-        /// Estimate: idle package power, watts.
-        energy_idle_watts: f64 = "FERRY_ENERGY_IDLE_WATTS" => energy.idle_watts;
-        /// Root of the sysfs tree the energy sources read.
-        energy_sysfs_root: PathBuf = "FERRY_ENERGY_SYSFS_ROOT" => energy.sysfs_root;
         /// State directory.
         state_dir: PathBuf = "FERRY_STATE_DIR" => state.dir;
         /// Request records kept for Feedback.
@@ -407,11 +379,12 @@ ferry_daemon::settings! {
         tokens_file: PathBuf = "FERRY_TOKENS_FILE" => auth.tokens_file;
         /// Allow a non-loopback listener without a token file (true/false).
         allow_unauthenticated_network: bool = "FERRY_ALLOW_UNAUTHENTICATED_NETWORK" => auth.allow_unauthenticated_network;
-        /// Log format: text or json.
-        log_format: String = "FERRY_LOG_FORMAT" => log.format;
-        /// Log filter, e.g. info or ferry_edge=debug.
-        log_level: String = "FERRY_LOG_LEVEL" => log.level;
     }
+}
+
+ferry_daemon::shared_settings! {
+    /// The request limits, energy and log settings, as in every ferry daemon.
+    pub struct SharedSettings for EdgeConfig, prefix = "FERRY_"
 }
 
 impl Cli {
@@ -422,6 +395,7 @@ impl Cli {
             None => EdgeConfig::default(),
         };
         self.settings.apply(&mut c);
+        self.shared.apply(&mut c);
         // An empty entry (`FERRY_CLOUD_ENDPOINTS=""`) means no cloud tier.
         if let Some(e) = &self.cloud_endpoints {
             c.cloud.endpoints = e.iter().filter(|s| !s.trim().is_empty()).cloned().collect();
@@ -438,7 +412,7 @@ mod tests {
     #[test]
     fn every_setting_has_its_own_flag_variable_and_key() {
         let mut seen = std::collections::HashSet::new();
-        for (flag, var, key) in Settings::TABLE {
+        for (flag, var, key) in Settings::TABLE.iter().chain(SharedSettings::TABLE) {
             assert!(var.starts_with("FERRY_"), "{var}");
             assert!(
                 seen.insert(*flag) && seen.insert(*var),

@@ -4,7 +4,7 @@
 //! tier `x-ferry-endpoint`), so an app can tell how much of the text it holds, whichever tier
 //! ran the request and however it ended (deadline, endpoint lost, shutdown, engine failure).
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};

@@ -21,7 +21,9 @@
 //! finished it replays the stored answer instead of paying twice.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 use tonic::Status;

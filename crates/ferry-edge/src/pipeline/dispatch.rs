@@ -7,7 +7,9 @@
 //! by `ledger::refused`; after that the tier streams and the ledger books the end.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

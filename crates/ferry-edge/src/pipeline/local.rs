@@ -10,7 +10,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -122,7 +122,7 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
     } = prepared;
     let queue_expired = async move {
         match give_up_at {
-            Some(t) => tokio::time::sleep_until(t.into()).await,
+            Some(t) => tokio::time::sleep_until(t).await,
             None => std::future::pending().await,
         }
     };
