@@ -236,12 +236,12 @@ impl Admission {
                 sh.capacity - sh.max_concurrent
             )));
         }
+        let app: Arc<str> = Arc::from(app);
         if let Some(deadline) = deadline {
-            if let Some(wait_ms) = self.expected_wait_ms(prev) {
+            if let Some((wait_ms, ahead)) = self.expected_wait_for(&app) {
                 if wait_ms > deadline.as_secs_f64() * 1e3 {
                     return refuse(Error::Overloaded(format!(
-                        "the expected wait for a slot is {wait_ms:.0} ms ({} requests ahead on {} slots, {:.0} ms each lately), over the request's deadline of {} ms; retry later or with a longer deadline",
-                        prev,
+                        "the expected wait for a slot is {wait_ms:.0} ms ({ahead} requests to start before this one on {} slots, {:.0} ms each lately), over the request's deadline of {} ms; retry later or with a longer deadline",
                         sh.max_concurrent,
                         self.held_ms().unwrap_or(0.0),
                         deadline.as_millis()
@@ -249,7 +249,6 @@ impl Admission {
                 }
             }
         }
-        let app: Arc<str> = Arc::from(app);
         {
             let mut t = sh.turns.lock();
             let mine = t.queued.get(&app).copied().unwrap_or(0);
@@ -276,10 +275,11 @@ impl Admission {
         (ms > 0.0).then_some(ms)
     }
 
-    /// Expected wait for a slot of a request arriving with `ahead` requests in the system:
-    /// the `ahead − max_concurrent + 1` that must finish first, each taking a slot time, spread
-    /// over the slots, less half a slot time since the running ones are half done on average.
-    /// (Taking turns among apps only shortens a light app's wait below this.)
+    /// Expected wait for a slot of a request arriving with `ahead` requests in the system, if
+    /// they all went first: the `ahead − max_concurrent + 1` that must finish first, each
+    /// taking a slot time, spread over the slots, less half a slot time since the running ones
+    /// are half done on average. (Admission uses [`Admission::expected_wait_for`], which knows
+    /// whose turn comes first.)
     pub fn expected_wait_ms(&self, ahead: usize) -> Option<f64> {
         let held = self.held_ms()?;
         let n = self.shared.max_concurrent;
@@ -288,6 +288,75 @@ impl Admission {
             return Some(0.0);
         }
         Some((must_finish as f64 - 0.5) * held / n as f64)
+    }
+
+    /// Expected wait for a slot of a request of `app` arriving now, and how many waiting
+    /// requests will start before it: the apps take their turns as [`Shared::release`] hands
+    /// them out (least slot time used first, each start charged one recent slot time), so a
+    /// light app's request goes ahead of most of a flood and waits for few, a flooding app's
+    /// waits for its own backlog and the others' turns. `None` before any slot time is
+    /// measured.
+    pub fn expected_wait_for(&self, app: &str) -> Option<(f64, usize)> {
+        let held = self.held_ms()?;
+        let t = self.shared.turns.lock();
+        let used = |a: &Arc<str>| t.used_ms.get(a).copied().unwrap_or(0.0);
+        // Every admitted request that has not started (waiting, or about to ask for its turn)
+        // of each app: (app, slot time used, requests), the waiting apps in the order they
+        // started waiting, then the others.
+        let mut apps: Vec<(Arc<str>, f64, usize)> = t
+            .order
+            .iter()
+            .map(|a| (a.clone(), used(a), t.queued.get(a).copied().unwrap_or(0)))
+            .collect();
+        // An app that starts waiting is charged at least what the waiting apps have used.
+        let floor = apps.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+        let charged = |a: &Arc<str>| match floor.is_finite() {
+            true => used(a).max(floor),
+            false => used(a),
+        };
+        let mut others: Vec<(Arc<str>, f64, usize)> = t
+            .queued
+            .iter()
+            .filter(|(a, _)| !t.order.contains(a))
+            .map(|(a, &n)| (a.clone(), charged(a), n))
+            .collect();
+        others.sort_by(|x, y| x.1.total_cmp(&y.1).then_with(|| x.0.cmp(&y.0)));
+        apps.extend(others);
+        let free = t.free;
+        let own: Arc<str> = Arc::from(app);
+        let own_used = charged(&own);
+        drop(t);
+        let mine = match apps.iter().position(|(a, _, _)| a.as_ref() == app) {
+            Some(i) => i,
+            None => {
+                apps.push((own, own_used, 0));
+                apps.len() - 1
+            }
+        };
+        apps[mine].2 += 1;
+        let mut before = 0usize;
+        loop {
+            let next = apps
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| x.2 > 0)
+                .min_by(|(i, a), (j, b)| a.1.total_cmp(&b.1).then(i.cmp(j)))
+                .map(|(i, _)| i);
+            let Some(i) = next else { break };
+            if i == mine && apps[i].2 == 1 {
+                break;
+            }
+            apps[i].2 -= 1;
+            apps[i].1 += held;
+            before += 1;
+        }
+        if before < free {
+            return Some((0.0, before));
+        }
+        let n = self.shared.max_concurrent as f64;
+        // `before − free + 1` slots must free up; the running requests are half done on
+        // average.
+        Some(((before - free) as f64 + 0.5) * held / n).map(|w| (w, before))
     }
 
     /// Requests admitted and not finished.
@@ -410,6 +479,62 @@ mod tests {
         let _queued = a.admit_within(Some(Duration::from_secs(60))).unwrap();
         let _queued_too = a.admit().unwrap();
         assert_eq!(a.in_system(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_light_app_is_told_its_own_wait_not_the_floods() {
+        let a = Admission::new(1, 16);
+        // One request of the flooding app measures the slot time and charges the app for it.
+        let first = a.admit_for("flood", None).unwrap().run().await;
+        std::thread::sleep(Duration::from_millis(40));
+        drop(first);
+        let held = a.held_ms().unwrap();
+        // The flood holds the slot and has six more requests waiting.
+        let _running = a.admit_for("flood", None).unwrap().run().await;
+        let waiting: Vec<_> = (0..6)
+            .map(|_| tokio::spawn(a.admit_for("flood", None).unwrap().run()))
+            .collect();
+        while a
+            .shared
+            .turns
+            .lock()
+            .waiting
+            .get("flood")
+            .map_or(0, VecDeque::len)
+            < 6
+        {
+            tokio::task::yield_now().await;
+        }
+        // Everyone queued ahead: 6.5 slot times. But the light app's request takes its turn
+        // after one more of the flood's (they have used the same slot time once the light app
+        // is charged the floor): 1.5 slot times.
+        let (light_wait, ahead) = a.expected_wait_for("light").unwrap();
+        assert_eq!(ahead, 1);
+        assert!(
+            (light_wait - 1.5 * held).abs() < 1e-9,
+            "{light_wait} {held}"
+        );
+        let (flood_wait, ahead) = a.expected_wait_for("flood").unwrap();
+        assert_eq!(ahead, 6);
+        assert!(
+            (flood_wait - 6.5 * held).abs() < 1e-9,
+            "{flood_wait} {held}"
+        );
+        assert!((a.expected_wait_ms(a.in_system()).unwrap() - 6.5 * held).abs() < 1e-9);
+        // So a deadline of three slot times admits the light request and refuses the flood's.
+        let deadline = Some(Duration::from_secs_f64(3.0 * held / 1e3));
+        let _light = a.admit_for("light", deadline).unwrap();
+        let err = a.admit_for("flood", deadline).unwrap_err();
+        assert_eq!(err.kind(), ferry_core::ErrorKind::ResourceExhausted);
+        // Its own six, and the light request that now goes before its seventh.
+        assert!(
+            err.to_string()
+                .contains("7 requests to start before this one"),
+            "{err}"
+        );
+        for w in waiting {
+            w.abort();
+        }
     }
 
     /// Starts `ticket` on a task that records `name` when its turn comes and then holds the
