@@ -1,9 +1,13 @@
 //! ferryd, the edge daemon.
 //!
-//! Serves `ferry.v1.Inference` over gRPC (TCP and optionally a Unix socket) on top of the local
-//! candle engine, with admission control (bounded concurrency and queue), request records for
-//! feedback, MESS+ routing of `model: "auto"` with its state persisted, the standard health and reflection services, and a graceful drain on SIGTERM.
-//! The binary in `main.rs` only parses the command line and calls [`RunningServer`].
+//! Serves `ferry.v1.Inference` over gRPC (TCP and optionally a Unix socket) and the
+//! OpenAI-compatible API over HTTP. Every request takes one path (`pipeline`): `dispatch`
+//! validates and places it, a `Tier` runs it (the local candle engine, or an offload to
+//! ferry-cloud that falls back to local), and the `ledger` books its end and teaches the
+//! placement policy and the routers (mixrank or MESS+ over each tier's zoo, state persisted).
+//! The servers' scaffolding (auth, admission, health, probes, drain, signals) is the daemon kit,
+//! `ferry_daemon`. The binary in `main.rs` only parses the command line and calls
+//! [`RunningServer`].
 
 pub mod auth;
 pub mod cloud;

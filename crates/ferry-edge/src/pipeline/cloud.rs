@@ -539,16 +539,7 @@ impl Offload {
                 served_text: delivered.text.clone(),
                 also: self.run_also(&router, &routed).await,
             };
-            let state = &self.job.state;
-            let question = question(&self.job.req);
-            ledger::teach_router(
-                state,
-                router,
-                &routed,
-                &self.job.request_id,
-                question,
-                costs,
-            );
+            self.teach_router(router, &routed, costs);
         }
     }
 
@@ -653,17 +644,15 @@ impl Offload {
                     .map(|j| j * est_tokens),
                 ..RouteCosts::default()
             };
-            let state = &self.job.state;
-            let question = question(&self.job.req);
-            ledger::teach_router(
-                state,
-                router,
-                &routed,
-                &self.job.request_id,
-                question,
-                costs,
-            );
+            self.teach_router(router, &routed, costs);
         }
+    }
+
+    /// Teaches the cloud router what its request cost (and the judge what it answered).
+    fn teach_router(&self, router: Arc<ZooRouter>, routed: &Routed, costs: RouteCosts) {
+        let question = question(&self.job.req);
+        let (state, id) = (&self.job.state, &self.job.request_id);
+        ledger::teach_router(state, router, routed, id, question, costs);
     }
 
     /// This request's line in the ledger, served by cloud `model`.
