@@ -10,7 +10,8 @@
 //!   tells nothing about this stream fades to 0 and the policy degrades to the plain mix.
 //!   `ℓ(x)` is the question's log length standardised over the stream so far, and `v_m` each
 //!   model's own slope on it (a long GSM8K question defeats Mixtral far more often than GPT-4);
-//!   it ranks a pair of models only once their slopes differ beyond two standard deviations.
+//!   it ranks a pair of models by their slope difference shrunk by its noise (positive-part
+//!   James–Stein), so a difference within its noise ranks nothing.
 //! - **Price.** Serve `argmin_m c_m − λ·p_m(x)` with running mean costs `c_m`. The price of
 //!   satisfaction is `λ = λ_α · exp(η (D + m₀))`: `λ_α` is the price at which the expected
 //!   satisfaction of the recent requests meets α ([`lagrange`]; the feedforward, in whatever unit
@@ -731,13 +732,20 @@ impl MixRank {
             return (lo, lambda);
         }
         // Rank this request's gain among the recent requests of its task.
-        // The length ranks only once the two models' slopes credibly differ: a difference
-        // still within its noise would rank by chance, and a wrong ranking costs more (debt,
-        // escalation) than a right one saves.
+        // The length ranks by the two models' slope difference shrunk by its noise (positive-
+        // part James–Stein: a difference within one standard deviation counts for nothing, one
+        // of z deviations for 1 − 1/z² of itself): a difference still within its noise would
+        // rank by chance, and a wrong ranking costs more (debt, escalation) than a right one
+        // saves.
         let (vh, vl) = (self.slopes[hi], self.slopes[lo]);
-        let credible = (vh.mean - vl.mean).abs() > 2.0 * (vh.var + vl.var).sqrt();
+        let diff = vh.mean - vl.mean;
+        let shrink = if diff.abs() > 1e-12 {
+            (1.0 - (vh.var + vl.var) / (diff * diff)).max(0.0)
+        } else {
+            0.0
+        };
         let gain = |b: f64, length: f64| {
-            let length = if credible { length } else { 0.0 };
+            let length = length * shrink;
             let (mh, vh) = self.logit(hi, task, b, length);
             let (ml, vl) = self.logit(lo, task, b, length);
             expected_sigmoid(mh, vh) - expected_sigmoid(ml, vl)
