@@ -524,15 +524,7 @@ impl Offload {
             ledger::completion_undelivered(&self.job.state);
         }
         drop(tx);
-        ledger::teach_placer(
-            &self.job.state,
-            self.job.placed.as_ref(),
-            total_ms / 1e3,
-            PlacedCost::Cloud {
-                executed: ctx.executed,
-                usd: c.cost_usd.unwrap_or(0.0),
-            },
-        );
+        self.teach_placer(total_ms, ctx.executed, c.cost_usd.unwrap_or(0.0));
         if let Some((router, routed)) = ctx.routed {
             let costs = RouteCosts {
                 served_joules: energy.joules,
@@ -626,15 +618,7 @@ impl Offload {
             .and_then(|m| m.usd_per_million_tokens)
             .map(|p| p * est_tokens / 1e6)
             .unwrap_or(0.0);
-        ledger::teach_placer(
-            &self.job.state,
-            self.job.placed.as_ref(),
-            total_ms / 1e3,
-            PlacedCost::Cloud {
-                executed: ctx.executed,
-                usd,
-            },
-        );
+        self.teach_placer(total_ms, ctx.executed, usd);
         if let Some((router, routed)) = ctx.routed {
             let costs = RouteCosts {
                 served_joules: ctx
@@ -646,6 +630,18 @@ impl Offload {
             };
             self.teach_router(router, &routed, costs);
         }
+    }
+
+    /// Teaches the placement policy what the offload cost: `total_ms` from arrival, the views
+    /// sent, the cloud's price (reported, or estimated for a broken stream).
+    fn teach_placer(&self, total_ms: f64, executed: Action, usd: f64) {
+        let cost = PlacedCost::Cloud { executed, usd };
+        ledger::teach_placer(
+            &self.job.state,
+            self.job.placed.as_ref(),
+            total_ms / 1e3,
+            cost,
+        );
     }
 
     /// Teaches the cloud router what its request cost (and the judge what it answered).
