@@ -555,111 +555,198 @@ impl LoadedModel {
         options: GenerateOptions,
         sink: &mut dyn GenerationEvent,
     ) -> Result<GenerationOutcome> {
-        let ctx = self.info.context_length;
+        let mut decoder = Decoder::new(self, prompt_len, params, options)?;
+        let mut session = self.backbone.session(&self.device)?;
+        let mut logits = prefill(&mut session)?;
+        decoder.prefilled();
+        loop {
+            match decoder.step(&logits, sink) {
+                Next::Feed(token) => logits = session.forward(&[token])?,
+                Next::Done(outcome) => return outcome,
+            }
+        }
+    }
+
+    /// A fresh decoding session over this model's weights, with its own empty KV cache (what
+    /// each generation and each batched sequence decodes with).
+    pub fn session(&self) -> Result<Session> {
+        self.backbone.session(&self.device)
+    }
+}
+
+/// What a generation does after a step: feed the sampled token, or end.
+pub(crate) enum Next {
+    /// Feed this token and step again with the logits it gives.
+    Feed(u32),
+    /// The generation ended (a finish reason, or an error such as the client gone).
+    Done(Result<GenerationOutcome>),
+}
+
+/// One generation after its prompt: sampling, end-of-sequence and stop strings, UTF-8-safe
+/// detokenising, the token budget and the accounting. The single-stream loop
+/// ([`LoadedModel::generate`]) and the batcher ([`crate::batch`]) drive the same one, a step
+/// per set of logits.
+pub(crate) struct Decoder<'m> {
+    model: &'m LoadedModel,
+    sampler: candle_transformers::generation::LogitsProcessor,
+    detok: Detokenizer<'m>,
+    stopper: StopMatcher,
+    ignore_eos: bool,
+    prompt_len: usize,
+    budget: usize,
+    generated: usize,
+    text: String,
+    started: Instant,
+    prefill_ms: f64,
+    decode_started: Instant,
+}
+
+impl<'m> Decoder<'m> {
+    /// Checks the prompt against the context window and sets up the generation.
+    pub(crate) fn new(
+        model: &'m LoadedModel,
+        prompt_len: usize,
+        params: &SamplingParams,
+        options: GenerateOptions,
+    ) -> Result<Self> {
+        let ctx = model.info.context_length;
         if prompt_len >= ctx {
             return Err(Error::invalid(
                 "messages",
                 format!(
                     "the prompt is {prompt_len} tokens; model `{}` has a context of {ctx} tokens",
-                    self.info.id
+                    model.info.id
                 ),
             ));
         }
-        let budget = (params.max_tokens as usize).min(ctx - prompt_len);
-        let mut session = self.backbone.session(&self.device)?;
-        let mut sampler = logits_processor(params);
-        let mut detok = Detokenizer::new(&self.tokenizer);
-        let mut stopper = StopMatcher::new(
-            params
-                .stop
-                .iter()
-                .chain(&self.stop)
-                .filter(|s| !s.is_empty())
-                .cloned()
-                .collect(),
-        );
-        let mut text = String::new();
-
-        let t0 = Instant::now();
-        let mut logits = prefill(&mut session)?;
-        self.stats
-            .prompt_tokens
-            .fetch_add(prompt_len as u64, Ordering::Relaxed);
-        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let t1 = Instant::now();
-
-        let cancelled = |stats: &EngineStats, n: usize| {
-            stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            Error::Cancelled(format!("client went away after {n} tokens"))
-        };
-        let emit = |delta: &str, text: &mut String, sink: &mut dyn GenerationEvent| {
-            if delta.is_empty() {
-                return ControlFlow::Continue(());
-            }
-            text.push_str(delta);
-            sink.text(delta)
-        };
-
-        let mut generated = 0usize;
-        let mut finish = FinishReason::Length;
-        while generated < budget {
-            if sink.cancelled() {
-                return Err(cancelled(&self.stats, generated));
-            }
-            let next = sampler.sample(&logits).map_err(candle_err)?;
-            self.stats.tokens_decoded.fetch_add(1, Ordering::Relaxed);
-            if !options.ignore_eos && self.eos_ids.contains(&next) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            generated += 1;
-            if let Some(piece) = detok.push(next)? {
-                match stopper.push(&piece) {
-                    StopScan::Continue(t) => {
-                        if emit(&t, &mut text, sink).is_break() {
-                            return Err(cancelled(&self.stats, generated));
-                        }
-                    }
-                    StopScan::Stopped(t) => {
-                        if emit(&t, &mut text, sink).is_break() {
-                            return Err(cancelled(&self.stats, generated));
-                        }
-                        finish = FinishReason::StopSequence;
-                        break;
-                    }
-                }
-            }
-            if generated < budget {
-                logits = session.forward(&[next])?;
-            }
-        }
-        if finish != FinishReason::StopSequence {
-            let mut tail = detok.flush()?.unwrap_or_default();
-            let mut stopped = false;
-            match stopper.push(&tail) {
-                StopScan::Continue(t) => tail = t,
-                StopScan::Stopped(t) => {
-                    tail = t;
-                    stopped = true;
-                }
-            }
-            if !stopped {
-                tail.push_str(&stopper.finish());
-            } else {
-                finish = FinishReason::StopSequence;
-            }
-            if emit(&tail, &mut text, sink).is_break() {
-                return Err(cancelled(&self.stats, generated));
-            }
-        }
-        self.stats.completed.fetch_add(1, Ordering::Relaxed);
-        Ok(GenerationOutcome {
-            prompt_tokens: prompt_len,
-            completion_tokens: generated,
-            finish_reason: finish,
-            text,
-            prefill_ms,
-            decode_ms: t1.elapsed().as_secs_f64() * 1e3,
+        let now = Instant::now();
+        Ok(Decoder {
+            model,
+            sampler: logits_processor(params),
+            detok: Detokenizer::new(&model.tokenizer),
+            stopper: StopMatcher::new(
+                params
+                    .stop
+                    .iter()
+                    .chain(&model.stop)
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .collect(),
+            ),
+            ignore_eos: options.ignore_eos,
+            prompt_len,
+            budget: (params.max_tokens as usize).min(ctx - prompt_len),
+            generated: 0,
+            text: String::new(),
+            started: now,
+            prefill_ms: 0.0,
+            decode_started: now,
         })
+    }
+
+    /// The prompt has been fed: the time so far is prefill time.
+    pub(crate) fn prefilled(&mut self) {
+        self.model
+            .stats
+            .prompt_tokens
+            .fetch_add(self.prompt_len as u64, Ordering::Relaxed);
+        self.prefill_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        self.decode_started = Instant::now();
+    }
+
+    /// The generation stops because its consumer is gone (counted as cancelled).
+    pub(crate) fn cancelled(&self) -> Error {
+        self.model.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        Error::Cancelled(format!("client went away after {} tokens", self.generated))
+    }
+
+    fn emit(&mut self, delta: &str, sink: &mut dyn GenerationEvent) -> ControlFlow<()> {
+        if delta.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        self.text.push_str(delta);
+        sink.text(delta)
+    }
+
+    /// Samples the next token from `logits` and sends the text it completes.
+    pub(crate) fn step(
+        &mut self,
+        logits: &candle_core::Tensor,
+        sink: &mut dyn GenerationEvent,
+    ) -> Next {
+        if self.generated >= self.budget {
+            return self.finish(FinishReason::Length, sink);
+        }
+        if sink.cancelled() {
+            return Next::Done(Err(self.cancelled()));
+        }
+        let next = match self.sampler.sample(logits) {
+            Ok(t) => t,
+            Err(e) => return Next::Done(Err(candle_err(e))),
+        };
+        self.model
+            .stats
+            .tokens_decoded
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.ignore_eos && self.model.eos_ids.contains(&next) {
+            return self.finish(FinishReason::Stop, sink);
+        }
+        self.generated += 1;
+        let piece = match self.detok.push(next) {
+            Ok(p) => p,
+            Err(e) => return Next::Done(Err(e)),
+        };
+        if let Some(piece) = piece {
+            let (released, stopped) = match self.stopper.push(&piece) {
+                StopScan::Continue(t) => (t, false),
+                StopScan::Stopped(t) => (t, true),
+            };
+            if self.emit(&released, sink).is_break() {
+                return Next::Done(Err(self.cancelled()));
+            }
+            if stopped {
+                return self.done(FinishReason::StopSequence);
+            }
+        }
+        if self.generated < self.budget {
+            Next::Feed(next)
+        } else {
+            self.finish(FinishReason::Length, sink)
+        }
+    }
+
+    /// Ends without a stop string having matched: releases what the detokeniser and the stop
+    /// matcher still hold (a stop string may yet complete in the detokeniser's tail).
+    fn finish(&mut self, mut finish: FinishReason, sink: &mut dyn GenerationEvent) -> Next {
+        let flushed = match self.detok.flush() {
+            Ok(t) => t.unwrap_or_default(),
+            Err(e) => return Next::Done(Err(e)),
+        };
+        let tail = match self.stopper.push(&flushed) {
+            StopScan::Continue(mut t) => {
+                t.push_str(&self.stopper.finish());
+                t
+            }
+            StopScan::Stopped(t) => {
+                finish = FinishReason::StopSequence;
+                t
+            }
+        };
+        if self.emit(&tail, sink).is_break() {
+            return Next::Done(Err(self.cancelled()));
+        }
+        self.done(finish)
+    }
+
+    fn done(&mut self, finish_reason: FinishReason) -> Next {
+        self.model.stats.completed.fetch_add(1, Ordering::Relaxed);
+        Next::Done(Ok(GenerationOutcome {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated,
+            finish_reason,
+            text: std::mem::take(&mut self.text),
+            prefill_ms: self.prefill_ms,
+            decode_ms: self.decode_started.elapsed().as_secs_f64() * 1e3,
+        }))
     }
 }

@@ -277,14 +277,26 @@ impl QWeight {
     /// product on a large vocabulary (Gemma's head is 72 % of its bytes), as exact as the f32
     /// one where the choice is made.
     pub fn head_logits(&self, x: &[f32]) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows];
-        self.matmul(x, 1, &mut out);
+        self.head_logits_rows(x, 1).pop().unwrap_or_default()
+    }
+
+    /// [`QWeight::head_logits`] for `m` rows at once (one per sequence of a batch): the head's
+    /// weights are read once for all of them.
+    pub fn head_logits_rows(&self, x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let mut all = vec![0f32; m * self.rows];
+        self.matmul(x, m, &mut all);
         let mut exact = [0f32; 1];
-        for r in top_indices(&out, HEAD_EXACT_CANDIDATES) {
-            self.view(r..r + 1).matvec_f32(x, &mut exact);
-            out[r] = exact[0];
-        }
-        out
+        all.chunks_exact(self.rows.max(1))
+            .zip(x.chunks_exact(self.cols))
+            .map(|(logits, row)| {
+                let mut out = logits.to_vec();
+                for r in top_indices(&out, HEAD_EXACT_CANDIDATES) {
+                    self.view(r..r + 1).matvec_f32(row, &mut exact);
+                    out[r] = exact[0];
+                }
+                out
+            })
+            .collect()
     }
 
     pub(crate) fn matvec_f32_reference(&self, x: &[f32], sums: &[f32], out: &mut [f32]) {
@@ -555,12 +567,18 @@ impl QLinear {
     /// The output head on one f32 row: on ferry's kernel its leading logits are exact
     /// ([`QWeight::head_logits`]).
     pub fn head_logits(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Ok(self.head_logits_rows(x, 1)?.pop().unwrap_or_default())
+    }
+
+    /// [`QLinear::head_logits`] for `m` rows at once.
+    pub fn head_logits_rows(&self, x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
         match self {
-            QLinear::Kernel(w) => Ok(w.head_logits(x)),
+            QLinear::Kernel(w) => Ok(w.head_logits_rows(x, m)),
             QLinear::Candle(_) => {
-                let mut out = vec![0f32; self.out_features()];
-                self.matmul_f32(x, 1, &mut out)?;
-                Ok(out)
+                let n = self.out_features();
+                let mut out = vec![0f32; m * n];
+                self.matmul_f32(x, m, &mut out)?;
+                Ok(out.chunks_exact(n.max(1)).map(<[f32]>::to_vec).collect())
             }
         }
     }

@@ -3,11 +3,13 @@
 //! `ferry-engine` owns everything between a validated chat request and a stream of text: finding
 //! a model's files (local directory or Hugging Face cache), loading GGUF (quantized llama) and
 //! safetensors (llama, qwen2) weights, building the tokenizer (from `tokenizer.json` or from the
-//! GGUF vocabulary), rendering the chat template, sampling, stop strings, and UTF-8-safe
-//! incremental detokenisation. Vision-language models (LLaVA-1.5, LLaVA-NeXT) also get their
+//! GGUF vocabulary), rendering the chat template, sampling, stop strings, UTF-8-safe
+//! incremental detokenisation, and continuous batching of many generations of one model
+//! ([`batch`]). Vision-language models (LLaVA-1.5, LLaVA-NeXT) also get their
 //! images decoded and preprocessed ([`vision`]) and spliced into the prompt. It knows nothing
 //! about gRPC; `ferryd` and `ferry bench` drive it.
 
+pub mod batch;
 pub mod encoder;
 pub mod gguf;
 pub mod kernels;

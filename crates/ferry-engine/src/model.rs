@@ -352,6 +352,75 @@ impl Session {
         logits.to_dtype(DType::F32).map_err(candle_err)
     }
 
+    /// Feeds each session its tokens and returns each one's next-token logits (1-D, f32), like
+    /// [`Session::forward`] on each. Sessions of one ferry CPU model (GGUF llama or Gemma 3)
+    /// run as one batch, so the weights are read once per step for all of them; other sessions
+    /// run one after another.
+    pub fn forward_many(batch: &mut [(&mut Session, &[u32])]) -> Result<Vec<Tensor>> {
+        let rows = if let Some(model) = Self::shared_llama(batch) {
+            let mut items: Vec<(&mut gguf_llama::LlamaCache, &[u32], usize)> = batch
+                .iter_mut()
+                .filter_map(|(s, tokens)| match &mut s.state {
+                    SessionState::GgufLlama { cache, .. } => Some((cache, *tokens, s.position)),
+                    _ => None,
+                })
+                .collect();
+            model.forward_batch(&mut items).map_err(candle_err)?
+        } else if let Some(model) = Self::shared_gemma(batch) {
+            let mut items: Vec<(&mut gemma3::Gemma3Cache, &[u32], usize)> = batch
+                .iter_mut()
+                .filter_map(|(s, tokens)| match &mut s.state {
+                    SessionState::QuantizedGemma3 { cache, .. } => {
+                        Some((cache, *tokens, s.position))
+                    }
+                    _ => None,
+                })
+                .collect();
+            model.forward_batch(&mut items).map_err(candle_err)?
+        } else {
+            return batch
+                .iter_mut()
+                .map(|(s, tokens)| s.forward(tokens))
+                .collect();
+        };
+        batch
+            .iter_mut()
+            .zip(rows)
+            .map(|((s, tokens), logits)| {
+                s.position += tokens.len();
+                let n = logits.len();
+                Tensor::from_vec(logits, n, &s.device).map_err(candle_err)
+            })
+            .collect()
+    }
+
+    /// The llama model every session of `batch` decodes with, if they share one.
+    fn shared_llama(batch: &[(&mut Session, &[u32])]) -> Option<Arc<gguf_llama::GgufLlama>> {
+        let mut shared: Option<&Arc<gguf_llama::GgufLlama>> = None;
+        for (s, _) in batch {
+            match (&s.state, shared) {
+                (SessionState::GgufLlama { model, .. }, None) => shared = Some(model),
+                (SessionState::GgufLlama { model, .. }, Some(m)) if Arc::ptr_eq(model, m) => {}
+                _ => return None,
+            }
+        }
+        shared.cloned()
+    }
+
+    /// The Gemma 3 model every session of `batch` decodes with, if they share one.
+    fn shared_gemma(batch: &[(&mut Session, &[u32])]) -> Option<Arc<gemma3::Gemma3>> {
+        let mut shared: Option<&Arc<gemma3::Gemma3>> = None;
+        for (s, _) in batch {
+            match (&s.state, shared) {
+                (SessionState::QuantizedGemma3 { model, .. }, None) => shared = Some(model),
+                (SessionState::QuantizedGemma3 { model, .. }, Some(m)) if Arc::ptr_eq(model, m) => {
+                }
+                _ => return None,
+            }
+        }
+        shared.cloned()
+    }
+
     /// Feeds input embeddings (`(1, n, hidden_size)`, e.g. a prompt with image features spliced
     /// in) after everything fed so far and returns the next-token logits (1-D, f32). Only
     /// vision-language models take embeddings.

@@ -1,6 +1,7 @@
 //! Plain-buffer operations of the CPU forward passes ([`super::llama_cpu`], Gemma 3's CPU path):
 //! RMS norm, rotary embeddings in both pair conventions, GELU, and causal attention over a
-//! key/value cache laid out `[position][kv head][head_dim]`.
+//! key/value cache laid out `[position][kv head][head_dim]`, and the bookkeeping of a batch of
+//! sequences fed through one pass ([`Segment`]).
 
 use crate::kernels::par_items;
 
@@ -178,6 +179,47 @@ pub(crate) fn attend(
             }
         }
     });
+}
+
+/// One sequence's rows in a batched forward pass: `t` tokens at positions `pos..pos + t`,
+/// attending over (and appending to) its own cache.
+pub(crate) struct Segment<'a, C> {
+    pub cache: &'a mut C,
+    pub pos: usize,
+    pub t: usize,
+}
+
+/// Rotary tables of every row of a batch, each row at its own sequence's position, `half`
+/// values per row.
+pub(crate) fn batch_rope_tables<C>(
+    segs: &[Segment<'_, C>],
+    inv_freq: &[f64],
+    scale: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for s in segs {
+        let (c, si) = rope_tables(inv_freq, scale, s.pos, s.t);
+        cos.extend(c);
+        sin.extend(si);
+    }
+    (cos, sin)
+}
+
+/// The last row of each segment of `x` (rows of `hidden` values), passed through `norm`, one
+/// after another: the input of the output head.
+pub(crate) fn last_rows_normed<C>(
+    x: &[f32],
+    segs: &[Segment<'_, C>],
+    hidden: usize,
+    norm: impl Fn(&[f32], &mut [f32]),
+) -> Vec<f32> {
+    let mut normed = vec![0f32; segs.len() * hidden];
+    let mut end = 0;
+    for (seg, out) in segs.iter().zip(normed.chunks_exact_mut(hidden)) {
+        end += seg.t;
+        norm(&x[(end - 1) * hidden..end * hidden], out);
+    }
+    normed
 }
 
 #[cfg(test)]

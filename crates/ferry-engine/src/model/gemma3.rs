@@ -18,7 +18,8 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::cpu_ops::{
-    attend, gelu_tanh, rms_norm, rms_norm_in_place, rope_halves, rope_tables, AttentionShape,
+    attend, batch_rope_tables, gelu_tanh, last_rows_normed, rms_norm, rms_norm_in_place,
+    rope_halves, AttentionShape, Segment,
 };
 use super::parts::{cached_attention, head_and_embedding, inv_freq, rope_angles, Embedding};
 use crate::kernels::{self, QLinear};
@@ -302,9 +303,52 @@ impl Gemma3 {
 
     /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
     pub fn forward(&self, cache: &mut Gemma3Cache, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        if let Some(cpu) = &self.cpu {
-            return self.forward_cpu(cpu, cache, tokens, pos);
+        if self.cpu.is_some() {
+            let logits = self
+                .forward_batch(&mut [(cache, tokens, pos)])?
+                .pop()
+                .unwrap_or_default();
+            let vocab = logits.len();
+            return Tensor::from_vec(logits, (1, vocab), &self.device);
         }
+        self.forward_candle(cache, tokens, pos)
+    }
+
+    /// Feeds several sequences at once, each `(cache, tokens, first position)`, and returns the
+    /// logits of each one's last token. On the CPU path the products run once over every row;
+    /// on candle's path the sequences run one after another.
+    pub fn forward_batch(
+        &self,
+        items: &mut [(&mut Gemma3Cache, &[u32], usize)],
+    ) -> Result<Vec<Vec<f32>>> {
+        let Some(cpu) = &self.cpu else {
+            return items
+                .iter_mut()
+                .map(|(cache, tokens, pos)| {
+                    self.forward_candle(cache, tokens, *pos)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()
+                })
+                .collect();
+        };
+        let all: Vec<u32> = items.iter().flat_map(|i| i.1.iter().copied()).collect();
+        let mut segs: Vec<Segment<'_, Gemma3Cache>> = items
+            .iter_mut()
+            .map(|(cache, tokens, pos)| Segment {
+                cache: &mut **cache,
+                pos: *pos,
+                t: tokens.len(),
+            })
+            .collect();
+        self.forward_cpu(cpu, &mut segs, &all)
+    }
+
+    fn forward_candle(
+        &self,
+        cache: &mut Gemma3Cache,
+        tokens: &[u32],
+        pos: usize,
+    ) -> Result<Tensor> {
         let t = tokens.len();
         let mut x = (self.embedding.lookup(tokens, &self.device)? * (self.hidden as f64).sqrt())?;
         let global = rope_angles(
@@ -333,14 +377,14 @@ impl Gemma3 {
         self.output.forward(&self.norm.forward(&last)?)
     }
 
-    /// The forward pass on plain buffers (see [`super::llama_cpu`] for why).
+    /// The forward pass on plain buffers (see [`super::llama_cpu`] for why), over every
+    /// segment's rows at once.
     fn forward_cpu(
         &self,
         cpu: &GemmaCpu,
-        cache: &mut Gemma3Cache,
+        segs: &mut [Segment<'_, Gemma3Cache>],
         tokens: &[u32],
-        pos: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<Vec<f32>>> {
         let t = tokens.len();
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let (q_width, kv_width) = (nh * hd, nkv * hd);
@@ -354,8 +398,8 @@ impl Gemma3 {
         for v in &mut x {
             *v *= embed_scale;
         }
-        let global = rope_tables(&self.inv_freq_global, self.global_scale, pos, t);
-        let local = rope_tables(&self.inv_freq_local, 1.0, pos, t);
+        let global = batch_rope_tables(segs, &self.inv_freq_global, self.global_scale);
+        let local = batch_rope_tables(segs, &self.inv_freq_local, 1.0);
         let half = hd / 2;
         let ffn = self.layers.first().map_or(0, |l| l.gate.out_features());
         let mut h = vec![0f32; t * hidden];
@@ -366,12 +410,7 @@ impl Gemma3 {
         let mut att = vec![0f32; t * q_width];
         let mut gate = vec![0f32; t * ffn];
         let mut up = vec![0f32; t * ffn];
-        for ((layer, norms), (kc, vc, first)) in self
-            .layers
-            .iter()
-            .zip(&cpu.layers)
-            .zip(cache.plain.iter_mut())
-        {
+        for (l, (layer, norms)) in self.layers.iter().zip(&cpu.layers).enumerate() {
             let (cos, sin) = if layer.window.is_some() {
                 &local
             } else {
@@ -392,8 +431,6 @@ impl Gemma3 {
                     rope_halves(head, c, s);
                 }
             }
-            kc.extend_from_slice(&k);
-            vc.extend_from_slice(&v);
             let shape = AttentionShape {
                 n_head: nh,
                 n_kv_head: nkv,
@@ -401,17 +438,34 @@ impl Gemma3 {
                 scale: self.attn_scale as f32,
                 window: layer.window,
             };
-            attend(&shape, &q, q_width, kc, vc, *first, pos, t, &mut att);
-            // A sliding-window layer never looks further back than window - 1 keys; drop the
-            // rest once there are twice as many, so the copy is paid rarely.
-            if let Some(w) = layer.window {
-                let len = kc.len() / kv_width;
-                if len >= 2 * w {
-                    let drop = len - (w - 1);
-                    kc.drain(..drop * kv_width);
-                    vc.drain(..drop * kv_width);
-                    *first += drop;
+            let mut row = 0;
+            for seg in segs.iter_mut() {
+                let (kc, vc, first) = &mut seg.cache.plain[l];
+                kc.extend_from_slice(&k[row * kv_width..(row + seg.t) * kv_width]);
+                vc.extend_from_slice(&v[row * kv_width..(row + seg.t) * kv_width]);
+                attend(
+                    &shape,
+                    &q[row * q_width..(row + seg.t) * q_width],
+                    q_width,
+                    kc,
+                    vc,
+                    *first,
+                    seg.pos,
+                    seg.t,
+                    &mut att[row * q_width..(row + seg.t) * q_width],
+                );
+                // A sliding-window layer never looks further back than window - 1 keys; drop
+                // the rest once there are twice as many, so the copy is paid rarely.
+                if let Some(w) = layer.window {
+                    let len = kc.len() / kv_width;
+                    if len >= 2 * w {
+                        let drop = len - (w - 1);
+                        kc.drain(..drop * kv_width);
+                        vc.drain(..drop * kv_width);
+                        *first += drop;
+                    }
                 }
+                row += seg.t;
             }
             layer.wo.matmul_f32(&att, t, &mut h)?;
             rms_norm(&h, &norms.post_attn, cpu.eps, &mut h2);
@@ -430,11 +484,10 @@ impl Gemma3 {
                 *a += b;
             }
         }
-        let mut normed = vec![0f32; hidden];
-        rms_norm(&x[(t - 1) * hidden..], &cpu.norm, cpu.eps, &mut normed);
-        let logits = self.output.head_logits(&normed)?;
-        let vocab = logits.len();
-        Tensor::from_vec(logits, (1, vocab), &self.device)
+        let normed = last_rows_normed(&x, segs, hidden, |row, out| {
+            rms_norm(row, &cpu.norm, cpu.eps, out)
+        });
+        self.output.head_logits_rows(&normed, segs.len())
     }
 
     fn attention(

@@ -18,6 +18,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::cpu_ops::Segment;
 use super::llama_cpu::{CpuCache, CpuLayer, CpuLlama};
 use super::parts::{cached_attention, head_and_embedding, inv_freq, rope_angles, Embedding};
 use crate::kernels::{QLinear, QWeight};
@@ -249,14 +250,54 @@ impl GgufLlama {
 
     /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
     pub fn forward(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        let t = tokens.len();
-        let mut x = self.embedding.lookup(tokens, &self.device)?;
-        if let Some(cpu) = &self.cpu {
-            let x = x.flatten_all()?.to_vec1::<f32>()?;
-            let logits = cpu.forward(&mut cache.cpu, x, t, pos, &self.inv_freq);
+        if self.cpu.is_some() {
+            let logits = self
+                .forward_batch(&mut [(cache, tokens, pos)])?
+                .pop()
+                .unwrap_or_default();
             let vocab = logits.len();
             return Tensor::from_vec(logits, (1, vocab), &self.device);
         }
+        self.forward_candle(cache, tokens, pos)
+    }
+
+    /// Feeds several sequences at once, each `(cache, tokens, first position)`, and returns the
+    /// logits of each one's last token. On the CPU path the products run once over every row;
+    /// on candle's path the sequences run one after another.
+    pub fn forward_batch(
+        &self,
+        items: &mut [(&mut LlamaCache, &[u32], usize)],
+    ) -> Result<Vec<Vec<f32>>> {
+        let Some(cpu) = &self.cpu else {
+            return items
+                .iter_mut()
+                .map(|(cache, tokens, pos)| {
+                    self.forward_candle(cache, tokens, *pos)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()
+                })
+                .collect();
+        };
+        let all: Vec<u32> = items.iter().flat_map(|i| i.1.iter().copied()).collect();
+        let x = self
+            .embedding
+            .lookup(&all, &self.device)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut segs: Vec<Segment<'_, CpuCache>> = items
+            .iter_mut()
+            .map(|(cache, tokens, pos)| Segment {
+                cache: &mut cache.cpu,
+                pos: *pos,
+                t: tokens.len(),
+            })
+            .collect();
+        Ok(cpu.forward(&mut segs, x, &self.inv_freq))
+    }
+
+    fn forward_candle(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
+        let t = tokens.len();
+        let mut x = self.embedding.lookup(tokens, &self.device)?;
         let (cos, sin) = rope_angles(&self.inv_freq, 1.0, pos, t, &self.device)?;
         for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
             let h = layer.attn_norm.forward(&x)?;

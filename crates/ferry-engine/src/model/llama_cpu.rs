@@ -9,7 +9,10 @@
 
 use std::sync::Arc;
 
-use super::cpu_ops::{attend, rms_norm, rope_interleaved, rope_tables, silu, AttentionShape};
+use super::cpu_ops::{
+    attend, batch_rope_tables, last_rows_normed, rms_norm, rope_interleaved, silu, AttentionShape,
+    Segment,
+};
 use crate::kernels::QWeight;
 
 /// One layer's weights as the CPU path reads them.
@@ -55,33 +58,37 @@ impl CpuCache {
 }
 
 impl CpuLlama {
-    /// Feeds `x` (`t` embedded tokens at positions `pos..`, row-major) through every layer and
-    /// returns the logits of the last token.
+    /// Feeds `x` (the embedded tokens of every segment, one after another, row-major) through
+    /// every layer and returns the logits of each segment's last token. The products run once
+    /// over all the rows (a weight is read once per step, whatever the batch); attention runs per
+    /// segment over its own cache.
     pub(crate) fn forward(
         &self,
-        cache: &mut CpuCache,
+        segs: &mut [Segment<'_, CpuCache>],
         mut x: Vec<f32>,
-        t: usize,
-        pos: usize,
         inv_freq: &[f64],
-    ) -> Vec<f32> {
+    ) -> Vec<Vec<f32>> {
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let hidden = nh * hd;
         let kv_width = nkv * hd;
         let qkv_width = hidden + 2 * kv_width;
         let half = hd / 2;
-        let (cos, sin) = rope_tables(inv_freq, 1.0, pos, t);
+        let t: usize = segs.iter().map(|s| s.t).sum();
+        let (cos, sin) = batch_rope_tables(segs, inv_freq, 1.0);
         let scale = 1.0 / (hd as f32).sqrt();
         let mut h = vec![0f32; t * hidden];
         let mut qkv = vec![0f32; t * qkv_width];
         let mut att = vec![0f32; t * hidden];
         let mut gu = vec![0f32; t * 2 * self.ffn];
         let mut act = vec![0f32; t * self.ffn];
-        for (layer, (kc, vc)) in self
-            .layers
-            .iter()
-            .zip(cache.k.iter_mut().zip(cache.v.iter_mut()))
-        {
+        let shape = AttentionShape {
+            n_head: nh,
+            n_kv_head: nkv,
+            head_dim: hd,
+            scale,
+            window: None,
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, self.eps, &mut h);
             layer.qkv.matmul(&h, t, &mut qkv);
             for (i, row) in qkv.chunks_exact_mut(qkv_width).enumerate() {
@@ -92,17 +99,19 @@ impl CpuLlama {
                 for head in row[..hidden + kv_width].chunks_exact_mut(hd) {
                     rope_interleaved(head, c, s);
                 }
-                kc.extend_from_slice(&row[hidden..hidden + kv_width]);
-                vc.extend_from_slice(&row[hidden + kv_width..]);
             }
-            let shape = AttentionShape {
-                n_head: nh,
-                n_kv_head: nkv,
-                head_dim: hd,
-                scale,
-                window: None,
-            };
-            attend(&shape, &qkv, qkv_width, kc, vc, 0, pos, t, &mut att);
+            let mut row = 0;
+            for seg in segs.iter_mut() {
+                let (kc, vc) = (&mut seg.cache.k[l], &mut seg.cache.v[l]);
+                let rows = &qkv[row * qkv_width..(row + seg.t) * qkv_width];
+                for r in rows.chunks_exact(qkv_width) {
+                    kc.extend_from_slice(&r[hidden..hidden + kv_width]);
+                    vc.extend_from_slice(&r[hidden + kv_width..]);
+                }
+                let out = &mut att[row * hidden..(row + seg.t) * hidden];
+                attend(&shape, rows, qkv_width, kc, vc, 0, seg.pos, seg.t, out);
+                row += seg.t;
+            }
             layer.wo.matmul(&att, t, &mut h);
             for (a, b) in x.iter_mut().zip(&h) {
                 *a += b;
@@ -123,10 +132,10 @@ impl CpuLlama {
                 *a += b;
             }
         }
-        let last = &x[(t - 1) * hidden..];
-        let mut normed = vec![0f32; hidden];
-        rms_norm(last, &self.norm, self.eps, &mut normed);
+        let normed = last_rows_normed(&x, segs, hidden, |row, out| {
+            rms_norm(row, &self.norm, self.eps, out)
+        });
         // The head picks the token: its leading logits are exact (`QWeight::head_logits`).
-        self.output.head_logits(&normed)
+        self.output.head_logits_rows(&normed, segs.len())
     }
 }
