@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use ferry_core::{Error, ModelFormat, ModelManifest, Result, SamplingParams};
+use ferry_engine::batch::{BatchConfig, Batcher};
 use ferry_engine::{GenerateOptions, LoadedModel};
 
 /// A fixed English text; prompts of N tokens are cut from its repetition.
@@ -24,6 +25,8 @@ pub struct BenchOptions {
     pub repeats: usize,
     /// Threads for the peer (candle uses every core it sees).
     pub threads: usize,
+    /// Concurrent streams for the batching figures (each count measured on its own).
+    pub streams: Vec<usize>,
 }
 
 /// One engine's numbers (medians over the repeats).
@@ -39,6 +42,22 @@ pub struct EngineResult {
     /// Weight bytes resident for decoding (ferry only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resident_weight_bytes: Option<u64>,
+    /// Several streams through the batcher at once (ferry only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batched: Vec<BatchedResult>,
+}
+
+/// `streams` generations submitted at once to a [`Batcher`] (medians over the repeats).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchedResult {
+    pub streams: usize,
+    /// Generated tokens of every stream over the wall time from the first submission to the
+    /// last completion (the prompts' prefill included).
+    pub aggregate_tok_s: f64,
+    /// What one stream sees: its generated tokens over its own decode time.
+    pub per_stream_decode_tok_s: f64,
+    /// Sequences per forward pass, on average.
+    pub mean_batch: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -83,6 +102,11 @@ pub fn run_ferry(
         // The first token comes from the prefill logits; the rest each cost one forward pass.
         decode.push((out.completion_tokens.saturating_sub(1)) as f64 / (out.decode_ms / 1e3));
     }
+    let model = std::sync::Arc::new(model);
+    let mut batched = Vec::new();
+    for &streams in &opts.streams {
+        batched.push(run_batched(&model, &ids, &params, streams, opts.repeats)?);
+    }
     Ok(EngineResult {
         engine: format!("ferry ({})", ferry_engine::kernels::kernel_isa()),
         prefill_tok_s: median(prefill),
@@ -90,6 +114,78 @@ pub fn run_ferry(
         load_s,
         device: Some(ferry_engine::device_label(&dev)),
         resident_weight_bytes: Some(model.info().resident_weight_bytes),
+        batched,
+    })
+}
+
+/// `streams` copies of the prompt submitted at once to a batcher of that size, `repeats`
+/// times after one warm-up round.
+fn run_batched(
+    model: &std::sync::Arc<LoadedModel>,
+    ids: &[u32],
+    params: &SamplingParams,
+    streams: usize,
+    repeats: usize,
+) -> Result<BatchedResult> {
+    use std::sync::atomic::Ordering;
+    let batcher = Batcher::start(
+        model.clone(),
+        BatchConfig {
+            max_batch: streams.max(1),
+            ..BatchConfig::default()
+        },
+    )?;
+    let (mut aggregate, mut per_stream, mut mean_batch) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=repeats {
+        let (steps0, rows0) = (
+            batcher.stats().steps.load(Ordering::Relaxed),
+            batcher.stats().sequence_steps.load(Ordering::Relaxed),
+        );
+        let t0 = Instant::now();
+        let outcomes: Vec<Result<ferry_engine::GenerationOutcome>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..streams.max(1))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut sink = |_: &str| std::ops::ControlFlow::Continue(());
+                        batcher.generate(
+                            ids,
+                            params,
+                            GenerateOptions { ignore_eos: true },
+                            &mut sink,
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Engine("a stream panicked".into())))
+                })
+                .collect()
+        });
+        let wall_s = t0.elapsed().as_secs_f64();
+        let outcomes = outcomes.into_iter().collect::<Result<Vec<_>>>()?;
+        if i == 0 {
+            continue;
+        }
+        let generated: usize = outcomes.iter().map(|o| o.completion_tokens).sum();
+        aggregate.push(generated as f64 / wall_s);
+        per_stream.push(median(
+            outcomes
+                .iter()
+                .map(|o| o.completion_tokens.saturating_sub(1) as f64 / (o.decode_ms / 1e3))
+                .collect(),
+        ));
+        let steps = batcher.stats().steps.load(Ordering::Relaxed) - steps0;
+        let rows = batcher.stats().sequence_steps.load(Ordering::Relaxed) - rows0;
+        mean_batch.push(rows as f64 / steps.max(1) as f64);
+    }
+    Ok(BatchedResult {
+        streams,
+        aggregate_tok_s: median(aggregate),
+        per_stream_decode_tok_s: median(per_stream),
+        mean_batch: median(mean_batch),
     })
 }
 
@@ -127,6 +223,7 @@ pub fn run_llama_cpp(
         load_s: parsed.load_s,
         device: None,
         resident_weight_bytes: None,
+        batched: Vec::new(),
     })
 }
 

@@ -132,6 +132,10 @@ pub(crate) struct BenchArgs {
     /// The peer measurement script.
     #[arg(long, default_value = "bench/llama_cpp_peer.py")]
     pub(crate) peer_script: PathBuf,
+    /// Concurrent streams for the batching table (each count measured on its own, through
+    /// ferry's batcher; 0 for none).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    pub(crate) streams: Vec<usize>,
     /// Skip the llama.cpp peer.
     #[arg(long)]
     pub(crate) no_peer: bool,
@@ -150,6 +154,7 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         gen_tokens: args.gen_tokens,
         repeats: args.repeats.max(1),
         threads: args.threads,
+        streams: args.streams.iter().copied().filter(|&n| n > 0).collect(),
     };
     let gguf = bench::gguf_path(&manifest, &args.registry.model_dir);
     let model_bytes = gguf
@@ -224,6 +229,36 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             ours.prefill_tok_s / p.prefill_tok_s,
             ours.decode_tok_s / p.decode_tok_s
         );
+    }
+    if !ours.batched.is_empty() {
+        let one = ours
+            .batched
+            .iter()
+            .find(|b| b.streams == 1)
+            .map(|b| b.aggregate_tok_s);
+        println!(
+            "{:<22} {:>14} {:>14} {:>10} {:>10}",
+            "ferry, streams at once", "aggregate tok/s", "per stream", "mean batch", "vs 1"
+        );
+        for b in &ours.batched {
+            println!(
+                "{:<22} {:>14.1} {:>14.1} {:>10.2} {:>10}",
+                b.streams,
+                b.aggregate_tok_s,
+                b.per_stream_decode_tok_s,
+                b.mean_batch,
+                one.map(|o| format!("{:.2}x", b.aggregate_tok_s / o))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(p) = &peer {
+            // llama-cpp-python's `Llama` decodes one sequence at a time, so its aggregate at
+            // any number of streams is its single-stream decode.
+            println!(
+                "{:<22} {:>14.1}   (llama-cpp-python decodes one sequence at a time)",
+                "llama.cpp, any", p.decode_tok_s
+            );
+        }
     }
     if let Some(bytes) = ours.resident_weight_bytes {
         let per_token_gb = bytes as f64 / 1e9;

@@ -128,32 +128,55 @@ pub(crate) struct AttentionShape {
     pub window: Option<usize>,
 }
 
-/// Causal attention of `t` queries at positions `pos..pos + t` over a cache whose first entry is
-/// at absolute position `first`. Queries are read from `q_rows` (row `i` starts at `i·q_stride`,
-/// heads one after another); `out` gets `t` rows of `n_head·head_dim`. One work item per
-/// (query, head), spread over the thread pool when the work pays for it.
-#[allow(clippy::too_many_arguments)]
+/// One sequence's part of [`attend`]: its `t` queries at positions `pos..pos + t` (rows
+/// `row..row + t` of the batch) over its cache, whose first entry is at absolute position
+/// `first`.
+pub(crate) struct AttendSeq<'a> {
+    pub k_cache: &'a [f32],
+    pub v_cache: &'a [f32],
+    pub first: usize,
+    pub pos: usize,
+    pub t: usize,
+}
+
+/// Causal attention of every sequence of a batch over its own cache. Queries are read from
+/// `q_rows` (row `i` starts at `i·q_stride`, heads one after another, the sequences' rows one
+/// after another); `out` gets a row of `n_head·head_dim` per query. One work item per (query,
+/// head) of every sequence, spread over the thread pool together when the work pays for it (a
+/// decode step of eight sequences is eight queries: alone, none would be worth the pool).
 pub(crate) fn attend(
     shape: &AttentionShape,
     q_rows: &[f32],
     q_stride: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
-    first: usize,
-    pos: usize,
-    t: usize,
+    seqs: &[AttendSeq<'_>],
     out: &mut [f32],
 ) {
     let (nh, hd) = (shape.n_head, shape.head_dim);
     let kv_width = shape.n_kv_head * hd;
     let rep = nh / shape.n_kv_head;
-    let cached = k_cache.len() / kv_width;
-    let work = t * nh * cached * hd * 2;
-    par_items(out, t * nh, hd, work, |item, out| {
-        let (i, head) = (item / nh, item % nh);
+    let rows: usize = seqs.iter().map(|s| s.t).sum();
+    let work: usize = seqs
+        .iter()
+        .map(|s| s.t * nh * (s.k_cache.len() / kv_width) * hd * 2)
+        .sum();
+    // The batch row where each sequence starts.
+    let starts: Vec<usize> = seqs
+        .iter()
+        .scan(0, |row, s| {
+            let start = *row;
+            *row += s.t;
+            Some(start)
+        })
+        .collect();
+    par_items(out, rows * nh, hd, work, |item, out| {
+        let (row, head) = (item / nh, item % nh);
+        let n = starts.partition_point(|&start| start <= row) - 1;
+        let seq = &seqs[n];
+        let i = row - starts[n];
+        let (k_cache, v_cache, first) = (seq.k_cache, seq.v_cache, seq.first);
         let kvh = head / rep;
-        let q = &q_rows[i * q_stride + head * hd..][..hd];
-        let qi = pos + i;
+        let q = &q_rows[row * q_stride + head * hd..][..hd];
+        let qi = seq.pos + i;
         // Keys at absolute positions lo..=qi.
         let lo = shape
             .window

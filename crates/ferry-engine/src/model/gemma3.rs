@@ -19,7 +19,7 @@ use candle_transformers::quantized_nn::RmsNorm;
 
 use super::cpu_ops::{
     attend, batch_rope_tables, gelu_tanh, last_rows_normed, rms_norm, rms_norm_in_place,
-    rope_halves, AttentionShape, Segment,
+    rope_halves, AttendSeq, AttentionShape, Segment,
 };
 use super::parts::{cached_attention, head_and_embedding, inv_freq, rope_angles, Embedding};
 use crate::kernels::{self, QLinear};
@@ -440,23 +440,30 @@ impl Gemma3 {
             };
             let mut row = 0;
             for seg in segs.iter_mut() {
-                let (kc, vc, first) = &mut seg.cache.plain[l];
+                let (kc, vc, _) = &mut seg.cache.plain[l];
                 kc.extend_from_slice(&k[row * kv_width..(row + seg.t) * kv_width]);
                 vc.extend_from_slice(&v[row * kv_width..(row + seg.t) * kv_width]);
-                attend(
-                    &shape,
-                    &q[row * q_width..(row + seg.t) * q_width],
-                    q_width,
-                    kc,
-                    vc,
-                    *first,
-                    seg.pos,
-                    seg.t,
-                    &mut att[row * q_width..(row + seg.t) * q_width],
-                );
-                // A sliding-window layer never looks further back than window - 1 keys; drop
-                // the rest once there are twice as many, so the copy is paid rarely.
-                if let Some(w) = layer.window {
+                row += seg.t;
+            }
+            let seqs: Vec<AttendSeq<'_>> = segs
+                .iter()
+                .map(|seg| {
+                    let (kc, vc, first) = &seg.cache.plain[l];
+                    AttendSeq {
+                        k_cache: kc,
+                        v_cache: vc,
+                        first: *first,
+                        pos: seg.pos,
+                        t: seg.t,
+                    }
+                })
+                .collect();
+            attend(&shape, &q, q_width, &seqs, &mut att);
+            // A sliding-window layer never looks further back than window - 1 keys; drop the
+            // rest once there are twice as many, so the copy is paid rarely.
+            if let Some(w) = layer.window {
+                for seg in segs.iter_mut() {
+                    let (kc, vc, first) = &mut seg.cache.plain[l];
                     let len = kc.len() / kv_width;
                     if len >= 2 * w {
                         let drop = len - (w - 1);
@@ -465,7 +472,6 @@ impl Gemma3 {
                         *first += drop;
                     }
                 }
-                row += seg.t;
             }
             layer.wo.matmul_f32(&att, t, &mut h)?;
             rms_norm(&h, &norms.post_attn, cpu.eps, &mut h2);

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use super::cpu_ops::{
-    attend, batch_rope_tables, last_rows_normed, rms_norm, rope_interleaved, silu, AttentionShape,
-    Segment,
+    attend, batch_rope_tables, last_rows_normed, rms_norm, rope_interleaved, silu, AttendSeq,
+    AttentionShape, Segment,
 };
 use crate::kernels::QWeight;
 
@@ -103,15 +103,23 @@ impl CpuLlama {
             let mut row = 0;
             for seg in segs.iter_mut() {
                 let (kc, vc) = (&mut seg.cache.k[l], &mut seg.cache.v[l]);
-                let rows = &qkv[row * qkv_width..(row + seg.t) * qkv_width];
-                for r in rows.chunks_exact(qkv_width) {
+                for r in qkv[row * qkv_width..(row + seg.t) * qkv_width].chunks_exact(qkv_width) {
                     kc.extend_from_slice(&r[hidden..hidden + kv_width]);
                     vc.extend_from_slice(&r[hidden + kv_width..]);
                 }
-                let out = &mut att[row * hidden..(row + seg.t) * hidden];
-                attend(&shape, rows, qkv_width, kc, vc, 0, seg.pos, seg.t, out);
                 row += seg.t;
             }
+            let seqs: Vec<AttendSeq<'_>> = segs
+                .iter()
+                .map(|seg| AttendSeq {
+                    k_cache: &seg.cache.k[l],
+                    v_cache: &seg.cache.v[l],
+                    first: 0,
+                    pos: seg.pos,
+                    t: seg.t,
+                })
+                .collect();
+            attend(&shape, &qkv, qkv_width, &seqs, &mut att);
             layer.wo.matmul(&att, t, &mut h);
             for (a, b) in x.iter_mut().zip(&h) {
                 *a += b;
