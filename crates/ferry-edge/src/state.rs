@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use ferry_core::{Error, ModelKind, ModelManifest, Result, Tier};
 use ferry_energy::meter::EnergyMeter;
+use ferry_engine::batch::{BatchConfig, Batcher};
 use ferry_engine::LoadedModel;
 
 use crate::auth::Auth;
@@ -39,6 +40,9 @@ pub struct AppState {
     /// Generator manifests of the local tier, sorted by id.
     pub manifests: Vec<ModelManifest>,
     models: RwLock<HashMap<String, Arc<LoadedModel>>>,
+    /// Each loaded model's batch thread: every local generation runs through it, so concurrent
+    /// requests to one model decode together (up to `server.max_concurrent` at once).
+    batchers: RwLock<HashMap<String, Arc<Batcher>>>,
     default_model: RwLock<Option<String>>,
     ready: AtomicBool,
     draining: AtomicBool,
@@ -117,6 +121,7 @@ impl AppState {
             config,
             manifests,
             models: RwLock::new(HashMap::new()),
+            batchers: RwLock::new(HashMap::new()),
             default_model: RwLock::new(None),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -160,7 +165,16 @@ impl AppState {
                 warm_up_ms = warm_up_ms as u64,
                 "model loaded"
             );
-            self.models.write().insert(id.clone(), Arc::new(model));
+            let model = Arc::new(model);
+            let batcher = Batcher::start(
+                model.clone(),
+                BatchConfig {
+                    max_batch: self.config.server.max_concurrent,
+                    ..BatchConfig::default()
+                },
+            )?;
+            self.batchers.write().insert(id.clone(), Arc::new(batcher));
+            self.models.write().insert(id.clone(), model);
         }
         let default = match &self.config.models.default {
             Some(d) if self.model(d).is_some() => d.clone(),
@@ -305,6 +319,11 @@ impl AppState {
         self.models.read().get(id).cloned()
     }
 
+    /// Counters of a loaded model's batch thread (steps, and sequences summed over steps).
+    pub fn batch_stats(&self, id: &str) -> Option<Arc<ferry_engine::batch::BatchStats>> {
+        self.batchers.read().get(id).map(|b| b.stats().clone())
+    }
+
     /// The model used for `auto`.
     pub fn default_model_id(&self) -> Option<String> {
         self.default_model.read().clone()
@@ -380,12 +399,21 @@ impl AppState {
         ferry_energy::meter::RequestEnergy,
     ) {
         let account = self.energy.begin();
-        let out = model.generate(
-            prompt,
-            sampling,
-            ferry_engine::GenerateOptions::default(),
-            sink,
-        );
+        let batcher = self.batchers.read().get(&model.info().id).cloned();
+        let out = match batcher {
+            Some(b) => b.generate(
+                prompt,
+                sampling,
+                ferry_engine::GenerateOptions::default(),
+                sink,
+            ),
+            None => model.generate(
+                prompt,
+                sampling,
+                ferry_engine::GenerateOptions::default(),
+                sink,
+            ),
+        };
         let energy = self.energy.end(account);
         self.add_model_energy(&model.info().id, &energy);
         (out, energy)
