@@ -1,6 +1,8 @@
 //! The candle backend: ferry-cloud serves a zoo model itself with ferry-engine's
 //! [`LoadedModel`] (the same engine as ferryd; CPU by default, the first CUDA GPU when built with
 //! the `cuda` feature), and measures each request's energy with ferry-energy's [`EnergyMeter`].
+//! Text requests run through the model's batch thread ([`Batcher`]): concurrent ones decode
+//! together, up to `server.max_concurrent` per step.
 //!
 //! Vision-language models (LLaVA-1.5, LLaVA-NeXT) get the request's images: ferry-engine decodes
 //! and preprocesses them, places one image placeholder per image through the model's chat
@@ -16,29 +18,43 @@ use tokio_util::sync::CancellationToken;
 
 use ferry_core::{Error, ErrorKind};
 use ferry_energy::meter::EnergyMeter;
+use ferry_engine::batch::{BatchConfig, Batcher};
 use ferry_engine::{GenerateOptions, GenerationEvent, LoadedModel};
 
 use crate::backend::{Backend, BackendOutcome, BackendRequest, EnergyFigure, Failure};
 
-/// A resident candle model.
+/// A resident candle model, with its batch thread: concurrent text requests decode together.
 pub struct CandleBackend {
-    model: Arc<LoadedModel>,
+    batcher: Arc<Batcher>,
     energy: Arc<EnergyMeter>,
     max_prompt_tokens: u32,
 }
 
 impl CandleBackend {
-    pub fn new(model: Arc<LoadedModel>, energy: Arc<EnergyMeter>, max_prompt_tokens: u32) -> Self {
-        CandleBackend {
+    /// Serves `model`, batching up to `max_batch` generations per step.
+    pub fn new(
+        model: Arc<LoadedModel>,
+        energy: Arc<EnergyMeter>,
+        max_prompt_tokens: u32,
+        max_batch: usize,
+    ) -> Result<Self, Error> {
+        let batcher = Batcher::start(
             model,
+            BatchConfig {
+                max_batch,
+                ..BatchConfig::default()
+            },
+        )?;
+        Ok(CandleBackend {
+            batcher: Arc::new(batcher),
             energy,
             max_prompt_tokens,
-        }
+        })
     }
 
     /// The loaded model.
     pub fn model(&self) -> &Arc<LoadedModel> {
-        &self.model
+        self.batcher.model()
     }
 }
 
@@ -72,7 +88,8 @@ impl Backend for CandleBackend {
         req: BackendRequest,
         deltas: mpsc::Sender<String>,
     ) -> Result<BackendOutcome, Failure> {
-        let model = self.model.clone();
+        let batcher = self.batcher.clone();
+        let model = batcher.model().clone();
         let energy = self.energy.clone();
         let max_prompt = self.max_prompt_tokens as usize;
         let span =
@@ -107,7 +124,7 @@ impl Backend for CandleBackend {
                 stop: req.stop.clone(),
             };
             let account = energy.begin();
-            let out = model.generate_multimodal(
+            let out = batcher.generate_multimodal(
                 &prompt,
                 &req.sampling,
                 GenerateOptions::default(),

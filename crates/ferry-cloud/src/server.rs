@@ -85,7 +85,8 @@ pub fn build_models(config: &CloudConfig) -> Result<Vec<Arc<CloudModel>>> {
                             loaded,
                             energy,
                             config.limits.max_prompt_tokens,
-                        )),
+                            config.server.max_concurrent,
+                        )?),
                         info.family,
                         info.context_length as u32,
                         m.capabilities

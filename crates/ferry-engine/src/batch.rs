@@ -28,7 +28,7 @@ use ferry_core::{Error, Result, SamplingParams};
 
 use crate::engine::{Decoder, Next};
 use crate::model::Session;
-use crate::{GenerateOptions, GenerationEvent, GenerationOutcome, LoadedModel};
+use crate::{GenerateOptions, GenerationEvent, GenerationOutcome, LoadedModel, MultimodalPrompt};
 
 /// How a [`Batcher`] groups its sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +213,26 @@ impl Batcher {
     }
 }
 
+impl Batcher {
+    /// [`LoadedModel::generate_multimodal`] through the batch where it can be: a prompt without
+    /// images joins the batch; one with images (its prefill splices the vision tower's features
+    /// into the embeddings) runs alone on the calling thread.
+    pub fn generate_multimodal(
+        &self,
+        prompt: &MultimodalPrompt,
+        params: &SamplingParams,
+        options: GenerateOptions,
+        sink: &mut dyn GenerationEvent,
+    ) -> Result<GenerationOutcome> {
+        if prompt.image_count() == 0 {
+            self.generate(&prompt.tokens, params, options, sink)
+        } else {
+            self.model
+                .generate_multimodal(prompt, params, options, sink)
+        }
+    }
+}
+
 /// A sequence in the batch.
 struct Sequence<'m> {
     session: Session,
@@ -226,7 +246,11 @@ struct Sequence<'m> {
 }
 
 impl<'m> Sequence<'m> {
-    fn start(model: &'m LoadedModel, work: Work) -> std::result::Result<Self, (Error, Work)> {
+    /// Sets up a sequence, or hands back why not with the channel to tell its caller.
+    fn start(
+        model: &'m LoadedModel,
+        work: Work,
+    ) -> std::result::Result<Self, (Error, mpsc::Sender<Event>)> {
         let prepared = Decoder::new(model, work.prompt.len(), &work.params, work.options)
             .and_then(|decoder| Ok((decoder, model.session()?)));
         match prepared {
@@ -241,7 +265,7 @@ impl<'m> Sequence<'m> {
                 },
                 prompt: work.prompt,
             }),
-            Err(e) => Err((e, work)),
+            Err(e) => Err((e, work.events)),
         }
     }
 
@@ -292,8 +316,8 @@ fn run(model: &LoadedModel, rx: &mpsc::Receiver<Work>, config: BatchConfig, stat
             };
             match Sequence::start(model, work) {
                 Ok(seq) => active.push(seq),
-                Err((e, work)) => {
-                    let _ = work.events.send(Event::Done(Err(e)));
+                Err((e, events)) => {
+                    let _ = events.send(Event::Done(Err(e)));
                 }
             }
         }

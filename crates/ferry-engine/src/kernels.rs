@@ -689,7 +689,7 @@ mod tests {
             GgmlDType::Q8_0,
         ] {
             for &(rows, cols) in &[(1, 32), (7, 64), (576, 576), (33, 1536)] {
-                for m in [1, 2, 5] {
+                for m in [1, 2, 5, 8, 9, 16] {
                     check(dtype, rows, cols, m);
                 }
             }

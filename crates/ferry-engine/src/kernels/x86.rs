@@ -386,6 +386,119 @@ unsafe fn prompt_tile(
     tile
 }
 
+/// Most activation rows (sequences of one decode step) taken by [`few_512`]; more take the
+/// prompt kernel, whose unpacking into scratch pays only over many rows.
+const SMALL_BATCH: usize = 8;
+
+/// A decode step of a few sequences with 512-bit registers: [`prompt_tile`]'s arithmetic (two
+/// blocks per `vpdpbusd`, the scales multiplied as vectors, the offsets one vector product per
+/// output) with each pair of weight blocks unpacked straight into a register, once per four
+/// activation rows. For a handful of rows, writing the unpacked row to scratch and reading it
+/// back cost more than the products themselves.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn few_512<const F: u8>(
+    w: &QWeight,
+    acts: &QuantizedActs,
+    scales: &PromptScales,
+    m: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+) {
+    let nb = w.cols / BLOCK;
+    let bb = block_bytes(F);
+    let base = w.raw().as_ptr();
+    let mut cws = vec![0f32; nb];
+    for r in rows {
+        let row = base.add(r * nb * bb);
+        let mut j = 0;
+        while j < m {
+            let n = (m - j).min(4);
+            let values: [f32; 4] = match n {
+                4 => few_tile::<F, 4>(row, nb, acts, scales, j, &mut cws),
+                3 => pad(few_tile::<F, 3>(row, nb, acts, scales, j, &mut cws)),
+                2 => pad(few_tile::<F, 2>(row, nb, acts, scales, j, &mut cws)),
+                _ => pad(few_tile::<F, 1>(row, nb, acts, scales, j, &mut cws)),
+            };
+            for (k, v) in values.iter().enumerate().take(n) {
+                *out.add((j + k) * w.rows + r) = *v;
+            }
+            j += n;
+        }
+    }
+}
+
+fn pad<const J: usize>(v: [f32; J]) -> [f32; 4] {
+    std::array::from_fn(|k| if k < J { v[k] } else { 0.0 })
+}
+
+/// One weight row (at `row`, `nb` blocks) against activation rows `j0..j0 + J`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn few_tile<const F: u8, const J: usize>(
+    row: *const u8,
+    nb: usize,
+    acts: &QuantizedActs,
+    scales: &PromptScales,
+    j0: usize,
+    cws: &mut [f32],
+) -> [f32; J] {
+    let bb = block_bytes(F);
+    let q = acts.q.as_ptr();
+    let qs: [*const i8; J] = std::array::from_fn(|k| q.add((j0 + k) * nb * BLOCK));
+    let das: [*const f32; J] = std::array::from_fn(|k| scales.dax.as_ptr().add((j0 + k) * nb * 8));
+    let mut acc = [_mm512_setzero_ps(); J];
+    for p in 0..nb / 2 {
+        let (u0, dw0, cw0) = unpack::<F>(row.add(2 * p * bb));
+        let (u1, dw1, cw1) = unpack::<F>(row.add((2 * p + 1) * bb));
+        cws[2 * p] = cw0;
+        cws[2 * p + 1] = cw1;
+        let u = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
+        let dw = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(dw0))),
+            _mm256_castps_pd(_mm256_set1_ps(dw1)),
+            1,
+        ));
+        for k in 0..J {
+            let a = _mm512_loadu_si512(qs[k].add(p * 64) as *const __m512i);
+            let da = _mm512_loadu_ps(das[k].add(p * 16));
+            let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, a);
+            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_mul_ps(dw, da), acc[k]);
+        }
+    }
+    let last = (nb % 2 == 1).then(|| {
+        let b = nb - 1;
+        let (u, dw, cw) = unpack::<F>(row.add(b * bb));
+        cws[b] = cw;
+        (b, u, dw)
+    });
+    std::array::from_fn(|k| {
+        let mut sum = acc[k];
+        // Offsets: Σ_b c_w · d_a · Σq, sixteen blocks per step.
+        let dsj = scales.das.as_ptr().add((j0 + k) * nb);
+        let mut b = 0;
+        while b < nb {
+            let mask: __mmask16 = if nb - b >= 16 {
+                0xffff
+            } else {
+                (1u16 << (nb - b)) - 1
+            };
+            sum = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(mask, cws.as_ptr().add(b)),
+                _mm512_maskz_loadu_ps(mask, dsj.add(b)),
+                sum,
+            );
+            b += 16;
+        }
+        let mut total = _mm512_reduce_add_ps(sum);
+        if let Some((b, u, dw)) = last {
+            let a = _mm256_loadu_si256(qs[k].add(b * BLOCK) as *const __m256i);
+            let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a);
+            total += hsum(_mm256_cvtepi32_ps(dp)) * dw * *das[k].add(b * 8);
+        }
+        total
+    })
+}
+
 /// [`f32_rows`] with 16-lane registers: half the conversions and multiply-adds per block.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 unsafe fn f32_rows_512<const F: u8>(
@@ -467,11 +580,15 @@ unsafe fn dispatch(
                     &owned
                 }
             };
-            match w.format {
-                Format::Q4_0 => prompt_512::<Q4_0>(w, acts, scales, m, rows, out),
-                Format::Q4_1 => prompt_512::<Q4_1>(w, acts, scales, m, rows, out),
-                Format::Q5_0 => prompt_512::<Q5_0>(w, acts, scales, m, rows, out),
-                Format::Q8_0 => prompt_512::<Q8_0>(w, acts, scales, m, rows, out),
+            match (w.format, m <= SMALL_BATCH) {
+                (Format::Q4_0, true) => few_512::<Q4_0>(w, acts, scales, m, rows, out),
+                (Format::Q4_1, true) => few_512::<Q4_1>(w, acts, scales, m, rows, out),
+                (Format::Q5_0, true) => few_512::<Q5_0>(w, acts, scales, m, rows, out),
+                (Format::Q8_0, true) => few_512::<Q8_0>(w, acts, scales, m, rows, out),
+                (Format::Q4_0, false) => prompt_512::<Q4_0>(w, acts, scales, m, rows, out),
+                (Format::Q4_1, false) => prompt_512::<Q4_1>(w, acts, scales, m, rows, out),
+                (Format::Q5_0, false) => prompt_512::<Q5_0>(w, acts, scales, m, rows, out),
+                (Format::Q8_0, false) => prompt_512::<Q8_0>(w, acts, scales, m, rows, out),
             }
         }
         Isa::Avx512Vnni => by_format!(avx512vnni),
@@ -774,7 +891,9 @@ mod tests {
             let qw = QWeight::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
                 .unwrap()
                 .unwrap();
-            for m in [1, 3] {
+            // One row (decode), the few-row kernel's groups of four (with remainders), and the
+            // prompt kernels past it.
+            for m in [1, 2, 3, 4, 5, 8, SMALL_BATCH + 1, 13] {
                 let x: Vec<f32> = (0..m * cols)
                     .map(|i| ((i * 104729 % 997) as f32 / 997.0 - 0.5) * 2.0)
                     .collect();
