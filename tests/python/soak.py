@@ -21,7 +21,11 @@ Every request is checked for a defined end: a stream that closes OK holds exactl
 and nothing after it; a stream that fails after its first token carries ferryd's accounting
 (`x-ferry-delivered-deltas` / `x-ferry-delivered-bytes`), which must match what arrived. A
 completion's token count must bound its deltas and respect max_tokens, and greedy answers to the
-same (model, prompt, image, max_tokens) must repeat the same text and token count. ferryd's RSS
+same (model, prompt, image, max_tokens) must open with the same first delta (a stream given
+another's text would not). Only the opening is compared: with continuous batching a greedy answer
+may part from the same prompt's answer in another batch after its first token, where a decode
+row's rounding in the many-row product flips a near-tie (as in vLLM and llama.cpp's server); the
+first token comes from the prompt's own rows, rounded the same way in any batch. ferryd's RSS
 and open file descriptors are sampled every 2 s; the second quarter of the run is compared with the
 last one.
 
@@ -182,7 +186,7 @@ class Tally:
     refusals: dict[str, int] = field(default_factory=dict)  # attempts refused before a token
     refusal_examples: dict[str, str] = field(default_factory=dict)
     fallback_reasons: dict[str, int] = field(default_factory=dict)
-    references: dict[tuple, tuple[str, int]] = field(default_factory=dict)
+    references: dict[tuple, tuple[str, int, str]] = field(default_factory=dict)
     feedback_errors: int = 0
     last_activity_unix_ms: int = 0
 
@@ -364,9 +368,10 @@ class Soak:
                 problems.append(f"finish LENGTH at {tokens} of {self.args.max_tokens} tokens")
             key = (c.model, prompt, image is not None, self.args.max_tokens)
             joined = "".join(text)
-            ref = self.tally.references.setdefault(key, (joined, tokens))
-            if ref != (joined, tokens):
-                problems.append(f"greedy answer of {c.model} to prompt {prompt} differs: "
+            first = text[0] if text else ""
+            ref = self.tally.references.setdefault(key, (joined, tokens, first))
+            if first != ref[2]:
+                problems.append(f"greedy answer of {c.model} to prompt {prompt} opens differently: "
                                 f"{joined!r} ({tokens} tokens) vs {ref[0]!r} ({ref[1]} tokens)")
             fell_back = c.placement.fallback
             if fell_back:

@@ -913,4 +913,54 @@ mod tests {
             }
         }
     }
+
+    /// A prompt row comes out the same whichever 512-bit kernel multiplies it (the few-row one
+    /// for a step of up to eight rows, the prompt one past that) and whatever rows share the
+    /// call: a prompt's rows, hence its first token, do not depend on what it was batched with.
+    #[test]
+    fn the_512_bit_kernels_round_a_row_the_same_in_any_company() {
+        if !available().contains(&Isa::Avx512Vnni) {
+            return;
+        }
+        let (rows, cols) = (37, 352);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+            .collect();
+        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let m = SMALL_BATCH + 3;
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| ((i * 104729 % 997) as f32 / 997.0 - 0.5) * 2.0)
+            .collect();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
+            let qw = QWeight::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
+                .unwrap()
+                .unwrap();
+            let product = |x: &[f32], m: usize| {
+                let mut out = vec![0f32; m * rows];
+                matmul(
+                    Isa::Avx512Vnni,
+                    &qw,
+                    &QuantizedActs::quantize(x, m, cols),
+                    m,
+                    &mut out,
+                );
+                out
+            };
+            let all = product(&x, m);
+            for (start, n) in [(0, 2), (3, 5), (2, SMALL_BATCH)] {
+                let part = product(&x[start * cols..(start + n) * cols], n);
+                assert_eq!(
+                    part[..],
+                    all[start * rows..(start + n) * rows],
+                    "{dtype:?}: rows {start}..{} alone differ from the same rows among {m}",
+                    start + n
+                );
+            }
+        }
+    }
 }
