@@ -169,12 +169,6 @@ impl Batcher {
         options: GenerateOptions,
         sink: &mut dyn GenerationEvent,
     ) -> Result<GenerationOutcome> {
-        if prompt.is_empty() {
-            return Err(Error::invalid(
-                "messages",
-                "the prompt encodes to no tokens",
-            ));
-        }
         let (events, rx) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         self.tx

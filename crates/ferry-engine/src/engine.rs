@@ -530,12 +530,6 @@ impl LoadedModel {
         options: GenerateOptions,
         sink: &mut dyn GenerationEvent,
     ) -> Result<GenerationOutcome> {
-        if prompt.is_empty() {
-            return Err(Error::invalid(
-                "messages",
-                "the prompt encodes to no tokens",
-            ));
-        }
         self.run_generation(
             prompt.len(),
             &mut |session: &mut Session| session.forward(prompt),
@@ -602,13 +596,20 @@ pub(crate) struct Decoder<'m> {
 }
 
 impl<'m> Decoder<'m> {
-    /// Checks the prompt against the context window and sets up the generation.
+    /// Checks the prompt (not empty, room left in the context window) and sets up the
+    /// generation.
     pub(crate) fn new(
         model: &'m LoadedModel,
         prompt_len: usize,
         params: &SamplingParams,
         options: GenerateOptions,
     ) -> Result<Self> {
+        if prompt_len == 0 {
+            return Err(Error::invalid(
+                "messages",
+                "the prompt encodes to no tokens",
+            ));
+        }
         let ctx = model.info.context_length;
         if prompt_len >= ctx {
             return Err(Error::invalid(

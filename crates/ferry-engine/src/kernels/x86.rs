@@ -354,36 +354,57 @@ unsafe fn prompt_tile(
     let mut tile = [[0f32; ACT_TILE]; ROW_TILE];
     for i in 0..ROW_TILE {
         let row = &scratch[row_at[i]];
+        let last = (nb % 2 == 1).then(|| {
+            let b = nb - 1;
+            let u = _mm256_loadu_si256(row.us.as_ptr().add(b * BLOCK) as *const __m256i);
+            (u, row.dwx[b * 8])
+        });
         for k in 0..ACT_TILE {
-            let mut sum = acc[i][k];
-            // Offsets: Σ_b c_w · d_a · Σq, sixteen blocks per step.
             let dsj = scales.das.as_ptr().add(act_at[k] * nb);
-            let mut b = 0;
-            while b < nb {
-                let mask: __mmask16 = if nb - b >= 16 {
-                    0xffff
-                } else {
-                    (1u16 << (nb - b)) - 1
-                };
-                sum = _mm512_fmadd_ps(
-                    _mm512_maskz_loadu_ps(mask, row.cws.as_ptr().add(b)),
-                    _mm512_maskz_loadu_ps(mask, dsj.add(b)),
-                    sum,
-                );
-                b += 16;
-            }
-            let mut total = _mm512_reduce_add_ps(sum);
-            if nb % 2 == 1 {
-                let b = nb - 1;
-                let u = _mm256_loadu_si256(row.us.as_ptr().add(b * BLOCK) as *const __m256i);
-                let a = _mm256_loadu_si256(qs[k].add(b * BLOCK) as *const __m256i);
-                let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a);
-                total += hsum(_mm256_cvtepi32_ps(dp)) * row.dwx[b * 8] * *das[k].add(b * 8);
-            }
-            tile[i][k] = total;
+            tile[i][k] = finish_512(acc[i][k], &row.cws, dsj, last, qs[k], das[k]);
         }
     }
     tile
+}
+
+/// One output of the 512-bit kernels from its accumulator: plus the offset terms
+/// (Σ_b c_w · d_a · Σq over the row's `c_w`, `cws`, and the activation's `d_a · Σq`, `dsj`; sixteen
+/// blocks per step) and, for an odd block count, the last block alone (`last`: its unpacked
+/// bytes and `d_w`; `q` and `da` the activation row's bytes and eight-lane scales). Both kernels
+/// end a row here, so a row comes out with the same bits from either.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn finish_512(
+    mut sum: __m512,
+    cws: &[f32],
+    dsj: *const f32,
+    last: Option<(__m256i, f32)>,
+    q: *const i8,
+    da: *const f32,
+) -> f32 {
+    let nb = cws.len();
+    let mut b = 0;
+    while b < nb {
+        let mask: __mmask16 = if nb - b >= 16 {
+            0xffff
+        } else {
+            (1u16 << (nb - b)) - 1
+        };
+        sum = _mm512_fmadd_ps(
+            _mm512_maskz_loadu_ps(mask, cws.as_ptr().add(b)),
+            _mm512_maskz_loadu_ps(mask, dsj.add(b)),
+            sum,
+        );
+        b += 16;
+    }
+    let mut total = _mm512_reduce_add_ps(sum);
+    if let Some((u, dw)) = last {
+        let b = nb - 1;
+        let a = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
+        let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a);
+        total += hsum(_mm256_cvtepi32_ps(dp)) * dw * *da.add(b * 8);
+    }
+    total
 }
 
 /// Most activation rows (sequences of one decode step) taken by [`few_512`]; more take the
@@ -469,33 +490,11 @@ unsafe fn few_tile<const F: u8, const J: usize>(
         let b = nb - 1;
         let (u, dw, cw) = unpack::<F>(row.add(b * bb));
         cws[b] = cw;
-        (b, u, dw)
+        (u, dw)
     });
     std::array::from_fn(|k| {
-        let mut sum = acc[k];
-        // Offsets: Σ_b c_w · d_a · Σq, sixteen blocks per step.
         let dsj = scales.das.as_ptr().add((j0 + k) * nb);
-        let mut b = 0;
-        while b < nb {
-            let mask: __mmask16 = if nb - b >= 16 {
-                0xffff
-            } else {
-                (1u16 << (nb - b)) - 1
-            };
-            sum = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(mask, cws.as_ptr().add(b)),
-                _mm512_maskz_loadu_ps(mask, dsj.add(b)),
-                sum,
-            );
-            b += 16;
-        }
-        let mut total = _mm512_reduce_add_ps(sum);
-        if let Some((b, u, dw)) = last {
-            let a = _mm256_loadu_si256(qs[k].add(b * BLOCK) as *const __m256i);
-            let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a);
-            total += hsum(_mm256_cvtepi32_ps(dp)) * dw * *das[k].add(b * 8);
-        }
-        total
+        finish_512(acc[k], cws, dsj, last, qs[k], das[k])
     })
 }
 

@@ -21,7 +21,10 @@ use super::cpu_ops::{
     attend, batch_rope_tables, gelu_tanh, last_rows_normed, rms_norm, rms_norm_in_place,
     rope_halves, AttendSeq, AttentionShape, Segment,
 };
-use super::parts::{cached_attention, head_and_embedding, inv_freq, rope_angles, Embedding};
+use super::parts::{
+    cached_attention, head_and_embedding, inv_freq, rope_angles, rows_one_by_one, single_row,
+    Embedding,
+};
 use crate::kernels::{self, QLinear};
 
 /// Gemma 3 alternates five sliding-window layers with one global layer unless the file says
@@ -304,12 +307,10 @@ impl Gemma3 {
     /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
     pub fn forward(&self, cache: &mut Gemma3Cache, tokens: &[u32], pos: usize) -> Result<Tensor> {
         if self.cpu.is_some() {
-            let logits = self
-                .forward_batch(&mut [(cache, tokens, pos)])?
-                .pop()
-                .unwrap_or_default();
-            let vocab = logits.len();
-            return Tensor::from_vec(logits, (1, vocab), &self.device);
+            return single_row(
+                self.forward_batch(&mut [(cache, tokens, pos)])?,
+                &self.device,
+            );
         }
         self.forward_candle(cache, tokens, pos)
     }
@@ -322,14 +323,7 @@ impl Gemma3 {
         items: &mut [(&mut Gemma3Cache, &[u32], usize)],
     ) -> Result<Vec<Vec<f32>>> {
         let Some(cpu) = &self.cpu else {
-            return items
-                .iter_mut()
-                .map(|(cache, tokens, pos)| {
-                    self.forward_candle(cache, tokens, *pos)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()
-                })
-                .collect();
+            return rows_one_by_one(items, |c, t, p| self.forward_candle(c, t, p));
         };
         let all: Vec<u32> = items.iter().flat_map(|i| i.1.iter().copied()).collect();
         let mut segs: Vec<Segment<'_, Gemma3Cache>> = items

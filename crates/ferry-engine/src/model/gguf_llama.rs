@@ -20,7 +20,10 @@ use candle_transformers::quantized_nn::RmsNorm;
 
 use super::cpu_ops::Segment;
 use super::llama_cpu::{CpuCache, CpuLayer, CpuLlama};
-use super::parts::{cached_attention, head_and_embedding, inv_freq, rope_angles, Embedding};
+use super::parts::{
+    cached_attention, head_and_embedding, inv_freq, rope_angles, rows_one_by_one, single_row,
+    Embedding,
+};
 use crate::kernels::{QLinear, QWeight};
 
 #[derive(Debug, Clone)]
@@ -251,12 +254,10 @@ impl GgufLlama {
     /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
     pub fn forward(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
         if self.cpu.is_some() {
-            let logits = self
-                .forward_batch(&mut [(cache, tokens, pos)])?
-                .pop()
-                .unwrap_or_default();
-            let vocab = logits.len();
-            return Tensor::from_vec(logits, (1, vocab), &self.device);
+            return single_row(
+                self.forward_batch(&mut [(cache, tokens, pos)])?,
+                &self.device,
+            );
         }
         self.forward_candle(cache, tokens, pos)
     }
@@ -269,14 +270,7 @@ impl GgufLlama {
         items: &mut [(&mut LlamaCache, &[u32], usize)],
     ) -> Result<Vec<Vec<f32>>> {
         let Some(cpu) = &self.cpu else {
-            return items
-                .iter_mut()
-                .map(|(cache, tokens, pos)| {
-                    self.forward_candle(cache, tokens, *pos)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()
-                })
-                .collect();
+            return rows_one_by_one(items, |c, t, p| self.forward_candle(c, t, p));
         };
         let all: Vec<u32> = items.iter().flat_map(|i| i.1.iter().copied()).collect();
         let x = self

@@ -202,3 +202,26 @@ pub(crate) fn cached_attention(
     *kv = Some((k, v));
     Ok(out)
 }
+
+/// The `(1, vocab)` logits tensor of a batch of one, as the single-sequence `forward`s return.
+pub(crate) fn single_row(mut rows: Vec<Vec<f32>>, device: &Device) -> Result<Tensor> {
+    let logits = rows.pop().unwrap_or_default();
+    let vocab = logits.len();
+    Tensor::from_vec(logits, (1, vocab), device)
+}
+
+/// A batch run one sequence after another through `forward` (candle's path, which has no batch
+/// dimension for separate caches), each sequence's last logits as a row.
+pub(crate) fn rows_one_by_one<C>(
+    items: &mut [(&mut C, &[u32], usize)],
+    forward: impl Fn(&mut C, &[u32], usize) -> Result<Tensor>,
+) -> Result<Vec<Vec<f32>>> {
+    items
+        .iter_mut()
+        .map(|(cache, tokens, pos)| {
+            forward(cache, tokens, *pos)?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        })
+        .collect()
+}
