@@ -27,7 +27,8 @@ pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// Dot product in eight lanes (auto-vectorized).
+/// Dot product in eight lanes (auto-vectorized). (Two chains of eight lanes, inlined, made an
+/// eight-stream decode 5 % slower.)
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -248,6 +249,16 @@ pub(crate) fn last_rows_normed<C>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_matches_the_plain_sum_at_every_length() {
+        for n in 0..70 {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "length {n}");
+        }
+    }
 
     #[test]
     fn the_fast_exponential_is_within_a_few_ulps_of_libm() {
