@@ -269,6 +269,10 @@ unsafe fn walk_tiles<const F: u8, const R: usize, const J: usize>(
     let mut r = rows.start;
     while r < rows.end {
         let nr = (rows.end - r).min(R);
+        let ahead = (rows.end - r - nr).min(R);
+        if ahead > 0 {
+            prefetch_row(base.add((r + nr) * nb * bb), ahead * nb * bb);
+        }
         for (i, s) in scratch.iter_mut().take(nr).enumerate() {
             s.unpack::<F>(base.add((r + i) * nb * bb), nb);
         }
@@ -429,8 +433,12 @@ unsafe fn few_512<const F: u8>(
     let bb = block_bytes(F);
     let base = w.raw().as_ptr();
     let mut cws = vec![0f32; nb];
-    for r in rows {
-        let row = base.add(r * nb * bb);
+    let row_bytes = nb * bb;
+    for r in rows.clone() {
+        let row = base.add(r * row_bytes);
+        if r + 1 < rows.end {
+            prefetch_row(row.add(row_bytes), row_bytes);
+        }
         let mut j = 0;
         while j < m {
             let n = (m - j).min(4);
@@ -611,6 +619,20 @@ const fn block_bytes(f: u8) -> usize {
     }
 }
 
+/// Asks for the `bytes` at `p` (the next weight row) to be brought into the cache: the kernels
+/// call it a row ahead, so the current row's products hide the next one's memory latency (on
+/// this VM the hardware prefetcher alone left the loads of each block's scale waiting: +12 %
+/// aggregate at eight streams).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch_row(p: *const u8, bytes: usize) {
+    let mut off = 0;
+    while off < bytes {
+        _mm_prefetch::<_MM_HINT_T0>(p.add(off) as *const i8);
+        off += 64;
+    }
+}
+
 /// f16 at `p` (little-endian) as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -721,8 +743,11 @@ macro_rules! kernels {
                             offsets + cw * da * *s.add(b),
                         )
                     };
-                    for r in rows {
+                    for r in rows.clone() {
                         let row = base.add(r * nb * bb);
+                        if r + 1 < rows.end {
+                            prefetch_row(row.add(nb * bb), nb * bb);
+                        }
                         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                         let (mut off0, mut off1) = (0f32, 0f32);
                         let mut b = 0;
