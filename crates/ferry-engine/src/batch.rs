@@ -337,10 +337,11 @@ fn run(model: &LoadedModel, rx: &mpsc::Receiver<Work>, config: BatchConfig, stat
 /// prompt or is decoding; sequences that end leave `active`.
 fn step(active: &mut Vec<Sequence<'_>>, config: BatchConfig, stats: &BatchStats) {
     let chunk = config.prefill_chunk_tokens;
-    let fed: Vec<usize> = active.iter().map(|s| s.input(chunk).len()).collect();
+    // Copied out so the sessions can be borrowed mutably beside them.
+    let inputs: Vec<Vec<u32>> = active.iter().map(|s| s.input(chunk).to_vec()).collect();
+    let fed: Vec<usize> = inputs.iter().map(Vec::len).collect();
     let result = {
         let _step = STEP.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let inputs: Vec<Vec<u32>> = active.iter().map(|s| s.input(chunk).to_vec()).collect();
         std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut batch: Vec<(&mut Session, &[u32])> = active
                 .iter_mut()

@@ -357,7 +357,10 @@ impl Session {
     /// run as one batch, so the weights are read once per step for all of them; other sessions
     /// run one after another.
     pub fn forward_many(batch: &mut [(&mut Session, &[u32])]) -> Result<Vec<Tensor>> {
-        let rows = if let Some(model) = Self::shared_llama(batch) {
+        let rows = if let Some(model) = Self::shared(batch, |state| match state {
+            SessionState::GgufLlama { model, .. } => Some(model),
+            _ => None,
+        }) {
             let mut items: Vec<(&mut gguf_llama::LlamaCache, &[u32], usize)> = batch
                 .iter_mut()
                 .filter_map(|(s, tokens)| match &mut s.state {
@@ -366,7 +369,10 @@ impl Session {
                 })
                 .collect();
             model.forward_batch(&mut items).map_err(candle_err)?
-        } else if let Some(model) = Self::shared_gemma(batch) {
+        } else if let Some(model) = Self::shared(batch, |state| match state {
+            SessionState::QuantizedGemma3 { model, .. } => Some(model),
+            _ => None,
+        }) {
             let mut items: Vec<(&mut gemma3::Gemma3Cache, &[u32], usize)> = batch
                 .iter_mut()
                 .filter_map(|(s, tokens)| match &mut s.state {
@@ -394,27 +400,17 @@ impl Session {
             .collect()
     }
 
-    /// The llama model every session of `batch` decodes with, if they share one.
-    fn shared_llama(batch: &[(&mut Session, &[u32])]) -> Option<Arc<gguf_llama::GgufLlama>> {
-        let mut shared: Option<&Arc<gguf_llama::GgufLlama>> = None;
+    /// The model every session of `batch` decodes with, as `model_of` reads it from a session's
+    /// state, if they all share one (the same weights, not merely the same kind).
+    fn shared<T>(
+        batch: &[(&mut Session, &[u32])],
+        model_of: impl Fn(&SessionState) -> Option<&Arc<T>>,
+    ) -> Option<Arc<T>> {
+        let mut shared: Option<&Arc<T>> = None;
         for (s, _) in batch {
-            match (&s.state, shared) {
-                (SessionState::GgufLlama { model, .. }, None) => shared = Some(model),
-                (SessionState::GgufLlama { model, .. }, Some(m)) if Arc::ptr_eq(model, m) => {}
-                _ => return None,
-            }
-        }
-        shared.cloned()
-    }
-
-    /// The Gemma 3 model every session of `batch` decodes with, if they share one.
-    fn shared_gemma(batch: &[(&mut Session, &[u32])]) -> Option<Arc<gemma3::Gemma3>> {
-        let mut shared: Option<&Arc<gemma3::Gemma3>> = None;
-        for (s, _) in batch {
-            match (&s.state, shared) {
-                (SessionState::QuantizedGemma3 { model, .. }, None) => shared = Some(model),
-                (SessionState::QuantizedGemma3 { model, .. }, Some(m)) if Arc::ptr_eq(model, m) => {
-                }
+            match (model_of(&s.state), shared) {
+                (Some(model), None) => shared = Some(model),
+                (Some(model), Some(m)) if Arc::ptr_eq(model, m) => {}
                 _ => return None,
             }
         }
