@@ -205,34 +205,22 @@ pub async fn run(opts: &OffloadBenchOptions) -> Result<OffloadBench> {
 
     let errors = Arc::new(AtomicU64::new(0));
     let seconds = Duration::from_secs_f64(opts.seconds);
-    let direct_rate = {
-        let c = direct.clone();
-        let errors = errors.clone();
-        load(opts.concurrency, seconds, move || {
-            let mut c = c.clone();
-            let errors = errors.clone();
-            async move {
-                if drain_direct(&mut c, offload_request(id)).await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-        .await
-    };
-    let edge_rate = {
-        let c = edge.clone();
-        let errors = errors.clone();
-        load(opts.concurrency, seconds, move || {
-            let mut c = c.clone();
-            let errors = errors.clone();
-            async move {
-                if drain_edge(&mut c, edge_request(id)).await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-        .await
-    };
+    let direct_rate = load(
+        opts.concurrency,
+        seconds,
+        &errors,
+        direct.clone(),
+        move |mut c| async move { drain_direct(&mut c, offload_request(id)).await },
+    )
+    .await;
+    let edge_rate = load(
+        opts.concurrency,
+        seconds,
+        &errors,
+        edge.clone(),
+        move |mut c| async move { drain_edge(&mut c, edge_request(id)).await },
+    )
+    .await;
     drop(edge_proc);
     drop(cloud_proc);
     Ok(OffloadBench {
@@ -257,23 +245,33 @@ fn latency(ms: &mut [f64]) -> PathLatency {
     }
 }
 
-/// Runs `concurrency` loops of `one` for `dur`; completed calls per second.
-async fn load<F, Fut>(concurrency: usize, dur: Duration, one: F) -> f64
+/// Runs `concurrency` loops of `call` on clones of `client` for `dur`; completed calls per
+/// second. A failed call counts in `errors` and as a call.
+async fn load<C, F, Fut>(
+    concurrency: usize,
+    dur: Duration,
+    errors: &Arc<AtomicU64>,
+    client: C,
+    call: F,
+) -> f64
 where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    C: Clone + Send + Sync + 'static,
+    F: Fn(C) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
 {
-    let one = Arc::new(one);
+    let call = Arc::new(call);
     let done = Arc::new(AtomicU64::new(0));
     let until = Instant::now() + dur;
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let one = one.clone();
-            let done = done.clone();
+            let (call, done, errors, client) =
+                (call.clone(), done.clone(), errors.clone(), client.clone());
             tokio::spawn(async move {
                 while Instant::now() < until {
-                    one().await;
+                    if call(client.clone()).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             })
