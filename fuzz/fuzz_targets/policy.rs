@@ -3,7 +3,7 @@
 //! actions, never a panic.
 #![no_main]
 
-use ferry_router::tmo::{DialogueState, PlacementPolicy, ACTIONS};
+use ferry_router::tmo::{DialogueState, PlacementPolicy, Serve, ACTIONS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

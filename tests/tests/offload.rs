@@ -19,6 +19,7 @@ use ferry_integration::{
     DEFAULT_MODEL,
 };
 use ferry_proto::v1 as pb;
+use ferry_router::tmo::Serve;
 use futures::StreamExt;
 
 /// The bundled SmolLM2 served by ferry-cloud under a cloud id.

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use ferry_integration::{greedy, run, train_policy as train, TestServer};
+use ferry_router::tmo::Serve;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_policy_decides_each_turn_and_reports_fallback() {

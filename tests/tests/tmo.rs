@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use ferry_integration::repo_root;
 use ferry_lab::policy::{self, tmo, EnvArgs, EvalArgs, PolicyCommand, TrainArgs};
+use tmo::Serve;
 
 fn data_path() -> PathBuf {
     let p = repo_root().join("../shared/data/tmo-m4a1/M4A1.json");

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use ferry_core::{Error, Result};
-use ferry_router::tmo::{Action, DialogueState, LiveCosts, PolicyFormat, ServedPolicy};
+use ferry_router::tmo::{Action, DialogueState, LiveCosts, PolicyFormat, Serve, ServedPolicy};
 
 /// `[placement]` settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

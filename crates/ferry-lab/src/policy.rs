@@ -12,6 +12,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 pub use ferry_router::tmo;
+use ferry_router::tmo::Serve;
 use ferry_router::tmo::{
     eval, learn, policy, BanditConfig, Ceiling, ConstrainedBandit, CostModel, Dataset, Env,
     EnvConfig, Metrics, PlacementPolicy, TrainConfig, TrainReport,

@@ -4,6 +4,7 @@
 use rand::Rng;
 use serde::Serialize;
 
+use super::policy::Serve;
 use super::{
     Action, Dialogue, DialogueState, Env, Knn, Observation, PlacementPolicy, StepOutcome, Turn,
     ACTIONS,

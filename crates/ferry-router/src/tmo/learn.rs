@@ -9,7 +9,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 
 use super::nn::{Mlp, Optimizer, Rule};
-use super::policy::{masked_softmax, Algorithm, Variant};
+use super::policy::{masked_softmax, Algorithm, Serve, Variant};
 use super::{
     Action, BudgetSampling, CostModel, Dialogue, Env, EnvConfig, HistoryProtocol, Knn,
     PlacementPolicy, PolicyMeta, TmoError, ACTIONS, HISTORY, LATENCY_BUDGET_S, USD_BUDGET,

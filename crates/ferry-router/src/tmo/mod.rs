@@ -101,7 +101,7 @@ pub use knn::Knn;
 #[cfg(feature = "train")]
 pub use learn::{train, TrainConfig, TrainReport};
 pub use live::LiveCosts;
-pub use policy::{Algorithm, PlacementPolicy, PolicyMeta, Variant};
+pub use policy::{Algorithm, PlacementPolicy, PolicyMeta, Serve, Variant};
 pub use profiles::{CallPrices, CostModel, DeviceProfile, NetworkProfile};
 pub use serve::{PolicyFormat, ServedPolicy, TORCHSCRIPT_SUPPORTED};
 pub use state::{feasible, DialogueState, Observation};

@@ -233,6 +233,73 @@ pub(crate) fn most_probable(p: Result<[f64; ACTIONS], TmoError>) -> Action {
     }
 }
 
+/// What every served placement policy (a ferry policy file, a TorchScript module, either one
+/// behind [`super::ServedPolicy`]) answers: its metadata, its cost model, and its action
+/// probabilities over an allowed set. The network input, the budget mask and the chosen
+/// action follow from those the same way for all of them.
+pub trait Serve {
+    fn meta(&self) -> &PolicyMeta;
+
+    /// The cost model of the policy's profiles (used by its budget mask).
+    fn costs(&self) -> &CostModel;
+
+    /// Action probabilities over the actions `mask` allows (masked actions have 0).
+    fn probabilities_masked(
+        &self,
+        obs: &Observation,
+        mask: &[bool; ACTIONS],
+    ) -> Result<[f64; ACTIONS], TmoError>;
+
+    /// The network input for `obs`.
+    fn features(&self, obs: &Observation) -> Vec<f32> {
+        features_for(self.meta(), obs)
+    }
+
+    /// Allowed actions: all for the plain variant, the budget mask at the profile's prices for
+    /// the constrained one.
+    fn mask(&self, obs: &Observation) -> [bool; ACTIONS] {
+        mask_for(self.meta(), &self.costs().prices(), obs)
+    }
+
+    /// Action probabilities (masked actions have 0).
+    fn probabilities(&self, obs: &Observation) -> Result<[f64; ACTIONS], TmoError> {
+        self.probabilities_masked(obs, &self.mask(obs))
+    }
+
+    /// The placement for `obs`: the most probable allowed action. A forward pass cannot fail
+    /// on the shapes a loaded policy guarantees; if it did, the answer is local (the cheap,
+    /// always-allowed action).
+    fn act(&self, obs: &Observation) -> Action {
+        most_probable(self.probabilities(obs))
+    }
+}
+
+impl Serve for PlacementPolicy {
+    fn meta(&self) -> &PolicyMeta {
+        &self.meta
+    }
+
+    fn costs(&self) -> &CostModel {
+        &self.costs
+    }
+
+    /// Action probabilities over the actions `mask` allows. A DQN policy is greedy: all the
+    /// probability on the allowed action of the highest Q-value.
+    fn probabilities_masked(
+        &self,
+        obs: &Observation,
+        mask: &[bool; ACTIONS],
+    ) -> Result<[f64; ACTIONS], TmoError> {
+        let out = self.actor.forward1(&self.features(obs))?;
+        if self.meta.algorithm != Algorithm::Dqn {
+            return Ok(masked_softmax(&out, mask));
+        }
+        let mut p = [0.0; ACTIONS];
+        p[greedy(&out, mask)] = 1.0;
+        Ok(p)
+    }
+}
+
 impl PlacementPolicy {
     /// Freshly initialised networks, as SB3 initialises them: orthogonal for the actor-critic
     /// learners, PyTorch's default for DQN's Q-network.
@@ -258,54 +325,6 @@ impl PlacementPolicy {
             actor,
             critic,
         })
-    }
-
-    pub fn meta(&self) -> &PolicyMeta {
-        &self.meta
-    }
-
-    /// The cost model of the policy's profiles (used by its budget mask).
-    pub fn costs(&self) -> &CostModel {
-        &self.costs
-    }
-
-    /// The network input for `obs`.
-    pub fn features(&self, obs: &Observation) -> Vec<f32> {
-        features_for(&self.meta, obs)
-    }
-
-    /// Allowed actions: all for the plain variant, the budget mask at the profile's prices for
-    /// the constrained one.
-    pub fn mask(&self, obs: &Observation) -> [bool; ACTIONS] {
-        mask_for(&self.meta, &self.costs.prices(), obs)
-    }
-
-    /// Action probabilities (masked actions have 0).
-    pub fn probabilities(&self, obs: &Observation) -> Result<[f64; ACTIONS], TmoError> {
-        self.probabilities_masked(obs, &self.mask(obs))
-    }
-
-    /// Action probabilities over the actions `mask` allows. A DQN policy is greedy: all the
-    /// probability on the allowed action of the highest Q-value.
-    pub fn probabilities_masked(
-        &self,
-        obs: &Observation,
-        mask: &[bool; ACTIONS],
-    ) -> Result<[f64; ACTIONS], TmoError> {
-        let out = self.actor.forward1(&self.features(obs))?;
-        if self.meta.algorithm != Algorithm::Dqn {
-            return Ok(masked_softmax(&out, mask));
-        }
-        let mut p = [0.0; ACTIONS];
-        p[greedy(&out, mask)] = 1.0;
-        Ok(p)
-    }
-
-    /// The placement for `obs`: the most probable allowed action. A forward pass cannot fail
-    /// on the shapes a loaded policy guarantees; if it did, the answer is local (the cheap,
-    /// always-allowed action).
-    pub fn act(&self, obs: &Observation) -> Action {
-        most_probable(self.probabilities(obs))
     }
 
     /// The critic's value of `obs` (DQN: the highest allowed Q-value).

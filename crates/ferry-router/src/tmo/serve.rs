@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::policy::PlacementPolicy;
+use super::policy::{PlacementPolicy, Serve};
 use super::{Action, CallPrices, CostModel, Observation, PolicyMeta, TmoError, ACTIONS};
 
 /// How a policy file is stored.
@@ -97,7 +97,20 @@ impl ServedPolicy {
         }
     }
 
-    pub fn meta(&self) -> &PolicyMeta {
+    /// Allowed actions when calls cost `prices` (live estimates): all for a plain policy, the
+    /// budget mask for a constrained one.
+    pub fn mask_at(&self, obs: &Observation, prices: &CallPrices) -> [bool; ACTIONS] {
+        super::policy::mask_for(self.meta(), prices, obs)
+    }
+
+    /// The most probable action among those `mask` allows (local if the forward pass failed).
+    pub fn act_masked(&self, obs: &Observation, mask: &[bool; ACTIONS]) -> Action {
+        super::policy::most_probable(self.probabilities_masked(obs, mask))
+    }
+}
+
+impl Serve for ServedPolicy {
+    fn meta(&self) -> &PolicyMeta {
         match self {
             ServedPolicy::Native(p) => p.meta(),
             #[cfg(feature = "torch")]
@@ -105,7 +118,7 @@ impl ServedPolicy {
         }
     }
 
-    pub fn costs(&self) -> &CostModel {
+    fn costs(&self) -> &CostModel {
         match self {
             ServedPolicy::Native(p) => p.costs(),
             #[cfg(feature = "torch")]
@@ -113,24 +126,7 @@ impl ServedPolicy {
         }
     }
 
-    /// The network input for `obs`.
-    pub fn features(&self, obs: &Observation) -> Vec<f32> {
-        super::policy::features_for(self.meta(), obs)
-    }
-
-    /// Allowed actions at the profile's prices.
-    pub fn mask(&self, obs: &Observation) -> [bool; ACTIONS] {
-        self.mask_at(obs, &self.costs().prices())
-    }
-
-    /// Allowed actions when calls cost `prices` (live estimates): all for a plain policy, the
-    /// budget mask for a constrained one.
-    pub fn mask_at(&self, obs: &Observation, prices: &CallPrices) -> [bool; ACTIONS] {
-        super::policy::mask_for(self.meta(), prices, obs)
-    }
-
-    /// Action probabilities over the actions `mask` allows.
-    pub fn probabilities_masked(
+    fn probabilities_masked(
         &self,
         obs: &Observation,
         mask: &[bool; ACTIONS],
@@ -140,25 +136,6 @@ impl ServedPolicy {
             #[cfg(feature = "torch")]
             ServedPolicy::Torch(p) => p.probabilities_masked(obs, mask),
         }
-    }
-
-    /// The most probable action among those `mask` allows (local if the forward pass failed).
-    pub fn act_masked(&self, obs: &Observation, mask: &[bool; ACTIONS]) -> Action {
-        super::policy::most_probable(self.probabilities_masked(obs, mask))
-    }
-
-    /// Action probabilities (masked actions have 0).
-    pub fn probabilities(&self, obs: &Observation) -> Result<[f64; ACTIONS], TmoError> {
-        match self {
-            ServedPolicy::Native(p) => p.probabilities(obs),
-            #[cfg(feature = "torch")]
-            ServedPolicy::Torch(p) => p.probabilities(obs),
-        }
-    }
-
-    /// The most probable allowed action (local if the forward pass failed).
-    pub fn act(&self, obs: &Observation) -> Action {
-        super::policy::most_probable(self.probabilities(obs))
     }
 }
 

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tch::{CModule, IValue, Kind, Tensor};
 
 use super::policy::Variant;
-use super::policy::{features_for, mask_for, masked_softmax, most_probable};
+use super::policy::{masked_softmax, Serve};
 use super::{
     Action, CostModel, Observation, PolicyMeta, TmoError, ACTIONS, LATENCY_BUDGET_S, USD_BUDGET,
 };
@@ -194,14 +194,6 @@ impl TorchPolicy {
         Ok(p)
     }
 
-    pub fn meta(&self) -> &PolicyMeta {
-        &self.meta
-    }
-
-    pub fn costs(&self) -> &CostModel {
-        &self.costs
-    }
-
     pub fn output(&self) -> TorchOutput {
         self.output
     }
@@ -218,24 +210,19 @@ impl TorchPolicy {
         }
         Vec::<f32>::try_from(&y.to_kind(Kind::Float).reshape([ACTIONS as i64])).map_err(torch_error)
     }
+}
 
-    /// The network input for `obs`.
-    pub fn features(&self, obs: &Observation) -> Vec<f32> {
-        features_for(&self.meta, obs)
+impl Serve for TorchPolicy {
+    fn meta(&self) -> &PolicyMeta {
+        &self.meta
     }
 
-    /// Allowed actions (the same mask as the safetensors policies).
-    pub fn mask(&self, obs: &Observation) -> [bool; ACTIONS] {
-        mask_for(&self.meta, &self.costs.prices(), obs)
-    }
-
-    /// Action probabilities (masked actions have 0).
-    pub fn probabilities(&self, obs: &Observation) -> Result<[f64; ACTIONS], TmoError> {
-        self.probabilities_masked(obs, &self.mask(obs))
+    fn costs(&self) -> &CostModel {
+        &self.costs
     }
 
     /// Action probabilities over the actions `mask` allows.
-    pub fn probabilities_masked(
+    fn probabilities_masked(
         &self,
         obs: &Observation,
         mask: &[bool; ACTIONS],
@@ -263,11 +250,6 @@ impl TorchPolicy {
                 Ok(p)
             }
         }
-    }
-
-    /// The most probable allowed action (local if the forward pass failed).
-    pub fn act(&self, obs: &Observation) -> Action {
-        most_probable(self.probabilities(obs))
     }
 }
 
