@@ -22,8 +22,8 @@ use super::cpu_ops::{
     rope_halves, AttendSeq, AttentionShape, Segment,
 };
 use super::parts::{
-    cached_attention, head_and_embedding, inv_freq, rope_angles, rows_one_by_one, single_row,
-    Embedding,
+    cached_attention, forward_many, forward_one, head_and_embedding, inv_freq, rope_angles,
+    Embedding, TwoPaths,
 };
 use crate::kernels::{self, QLinear};
 
@@ -76,7 +76,7 @@ struct LayerNorms {
 
 /// What the plain-buffer CPU forward pass needs besides the layers' products.
 #[derive(Debug)]
-struct GemmaCpu {
+pub(crate) struct GemmaCpu {
     layers: Vec<LayerNorms>,
     norm: Vec<f32>,
     eps: f32,
@@ -306,35 +306,16 @@ impl Gemma3 {
 
     /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
     pub fn forward(&self, cache: &mut Gemma3Cache, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        if self.cpu.is_some() {
-            return single_row(
-                self.forward_batch(&mut [(cache, tokens, pos)])?,
-                &self.device,
-            );
-        }
-        self.forward_candle(cache, tokens, pos)
+        forward_one(self, cache, tokens, pos)
     }
 
     /// Feeds several sequences at once, each `(cache, tokens, first position)`, and returns the
-    /// logits of each one's last token. On the CPU path the products run once over every row;
-    /// on candle's path the sequences run one after another.
+    /// logits of each one's last token ([`forward_many`]).
     pub fn forward_batch(
         &self,
         items: &mut [(&mut Gemma3Cache, &[u32], usize)],
     ) -> Result<Vec<Vec<f32>>> {
-        let Some(cpu) = &self.cpu else {
-            return rows_one_by_one(items, |c, t, p| self.forward_candle(c, t, p));
-        };
-        let all: Vec<u32> = items.iter().flat_map(|i| i.1.iter().copied()).collect();
-        let mut segs: Vec<Segment<'_, Gemma3Cache>> = items
-            .iter_mut()
-            .map(|(cache, tokens, pos)| Segment {
-                cache: &mut **cache,
-                pos: *pos,
-                t: tokens.len(),
-            })
-            .collect();
-        self.forward_cpu(cpu, &mut segs, &all)
+        forward_many(self, items)
     }
 
     fn forward_candle(
@@ -512,5 +493,44 @@ impl Gemma3 {
 
         let out = cached_attention(kv, &q, k, v, pos, self.attn_scale, layer.window)?;
         layer.wo.forward(&out)
+    }
+}
+
+impl TwoPaths for Gemma3 {
+    type Cache = Gemma3Cache;
+    type Cpu = GemmaCpu;
+
+    fn cpu_path(&self) -> Option<&GemmaCpu> {
+        self.cpu.as_ref()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn forward_candle(
+        &self,
+        cache: &mut Gemma3Cache,
+        tokens: &[u32],
+        pos: usize,
+    ) -> Result<Tensor> {
+        self.forward_candle(cache, tokens, pos)
+    }
+
+    fn forward_rows(
+        &self,
+        cpu: &GemmaCpu,
+        items: &mut [(&mut Gemma3Cache, &[u32], usize)],
+        all: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut segs: Vec<Segment<'_, Gemma3Cache>> = items
+            .iter_mut()
+            .map(|(cache, tokens, pos)| Segment {
+                cache: &mut **cache,
+                pos: *pos,
+                t: tokens.len(),
+            })
+            .collect();
+        self.forward_cpu(cpu, &mut segs, all)
     }
 }

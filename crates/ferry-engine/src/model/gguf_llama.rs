@@ -21,8 +21,8 @@ use candle_transformers::quantized_nn::RmsNorm;
 use super::cpu_ops::Segment;
 use super::llama_cpu::{CpuCache, CpuLayer, CpuLlama};
 use super::parts::{
-    cached_attention, head_and_embedding, inv_freq, rope_angles, rows_one_by_one, single_row,
-    Embedding,
+    cached_attention, forward_many, forward_one, head_and_embedding, inv_freq, rope_angles,
+    Embedding, TwoPaths,
 };
 use crate::kernels::{QLinear, QWeight};
 
@@ -253,40 +253,16 @@ impl GgufLlama {
 
     /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
     pub fn forward(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        if self.cpu.is_some() {
-            return single_row(
-                self.forward_batch(&mut [(cache, tokens, pos)])?,
-                &self.device,
-            );
-        }
-        self.forward_candle(cache, tokens, pos)
+        forward_one(self, cache, tokens, pos)
     }
 
     /// Feeds several sequences at once, each `(cache, tokens, first position)`, and returns the
-    /// logits of each one's last token. On the CPU path the products run once over every row;
-    /// on candle's path the sequences run one after another.
+    /// logits of each one's last token ([`forward_many`]).
     pub fn forward_batch(
         &self,
         items: &mut [(&mut LlamaCache, &[u32], usize)],
     ) -> Result<Vec<Vec<f32>>> {
-        let Some(cpu) = &self.cpu else {
-            return rows_one_by_one(items, |c, t, p| self.forward_candle(c, t, p));
-        };
-        let all: Vec<u32> = items.iter().flat_map(|i| i.1.iter().copied()).collect();
-        let x = self
-            .embedding
-            .lookup(&all, &self.device)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let mut segs: Vec<Segment<'_, CpuCache>> = items
-            .iter_mut()
-            .map(|(cache, tokens, pos)| Segment {
-                cache: &mut cache.cpu,
-                pos: *pos,
-                t: tokens.len(),
-            })
-            .collect();
-        Ok(cpu.forward(&mut segs, x, &self.inv_freq))
+        forward_many(self, items)
     }
 
     fn forward_candle(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
@@ -392,4 +368,43 @@ fn cpu_path(
         head_dim,
         ffn,
     })
+}
+
+impl TwoPaths for GgufLlama {
+    type Cache = LlamaCache;
+    type Cpu = CpuLlama;
+
+    fn cpu_path(&self) -> Option<&CpuLlama> {
+        self.cpu.as_ref()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn forward_candle(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
+        self.forward_candle(cache, tokens, pos)
+    }
+
+    fn forward_rows(
+        &self,
+        cpu: &CpuLlama,
+        items: &mut [(&mut LlamaCache, &[u32], usize)],
+        all: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let x = self
+            .embedding
+            .lookup(all, &self.device)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut segs: Vec<Segment<'_, CpuCache>> = items
+            .iter_mut()
+            .map(|(cache, tokens, pos)| Segment {
+                cache: &mut cache.cpu,
+                pos: *pos,
+                t: tokens.len(),
+            })
+            .collect();
+        Ok(cpu.forward(&mut segs, x, &self.inv_freq))
+    }
 }

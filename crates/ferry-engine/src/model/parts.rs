@@ -203,25 +203,69 @@ pub(crate) fn cached_attention(
     Ok(out)
 }
 
-/// The `(1, vocab)` logits tensor of a batch of one, as the single-sequence `forward`s return.
-pub(crate) fn single_row(mut rows: Vec<Vec<f32>>, device: &Device) -> Result<Tensor> {
-    let logits = rows.pop().unwrap_or_default();
-    let vocab = logits.len();
-    Tensor::from_vec(logits, (1, vocab), device)
+/// A model with two forward paths over one kind of cache: its own pass on plain CPU buffers,
+/// which takes several sequences at once, and candle's, which takes one sequence (any device).
+/// What a single-sequence `forward` and a batched one do with those two paths is the same for
+/// every such model: [`forward_one`] and [`forward_many`].
+pub(crate) trait TwoPaths {
+    type Cache;
+    /// What the CPU path keeps (norm weights, kernel-ready products).
+    type Cpu;
+
+    /// The CPU path, when this model runs on it.
+    fn cpu_path(&self) -> Option<&Self::Cpu>;
+
+    fn device(&self) -> &Device;
+
+    /// candle's path: `tokens` at positions `pos..`, the logits of the last one, `(1, vocab)`.
+    fn forward_candle(&self, cache: &mut Self::Cache, tokens: &[u32], pos: usize)
+        -> Result<Tensor>;
+
+    /// The CPU path over every sequence's rows at once (`all`: every sequence's tokens, in
+    /// order); the logits of each sequence's last token.
+    fn forward_rows(
+        &self,
+        cpu: &Self::Cpu,
+        items: &mut [(&mut Self::Cache, &[u32], usize)],
+        all: &[u32],
+    ) -> Result<Vec<Vec<f32>>>;
 }
 
-/// A batch run one sequence after another through `forward` (candle's path, which has no batch
-/// dimension for separate caches), each sequence's last logits as a row.
-pub(crate) fn rows_one_by_one<C>(
-    items: &mut [(&mut C, &[u32], usize)],
-    forward: impl Fn(&mut C, &[u32], usize) -> Result<Tensor>,
+/// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
+pub(crate) fn forward_one<M: TwoPaths>(
+    model: &M,
+    cache: &mut M::Cache,
+    tokens: &[u32],
+    pos: usize,
+) -> Result<Tensor> {
+    if model.cpu_path().is_some() {
+        let mut rows = forward_many(model, &mut [(cache, tokens, pos)])?;
+        let logits = rows.pop().unwrap_or_default();
+        let vocab = logits.len();
+        return Tensor::from_vec(logits, (1, vocab), model.device());
+    }
+    model.forward_candle(cache, tokens, pos)
+}
+
+/// Feeds several sequences at once, each `(cache, tokens, first position)`, and returns the
+/// logits of each one's last token. On the CPU path the products run once over every row; on
+/// candle's path (which has no batch dimension for separate caches) the sequences run one
+/// after another.
+pub(crate) fn forward_many<M: TwoPaths>(
+    model: &M,
+    items: &mut [(&mut M::Cache, &[u32], usize)],
 ) -> Result<Vec<Vec<f32>>> {
-    items
-        .iter_mut()
-        .map(|(cache, tokens, pos)| {
-            forward(cache, tokens, *pos)?
-                .flatten_all()?
-                .to_vec1::<f32>()
-        })
-        .collect()
+    let Some(cpu) = model.cpu_path() else {
+        return items
+            .iter_mut()
+            .map(|(cache, tokens, pos)| {
+                model
+                    .forward_candle(cache, tokens, *pos)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()
+            })
+            .collect();
+    };
+    let all: Vec<u32> = items.iter().flat_map(|i| i.1.iter().copied()).collect();
+    model.forward_rows(cpu, items, &all)
 }
