@@ -167,40 +167,68 @@ pub fn matvec_f32(w: &QWeight, x: &[f32], sums: &[f32], out: &mut [f32]) {
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f32_rows<const F: u8>(
-    w: &QWeight,
-    x: &[f32],
-    sums: &[f32],
-    rows: Range<usize>,
-    out: *mut f32,
-) {
-    let nb = w.cols / BLOCK;
-    let bb = block_bytes(F);
-    let base = w.raw().as_ptr();
-    let xp = x.as_ptr();
-    for r in rows {
-        let row = base.add(r * nb * bb);
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = 0f32;
-        for b in 0..nb {
-            let (u, dw, cw) = unpack::<F>(row.add(b * bb));
-            let xb = xp.add(b * BLOCK);
-            let lo = _mm256_castsi256_si128(u);
-            let hi = _mm256_extracti128_si256(u, 1);
-            let mut block = _mm256_setzero_ps();
-            for (i, bytes) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
-                .into_iter()
-                .enumerate()
-            {
-                let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-                block = _mm256_fmadd_ps(v, _mm256_loadu_ps(xb.add(8 * i)), block);
+/// The f32-activation kernel at one register width: per weight row, `Σ_b d_w·(u_b · x_b)` in
+/// `$acc` lanes plus `Σ_b c_w·Σx_b` in a scalar. Only the block's dot (`$block`, from the
+/// unpacked bytes `u` and the block's activations `xb`), the scale-and-add and the final sum
+/// differ between widths, so both kernels are this one loop (a macro, not a generic: the
+/// intrinsics need the caller's `target_feature`).
+macro_rules! f32_rows_kernel {
+    (
+        $(#[$doc:meta])*
+        $name:ident, $features:literal, zero: $zero:expr,
+        block: |$u:ident, $xb:ident| $block:block,
+        scale_add: |$blk:ident, $dw:ident, $acc:ident| $scale_add:expr,
+        reduce: $reduce:expr
+    ) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const F: u8>(
+            w: &QWeight,
+            x: &[f32],
+            sums: &[f32],
+            rows: Range<usize>,
+            out: *mut f32,
+        ) {
+            let nb = w.cols / BLOCK;
+            let bb = block_bytes(F);
+            let base = w.raw().as_ptr();
+            let xp = x.as_ptr();
+            for r in rows {
+                let row = base.add(r * nb * bb);
+                let mut acc = $zero;
+                let mut offsets = 0f32;
+                for b in 0..nb {
+                    let ($u, $dw, cw) = unpack::<F>(row.add(b * bb));
+                    let $xb = xp.add(b * BLOCK);
+                    let $blk = $block;
+                    let $acc = acc;
+                    acc = $scale_add;
+                    offsets += cw * *sums.get_unchecked(b);
+                }
+                *out.add(r) = $reduce(acc) + offsets;
             }
-            acc = _mm256_fmadd_ps(block, _mm256_set1_ps(dw), acc);
-            offsets += cw * *sums.get_unchecked(b);
         }
-        *out.add(r) = hsum(acc) + offsets;
-    }
+    };
+}
+
+f32_rows_kernel! {
+    /// 8-lane registers (AVX2): each block's 32 bytes widened in four groups of eight.
+    f32_rows, "avx2,fma,f16c", zero: _mm256_setzero_ps(),
+    block: |u, xb| {
+        let lo = _mm256_castsi256_si128(u);
+        let hi = _mm256_extracti128_si256(u, 1);
+        let mut block = _mm256_setzero_ps();
+        for (i, bytes) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+            .into_iter()
+            .enumerate()
+        {
+            let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+            block = _mm256_fmadd_ps(v, _mm256_loadu_ps(xb.add(8 * i)), block);
+        }
+        block
+    },
+    scale_add: |block, dw, acc| _mm256_fmadd_ps(block, _mm256_set1_ps(dw), acc),
+    reduce: hsum
 }
 
 /// Activation scales as the 512-bit prompt kernel reads them: each block's `d_a` eight lanes
@@ -506,38 +534,20 @@ unsafe fn few_tile<const F: u8, const J: usize>(
     })
 }
 
-/// [`f32_rows`] with 16-lane registers: half the conversions and multiply-adds per block.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-unsafe fn f32_rows_512<const F: u8>(
-    w: &QWeight,
-    x: &[f32],
-    sums: &[f32],
-    rows: Range<usize>,
-    out: *mut f32,
-) {
-    let nb = w.cols / BLOCK;
-    let bb = block_bytes(F);
-    let base = w.raw().as_ptr();
-    let xp = x.as_ptr();
-    for r in rows {
-        let row = base.add(r * nb * bb);
-        let mut acc = _mm512_setzero_ps();
-        let mut offsets = 0f32;
-        for b in 0..nb {
-            let (u, dw, cw) = unpack::<F>(row.add(b * bb));
-            let xb = xp.add(b * BLOCK);
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(u)));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(u, 1)));
-            let block = _mm512_fmadd_ps(
-                hi,
-                _mm512_loadu_ps(xb.add(16)),
-                _mm512_mul_ps(lo, _mm512_loadu_ps(xb)),
-            );
-            acc = _mm512_fmadd_ps(block, _mm512_set1_ps(dw), acc);
-            offsets += cw * *sums.get_unchecked(b);
-        }
-        *out.add(r) = _mm512_reduce_add_ps(acc) + offsets;
-    }
+f32_rows_kernel! {
+    /// [`f32_rows`] with 16-lane registers: half the conversions and multiply-adds per block.
+    f32_rows_512, "avx2,fma,f16c,avx512f,avx512bw,avx512vl", zero: _mm512_setzero_ps(),
+    block: |u, xb| {
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(u)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(u, 1)));
+        _mm512_fmadd_ps(
+            hi,
+            _mm512_loadu_ps(xb.add(16)),
+            _mm512_mul_ps(lo, _mm512_loadu_ps(xb)),
+        )
+    },
+    scale_add: |block, dw, acc| _mm512_fmadd_ps(block, _mm512_set1_ps(dw), acc),
+    reduce: _mm512_reduce_add_ps
 }
 
 /// `f(i, &mut out[i·width..(i + 1)·width])` for every item, on the pool.
