@@ -22,8 +22,7 @@ use super::cpu_ops::{
     rope_halves, AttendSeq, AttentionShape, Segment,
 };
 use super::parts::{
-    cached_attention, forward_many, forward_one, head_and_embedding, inv_freq, rope_angles,
-    Embedding, TwoPaths,
+    cached_attention, head_and_embedding, inv_freq, rope_angles, two_paths_api, Embedding, TwoPaths,
 };
 use crate::kernels::{self, QLinear};
 
@@ -304,53 +303,7 @@ impl Gemma3 {
         }
     }
 
-    /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
-    pub fn forward(&self, cache: &mut Gemma3Cache, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        forward_one(self, cache, tokens, pos)
-    }
-
-    /// Feeds several sequences at once, each `(cache, tokens, first position)`, and returns the
-    /// logits of each one's last token ([`forward_many`]).
-    pub fn forward_batch(
-        &self,
-        items: &mut [(&mut Gemma3Cache, &[u32], usize)],
-    ) -> Result<Vec<Vec<f32>>> {
-        forward_many(self, items)
-    }
-
-    fn forward_candle(
-        &self,
-        cache: &mut Gemma3Cache,
-        tokens: &[u32],
-        pos: usize,
-    ) -> Result<Tensor> {
-        let t = tokens.len();
-        let mut x = (self.embedding.lookup(tokens, &self.device)? * (self.hidden as f64).sqrt())?;
-        let global = rope_angles(
-            &self.inv_freq_global,
-            self.global_scale,
-            pos,
-            t,
-            &self.device,
-        )?;
-        let local = rope_angles(&self.inv_freq_local, 1.0, pos, t, &self.device)?;
-        for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            let (cos, sin) = if layer.window.is_some() {
-                &local
-            } else {
-                &global
-            };
-            let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(layer, kv, &h, pos, cos, sin)?;
-            x = (layer.post_attn_norm.forward(&h)? + x)?;
-            let h = layer.ffn_norm.forward(&x)?;
-            let h = (layer.gate.forward(&h)?.gelu()? * layer.up.forward(&h)?)?;
-            let h = layer.down.forward(&h)?;
-            x = (layer.post_ffn_norm.forward(&h)? + x)?;
-        }
-        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
-        self.output.forward(&self.norm.forward(&last)?)
-    }
+    two_paths_api!(Gemma3Cache);
 
     /// The forward pass on plain buffers (see [`super::llama_cpu`] for why), over every
     /// segment's rows at once.
@@ -500,21 +453,38 @@ impl TwoPaths for Gemma3 {
     type Cache = Gemma3Cache;
     type Cpu = GemmaCpu;
 
-    fn cpu_path(&self) -> Option<&GemmaCpu> {
-        self.cpu.as_ref()
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
     fn forward_candle(
         &self,
         cache: &mut Gemma3Cache,
         tokens: &[u32],
         pos: usize,
     ) -> Result<Tensor> {
-        self.forward_candle(cache, tokens, pos)
+        let t = tokens.len();
+        let mut x = (self.embedding.lookup(tokens, &self.device)? * (self.hidden as f64).sqrt())?;
+        let global = rope_angles(
+            &self.inv_freq_global,
+            self.global_scale,
+            pos,
+            t,
+            &self.device,
+        )?;
+        let local = rope_angles(&self.inv_freq_local, 1.0, pos, t, &self.device)?;
+        for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+            let (cos, sin) = if layer.window.is_some() {
+                &local
+            } else {
+                &global
+            };
+            let h = layer.attn_norm.forward(&x)?;
+            let h = self.attention(layer, kv, &h, pos, cos, sin)?;
+            x = (layer.post_attn_norm.forward(&h)? + x)?;
+            let h = layer.ffn_norm.forward(&x)?;
+            let h = (layer.gate.forward(&h)?.gelu()? * layer.up.forward(&h)?)?;
+            let h = layer.down.forward(&h)?;
+            x = (layer.post_ffn_norm.forward(&h)? + x)?;
+        }
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.output.forward(&self.norm.forward(&last)?)
     }
 
     fn forward_rows(
@@ -532,5 +502,13 @@ impl TwoPaths for Gemma3 {
             })
             .collect();
         self.forward_cpu(cpu, &mut segs, all)
+    }
+
+    fn cpu_path(&self) -> Option<&GemmaCpu> {
+        self.cpu.as_ref()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
     }
 }

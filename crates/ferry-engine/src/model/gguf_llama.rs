@@ -21,8 +21,7 @@ use candle_transformers::quantized_nn::RmsNorm;
 use super::cpu_ops::Segment;
 use super::llama_cpu::{CpuCache, CpuLayer, CpuLlama};
 use super::parts::{
-    cached_attention, forward_many, forward_one, head_and_embedding, inv_freq, rope_angles,
-    Embedding, TwoPaths,
+    cached_attention, head_and_embedding, inv_freq, rope_angles, two_paths_api, Embedding, TwoPaths,
 };
 use crate::kernels::{QLinear, QWeight};
 
@@ -251,35 +250,7 @@ impl GgufLlama {
             })
     }
 
-    /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
-    pub fn forward(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        forward_one(self, cache, tokens, pos)
-    }
-
-    /// Feeds several sequences at once, each `(cache, tokens, first position)`, and returns the
-    /// logits of each one's last token ([`forward_many`]).
-    pub fn forward_batch(
-        &self,
-        items: &mut [(&mut LlamaCache, &[u32], usize)],
-    ) -> Result<Vec<Vec<f32>>> {
-        forward_many(self, items)
-    }
-
-    fn forward_candle(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        let t = tokens.len();
-        let mut x = self.embedding.lookup(tokens, &self.device)?;
-        let (cos, sin) = rope_angles(&self.inv_freq, 1.0, pos, t, &self.device)?;
-        for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(layer, kv, &h, pos, &cos, &sin)?;
-            x = (h + x)?;
-            let h = layer.ffn_norm.forward(&x)?;
-            let h = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (layer.down.forward(&h)? + x)?;
-        }
-        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
-        self.output.forward(&self.norm.forward(&last)?)
-    }
+    two_paths_api!(LlamaCache);
 
     fn attention(
         &self,
@@ -374,16 +345,20 @@ impl TwoPaths for GgufLlama {
     type Cache = LlamaCache;
     type Cpu = CpuLlama;
 
-    fn cpu_path(&self) -> Option<&CpuLlama> {
-        self.cpu.as_ref()
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
     fn forward_candle(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        self.forward_candle(cache, tokens, pos)
+        let t = tokens.len();
+        let mut x = self.embedding.lookup(tokens, &self.device)?;
+        let (cos, sin) = rope_angles(&self.inv_freq, 1.0, pos, t, &self.device)?;
+        for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+            let h = layer.attn_norm.forward(&x)?;
+            let h = self.attention(layer, kv, &h, pos, &cos, &sin)?;
+            x = (h + x)?;
+            let h = layer.ffn_norm.forward(&x)?;
+            let h = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (layer.down.forward(&h)? + x)?;
+        }
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.output.forward(&self.norm.forward(&last)?)
     }
 
     fn forward_rows(
@@ -406,5 +381,13 @@ impl TwoPaths for GgufLlama {
             })
             .collect();
         Ok(cpu.forward(&mut segs, x, &self.inv_freq))
+    }
+
+    fn cpu_path(&self) -> Option<&CpuLlama> {
+        self.cpu.as_ref()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
     }
 }

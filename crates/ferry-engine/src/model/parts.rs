@@ -231,6 +231,28 @@ pub(crate) trait TwoPaths {
     ) -> Result<Vec<Vec<f32>>>;
 }
 
+/// The public `forward` and `forward_batch` of a [`TwoPaths`] model with cache type `$cache`,
+/// written once for every such model (inside its `impl` block).
+macro_rules! two_paths_api {
+    ($cache:ty) => {
+        /// Feeds `tokens` at positions `pos..` and returns the logits of the last one,
+        /// `(1, vocab)`.
+        pub fn forward(&self, cache: &mut $cache, tokens: &[u32], pos: usize) -> Result<Tensor> {
+            super::parts::forward_one(self, cache, tokens, pos)
+        }
+
+        /// Feeds several sequences at once, each `(cache, tokens, first position)`, and returns
+        /// the logits of each one's last token (`parts::forward_many`).
+        pub fn forward_batch(
+            &self,
+            items: &mut [(&mut $cache, &[u32], usize)],
+        ) -> Result<Vec<Vec<f32>>> {
+            super::parts::forward_many(self, items)
+        }
+    };
+}
+pub(crate) use two_paths_api;
+
 /// Feeds `tokens` at positions `pos..` and returns the logits of the last one, `(1, vocab)`.
 pub(crate) fn forward_one<M: TwoPaths>(
     model: &M,

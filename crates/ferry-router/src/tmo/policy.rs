@@ -275,14 +275,6 @@ pub trait Serve {
 }
 
 impl Serve for PlacementPolicy {
-    fn meta(&self) -> &PolicyMeta {
-        &self.meta
-    }
-
-    fn costs(&self) -> &CostModel {
-        &self.costs
-    }
-
     /// Action probabilities over the actions `mask` allows. A DQN policy is greedy: all the
     /// probability on the allowed action of the highest Q-value.
     fn probabilities_masked(
@@ -297,6 +289,14 @@ impl Serve for PlacementPolicy {
         let mut p = [0.0; ACTIONS];
         p[greedy(&out, mask)] = 1.0;
         Ok(p)
+    }
+
+    fn meta(&self) -> &PolicyMeta {
+        &self.meta
+    }
+
+    fn costs(&self) -> &CostModel {
+        &self.costs
     }
 }
 

@@ -31,54 +31,27 @@ pub struct NetworkProfile {
     pub cost_usd: [f64; VIEWS + 1],
 }
 
-/// A device profile: peak GFLOPS and peak watts.
-const fn device_profile(
-    slug: &'static str,
-    name: &'static str,
-    gflops: f64,
-    watts: f64,
-) -> DeviceProfile {
-    DeviceProfile {
-        slug,
-        name,
-        gflops,
-        watts,
-    }
-}
-
+#[rustfmt::skip]
 pub const DEVICES: [DeviceProfile; 8] = [
-    device_profile("rpi-4b", "Raspberry Pi 4B", 13.5, 8.0),
-    device_profile("rpi-5", "Raspberry Pi 5", 31.4, 12.0),
-    device_profile("jetson-nano", "Jetson Nano", 472.0, 10.0),
-    device_profile("jetson-tx2", "Jetson TX2", 1.33e3, 15.0),
-    device_profile("jetson-xavier-nx", "Jetson Xavier NX", 21e3, 20.0),
-    device_profile("jetson-orin-nx", "Jetson Orin NX", 100e3, 25.0),
-    device_profile("jetson-agx-orin", "Jetson AGX Orin", 275e3, 60.0),
-    device_profile("iphone-15-pro", "iPhone 15 Pro", 35e3, 15.0),
+    DeviceProfile { slug: "rpi-4b", name: "Raspberry Pi 4B", gflops: 13.5, watts: 8.0 },
+    DeviceProfile { slug: "rpi-5", name: "Raspberry Pi 5", gflops: 31.4, watts: 12.0 },
+    DeviceProfile { slug: "jetson-nano", name: "Jetson Nano", gflops: 472.0, watts: 10.0 },
+    DeviceProfile { slug: "jetson-tx2", name: "Jetson TX2", gflops: 1.33e3, watts: 15.0 },
+    DeviceProfile { slug: "jetson-xavier-nx", name: "Jetson Xavier NX", gflops: 21e3, watts: 20.0 },
+    DeviceProfile { slug: "jetson-orin-nx", name: "Jetson Orin NX", gflops: 100e3, watts: 25.0 },
+    DeviceProfile { slug: "jetson-agx-orin", name: "Jetson AGX Orin", gflops: 275e3, watts: 60.0 },
+    DeviceProfile { slug: "iphone-15-pro", name: "iPhone 15 Pro", gflops: 35e3, watts: 15.0 },
 ];
 
 /// Cloud prices do not depend on the network.
 const CLOUD_USD: [f64; VIEWS + 1] = [0.00049, 0.00500, 0.00945, 0.01368];
 
-/// A network profile at the cloud's prices (they do not depend on the network).
-const fn network_profile(
-    slug: &'static str,
-    name: &'static str,
-    latency_s: [f64; VIEWS + 1],
-) -> NetworkProfile {
-    NetworkProfile {
-        slug,
-        name,
-        latency_s,
-        cost_usd: CLOUD_USD,
-    }
-}
-
+#[rustfmt::skip]
 pub const NETWORKS: [NetworkProfile; 4] = [
-    network_profile("wired", "Wired", [6.46030, 4.76134, 6.24569, 6.98211]),
-    network_profile("wifi", "WiFi", [0.5, 1.898, 2.016, 2.238]),
-    network_profile("5g", "5G", [0.5, 6.037, 6.412, 7.118]),
-    network_profile("4g", "4G", [0.5, 16.603, 17.636, 19.573]),
+    NetworkProfile { slug: "wired", name: "Wired", latency_s: [6.46030, 4.76134, 6.24569, 6.98211], cost_usd: CLOUD_USD },
+    NetworkProfile { slug: "wifi", name: "WiFi", latency_s: [0.5, 1.898, 2.016, 2.238], cost_usd: CLOUD_USD },
+    NetworkProfile { slug: "5g", name: "5G", latency_s: [0.5, 6.037, 6.412, 7.118], cost_usd: CLOUD_USD },
+    NetworkProfile { slug: "4g", name: "4G", latency_s: [0.5, 16.603, 17.636, 19.573], cost_usd: CLOUD_USD },
 ];
 
 /// The authors' defaults.
@@ -98,34 +71,37 @@ fn norm(s: &str) -> String {
         .collect()
 }
 
-/// A device by slug or name (case, spaces and dashes ignored).
-pub fn device(name: &str) -> Result<DeviceProfile, TmoError> {
-    DEVICES
+/// The entry of `table` whose slug or name is `name` (case, spaces and dashes ignored).
+fn by_name<P: Copy>(
+    what: &str,
+    table: &[P],
+    names: impl Fn(&P) -> (&'static str, &'static str),
+    name: &str,
+) -> Result<P, TmoError> {
+    table
         .iter()
-        .find(|d| norm(d.slug) == norm(name) || norm(d.name) == norm(name))
+        .find(|p| {
+            let (slug, long) = names(p);
+            norm(slug) == norm(name) || norm(long) == norm(name)
+        })
         .copied()
         .ok_or_else(|| {
-            let known: Vec<_> = DEVICES.iter().map(|d| d.slug).collect();
+            let known: Vec<_> = table.iter().map(|p| names(p).0).collect();
             TmoError::Invalid(format!(
-                "unknown device `{name}` (known: {})",
+                "unknown {what} `{name}` (known: {})",
                 known.join(", ")
             ))
         })
 }
 
+/// A device by slug or name (case, spaces and dashes ignored).
+pub fn device(name: &str) -> Result<DeviceProfile, TmoError> {
+    by_name("device", &DEVICES, |d| (d.slug, d.name), name)
+}
+
 /// A network by slug or name.
 pub fn network(name: &str) -> Result<NetworkProfile, TmoError> {
-    NETWORKS
-        .iter()
-        .find(|n| norm(n.slug) == norm(name) || norm(n.name) == norm(name))
-        .copied()
-        .ok_or_else(|| {
-            let known: Vec<_> = NETWORKS.iter().map(|n| n.slug).collect();
-            TmoError::Invalid(format!(
-                "unknown network `{name}` (known: {})",
-                known.join(", ")
-            ))
-        })
+    by_name("network", &NETWORKS, |n| (n.slug, n.name), name)
 }
 
 /// Call kinds: local, and cloud with 0..=[`VIEWS`] views (a call's latency and price depend on

@@ -213,14 +213,6 @@ impl TorchPolicy {
 }
 
 impl Serve for TorchPolicy {
-    fn meta(&self) -> &PolicyMeta {
-        &self.meta
-    }
-
-    fn costs(&self) -> &CostModel {
-        &self.costs
-    }
-
     /// Action probabilities over the actions `mask` allows.
     fn probabilities_masked(
         &self,
@@ -250,6 +242,14 @@ impl Serve for TorchPolicy {
                 Ok(p)
             }
         }
+    }
+
+    fn meta(&self) -> &PolicyMeta {
+        &self.meta
+    }
+
+    fn costs(&self) -> &CostModel {
+        &self.costs
     }
 }
 
