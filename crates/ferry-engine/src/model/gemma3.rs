@@ -22,7 +22,8 @@ use super::cpu_ops::{
     rope_halves, AttendSeq, AttentionShape, Segment,
 };
 use super::parts::{
-    cached_attention, head_and_embedding, inv_freq, rope_angles, two_paths_api, Embedding, TwoPaths,
+    cached_attention, gguf_head_and_embedding, heads, inv_freq, rope_angles, two_paths_api,
+    Embedding, TwoPaths,
 };
 use crate::kernels::{self, QLinear};
 
@@ -170,13 +171,8 @@ impl Gemma3 {
             RmsNorm::from_qtensor(t, eps)
         };
 
-        let embed = tensor("token_embd.weight")?;
-        let head = if ct.tensor_infos.contains_key("output.weight") {
-            Some(tensor("output.weight")?)
-        } else {
-            None
-        };
-        let (output, embedding) = head_and_embedding(embed, head, device)?;
+        let tied = !ct.tensor_infos.contains_key("output.weight");
+        let (output, embedding) = gguf_head_and_embedding(tied, &mut tensor, device)?;
         let norm = norm_of(tensor("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
@@ -430,17 +426,16 @@ impl Gemma3 {
         kv: &mut Option<(Tensor, Tensor)>,
         x: &Tensor,
         pos: usize,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-        };
-        let q = layer.q_norm.forward(&heads(layer.wq.forward(x)?, nh)?)?;
-        let k = layer.k_norm.forward(&heads(layer.wk.forward(x)?, nkv)?)?;
-        let v = heads(layer.wv.forward(x)?, nkv)?;
+        let q = layer
+            .q_norm
+            .forward(&heads(layer.wq.forward(x)?, nh, hd)?)?;
+        let k = layer
+            .k_norm
+            .forward(&heads(layer.wk.forward(x)?, nkv, hd)?)?;
+        let v = heads(layer.wv.forward(x)?, nkv, hd)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
 
@@ -470,13 +465,13 @@ impl TwoPaths for Gemma3 {
         )?;
         let local = rope_angles(&self.inv_freq_local, 1.0, pos, t, &self.device)?;
         for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            let (cos, sin) = if layer.window.is_some() {
+            let rope = if layer.window.is_some() {
                 &local
             } else {
                 &global
             };
             let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(layer, kv, &h, pos, cos, sin)?;
+            let h = self.attention(layer, kv, &h, pos, rope)?;
             x = (layer.post_attn_norm.forward(&h)? + x)?;
             let h = layer.ffn_norm.forward(&x)?;
             let h = (layer.gate.forward(&h)?.gelu()? * layer.up.forward(&h)?)?;

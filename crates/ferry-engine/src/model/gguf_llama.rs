@@ -21,7 +21,8 @@ use candle_transformers::quantized_nn::RmsNorm;
 use super::cpu_ops::Segment;
 use super::llama_cpu::{CpuCache, CpuLayer, CpuLlama};
 use super::parts::{
-    cached_attention, head_and_embedding, inv_freq, rope_angles, two_paths_api, Embedding, TwoPaths,
+    cached_attention, gguf_head_and_embedding, heads, inv_freq, rope_angles, two_paths_api,
+    Embedding, TwoPaths,
 };
 use crate::kernels::{QLinear, QWeight};
 
@@ -154,13 +155,8 @@ impl GgufLlama {
             }
         }
 
-        let embed = tensor("token_embd.weight")?;
-        let head = if ct.tensor_infos.contains_key("output.weight") {
-            Some(tensor("output.weight")?)
-        } else {
-            None
-        };
-        let (output, embedding) = head_and_embedding(embed, head, device)?;
+        let tied = !ct.tensor_infos.contains_key("output.weight");
+        let (output, embedding) = gguf_head_and_embedding(tied, &mut tensor, device)?;
         let norm = norm_of(tensor("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
@@ -258,17 +254,12 @@ impl GgufLlama {
         kv: &mut Option<(Tensor, Tensor)>,
         x: &Tensor,
         pos: usize,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-        };
-        let q = heads(layer.wq.forward(x)?, nh)?;
-        let k = heads(layer.wk.forward(x)?, nkv)?;
-        let v = heads(layer.wv.forward(x)?, nkv)?;
+        let q = heads(layer.wq.forward(x)?, nh, hd)?;
+        let k = heads(layer.wk.forward(x)?, nkv, hd)?;
+        let v = heads(layer.wv.forward(x)?, nkv, hd)?;
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
 
@@ -348,10 +339,10 @@ impl TwoPaths for GgufLlama {
     fn forward_candle(&self, cache: &mut LlamaCache, tokens: &[u32], pos: usize) -> Result<Tensor> {
         let t = tokens.len();
         let mut x = self.embedding.lookup(tokens, &self.device)?;
-        let (cos, sin) = rope_angles(&self.inv_freq, 1.0, pos, t, &self.device)?;
+        let rope = rope_angles(&self.inv_freq, 1.0, pos, t, &self.device)?;
         for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
             let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(layer, kv, &h, pos, &cos, &sin)?;
+            let h = self.attention(layer, kv, &h, pos, &rope)?;
             x = (h + x)?;
             let h = layer.ffn_norm.forward(&x)?;
             let h = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;

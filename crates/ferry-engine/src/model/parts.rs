@@ -104,6 +104,22 @@ pub(crate) fn rope_angles(
     ))
 }
 
+/// A GGUF model's output head and token embedding: `output.weight`, or the embedding itself
+/// when the file ties them (`tied`), read through the model's `tensor` loader.
+pub(crate) fn gguf_head_and_embedding(
+    tied: bool,
+    mut tensor: impl FnMut(&str) -> Result<QTensor>,
+    device: &Device,
+) -> Result<(QLinear, Embedding)> {
+    let embed = tensor("token_embd.weight")?;
+    let head = if tied {
+        None
+    } else {
+        Some(tensor("output.weight")?)
+    };
+    head_and_embedding(embed, head, device)
+}
+
 /// The output head and the token embedding: the file's own `output.weight` when it has one,
 /// else the embedding table tied to the head (held once, see [`Embedding::tied`]).
 pub(crate) fn head_and_embedding(
@@ -229,6 +245,12 @@ pub(crate) trait TwoPaths {
         items: &mut [(&mut Self::Cache, &[u32], usize)],
         all: &[u32],
     ) -> Result<Vec<Vec<f32>>>;
+}
+
+/// One projection `(b, t, n·hd)` split into its `n` heads, `(b, n, t, hd)`, contiguous.
+pub(crate) fn heads(y: Tensor, n: usize, hd: usize) -> Result<Tensor> {
+    let (b, t, _) = y.dims3()?;
+    y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
 }
 
 /// The public `forward` and `forward_batch` of a [`TwoPaths`] model with cache type `$cache`,
