@@ -215,14 +215,15 @@ async fn run_local(
         slot = ticket.run() => slot,
         _ = state.abort.cancelled() => return Err("ferryd is shutting down".into()),
     };
-    let st = state.clone();
+    let engine = state.engine().clone();
+    let abort = state.abort.clone();
     tokio::task::spawn_blocking(move || {
         let sampling = SamplingParams::greedy(max_tokens);
         let mut sink = Collect {
             text: Some(String::new()),
-            abort: st.abort.clone(),
+            abort,
         };
-        let (out, energy) = st.generate_metered(&model, &prompt, &sampling, &mut sink);
+        let (out, energy) = engine.generate_metered(&model, &prompt, &sampling, &mut sink);
         metrics::counter!("ferry_judge_energy_millijoules_total")
             .increment((energy.joules * 1e3).max(0.0) as u64);
         drop(slot);

@@ -23,10 +23,10 @@ use std::sync::Arc;
 
 use ferry_router::tmo::Action;
 
-use crate::placement::Placement;
+use crate::placement::{Placement, Placer};
 use crate::records::{unix_ms, RequestRecord};
 use crate::router::{Routed, ZooRouter};
-use crate::state::AppState;
+use crate::state::{AppState, Book, ServerStats};
 
 /// Which request ended, where, and after how long.
 pub(crate) struct Booking<'a> {
@@ -64,10 +64,10 @@ pub(crate) enum End {
 }
 
 /// Books the end of a request: counter, metrics, record, log.
-pub(crate) fn finish(state: &AppState, b: &Booking, end: End) {
-    let stats = &state.stats;
+pub(crate) fn finish(book: Book<'_>, b: &Booking, end: End) {
+    let stats = book.stats;
     let record = |finish_reason: String, prompt_tokens: u32, completion_tokens: u32| {
-        state.records.insert(RequestRecord {
+        book.records.insert(RequestRecord {
             request_id: b.request_id.to_string(),
             model: b.model.to_string(),
             tier: b.tier,
@@ -123,11 +123,11 @@ pub(crate) fn finish(state: &AppState, b: &Booking, end: End) {
                 0,
                 u32::try_from(delivered_deltas).unwrap_or(u32::MAX),
             );
-            failed(state, b, outcome);
+            failed(stats, b, outcome);
         }
         End::Failed { outcome } => {
             tracing::info!(request_id = %b.request_id, tier = b.tier, model = %b.model, outcome, total_ms = b.total_ms as u64, "request ended without an answer");
-            failed(state, b, outcome);
+            failed(stats, b, outcome);
         }
         End::Abandoned => {
             tracing::info!(request_id = %b.request_id, tier = b.tier, model = %b.model, total_ms = b.total_ms as u64, "the app went away");
@@ -146,17 +146,14 @@ pub(crate) fn finish(state: &AppState, b: &Booking, end: End) {
 }
 
 /// Counts a request that ended with an error status, and its metric.
-fn failed(state: &AppState, b: &Booking, outcome: &'static str) {
-    state.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+fn failed(stats: &ServerStats, b: &Booking, outcome: &'static str) {
+    stats.requests_failed.fetch_add(1, Ordering::Relaxed);
     crate::metrics::request_finished(b.tier, b.model, outcome, 0, 0, b.total_ms / 1e3, None);
 }
 
 /// Books a request refused before its stream started; returns the error for the app.
-pub(crate) fn refused(state: &AppState, e: ferry_core::Error) -> ferry_core::Error {
-    state
-        .stats
-        .requests_rejected
-        .fetch_add(1, Ordering::Relaxed);
+pub(crate) fn refused(book: Book<'_>, e: ferry_core::Error) -> ferry_core::Error {
+    book.stats.requests_rejected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(error = %e, "request refused");
     crate::metrics::request_rejected(e.kind());
     e
@@ -164,9 +161,8 @@ pub(crate) fn refused(state: &AppState, e: ferry_core::Error) -> ferry_core::Err
 
 /// The app went away after its completion was produced but before it could be sent: the request
 /// stays completed (it was served and paid for) and is also counted abandoned.
-pub(crate) fn completion_undelivered(state: &AppState) {
-    state
-        .stats
+pub(crate) fn completion_undelivered(book: Book<'_>) {
+    book.stats
         .requests_abandoned
         .fetch_add(1, Ordering::Relaxed);
 }
@@ -182,12 +178,12 @@ pub(crate) enum PlacedCost {
 /// Teaches the placement policy what the request it placed cost (`latency_s` from arrival to
 /// the end). Nothing without a placement.
 pub(crate) fn teach_placer(
-    state: &AppState,
+    placer: Option<&Placer>,
     placed: Option<&Placement>,
     latency_s: f64,
     cost: PlacedCost,
 ) {
-    let (Some(placer), Some(p)) = (&state.placement, placed) else {
+    let (Some(placer), Some(p)) = (placer, placed) else {
         return;
     };
     match cost {

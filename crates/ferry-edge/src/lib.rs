@@ -13,6 +13,7 @@ pub mod auth;
 pub mod cloud;
 pub mod config;
 mod delivered;
+pub mod engine;
 pub mod http;
 mod judge;
 mod ledger;

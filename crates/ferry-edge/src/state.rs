@@ -1,8 +1,9 @@
-//! The daemon's shared state: configuration, model registry and residency, admission control,
-//! request records, and the shutdown signals.
+//! The daemon's shared state: configuration, the local engine handle ([`crate::engine`]: models,
+//! batch threads, energy), admission control, the ledger's book (counters and request records),
+//! routers, placement, the cloud pool, and the shutdown signals. Request paths take the narrow
+//! handle they need ([`AppState::engine`], [`AppState::book`]) where they can.
 
-use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -11,12 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use ferry_core::{Error, ModelKind, ModelManifest, Result, Tier};
 use ferry_energy::meter::EnergyMeter;
-use ferry_engine::batch::{BatchConfig, Batcher};
 use ferry_engine::LoadedModel;
 
 use crate::auth::Auth;
 use crate::cloud::CloudPool;
 use crate::config::EdgeConfig;
+use crate::engine::LocalEngine;
 use crate::records::RecordStore;
 use crate::router::ZooRouter;
 use ferry_daemon::admission::Admission;
@@ -34,16 +35,23 @@ pub struct ServerStats {
     pub requests_abandoned: AtomicU64,
 }
 
+/// What the ledger books a request's end into: the outcome counters and the request records.
+/// The ledger's `finish`, `refused` and `completion_undelivered` take this narrow handle
+/// ([`AppState::book`]), not the daemon's whole state.
+#[derive(Clone, Copy)]
+pub struct Book<'a> {
+    pub stats: &'a ServerStats,
+    pub records: &'a RecordStore,
+}
+
 /// Everything the services share.
 pub struct AppState {
     pub config: EdgeConfig,
     /// Generator manifests of the local tier, sorted by id.
     pub manifests: Vec<ModelManifest>,
-    models: RwLock<HashMap<String, Arc<LoadedModel>>>,
-    /// Each loaded model's batch thread: every local generation runs through it, so concurrent
-    /// requests to one model decode together (up to `server.max_concurrent` at once).
-    batchers: RwLock<HashMap<String, Arc<Batcher>>>,
-    default_model: RwLock<Option<String>>,
+    /// The loaded models, their batch threads and their energy accounts: the handle the local
+    /// tier, exploration and the judge run generations through.
+    engine: Arc<LocalEngine>,
     ready: AtomicBool,
     draining: AtomicBool,
     /// Requests between [`AppState::enter`] and the end of their stream (the drain waits on it).
@@ -51,10 +59,8 @@ pub struct AppState {
     pub admission: Admission,
     pub records: RecordStore,
     pub stats: ServerStats,
-    /// Measures device energy and attributes it to requests.
-    pub energy: EnergyMeter,
-    /// Joules attributed per model since start.
-    energy_by_model: parking_lot::Mutex<std::collections::BTreeMap<String, f64>>,
+    /// Measures device energy and attributes it to requests (shared with the engine).
+    pub energy: Arc<EnergyMeter>,
     /// Cancelled when in-flight generations must stop (end of the shutdown grace period).
     pub abort: CancellationToken,
     seed_state: AtomicU64,
@@ -102,8 +108,10 @@ impl AppState {
         let cloud = CloudPool::from_config(&config.cloud)?;
         let sources = ferry_energy::open_sources(&config.energy)
             .map_err(|e| Error::invalid("energy.sources", e.to_string()))?;
-        let energy = EnergyMeter::start(sources, config.energy.sample_hz)
-            .map_err(|e| Error::invalid("energy", e.to_string()))?;
+        let energy = Arc::new(
+            EnergyMeter::start(sources, config.energy.sample_hz)
+                .map_err(|e| Error::invalid("energy", e.to_string()))?,
+        );
         tracing::info!(source = energy.source_label(), devices = ?energy.devices(), "energy metering");
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -118,18 +126,15 @@ impl AppState {
                     .max_queue_per_app
                     .unwrap_or(config.server.max_queue / 2),
             ),
+            engine: Arc::new(LocalEngine::new(&manifests, energy.clone())),
             config,
             manifests,
-            models: RwLock::new(HashMap::new()),
-            batchers: RwLock::new(HashMap::new()),
-            default_model: RwLock::new(None),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             open_requests: Arc::new(AtomicUsize::new(0)),
             records,
             stats: ServerStats::default(),
             energy,
-            energy_by_model: Default::default(),
             abort: CancellationToken::new(),
             seed_state: AtomicU64::new(seed),
             router: OnceLock::new(),
@@ -152,29 +157,12 @@ impl AppState {
                 .iter()
                 .find(|m| m.id == id)
                 .expect("checked in AppState::new");
-            let started = std::time::Instant::now();
-            let model = LoadedModel::load(manifest, &self.config.models.model_dir, &device)?;
-            let load_ms = started.elapsed().as_millis() as u64;
-            // Before the model is ready: the first request must not pay for first touches.
-            let warm_up_ms = model.warm_up()?;
-            tracing::info!(
-                model = %id,
-                family = %model.info().family,
-                context_length = model.info().context_length,
-                load_ms,
-                warm_up_ms = warm_up_ms as u64,
-                "model loaded"
-            );
-            let model = Arc::new(model);
-            let batcher = Batcher::start(
-                model.clone(),
-                BatchConfig {
-                    max_batch: self.config.server.max_concurrent,
-                    ..BatchConfig::default()
-                },
+            self.engine.load(
+                manifest,
+                &self.config.models.model_dir,
+                &device,
+                self.config.server.max_concurrent,
             )?;
-            self.batchers.write().insert(id.clone(), Arc::new(batcher));
-            self.models.write().insert(id.clone(), model);
         }
         let default = match &self.config.models.default {
             Some(d) if self.model(d).is_some() => d.clone(),
@@ -191,7 +179,7 @@ impl AppState {
                 .cloned()
                 .ok_or_else(|| Error::invalid("models.load", "no model to load"))?,
         };
-        *self.default_model.write() = Some(default);
+        self.engine.set_default(default);
         if self.config.router.enabled {
             let router = self.build_router(&device)?;
             let _ = self.router.set(Arc::new(router));
@@ -205,9 +193,9 @@ impl AppState {
     /// from its manifest, and the state restored from the state directory.
     fn build_router(&self, device: &ferry_engine::Device) -> Result<ZooRouter> {
         let mut zoo: Vec<(u64, String)> = self
-            .models
-            .read()
-            .values()
+            .engine
+            .models()
+            .iter()
             .map(|m| (m.info().resident_weight_bytes, m.info().id.clone()))
             .collect();
         zoo.sort();
@@ -314,38 +302,32 @@ impl AppState {
         Ok(Some(router))
     }
 
+    /// What the ledger books into (counters and records), as a narrow handle.
+    pub fn book(&self) -> Book<'_> {
+        Book {
+            stats: &self.stats,
+            records: &self.records,
+        }
+    }
+
+    /// The local engine: loaded models, batch threads, energy per model.
+    pub fn engine(&self) -> &Arc<LocalEngine> {
+        &self.engine
+    }
+
     /// A loaded model by id.
     pub fn model(&self, id: &str) -> Option<Arc<LoadedModel>> {
-        self.models.read().get(id).cloned()
+        self.engine.model(id)
     }
 
     /// Counters of a loaded model's batch thread (steps, and sequences summed over steps).
     pub fn batch_stats(&self, id: &str) -> Option<Arc<ferry_engine::batch::BatchStats>> {
-        self.batchers.read().get(id).map(|b| b.stats().clone())
+        self.engine.batch_stats(id)
     }
 
     /// The model used for `auto`.
     pub fn default_model_id(&self) -> Option<String> {
-        self.default_model.read().clone()
-    }
-
-    /// Picks the model for a request: the named one, or the default for `auto`.
-    pub fn resolve_model(&self, requested: Option<&str>) -> Result<Arc<LoadedModel>> {
-        let id = match requested {
-            Some(id) => id.to_string(),
-            None => self
-                .default_model_id()
-                .ok_or_else(|| Error::Unavailable("no model is loaded yet".into()))?,
-        };
-        if let Some(m) = self.model(&id) {
-            return Ok(m);
-        }
-        if self.manifests.iter().any(|m| m.id == id) {
-            return Err(Error::FailedPrecondition(format!(
-                "model `{id}` is configured but not loaded; add it to models.load"
-            )));
-        }
-        Err(Error::ModelNotFound(id))
+        self.engine.default_model_id()
     }
 
     /// True once the default model is loaded.
@@ -385,71 +367,9 @@ impl AppState {
         self.open_requests.load(Ordering::SeqCst)
     }
 
-    /// Runs `model` on `prompt` on this (blocking) thread with the energy of the run measured
-    /// and booked to the model ([`AppState::add_model_energy`]): what every local generation —
-    /// an app's, an exploration step's other models, the judge's — goes through.
-    pub fn generate_metered(
-        &self,
-        model: &LoadedModel,
-        prompt: &[u32],
-        sampling: &ferry_core::SamplingParams,
-        sink: &mut dyn ferry_engine::GenerationEvent,
-    ) -> (
-        Result<ferry_engine::GenerationOutcome>,
-        ferry_energy::meter::RequestEnergy,
-    ) {
-        let account = self.energy.begin();
-        let batcher = self.batchers.read().get(&model.info().id).cloned();
-        let out = match batcher {
-            Some(b) => b.generate(
-                prompt,
-                sampling,
-                ferry_engine::GenerateOptions::default(),
-                sink,
-            ),
-            None => model.generate(
-                prompt,
-                sampling,
-                ferry_engine::GenerateOptions::default(),
-                sink,
-            ),
-        };
-        let energy = self.energy.end(account);
-        self.add_model_energy(&model.info().id, &energy);
-        (out, energy)
-    }
-
-    /// Books a request's energy: its model's total, and the exported metrics.
-    ///
-    /// Metrics (labels bounded by the configured models and sources):
-    /// `ferry_request_energy_joules{model,source}` (histogram, per request),
-    /// `ferry_model_energy_joules{model,source}` (total attributed to a model),
-    /// `ferry_energy_joules{source,account}` with account `measured`, `attributed` or `idle`.
-    pub fn add_model_energy(&self, model: &str, energy: &ferry_energy::meter::RequestEnergy) {
-        let total = {
-            let mut by_model = self.energy_by_model.lock();
-            let t = by_model.entry(model.to_string()).or_default();
-            *t += energy.joules;
-            *t
-        };
-        let source = energy.source.clone();
-        metrics::histogram!("ferry_request_energy_joules", "model" => model.to_string(), "source" => source.clone())
-            .record(energy.joules);
-        metrics::gauge!("ferry_model_energy_joules", "model" => model.to_string(), "source" => source.clone())
-            .set(total);
-        let totals = self.energy.totals();
-        for (account, value) in [
-            ("measured", totals.measured_joules),
-            ("attributed", totals.attributed_joules),
-            ("idle", totals.idle_joules),
-        ] {
-            metrics::gauge!("ferry_energy_joules", "source" => source.clone(), "account" => account).set(value);
-        }
-    }
-
     /// Joules attributed per model since start.
     pub fn energy_by_model(&self) -> std::collections::BTreeMap<String, f64> {
-        self.energy_by_model.lock().clone()
+        self.engine.energy_by_model()
     }
 
     /// A fresh seed for requests that bring none (splitmix64 over a time-seeded counter).

@@ -496,7 +496,7 @@ impl Offload {
         };
         tracing::debug!(request_id = %self.job.request_id, backend = %c.backend, replayed = c.replayed, "cloud answer");
         ledger::finish(
-            &self.job.state,
+            self.job.state.book(),
             &self.booking(&ctx.model, total_ms),
             End::Completed {
                 finish_reason: finish_name(finish).to_string(),
@@ -521,7 +521,7 @@ impl Offload {
             event: Some(pb::generate_response::Event::Completion(completion)),
         };
         if tx.send(Ok(msg)).await.is_err() {
-            ledger::completion_undelivered(&self.job.state);
+            ledger::completion_undelivered(self.job.state.book());
         }
         drop(tx);
         self.teach_placer(total_ms, ctx.executed, c.cost_usd.unwrap_or(0.0));
@@ -601,7 +601,7 @@ impl Offload {
         );
         tracing::warn!(request_id = %self.job.request_id, endpoint = %lease.uri(), deltas = delivered.deltas, bytes = delivered.bytes, error = %status.message(), "offload interrupted after the first token");
         ledger::finish(
-            &self.job.state,
+            self.job.state.book(),
             &self.booking(&ctx.model, total_ms),
             End::Cut {
                 outcome: "interrupted",
@@ -637,7 +637,7 @@ impl Offload {
     fn teach_placer(&self, total_ms: f64, executed: Action, usd: f64) {
         let cost = PlacedCost::Cloud { executed, usd };
         ledger::teach_placer(
-            &self.job.state,
+            self.job.state.placement.as_ref(),
             self.job.placed.as_ref(),
             total_ms / 1e3,
             cost,
@@ -691,7 +691,7 @@ impl Offload {
             End::Abandoned
         };
         let total_ms = self.job.elapsed_ms();
-        ledger::finish(&self.job.state, &self.booking(model, total_ms), end);
+        ledger::finish(self.job.state.book(), &self.booking(model, total_ms), end);
         if let Some((router, _)) = routed {
             ledger::forget_route(router, &self.job.request_id);
         }

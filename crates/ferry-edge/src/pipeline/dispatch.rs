@@ -39,7 +39,7 @@ pub(crate) async fn dispatch(
         .stats
         .requests_received
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let refuse = |e: Error| ledger::refused(state, e);
+    let refuse = |e: Error| ledger::refused(state.book(), e);
     let open = state.enter().map_err(refuse)?;
     if !state.is_ready() {
         return Err(refuse(Error::Unavailable(
@@ -154,7 +154,7 @@ async fn fall_back(mut job: Job, declined: Declined, target: &CloudTarget, tx: m
             LocalTier.run(job, prepared, tx).await;
         }
         Err(e) => {
-            let e = ledger::refused(&job.state, e);
+            let e = ledger::refused(job.state.book(), e);
             let _ = tx
                 .send(Err(Status::new(
                     e.kind().grpc_code(),

@@ -55,10 +55,10 @@ impl Tier for LocalTier {
         let (model, routed) = match (requested, state.router()) {
             (None, Some(router)) => {
                 let routed = route_off_thread(router.clone(), req, &job.request_id).await?;
-                let model = state.resolve_model(Some(&routed.model))?;
+                let model = state.engine().resolve_model(Some(&routed.model))?;
                 (model, Some(routed))
             }
-            (requested, _) => (state.resolve_model(requested)?, None),
+            (requested, _) => (state.engine().resolve_model(requested)?, None),
         };
         let prompt = model.encode_chat(&req.messages)?;
         let limit = (state.config.limits.max_prompt_tokens as usize)
@@ -136,7 +136,7 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
     let slot = tokio::select! {
         slot = ticket.run() => slot,
         _ = tx.closed() => {
-            ledger::finish(&state, &booking(arrived.elapsed().as_secs_f64() * 1e3), End::Abandoned);
+            ledger::finish(state.book(), &booking(arrived.elapsed().as_secs_f64() * 1e3), End::Abandoned);
             return;
         }
         _ = state.abort.cancelled() => {
@@ -146,7 +146,7 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
         _ = queue_expired => {
             let waited_ms = arrived.elapsed().as_millis();
             tracing::info!(request_id = %request_id, waited_ms = waited_ms as u64, "deadline reached while queued");
-            ledger::finish(&state, &booking(waited_ms as f64), End::Failed { outcome: "deadline" });
+            ledger::finish(state.book(), &booking(waited_ms as f64), End::Failed { outcome: "deadline" });
             let _ = tx
                 .send(Err(Status::deadline_exceeded(format!(
                     "no generation slot became free within the request's deadline (queued {waited_ms} ms); \
@@ -159,7 +159,8 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
     let queue_ms = arrived.elapsed().as_secs_f64() * 1e3;
     metrics::histogram!("ferry_queue_wait_seconds").record(queue_ms / 1e3);
     let span = tracing::info_span!("generate", request_id = %request_id, model = %model.info().id);
-    let gen_state = state.clone();
+    let engine = state.engine().clone();
+    let abort = state.abort.clone();
     let gen_model = model.clone();
     let gen_tx = tx.clone();
     let sampling = req.sampling.clone();
@@ -168,13 +169,13 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
         let _enter = span.enter();
         let mut sink = ChannelSink {
             tx: gen_tx,
-            abort: gen_state.abort.clone(),
+            abort,
             arrived,
             give_up_at,
             delivered: Delivered::new(judged),
         };
         // Energy is charged from here: queue time is not busy time.
-        let (out, energy) = gen_state.generate_metered(&gen_model, &prompt, &sampling, &mut sink);
+        let (out, energy) = engine.generate_metered(&gen_model, &prompt, &sampling, &mut sink);
         (out, sink.delivered, Some(energy), slot)
     })
     .await;
@@ -242,7 +243,7 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
                 placement: Some(placement),
             };
             ledger::finish(
-                &state,
+                state.book(),
                 &booking(total_ms),
                 End::Completed {
                     finish_reason: format!("{:?}", out.finish_reason).to_lowercase(),
@@ -258,12 +259,12 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
                 event: Some(pb::generate_response::Event::Completion(completion)),
             };
             if tx.send(Ok(msg)).await.is_err() {
-                ledger::completion_undelivered(&state);
+                ledger::completion_undelivered(state.book());
             }
             drop(tx);
             let joules = energy.as_ref().map(|e| e.joules);
             ledger::teach_placer(
-                &state,
+                state.placement.as_ref(),
                 placed.as_ref(),
                 total_ms / 1e3,
                 PlacedCost::Local { joules },
@@ -287,7 +288,7 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
             }
         }
         Err(Error::Cancelled(why)) if state.abort.is_cancelled() && !tx.is_closed() => {
-            ledger::finish(&state, &booking(total_ms), cut("shutdown"));
+            ledger::finish(state.book(), &booking(total_ms), cut("shutdown"));
             let status = ended(
                 tonic::Code::Unavailable,
                 format!("ferryd shut down before the request finished ({why})"),
@@ -295,7 +296,7 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
             let _ = tx.send(Err(status)).await;
         }
         Err(Error::Cancelled(_)) if past_deadline && !tx.is_closed() => {
-            ledger::finish(&state, &booking(total_ms), cut("deadline"));
+            ledger::finish(state.book(), &booking(total_ms), cut("deadline"));
             let status = ended(
                 tonic::Code::DeadlineExceeded,
                 format!(
@@ -307,11 +308,11 @@ async fn run(job: Job, prepared: LocalJob, tx: mpsc::Sender<Item>) {
         }
         Err(Error::Cancelled(why)) => {
             tracing::debug!(request_id = %request_id, "client went away: {why}");
-            ledger::finish(&state, &booking(total_ms), End::Abandoned);
+            ledger::finish(state.book(), &booking(total_ms), End::Abandoned);
         }
         Err(e) => {
             tracing::warn!(request_id = %request_id, error = %e, "generation failed");
-            ledger::finish(&state, &booking(total_ms), cut("failed"));
+            ledger::finish(state.book(), &booking(total_ms), cut("failed"));
             let status: Status = e.into();
             let _ = tx
                 .send(Err(ended(status.code(), status.message().to_string())))
@@ -342,7 +343,8 @@ async fn run_also(
         .iter()
         .filter_map(|&i| state.model(zoo.get(i)?).map(|m| (i, m)))
         .collect();
-    let st = state.clone();
+    let engine = state.engine().clone();
+    let abort = state.abort.clone();
     let messages = req.messages.clone();
     let sampling = req.sampling.clone();
     let judge = routed.judge;
@@ -354,9 +356,9 @@ async fn run_also(
             };
             let mut sink = crate::judge::Collect {
                 text: judge.then(String::new),
-                abort: st.abort.clone(),
+                abort: abort.clone(),
             };
-            let (result, energy) = st.generate_metered(&model, &prompt, &sampling, &mut sink);
+            let (result, energy) = engine.generate_metered(&model, &prompt, &sampling, &mut sink);
             if result.is_ok() {
                 out.push((i, Some(energy.joules), sink.text));
             }
