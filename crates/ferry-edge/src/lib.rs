@@ -22,6 +22,7 @@ mod pipeline;
 pub mod placement;
 pub mod records;
 pub mod router;
+pub mod routers;
 pub mod sdnotify;
 pub mod server;
 pub mod service;

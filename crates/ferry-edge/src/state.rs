@@ -3,9 +3,8 @@
 //! routers, placement, the cloud pool, and the shutdown signals. Request paths take the narrow
 //! handle they need ([`AppState::engine`], [`AppState::book`]) where they can.
 
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -20,8 +19,8 @@ use crate::config::EdgeConfig;
 use crate::engine::LocalEngine;
 use crate::records::RecordStore;
 use crate::router::ZooRouter;
+use crate::routers::Routers;
 use ferry_daemon::admission::Admission;
-use ferry_engine::encoder::SentenceEncoder;
 use ferry_proto::v1 as pb;
 
 /// Counters of the gRPC surface, read by tests and (later) metrics.
@@ -64,8 +63,8 @@ pub struct AppState {
     /// Cancelled when in-flight generations must stop (end of the shutdown grace period).
     pub abort: CancellationToken,
     seed_state: AtomicU64,
-    /// MESS+ over the local models, when `router.enabled`; set once the models are loaded.
-    router: OnceLock<Arc<ZooRouter>>,
+    /// The routers of both tiers and their encoder.
+    routers: Routers,
     /// When the state was built, for uptime.
     pub started: Instant,
     /// Bearer-token check for TCP callers.
@@ -74,11 +73,6 @@ pub struct AppState {
     pub placement: Option<crate::placement::Placer>,
     /// The cloud tier's endpoints, when `cloud.endpoints` is set.
     pub cloud: Option<Arc<CloudPool>>,
-    /// The sentence encoder of the routers (one copy for both tiers).
-    encoder: OnceLock<(String, Arc<SentenceEncoder>)>,
-    /// MESS+ over the cloud zoo; built when an `auto` request is first placed in the cloud,
-    /// since the zoo is known only once an endpoint answered ListModels.
-    cloud_router: Mutex<Option<Arc<ZooRouter>>>,
 }
 
 impl AppState {
@@ -137,13 +131,11 @@ impl AppState {
             energy,
             abort: CancellationToken::new(),
             seed_state: AtomicU64::new(seed),
-            router: OnceLock::new(),
+            routers: Routers::default(),
             started: Instant::now(),
             auth,
             placement,
             cloud,
-            encoder: OnceLock::new(),
-            cloud_router: Mutex::new(None),
         })
     }
 
@@ -181,125 +173,32 @@ impl AppState {
         };
         self.engine.set_default(default);
         if self.config.router.enabled {
-            let router = self.build_router(&device)?;
-            let _ = self.router.set(Arc::new(router));
+            self.routers
+                .build_local(&self.engine.models(), &self.config, &device)?;
         }
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// The local tier's MESS+ router: the loaded models ordered by resident weight bytes (the
-    /// cost and capability proxy until measured joules replace the cost side), the encoder
-    /// from its manifest, and the state restored from the state directory.
-    fn build_router(&self, device: &ferry_engine::Device) -> Result<ZooRouter> {
-        let mut zoo: Vec<(u64, String)> = self
-            .engine
-            .models()
-            .iter()
-            .map(|m| (m.info().resident_weight_bytes, m.info().id.clone()))
-            .collect();
-        zoo.sort();
-        let zoo: Vec<String> = zoo.into_iter().map(|(_, id)| id).collect();
-        let cfg = &self.config.router;
-        let manifest = ModelManifest::load_dir(&self.config.models.manifest_dir)?
-            .into_iter()
-            .find(|m| m.id == cfg.encoder && m.kind == ModelKind::Encoder)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "router.encoder",
-                    format!(
-                        "no encoder manifest `{}` in {}",
-                        cfg.encoder,
-                        self.config.models.manifest_dir.display()
-                    ),
-                )
-            })?;
-        let encoder = Arc::new(SentenceEncoder::load(
-            &manifest,
-            &self.config.models.model_dir,
-            device,
-        )?);
-        let started = std::time::Instant::now();
-        encoder.embed(&["warm up"])?;
-        tracing::info!(
-            encoder = %manifest.id,
-            warm_up_ms = started.elapsed().as_millis() as u64,
-            "encoder loaded"
-        );
-        let _ = self.encoder.set((manifest.id.clone(), encoder.clone()));
-        let router = ZooRouter::new(
-            "local",
-            zoo,
-            &manifest.id,
-            encoder,
-            cfg,
-            &self.config.state.dir,
-            self.config.state.max_records,
-        )?;
-        tracing::info!(zoo = ?router.zoo(), policy = %cfg.policy, alpha = cfg.alpha, "the router routes model auto");
-        Ok(router)
-    }
-
     /// The local tier's router, when routing is enabled and the models are loaded.
     pub fn router(&self) -> Option<&Arc<ZooRouter>> {
-        self.router.get()
+        self.routers.local()
     }
 
     /// The cloud tier's router, once built.
     pub fn cloud_router(&self) -> Option<Arc<ZooRouter>> {
-        self.cloud_router.lock().clone()
+        self.routers.cloud()
     }
 
     /// Every router built so far (local first), for saving and status.
     pub fn routers(&self) -> Vec<Arc<ZooRouter>> {
-        self.router()
-            .cloned()
-            .into_iter()
-            .chain(self.cloud_router())
-            .collect()
+        self.routers.all()
     }
 
     /// The cloud tier's router over `zoo` (ferry-cloud's ListModels), built on first use
-    /// (blocking: restores its state file). `None` when routing is off for the cloud tier.
-    /// The zoo is fixed when the router is built, ordered by ascending price hint then joules
-    /// hint; a model the cloud lists later joins it at the next start (the state file of the
-    /// old zoo is then set aside as stale).
+    /// (blocking; see [`Routers::ensure_cloud`]). `None` when routing is off for the cloud tier.
     pub fn ensure_cloud_router(&self, zoo: &[pb::ModelInfo]) -> Result<Option<Arc<ZooRouter>>> {
-        if !(self.config.router.enabled && self.config.cloud.route_auto) || zoo.is_empty() {
-            return Ok(None);
-        }
-        let mut slot = self.cloud_router.lock();
-        if let Some(r) = slot.as_ref() {
-            return Ok(Some(r.clone()));
-        }
-        let Some((encoder_id, encoder)) = self.encoder.get().cloned() else {
-            return Ok(None);
-        };
-        let mut ordered: Vec<&pb::ModelInfo> = zoo.iter().collect();
-        ordered.sort_by(|a, b| {
-            let key = |m: &pb::ModelInfo| {
-                (
-                    m.usd_per_million_tokens.unwrap_or(0.0),
-                    m.joules_per_token.unwrap_or(0.0),
-                )
-            };
-            key(a)
-                .partial_cmp(&key(b))
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
-        let ids: Vec<String> = ordered.iter().map(|m| m.id.clone()).collect();
-        let router = Arc::new(ZooRouter::new(
-            "cloud",
-            ids,
-            &encoder_id,
-            encoder,
-            &self.config.router,
-            &self.config.state.dir,
-            self.config.state.max_records,
-        )?);
-        tracing::info!(zoo = ?router.zoo(), "the router routes auto requests placed in the cloud");
-        *slot = Some(router.clone());
-        Ok(Some(router))
+        self.routers.ensure_cloud(zoo, &self.config)
     }
 
     /// What the ledger books into (counters and records), as a narrow handle.
