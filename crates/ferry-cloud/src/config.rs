@@ -356,16 +356,6 @@ ferry_daemon::settings! {
     pub struct Settings for CloudConfig {
         /// gRPC listen address.
         listen: SocketAddr = "FERRY_CLOUD_LISTEN" => server.listen;
-        /// Serve /healthz, /readyz and /metrics over HTTP (true/false).
-        http_enabled: bool = "FERRY_CLOUD_HTTP_ENABLED" => server.http_enabled;
-        /// HTTP listen address of the probes and metrics.
-        http_addr: SocketAddr = "FERRY_CLOUD_HTTP_ADDR" => server.http_addr;
-        /// Requests generating at once.
-        max_concurrent: usize = "FERRY_CLOUD_MAX_CONCURRENT" => server.max_concurrent;
-        /// Requests allowed to wait for a slot.
-        max_queue: usize = "FERRY_CLOUD_MAX_QUEUE" => server.max_queue;
-        /// Seconds to let in-flight requests finish on SIGTERM.
-        shutdown_grace_s: u64 = "FERRY_CLOUD_SHUTDOWN_GRACE_S" => server.shutdown_grace_s;
         /// Finished answers kept for retries by request id.
         replay_cache: usize = "FERRY_CLOUD_REPLAY_CACHE" => server.replay_cache;
         /// Server certificate chain, PEM (TLS on the gRPC listener).
@@ -374,10 +364,6 @@ ferry_daemon::settings! {
         tls_key_file: PathBuf = "FERRY_CLOUD_TLS_KEY_FILE" => tls.key_file;
         /// CA certificate(s), PEM, that sign client certificates; set: mutual TLS.
         tls_client_ca_file: PathBuf = "FERRY_CLOUD_TLS_CLIENT_CA_FILE" => tls.client_ca_file;
-        /// Bearer token file (hashed tokens, `ferry token new`; reloaded on SIGHUP).
-        tokens_file: PathBuf = "FERRY_CLOUD_TOKENS_FILE" => auth.tokens_file;
-        /// Allow a non-loopback listener with neither mutual TLS nor tokens (true/false).
-        allow_unauthenticated_network: bool = "FERRY_CLOUD_ALLOW_UNAUTHENTICATED_NETWORK" => auth.allow_unauthenticated_network;
         /// Directory of model manifests (candle backend).
         manifest_dir: PathBuf = "FERRY_CLOUD_MANIFEST_DIR" => candle.manifest_dir;
         /// Directory of model files (candle backend).

@@ -84,15 +84,34 @@ macro_rules! settings {
 }
 
 /// The settings both daemons have, under their own variable prefix (`"FERRY_"` for ferryd,
-/// `"FERRY_CLOUD_"` for ferry-cloud): the request limits (`limits.*`), the energy meter
-/// (`energy.*`) and the logs (`log.*`). `$config` needs those three fields
-/// (`ferry_core::RequestLimits`, `ferry_energy::EnergyConfig`, [`crate::config::LogConfig`]).
+/// `"FERRY_CLOUD_"` for ferry-cloud): the HTTP listener, slots, queue and drain
+/// (`server.{http_enabled, http_addr, max_concurrent, max_queue, shutdown_grace_s}`), the token
+/// file (`auth.*`), the request limits (`limits.*`), the energy meter (`energy.*`) and the logs
+/// (`log.*`). `$config` needs those fields (`ferry_core::RequestLimits`,
+/// `ferry_energy::EnergyConfig`, [`crate::config::LogConfig`] for the last three).
 #[macro_export]
 macro_rules! shared_settings {
     ($(#[$meta:meta])* pub struct $name:ident for $config:ty, prefix = $p:literal) => {
         $crate::settings! {
             $(#[$meta])*
             pub struct $name for $config {
+                /// Serve HTTP: /healthz, /readyz and /metrics (ferryd: also its OpenAI-compatible
+                /// API), true/false.
+                http_enabled: bool = concat!($p, "HTTP_ENABLED") => server.http_enabled;
+                /// HTTP listen address.
+                http_addr: std::net::SocketAddr = concat!($p, "HTTP_ADDR") => server.http_addr;
+                /// Requests generating at once (ferryd: a model's concurrent requests decode
+                /// together, so this is also its batch size).
+                max_concurrent: usize = concat!($p, "MAX_CONCURRENT") => server.max_concurrent;
+                /// Requests allowed to wait for a slot; beyond: RESOURCE_EXHAUSTED.
+                max_queue: usize = concat!($p, "MAX_QUEUE") => server.max_queue;
+                /// Seconds to let in-flight requests finish on SIGTERM.
+                shutdown_grace_s: u64 = concat!($p, "SHUTDOWN_GRACE_S") => server.shutdown_grace_s;
+                /// Bearer token file (hashed tokens, `ferry token new`; reloaded on SIGHUP).
+                tokens_file: std::path::PathBuf = concat!($p, "TOKENS_FILE") => auth.tokens_file;
+                /// Allow a non-loopback listener without authentication (true/false).
+                allow_unauthenticated_network: bool =
+                    concat!($p, "ALLOW_UNAUTHENTICATED_NETWORK") => auth.allow_unauthenticated_network;
                 /// Most messages per request.
                 max_messages: usize = concat!($p, "MAX_MESSAGES") => limits.max_messages;
                 /// Most text bytes per request.

@@ -314,18 +314,8 @@ ferry_daemon::settings! {
         grpc_addr: SocketAddr = "FERRY_GRPC_ADDR" => server.grpc_addr;
         /// Also serve on this Unix socket.
         unix_socket: PathBuf = "FERRY_UNIX_SOCKET" => server.unix_socket;
-        /// Serve the HTTP API, /metrics and probes (true/false).
-        http_enabled: bool = "FERRY_HTTP_ENABLED" => server.http_enabled;
-        /// HTTP listen address (OpenAI-compatible API, /metrics, /healthz, /readyz).
-        http_addr: SocketAddr = "FERRY_HTTP_ADDR" => server.http_addr;
-        /// Requests generating at once.
-        max_concurrent: usize = "FERRY_MAX_CONCURRENT" => server.max_concurrent;
-        /// Requests allowed to wait for a slot.
-        max_queue: usize = "FERRY_MAX_QUEUE" => server.max_queue;
         /// Waiting requests one app (bearer token) may hold (default: half of max_queue).
         max_queue_per_app: usize = "FERRY_MAX_QUEUE_PER_APP" => server.max_queue_per_app;
-        /// Seconds to let in-flight requests finish on SIGTERM.
-        shutdown_grace_s: u64 = "FERRY_SHUTDOWN_GRACE_S" => server.shutdown_grace_s;
         /// Directory of model manifests.
         manifest_dir: PathBuf = "FERRY_MANIFEST_DIR" => models.manifest_dir;
         /// Directory of model files.
@@ -378,10 +368,6 @@ ferry_daemon::settings! {
         cloud_token_file: PathBuf = "FERRY_CLOUD_TOKEN_FILE" => cloud.token_file;
         /// Time budget of an offloaded request without an app deadline, milliseconds.
         cloud_request_timeout_ms: u64 = "FERRY_CLOUD_REQUEST_TIMEOUT_MS" => cloud.request_timeout_ms;
-        /// Bearer token file (hashed tokens; reloaded on SIGHUP).
-        tokens_file: PathBuf = "FERRY_TOKENS_FILE" => auth.tokens_file;
-        /// Allow a non-loopback listener without a token file (true/false).
-        allow_unauthenticated_network: bool = "FERRY_ALLOW_UNAUTHENTICATED_NETWORK" => auth.allow_unauthenticated_network;
     }
 }
 
