@@ -33,12 +33,24 @@ const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
 /// RoPE base of the sliding-window layers (the GGUF stores only the global one).
 const DEFAULT_LOCAL_ROPE_BASE: f64 = 10_000.0;
 
-/// Formats that neither ferry's kernels (on this CPU) nor candle's SIMD ones multiply: candle
-/// runs them through a scalar loop.
-fn lacks_cpu_kernel(dtype: GgmlDType) -> bool {
+/// Whether a weight of `dtype` is read as Q8_0 on the CPU instead of as stored.
+///
+/// Formats that neither ferry's kernels (on this CPU) nor candle's SIMD ones multiply (candle
+/// runs them through a scalar loop), and, where ferry's kernels run, the K-quants: candle
+/// multiplies those through repacked copies it keeps beside the original (two of them on a CPU
+/// with AMX), so a Q4_K weight held as Q8_0 takes fewer bytes than the three copies and runs
+/// on ferry's kernel. Q8_0 holds a K-quant's dequantized values to within half a step of its
+/// own 8-bit grid.
+fn reads_as_q8_0(dtype: GgmlDType) -> bool {
     match dtype {
         GgmlDType::Q5_1 => true,
         GgmlDType::Q4_1 | GgmlDType::Q5_0 => !kernels::kernel_available(),
+        GgmlDType::Q2K
+        | GgmlDType::Q3K
+        | GgmlDType::Q4K
+        | GgmlDType::Q5K
+        | GgmlDType::Q6K
+        | GgmlDType::Q8K => kernels::kernel_available(),
         _ => false,
     }
 }
@@ -155,7 +167,7 @@ impl Gemma3 {
         let mut resident = 0u64;
         let mut tensor = |name: &str| -> Result<QTensor> {
             let t = ct.tensor(r, name, device)?;
-            let t = if device.is_cpu() && lacks_cpu_kernel(t.dtype()) {
+            let t = if device.is_cpu() && reads_as_q8_0(t.dtype()) {
                 QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?
             } else {
                 t
