@@ -865,10 +865,7 @@ mod tests {
             return;
         }
         let (rows, cols) = (21, 352);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
-            .collect();
-        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let w = weights(rows, cols);
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
             .collect();
@@ -909,13 +906,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_instruction_set_of_this_cpu_agrees_with_the_scalar_loop() {
-        let (rows, cols) = (40, 640);
+    /// A `rows × cols` weight matrix of spread, deterministic values in [-1.5, 1.5).
+    fn weights(rows: usize, cols: usize) -> Tensor {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
             .collect();
-        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn every_instruction_set_of_this_cpu_agrees_with_the_scalar_loop() {
+        let (rows, cols) = (40, 640);
+        let w = weights(rows, cols);
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
@@ -957,10 +959,7 @@ mod tests {
             return;
         }
         let (rows, cols) = (37, 352);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
-            .collect();
-        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let w = weights(rows, cols);
         let m = SMALL_BATCH + 3;
         let x: Vec<f32> = (0..m * cols)
             .map(|i| ((i * 104729 % 997) as f32 / 997.0 - 0.5) * 2.0)
