@@ -18,18 +18,28 @@
 //!   every activation row, so the weights stream from memory once per product, not once per token;
 //!   with AVX-512 the product runs in register tiles of 4 weight rows × 4 activation rows.
 //!
+//! - On CPUs with AVX-512 VNNI the weights are held in an interleaved layout ([`GROUP`] rows'
+//!   blocks side by side, the file's bytes reordered at load): one `vpdpbusd` then yields sixteen
+//!   rows' partial dots, the unpacked weights serve every activation row of a step, and no
+//!   horizontal sums are left. This is what lets a decode step of several sequences cost little
+//!   more than one.
+//!
 //! [`QLinear`] is the seam: a candle custom op on x86-64 CPUs with AVX2 and FMA, candle's own
 //! `QMatMul` everywhere else (other formats, accelerators, other architectures such as the
 //! Jetson's ARM cores, where candle has NEON kernels).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 
+mod interleave;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use interleave::GROUP;
 
 /// Output-head rows recomputed with f32 activations after the int8 product
 /// ([`QWeight::head_logits`]). Rounding the head's input to int8 moves logits by a few tenths;
@@ -135,6 +145,9 @@ pub struct QWeight {
     data: Arc<[u8]>,
     /// Where this weight's rows start in `data`, in bytes.
     offset: usize,
+    /// Whether `data` holds the rows interleaved by [`GROUP`] (see `interleave`) rather than
+    /// one after another as in the file.
+    interleaved: bool,
 }
 
 impl QWeight {
@@ -158,13 +171,68 @@ impl QWeight {
                 rows * cols / BLOCK * format.block_bytes()
             );
         }
-        Ok(Some(QWeight {
-            format,
-            rows,
-            cols,
-            data,
+        Ok(Some(
+            QWeight {
+                format,
+                rows,
+                cols,
+                data,
+                offset: 0,
+                interleaved: false,
+            }
+            .prepared(),
+        ))
+    }
+
+    /// This weight in the layout the best kernel of this CPU reads: interleaved where the
+    /// 512-bit kernel runs and the rows fill whole groups, as stored otherwise.
+    fn prepared(self) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if x86::detect() == Some(x86::Isa::Avx512Vnni) {
+            return self.interleaved().unwrap_or(self);
+        }
+        self
+    }
+
+    /// A copy in the interleaved layout, or `None` when the rows do not fill whole
+    /// [`GROUP`]s or the weight already is interleaved.
+    pub fn interleaved(&self) -> Option<QWeight> {
+        if self.interleaved || !self.rows.is_multiple_of(GROUP) || self.rows == 0 {
+            return None;
+        }
+        let data = interleave::interleave(self.format, self.stored(), self.rows, self.cols);
+        Some(QWeight {
+            data: Arc::from(data),
             offset: 0,
-        }))
+            interleaved: true,
+            ..*self
+        })
+    }
+
+    /// Whether the rows are held interleaved (see [`GROUP`]).
+    pub fn is_interleaved(&self) -> bool {
+        self.interleaved
+    }
+
+    /// The same weight with its rows one after another, as in the file (shared when it
+    /// already is).
+    pub fn to_rows(&self) -> QWeight {
+        if !self.interleaved {
+            return QWeight {
+                data: self.data.clone(),
+                ..*self
+            };
+        }
+        let mut data = Vec::with_capacity(self.stored().len());
+        for r in 0..self.rows {
+            data.extend_from_slice(&self.row(r));
+        }
+        QWeight {
+            data: Arc::from(data),
+            offset: 0,
+            interleaved: false,
+            ..*self
+        }
     }
 
     /// Output rows.
@@ -177,22 +245,51 @@ impl QWeight {
         self.cols
     }
 
-    /// The blocks as the file stores them, row after row.
-    pub fn raw(&self) -> &[u8] {
-        let len = self.rows * self.cols / BLOCK * self.format.block_bytes();
+    /// The blocks as held: row after row as in the file, or interleaved.
+    fn stored(&self) -> &[u8] {
+        let len = self.rows * self.row_bytes();
         &self.data[self.offset..self.offset + len]
     }
 
-    /// Rows `rows` of this weight, sharing its blocks.
+    /// Bytes of one row's blocks.
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.format.block_bytes()
+    }
+
+    /// Row `r`'s blocks as the file stores them.
+    pub fn row(&self, r: usize) -> Cow<'_, [u8]> {
+        assert!(r < self.rows, "row {r} of a {}-row weight", self.rows);
+        if self.interleaved {
+            Cow::Owned(interleave::row(self.format, self.stored(), self.cols, r))
+        } else {
+            Cow::Borrowed(&self.stored()[r * self.row_bytes()..(r + 1) * self.row_bytes()])
+        }
+    }
+
+    /// Rows `rows` of this weight: sharing its blocks where the range keeps whole groups of an
+    /// interleaved weight (or any range of a row-layout one), a row-layout copy otherwise.
     pub fn view(&self, rows: std::ops::Range<usize>) -> QWeight {
         assert!(rows.start <= rows.end && rows.end <= self.rows);
-        let row_bytes = self.cols / BLOCK * self.format.block_bytes();
+        if self.interleaved
+            && (!rows.start.is_multiple_of(GROUP) || !rows.end.is_multiple_of(GROUP))
+        {
+            let mut data = Vec::with_capacity(rows.len() * self.row_bytes());
+            for r in rows.clone() {
+                data.extend_from_slice(&self.row(r));
+            }
+            return QWeight {
+                rows: rows.len(),
+                data: Arc::from(data),
+                offset: 0,
+                interleaved: false,
+                ..*self
+            };
+        }
         QWeight {
-            format: self.format,
             rows: rows.len(),
-            cols: self.cols,
             data: self.data.clone(),
-            offset: self.offset + rows.start * row_bytes,
+            offset: self.offset + rows.start * self.row_bytes(),
+            ..*self
         }
     }
 
@@ -210,7 +307,7 @@ impl QWeight {
     pub fn to_qtensor(&self, device: &candle_core::Device) -> Result<QTensor> {
         candle_core::quantized::ggml_file::qtensor_from_ggml(
             self.ggml_dtype(),
-            self.raw(),
+            self.to_rows().stored(),
             vec![self.rows, self.cols],
             device,
         )
@@ -218,7 +315,7 @@ impl QWeight {
 
     /// Bytes of this weight's blocks (the file's own bytes).
     pub fn bytes(&self) -> usize {
-        self.raw().len()
+        self.stored().len()
     }
 
     /// The rows of several weights of one format and width stacked into one matrix, so that
@@ -231,16 +328,29 @@ impl QWeight {
         {
             return None;
         }
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.raw().len()).sum());
+        // Interleaved groups are self-contained, so interleaved parts stack as they are;
+        // otherwise the rows are stacked as in the file and the whole laid out afresh.
+        let interleaved = parts.iter().all(|p| p.interleaved);
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.bytes()).sum());
         for p in parts {
-            data.extend_from_slice(p.raw());
+            if interleaved {
+                data.extend_from_slice(p.stored());
+            } else {
+                data.extend_from_slice(p.to_rows().stored());
+            }
         }
-        Some(QWeight {
+        let stacked = QWeight {
             format: first.format,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
             data: Arc::from(data),
             offset: 0,
+            interleaved,
+        };
+        Some(if interleaved {
+            stacked
+        } else {
+            stacked.prepared()
         })
     }
 
@@ -263,6 +373,10 @@ impl QWeight {
     pub fn matvec_f32(&self, x: &[f32], out: &mut [f32]) {
         assert_eq!(x.len(), self.cols);
         assert_eq!(out.len(), self.rows);
+        if self.interleaved {
+            // Only the head's few leading rows come here (`head_logits_rows`, on row copies).
+            return self.to_rows().matvec_f32(x, out);
+        }
         let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect();
         #[cfg(target_arch = "x86_64")]
         if x86::detect().is_some() {
@@ -303,9 +417,8 @@ impl QWeight {
         let nb = self.cols / BLOCK;
         let bb = self.format.block_bytes();
         let mut u = [0u8; BLOCK];
-        let data = self.raw();
         for (r, o) in out.iter_mut().enumerate() {
-            let row = &data[r * nb * bb..(r + 1) * nb * bb];
+            let row = self.row(r);
             let mut total = 0f32;
             for b in 0..nb {
                 let (dw, cw) = unpack_block(self.format, &row[b * bb..(b + 1) * bb], &mut u);
@@ -326,9 +439,8 @@ impl QWeight {
         let nb = self.cols / BLOCK;
         let bb = self.format.block_bytes();
         let mut u = [0u8; BLOCK];
-        let data = self.raw();
         for r in 0..self.rows {
-            let row = &data[r * nb * bb..(r + 1) * nb * bb];
+            let row = self.row(r);
             for j in 0..m {
                 let mut total = 0f32;
                 for b in 0..nb {

@@ -12,7 +12,9 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use super::{Format, QWeight, QuantizedActs, BLOCK};
+use super::{Format, QWeight, QuantizedActs, BLOCK, GROUP};
+
+mod groups;
 
 /// Instruction sets the kernels are compiled for, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,9 +116,34 @@ pub fn matmul(isa: Isa, w: &QWeight, acts: &QuantizedActs, m: usize, out: &mut [
     assert_eq!(out.len(), m * w.rows);
     assert_eq!(acts.q.len(), m * w.cols);
     assert_eq!(
-        w.raw().len(),
+        w.stored().len(),
         w.rows * w.cols / BLOCK * w.format.block_bytes()
     );
+    if w.interleaved {
+        if isa != Isa::Avx512Vnni {
+            // Only the 512-bit kernel reads the interleaved layout (tests ask for the others).
+            return matmul(isa, &w.to_rows(), acts, m, out);
+        }
+        assert_eq!(w.rows % GROUP, 0);
+        let dst = Out(out.as_mut_ptr());
+        let run = |groups: Range<usize>| {
+            // SAFETY: the asserts above bound every pointer; AVX-512 VNNI was detected.
+            unsafe {
+                match w.format {
+                    Format::Q4_0 => groups::rows::<Q4_0>(w, acts, m, groups, dst.ptr()),
+                    Format::Q4_1 => groups::rows::<Q4_1>(w, acts, m, groups, dst.ptr()),
+                    Format::Q5_0 => groups::rows::<Q5_0>(w, acts, m, groups, dst.ptr()),
+                    Format::Q8_0 => groups::rows::<Q8_0>(w, acts, m, groups, dst.ptr()),
+                }
+            }
+        };
+        if w.rows * w.cols * m < PARALLEL_MIN_MACS {
+            run(0..w.rows / GROUP);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(w.rows / GROUP, run);
+        }
+        return;
+    }
     // The 512-bit prompt kernel's activation scales, laid out once per product (not once per
     // chunk of rows each thread takes).
     let scales = (isa == Isa::Avx512Vnni && m > 1).then(|| PromptScales::new(acts));
@@ -191,7 +218,7 @@ macro_rules! f32_rows_kernel {
         ) {
             let nb = w.cols / BLOCK;
             let bb = block_bytes(F);
-            let base = w.raw().as_ptr();
+            let base = w.stored().as_ptr();
             let xp = x.as_ptr();
             for r in rows {
                 let row = base.add(r * nb * bb);
@@ -292,7 +319,7 @@ unsafe fn walk_tiles<const F: u8, const R: usize, const J: usize>(
 ) {
     let nb = w.cols / BLOCK;
     let bb = block_bytes(F);
-    let base = w.raw().as_ptr();
+    let base = w.stored().as_ptr();
     let mut scratch: [RowScratch; R] = std::array::from_fn(|_| RowScratch::new(nb));
     let mut r = rows.start;
     while r < rows.end {
@@ -459,7 +486,7 @@ unsafe fn few_512<const F: u8>(
 ) {
     let nb = w.cols / BLOCK;
     let bb = block_bytes(F);
-    let base = w.raw().as_ptr();
+    let base = w.stored().as_ptr();
     let mut cws = vec![0f32; nb];
     let row_bytes = nb * bb;
     for r in rows.clone() {
@@ -620,13 +647,17 @@ const Q4_1: u8 = 1;
 const Q5_0: u8 = 2;
 const Q8_0: u8 = 3;
 
-const fn block_bytes(f: u8) -> usize {
+const fn format_of(f: u8) -> Format {
     match f {
-        Q4_0 => Format::Q4_0.block_bytes(),
-        Q4_1 => Format::Q4_1.block_bytes(),
-        Q5_0 => Format::Q5_0.block_bytes(),
-        _ => Format::Q8_0.block_bytes(),
+        Q4_0 => Format::Q4_0,
+        Q4_1 => Format::Q4_1,
+        Q5_0 => Format::Q5_0,
+        _ => Format::Q8_0,
     }
+}
+
+const fn block_bytes(f: u8) -> usize {
+    format_of(f).block_bytes()
 }
 
 /// Asks for the `bytes` at `p` (the next weight row) to be brought into the cache: the kernels
@@ -739,7 +770,7 @@ macro_rules! kernels {
                 let q = acts.q.as_ptr();
                 let d = acts.d.as_ptr();
                 let s = acts.sum.as_ptr();
-                let base = w.raw().as_ptr();
+                let base = w.stored().as_ptr();
                 if m == 1 {
                     // Two accumulators (even and odd blocks): one chain of multiply-adds would
                     // wait out its latency at every block, and decoding is this loop.
@@ -914,9 +945,19 @@ mod tests {
         Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap()
     }
 
+    /// The weight in both layouts: rows as in the file, and interleaved.
+    fn both_layouts(w: &Tensor, dtype: GgmlDType) -> [QWeight; 2] {
+        let qw = QWeight::from_qtensor(&QTensor::quantize(w, dtype).unwrap())
+            .unwrap()
+            .unwrap();
+        let rows = qw.to_rows();
+        let inter = rows.interleaved().expect("whole groups");
+        [rows, inter]
+    }
+
     #[test]
     fn every_instruction_set_of_this_cpu_agrees_with_the_scalar_loop() {
-        let (rows, cols) = (40, 640);
+        let (rows, cols) = (48, 640);
         let w = weights(rows, cols);
         for dtype in [
             GgmlDType::Q4_0,
@@ -924,26 +965,26 @@ mod tests {
             GgmlDType::Q5_0,
             GgmlDType::Q8_0,
         ] {
-            let qw = QWeight::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
-                .unwrap()
-                .unwrap();
-            // One row (decode), the few-row kernel's groups of four (with remainders), and the
-            // prompt kernels past it.
-            for m in [1, 2, 3, 4, 5, 8, SMALL_BATCH + 1, 13] {
-                let x: Vec<f32> = (0..m * cols)
-                    .map(|i| ((i * 104729 % 997) as f32 / 997.0 - 0.5) * 2.0)
-                    .collect();
-                let acts = QuantizedActs::quantize(&x, m, cols);
-                let mut want = vec![0f32; m * rows];
-                qw.matmul_reference(&acts, m, &mut want);
-                for isa in available() {
-                    let mut got = vec![0f32; m * rows];
-                    matmul(isa, &qw, &acts, m, &mut got);
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - w).abs() <= 1e-3 * w.abs().max(1.0),
-                            "{dtype:?} {isa:?} m={m}: {g} vs {w}"
-                        );
+            for qw in both_layouts(&w, dtype) {
+                // One row (decode), the few-row kernel's groups of four (with remainders), and the
+                // prompt kernels past it.
+                for m in [1, 2, 3, 4, 5, 8, SMALL_BATCH + 1, 13] {
+                    let x: Vec<f32> = (0..m * cols)
+                        .map(|i| ((i * 104729 % 997) as f32 / 997.0 - 0.5) * 2.0)
+                        .collect();
+                    let acts = QuantizedActs::quantize(&x, m, cols);
+                    let mut want = vec![0f32; m * rows];
+                    qw.matmul_reference(&acts, m, &mut want);
+                    for isa in available() {
+                        let mut got = vec![0f32; m * rows];
+                        matmul(isa, &qw, &acts, m, &mut got);
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!(
+                                (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+                                "{dtype:?} {isa:?} m={m} interleaved {}: {g} vs {w}",
+                                qw.is_interleaved()
+                            );
+                        }
                     }
                 }
             }
@@ -953,12 +994,18 @@ mod tests {
     /// A prompt row comes out the same whichever 512-bit kernel multiplies it (the few-row one
     /// for a step of up to eight rows, the prompt one past that) and whatever rows share the
     /// call: a prompt's rows, hence its first token, do not depend on what it was batched with.
+    /// Over interleaved weights the same holds for any row, a lone decode row included.
     #[test]
     fn the_512_bit_kernels_round_a_row_the_same_in_any_company() {
         if !available().contains(&Isa::Avx512Vnni) {
             return;
         }
-        let (rows, cols) = (37, 352);
+        for (rows, cols, interleaved) in [(37, 352, false), (48, 352, true)] {
+            company_check(rows, cols, interleaved);
+        }
+    }
+
+    fn company_check(rows: usize, cols: usize, interleaved: bool) {
         let w = weights(rows, cols);
         let m = SMALL_BATCH + 3;
         let x: Vec<f32> = (0..m * cols)
@@ -972,7 +1019,13 @@ mod tests {
         ] {
             let qw = QWeight::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
                 .unwrap()
-                .unwrap();
+                .unwrap()
+                .to_rows();
+            let qw = if interleaved {
+                qw.interleaved().unwrap()
+            } else {
+                qw
+            };
             let product = |x: &[f32], m: usize| {
                 let mut out = vec![0f32; m * rows];
                 matmul(
@@ -985,7 +1038,12 @@ mod tests {
                 out
             };
             let all = product(&x, m);
-            for (start, n) in [(0, 2), (3, 5), (2, SMALL_BATCH)] {
+            let lone: &[(usize, usize)] = if interleaved {
+                &[(4, 1), (m - 1, 1)]
+            } else {
+                &[]
+            };
+            for &(start, n) in [(0, 2), (3, 5), (2, SMALL_BATCH)].iter().chain(lone) {
                 let part = product(&x[start * cols..(start + n) * cols], n);
                 assert_eq!(
                     part[..],

@@ -2,6 +2,7 @@
 //! token embedding that only dequantizes the rows a request looks up, and RoPE angles computed
 //! for the positions being fed rather than a table for the whole context.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
@@ -48,33 +49,38 @@ impl Embedding {
             }
             Embedding::Rows(qt) => {
                 let (rows, dim) = qt.shape().dims2()?;
-                lookup_rows(qt.dtype(), &qt.data()?, rows, dim, ids, device)
+                let data = qt.data()?;
+                let row_bytes = dim / qt.dtype().block_size() * qt.dtype().type_size();
+                lookup_rows(qt.dtype(), rows, dim, ids, device, |id| {
+                    Cow::Borrowed(&data[id * row_bytes..(id + 1) * row_bytes])
+                })
             }
             Embedding::HeadRows(w) => {
-                lookup_rows(w.ggml_dtype(), w.raw(), w.rows(), w.cols(), ids, device)
+                lookup_rows(w.ggml_dtype(), w.rows(), w.cols(), ids, device, |id| {
+                    w.row(id)
+                })
             }
         }
     }
 }
 
-/// Dequantizes rows `ids` of a `rows × dim` table stored as GGML blocks of `dtype`.
-fn lookup_rows(
+/// Dequantizes rows `ids` of a `rows × dim` table of GGML blocks of `dtype`, `row(id)` giving
+/// one row's blocks as the file stores them.
+fn lookup_rows<'a>(
     dtype: GgmlDType,
-    data: &[u8],
     rows: usize,
     dim: usize,
     ids: &[u32],
     device: &Device,
+    row: impl Fn(usize) -> Cow<'a, [u8]>,
 ) -> Result<Tensor> {
-    let row_bytes = dim / dtype.block_size() * dtype.type_size();
     let mut out = Vec::with_capacity(ids.len() * dim);
     for &id in ids {
         let id = id as usize;
         if id >= rows {
             candle_core::bail!("token id {id} is outside the {rows}-row embedding");
         }
-        let raw = &data[id * row_bytes..(id + 1) * row_bytes];
-        let row = ggml_file::qtensor_from_ggml(dtype, raw, vec![dim], &Device::Cpu)?;
+        let row = ggml_file::qtensor_from_ggml(dtype, &row(id), vec![dim], &Device::Cpu)?;
         out.extend(row.dequantize(&Device::Cpu)?.to_vec1::<f32>()?);
     }
     Tensor::from_vec(out, (1, ids.len(), dim), device)

@@ -1,0 +1,167 @@
+//! The 512-bit kernel over interleaved weights (see `kernels::interleave`): sixteen weight rows
+//! per register, for any number of activation rows.
+//!
+//! Per block column of a group, the sixteen rows' values are unpacked once into eight registers
+//! (`V_k`: four values of each row), then each activation row costs eight `vpdpbusd` against its
+//! eight broadcast 4-byte groups, a conversion and two multiply-adds — about 13 instructions per
+//! 512 multiply-adds, where the row-at-a-time kernels spend four per 64 plus the unpacking. Every
+//! output is computed by the same instructions in the same order whatever the number of rows in
+//! the call, so a row's result does not depend on its company (decode, a step of many sequences
+//! and a prompt all round alike).
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::{block_bytes, Q4_0, Q4_1, Q5_0};
+use crate::kernels::{interleave, QWeight, QuantizedActs, BLOCK, GROUP};
+
+/// Activation rows multiplied together against one unpacked block column: eight accumulators
+/// plus the eight unpacked registers and temporaries fit the 32 vector registers.
+const TILE: usize = 8;
+
+/// Groups `groups` of interleaved `w` against `m` activation rows, into `out[j·w.rows + r]`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL and VNNI; `w` must be interleaved, `acts` must hold `m`
+/// rows of `w.cols` values and `out` `m · w.rows` values.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn rows<const F: u8>(
+    w: &QWeight,
+    acts: &QuantizedActs,
+    m: usize,
+    groups: Range<usize>,
+    out: *mut f32,
+) {
+    let nb = w.cols / BLOCK;
+    let group_bytes = nb * GROUP * block_bytes(F);
+    let base = w.stored().as_ptr();
+    for g in groups.clone() {
+        let group = base.add(g * group_bytes);
+        // The next group is asked for while this one is multiplied, one chunk per block.
+        let mut ahead = (g + 1 < groups.end).then(|| group.add(group_bytes));
+        let mut j = 0;
+        while j < m {
+            let n = (m - j).min(TILE);
+            let at = Tile {
+                group,
+                nb,
+                acts,
+                j0: j,
+                out: out.add(j * w.rows + g * GROUP),
+                out_stride: w.rows,
+                ahead,
+            };
+            match n {
+                8 => tile::<F, 8>(at),
+                7 => tile::<F, 7>(at),
+                6 => tile::<F, 6>(at),
+                5 => tile::<F, 5>(at),
+                4 => tile::<F, 4>(at),
+                3 => tile::<F, 3>(at),
+                2 => tile::<F, 2>(at),
+                _ => tile::<F, 1>(at),
+            }
+            ahead = None;
+            j += n;
+        }
+    }
+}
+
+/// Where one tile reads and writes.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    /// The group's first chunk.
+    group: *const u8,
+    /// Blocks per row.
+    nb: usize,
+    acts: &'a QuantizedActs,
+    /// The tile's first activation row.
+    j0: usize,
+    /// Output of activation row `j0`, group row 0.
+    out: *mut f32,
+    /// Values between two activation rows' outputs.
+    out_stride: usize,
+    /// The next group, to prefetch.
+    ahead: Option<*const u8>,
+}
+
+/// Sixteen weight rows × `J` activation rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile<const F: u8, const J: usize>(t: Tile<'_>) {
+    let chunk = GROUP * block_bytes(F);
+    let cols = t.nb * BLOCK;
+    let q = t.acts.q.as_ptr();
+    let d = t.acts.d.as_ptr();
+    let s = t.acts.sum.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); J];
+    for b in 0..t.nb {
+        let c = t.group.add(b * chunk);
+        if let Some(next) = t.ahead {
+            let mut off = 0;
+            while off < chunk {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(b * chunk + off) as *const i8);
+                off += 64;
+            }
+        }
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(c as *const __m256i));
+        let (v, cw) = unpack::<F>(c, dw);
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let row = t.j0 + k;
+            let qa = q.add(row * cols + b * BLOCK) as *const i32;
+            let quad = |i: usize| _mm512_set1_epi32(std::ptr::read_unaligned(qa.add(i)));
+            // Two chains of four, so one row's dot does not wait out eight latencies.
+            let mut lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], quad(0));
+            let mut hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[4], quad(4));
+            for i in 1..4 {
+                lo = _mm512_dpbusd_epi32(lo, v[i], quad(i));
+                hi = _mm512_dpbusd_epi32(hi, v[4 + i], quad(4 + i));
+            }
+            let ab = row * t.nb + b;
+            let da = *d.add(ab);
+            let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+            *acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, _mm512_set1_ps(da)), *acc);
+            *acc = _mm512_fmadd_ps(cw, _mm512_set1_ps(da * *s.add(ab)), *acc);
+        }
+    }
+    for (k, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(t.out.add(k * t.out_stride), *acc);
+    }
+}
+
+/// One chunk's values as eight registers of unsigned bytes (`V_k`: values `4k..4k + 4` of
+/// each of the sixteen rows) and the rows' offset coefficients `c_w` (`w = d_w·u + c_w`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn unpack<const F: u8>(c: *const u8, dw: __m512) -> ([__m512i; 8], __m512) {
+    let vals = c.add(interleave::values_at(super::format_of(F)));
+    let load = |k: usize| _mm512_loadu_si512(vals.add(64 * k) as *const __m512i);
+    if F == super::Q8_0 {
+        return (
+            std::array::from_fn(load),
+            _mm512_mul_ps(dw, _mm512_set1_ps(-128.0)),
+        );
+    }
+    let low = _mm512_set1_epi8(0x0f);
+    let mut v = [_mm512_setzero_si512(); 8];
+    for k in 0..4 {
+        let packed = load(k);
+        v[k] = _mm512_and_si512(packed, low);
+        v[k + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+    }
+    let cw = match F {
+        Q4_0 => _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
+        Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(c.add(32) as *const __m256i)),
+        _ => {
+            debug_assert_eq!(F, Q5_0);
+            let fifth = _mm512_set1_epi8(0x10);
+            for (k, v) in v.iter_mut().enumerate() {
+                let mask = std::ptr::read_unaligned(c.add(32 + 8 * k) as *const u64);
+                // A nibble is at most 15, so adding 16 sets the fifth bit.
+                *v = _mm512_mask_add_epi8(*v, mask, *v, fifth);
+            }
+            _mm512_mul_ps(dw, _mm512_set1_ps(-16.0))
+        }
+    };
+    (v, cw)
+}
