@@ -112,10 +112,21 @@ impl QuantizedActs {
             sum: vec![0.0; rows * blocks],
             blocks,
         };
+        #[cfg(target_arch = "x86_64")]
+        if x86::detect().is_some() {
+            x86::quantize(x, &mut out);
+            return out;
+        }
+        out.fill_scalar(x);
+        out
+    }
+
+    /// The quantisation as a plain loop (CPUs without AVX2, and the vector version's test).
+    pub(crate) fn fill_scalar(&mut self, x: &[f32]) {
         for ((xs, qs), (d, sum)) in x
             .chunks_exact(BLOCK)
-            .zip(out.q.chunks_exact_mut(BLOCK))
-            .zip(out.d.iter_mut().zip(out.sum.iter_mut()))
+            .zip(self.q.chunks_exact_mut(BLOCK))
+            .zip(self.d.iter_mut().zip(self.sum.iter_mut()))
         {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
@@ -131,7 +142,6 @@ impl QuantizedActs {
             *d = scale;
             *sum = s as f32;
         }
-        out
     }
 }
 

@@ -160,6 +160,51 @@ pub fn matmul(isa: Isa, w: &QWeight, acts: &QuantizedActs, m: usize, out: &mut [
     }
 }
 
+/// [`QuantizedActs::quantize`] eight lanes at a time, with the same results: the block's
+/// largest magnitude, the same scalar scale and inverse, and `vcvtps2dq`'s default rounding
+/// (to nearest, ties to even, as the scalar loop's `round_ties_even`).
+pub fn quantize(x: &[f32], out: &mut QuantizedActs) {
+    assert_eq!(x.len(), out.q.len());
+    assert_eq!(x.len(), out.d.len() * BLOCK);
+    assert_eq!(out.d.len(), out.sum.len());
+    // SAFETY: lengths asserted above; AVX2 is present wherever `detect` returned an ISA.
+    unsafe { quantize_avx2(x, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedActs) {
+    let sign = _mm256_set1_ps(-0.0);
+    // `packs` interleaves the 128-bit lanes; this puts the four groups of eight back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..out.d.len() {
+        let xs = x.as_ptr().add(b * BLOCK);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xs.add(8 * i)));
+        let a = v.map(|v| _mm256_andnot_ps(sign, v));
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let i = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)));
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+        _mm256_storeu_si256(out.q.as_mut_ptr().add(b * BLOCK) as *mut __m256i, bytes);
+        let total = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let t = _mm_add_epi32(
+            _mm256_castsi256_si128(total),
+            _mm256_extracti128_si256(total, 1),
+        );
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
+        *out.d.get_unchecked_mut(b) = scale;
+        *out.sum.get_unchecked_mut(b) = _mm_cvtsi128_si32(t) as f32;
+    }
+}
+
 /// One f32 activation row against every weight row (see `QWeight::matvec_f32`); `sums` holds
 /// the activation's per-block sums.
 pub fn matvec_f32(w: &QWeight, x: &[f32], sums: &[f32], out: &mut [f32]) {
@@ -888,6 +933,36 @@ mod tests {
         assert_eq!(choose(&have, Some("avx512-vnni")), Some(Isa::AvxVnni));
         assert_eq!(choose(&have, Some("sse2")), Some(Isa::AvxVnni));
         assert_eq!(choose(&[], Some("avx2")), None);
+    }
+
+    #[test]
+    fn vector_quantisation_gives_the_scalar_loops_bytes() {
+        if !available().contains(&Isa::Avx2) {
+            return;
+        }
+        let (rows, cols) = (3, 256);
+        let mut x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 104729 % 997) as f32 / 997.0 - 0.5) * (1 + i % 7) as f32)
+            .collect();
+        // A block of zeros, one with a tie at .5 steps, one of huge and tiny values.
+        x[32..64].fill(0.0);
+        for (i, v) in x[64..96].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 127.0 / 31.0 + 0.5;
+        }
+        x[96] = 3e30;
+        x[97] = -1e-30;
+        let blank = || QuantizedActs {
+            q: vec![0; rows * cols],
+            d: vec![0.0; rows * cols / BLOCK],
+            sum: vec![0.0; rows * cols / BLOCK],
+            blocks: cols / BLOCK,
+        };
+        let (mut scalar, mut vector) = (blank(), blank());
+        scalar.fill_scalar(&x);
+        quantize(&x, &mut vector);
+        assert_eq!(vector.q, scalar.q);
+        assert_eq!(vector.d, scalar.d);
+        assert_eq!(vector.sum, scalar.sum);
     }
 
     #[test]

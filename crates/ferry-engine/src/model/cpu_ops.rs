@@ -182,27 +182,58 @@ pub(crate) fn attend(
         let lo = shape
             .window
             .map_or(first, |w| (qi + 1).saturating_sub(w).max(first));
-        let mut scores: Vec<f32> = (lo..=qi)
-            .map(|p| dot(q, &k_cache[(p - first) * kv_width + kvh * hd..][..hd]) * shape.scale)
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0f32;
-        for s in &mut scores {
-            *s = exp_fast(*s - max);
-            total += *s;
-        }
-        out.fill(0.0);
-        for (j, s) in scores.iter().enumerate() {
-            let w = s / total;
-            let p = lo + j - first;
-            for (o, &v) in out
-                .iter_mut()
-                .zip(&v_cache[p * kv_width + kvh * hd..][..hd])
-            {
-                *o += w * v;
+        SCORES.with_borrow_mut(|scores| {
+            scores.clear();
+            scores.extend((lo..=qi).map(|p| {
+                dot(q, &k_cache[(p - first) * kv_width + kvh * hd..][..hd]) * shape.scale
+            }));
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0f32;
+            for s in scores.iter_mut() {
+                *s = exp_fast(*s - max);
+                total += *s;
+            }
+            let values = &v_cache[(lo - first) * kv_width + kvh * hd..];
+            weighted_rows(scores, values, kv_width, 1.0 / total, out);
+        });
+    });
+}
+
+thread_local! {
+    /// One attention row's scores, kept per thread so a (query, head) item allocates nothing.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `out = scale · Σ_j weights[j] · values[j·stride..][..out.len()]`, summed in chunks of 16
+/// lanes held in registers across all rows (rather than the whole output read and written back
+/// once per row).
+fn weighted_rows(weights: &[f32], values: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    const LANES: usize = 16;
+    let mut start = 0;
+    for chunk in out.chunks_mut(LANES) {
+        let mut acc = [0f32; LANES];
+        if chunk.len() == LANES {
+            for (j, &w) in weights.iter().enumerate() {
+                let v: &[f32; LANES] = values[j * stride + start..][..LANES]
+                    .try_into()
+                    .unwrap_or(&[0.0; LANES]);
+                for (a, &v) in acc.iter_mut().zip(v) {
+                    *a += w * v;
+                }
+            }
+        } else {
+            for (j, &w) in weights.iter().enumerate() {
+                let v = &values[j * stride + start..][..chunk.len()];
+                for (a, &v) in acc.iter_mut().zip(v) {
+                    *a += w * v;
+                }
             }
         }
-    });
+        for (o, a) in chunk.iter_mut().zip(acc) {
+            *o = a * scale;
+        }
+        start += chunk.len();
+    }
 }
 
 /// One sequence's rows in a batched forward pass: `t` tokens at positions `pos..pos + t`,
