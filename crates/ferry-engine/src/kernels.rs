@@ -15,8 +15,7 @@
 //!   multiply-adds on plain AVX2.
 //! - Weight rows are split across candle's thread pool, so one product uses every core.
 //! - For a prompt (several activation rows) each weight row is unpacked once and dotted with
-//!   every activation row, so the weights stream from memory once per product, not once per token;
-//!   with AVX-512 the product runs in register tiles of 4 weight rows × 4 activation rows.
+//!   every activation row, so the weights stream from memory once per product, not once per token.
 //!
 //! - On CPUs with AVX-512 VNNI the weights are held in an interleaved layout ([`GROUP`] rows'
 //!   blocks side by side, the file's bytes reordered at load): one `vpdpbusd` then yields sixteen
