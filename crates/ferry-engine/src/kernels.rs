@@ -568,6 +568,43 @@ pub fn par_items<F: Fn(usize, &mut [f32]) + Sync>(
     }
 }
 
+/// Attention scores `out[j] = scale · q·keys[j·stride..][..q.len()]` with the CPU's vector
+/// units, or `false` (nothing written) where this CPU or the head size (a multiple of 8) has no
+/// vector path.
+pub fn attention_scores(
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_available() && q.len().is_multiple_of(8) {
+        x86::scaled_dots(q, keys, stride, scale, out);
+        return true;
+    }
+    let _ = (q, keys, stride, scale, out);
+    false
+}
+
+/// Attention's output `out = scale · Σ_j weights[j]·values[j·stride..][..out.len()]` with the
+/// CPU's vector units, or `false` (nothing written) where there is no vector path.
+pub fn attention_values(
+    weights: &[f32],
+    values: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_available() && out.len().is_multiple_of(8) {
+        x86::weighted_sum(weights, values, stride, scale, out);
+        return true;
+    }
+    let _ = (weights, values, stride, scale, out);
+    false
+}
+
 /// The product `x · Wᵀ` as a candle op over the kernel's weights.
 #[derive(Debug, Clone)]
 struct KernelOp(Arc<QWeight>);

@@ -203,6 +203,103 @@ unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedActs) {
     }
 }
 
+/// Attention scores: `out[j] = scale · Σ_c q[c]·keys[j·stride + c]` for `j < out.len()`, four
+/// keys at a time (four independent chains of multiply-adds, the query loaded once for them).
+/// `q.len()` must be a multiple of 8.
+pub fn scaled_dots(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let (hd, n) = (q.len(), out.len());
+    assert_eq!(hd % 8, 0);
+    if n == 0 {
+        return;
+    }
+    assert!(keys.len() >= (n - 1) * stride + hd);
+    // SAFETY: bounds asserted above; AVX2 and FMA are present wherever `detect` returned an
+    // ISA, which the caller checked.
+    unsafe { scaled_dots_avx2(q, keys.as_ptr(), stride, scale, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scaled_dots_avx2(
+    q: &[f32],
+    keys: *const f32,
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (hd, n) = (q.len(), out.len());
+    let qp = q.as_ptr();
+    let mut j = 0;
+    while j + 4 <= n {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in (0..hd).step_by(8) {
+            let qv = _mm256_loadu_ps(qp.add(c));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys.add((j + t) * stride + c)), *acc);
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            *out.get_unchecked_mut(j + t) = hsum(*acc) * scale;
+        }
+        j += 4;
+    }
+    while j < n {
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..hd).step_by(8) {
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(qp.add(c)),
+                _mm256_loadu_ps(keys.add(j * stride + c)),
+                acc,
+            );
+        }
+        *out.get_unchecked_mut(j) = hsum(acc) * scale;
+        j += 1;
+    }
+}
+
+/// Attention's weighted values: `out[c] = scale · Σ_j weights[j]·values[j·stride + c]`, 64
+/// columns at a time in eight registers held across every row. `out.len()` must be a multiple
+/// of 8.
+pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let (hd, n) = (out.len(), weights.len());
+    assert_eq!(hd % 8, 0);
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    assert!(values.len() >= (n - 1) * stride + hd);
+    // SAFETY: as for `scaled_dots`.
+    unsafe { weighted_sum_avx2(weights, values.as_ptr(), stride, scale, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_avx2(
+    weights: &[f32],
+    values: *const f32,
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    const WIDE: usize = 64;
+    let hd = out.len();
+    let mut start = 0;
+    while start < hd {
+        let lanes = (hd - start).min(WIDE) / 8;
+        let mut acc = [_mm256_setzero_ps(); WIDE / 8];
+        for (j, &w) in weights.iter().enumerate() {
+            let wv = _mm256_set1_ps(w);
+            let row = values.add(j * stride + start);
+            for (i, acc) in acc.iter_mut().enumerate().take(lanes) {
+                *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * i)), *acc);
+            }
+        }
+        let sv = _mm256_set1_ps(scale);
+        for (i, acc) in acc.iter().enumerate().take(lanes) {
+            _mm256_storeu_ps(out.as_mut_ptr().add(start + 8 * i), _mm256_mul_ps(*acc, sv));
+        }
+        start += lanes * 8;
+    }
+}
+
 /// One f32 activation row against every weight row (see `QWeight::matvec_f32`); `sums` holds
 /// the activation's per-block sums.
 pub fn matvec_f32(w: &QWeight, x: &[f32], sums: &[f32], out: &mut [f32]) {
@@ -682,6 +779,41 @@ mod tests {
         assert_eq!(choose(&have, Some("avx512-vnni")), Some(Isa::AvxVnni));
         assert_eq!(choose(&have, Some("sse2")), Some(Isa::AvxVnni));
         assert_eq!(choose(&[], Some("avx2")), None);
+    }
+
+    #[test]
+    fn attention_helpers_agree_with_plain_sums() {
+        if !available().contains(&Isa::Avx2) {
+            return;
+        }
+        for (hd, n, stride) in [
+            (64, 0, 192),
+            (64, 1, 64),
+            (64, 7, 192),
+            (256, 9, 256),
+            (8, 5, 24),
+        ] {
+            let keys: Vec<f32> = (0..n * stride + hd)
+                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+                .collect();
+            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut got = vec![0f32; n];
+            scaled_dots(&q, &keys, stride, 0.125, &mut got);
+            for (j, g) in got.iter().enumerate() {
+                let want: f32 = (0..hd).map(|c| q[c] * keys[j * stride + c]).sum::<f32>() * 0.125;
+                assert!((g - want).abs() < 1e-4, "hd {hd} key {j}: {g} vs {want}");
+            }
+            let weights: Vec<f32> = (0..n).map(|j| 1.0 / (1 + j) as f32).collect();
+            let mut out = vec![f32::NAN; hd];
+            weighted_sum(&weights, &keys, stride, 0.5, &mut out);
+            for (c, o) in out.iter().enumerate() {
+                let want: f32 = (0..n)
+                    .map(|j| weights[j] * keys[j * stride + c])
+                    .sum::<f32>()
+                    * 0.5;
+                assert!((o - want).abs() < 1e-4, "hd {hd} column {c}: {o} vs {want}");
+            }
+        }
     }
 
     #[test]

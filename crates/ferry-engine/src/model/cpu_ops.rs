@@ -3,7 +3,7 @@
 //! key/value cache laid out `[position][kv head][head_dim]`, and the bookkeeping of a batch of
 //! sequences fed through one pass ([`Segment`]).
 
-use crate::kernels::par_items;
+use crate::kernels::{attention_scores, attention_values, par_items};
 
 /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (rows as long as `w`).
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -183,10 +183,14 @@ pub(crate) fn attend(
             .window
             .map_or(first, |w| (qi + 1).saturating_sub(w).max(first));
         SCORES.with_borrow_mut(|scores| {
+            let keys = &k_cache[(lo - first) * kv_width + kvh * hd..];
             scores.clear();
-            scores.extend((lo..=qi).map(|p| {
-                dot(q, &k_cache[(p - first) * kv_width + kvh * hd..][..hd]) * shape.scale
-            }));
+            scores.resize(qi + 1 - lo, 0.0);
+            if !attention_scores(q, keys, kv_width, shape.scale, scores) {
+                for (j, s) in scores.iter_mut().enumerate() {
+                    *s = dot(q, &keys[j * kv_width..][..hd]) * shape.scale;
+                }
+            }
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut total = 0f32;
             for s in scores.iter_mut() {
@@ -194,7 +198,9 @@ pub(crate) fn attend(
                 total += *s;
             }
             let values = &v_cache[(lo - first) * kv_width + kvh * hd..];
-            weighted_rows(scores, values, kv_width, 1.0 / total, out);
+            if !attention_values(scores, values, kv_width, 1.0 / total, out) {
+                weighted_rows(scores, values, kv_width, 1.0 / total, out);
+            }
         });
     });
 }
