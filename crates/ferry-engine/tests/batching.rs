@@ -79,12 +79,20 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
 }
 
+/// Whether this CPU runs the interleaved 512-bit kernel, which computes every row by the same
+/// instructions whatever shares its step (as do the attention and the other per-row parts of
+/// the CPU pass): batched logits are then the lone ones, bit for bit.
+fn batch_invariant() -> bool {
+    ferry_engine::kernels::kernel_isa() == "avx512-vnni"
+}
+
 /// `Session::forward_many` against `Session::forward` on each sequence alone, on both bundled
 /// models' CPU passes: three sequences, one of them reading its prompt in chunks while the
-/// others decode, then all three decoding, every one fed the token its lone run chose. A batch
-/// row goes through the many-row product where a lone decode takes the one-row one, so the
-/// logits differ by rounding only: within a small fraction of their spread, and the chosen
-/// token is the lone run's unless that was a near-tie.
+/// others decode, then all three decoding, every one fed the token its lone run chose. With
+/// the interleaved kernel the logits are the same bits. Elsewhere a batch row goes through the
+/// many-row product where a lone decode takes the one-row one, so the logits differ by rounding
+/// only: within a small fraction of their spread, and the chosen token is the lone run's unless
+/// that was a near-tie.
 #[test]
 fn a_batched_forward_pass_gives_each_sequence_its_own_logits() {
     for id in ["smollm2-135m-instruct", "gemma3-270m-it"] {
@@ -164,6 +172,12 @@ fn a_batched_forward_pass_gives_each_sequence_its_own_logits() {
                 let sd =
                     (x.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / x.len() as f32).sqrt();
                 eprintln!("{id} seq {i} step {step}: largest logit gap {gap:.4} (sd {sd:.2})");
+                if batch_invariant() {
+                    assert_eq!(
+                        gap, 0.0,
+                        "{id} seq {i} step {step}: batch-invariant kernels"
+                    );
+                }
                 assert!(
                     gap < 0.35 * sd,
                     "{id} seq {i} step {step}: gap {gap} against sd {sd}"
@@ -180,10 +194,11 @@ fn a_batched_forward_pass_gives_each_sequence_its_own_logits() {
 
 /// Each question alone (greedy, `max_tokens` differing so sequences leave the batch at
 /// different steps) against all of them submitted at once, from threads, through a batcher
-/// whose prompt chunks are shorter than the prompts. A decode row in a batch is rounded in the
-/// many-row product, a lone one in the one-row product (see the test above), so a near-tie late
-/// in a completion may flip: the completions agree on their start, and each one's deltas are
-/// its text, its prompt counted the same.
+/// whose prompt chunks are shorter than the prompts. With the interleaved kernel the
+/// completions are identical; elsewhere a decode row in a batch is rounded in the many-row
+/// product, a lone one in the one-row product (see the test above), so a near-tie late in a
+/// completion may flip: the completions agree on their start, and each one's deltas are its
+/// text, its prompt counted the same.
 #[test]
 fn batched_generations_match_each_alone() {
     let model = load();
@@ -233,6 +248,9 @@ fn batched_generations_match_each_alone() {
         same += usize::from(a.0 == b.0);
     }
     eprintln!("{same} of {} completions identical", QUESTIONS.len());
+    if batch_invariant() {
+        assert_eq!(same, QUESTIONS.len(), "batch-invariant kernels");
+    }
     let stats = batcher.stats();
     let (steps, rows) = (
         stats.steps.load(Ordering::Relaxed),
