@@ -17,11 +17,11 @@
 //! - For a prompt (several activation rows) each weight row is unpacked once and dotted with
 //!   every activation row, so the weights stream from memory once per product, not once per token.
 //!
-//! - On CPUs with AVX-512 VNNI the weights are held in an interleaved layout ([`GROUP`] rows'
-//!   blocks side by side, the file's bytes reordered at load): one `vpdpbusd` then yields sixteen
-//!   rows' partial dots, the unpacked weights serve every activation row of a step, and no
-//!   horizontal sums are left. This is what lets a decode step of several sequences cost little
-//!   more than one.
+//! - The weights are held in an interleaved layout ([`GROUP`] rows' blocks side by side, the
+//!   file's bytes reordered at load): one `vpdpbusd` then yields sixteen rows' partial dots
+//!   (eight in 256-bit registers), the unpacked weights serve every activation row of a step, and
+//!   no horizontal sums are left. This is what lets a decode step of several sequences cost
+//!   little more than one. (Plain AVX2 keeps Q8_0 in rows: its byte products would overflow.)
 //!
 //! [`QLinear`] is the seam: a candle custom op on x86-64 CPUs with AVX2 and FMA, candle's own
 //! `QMatMul` everywhere else (other formats, accelerators, other architectures such as the
@@ -193,12 +193,14 @@ impl QWeight {
         ))
     }
 
-    /// This weight in the layout the best kernel of this CPU reads: interleaved where the
-    /// 512-bit kernel runs and the rows fill whole groups, as stored otherwise.
+    /// This weight in the layout the kernels of this CPU read best: interleaved where they
+    /// read its format so and the rows fill whole groups, as stored otherwise.
     fn prepared(self) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if x86::detect() == Some(x86::Isa::Avx512Vnni) {
-            return self.interleaved().unwrap_or(self);
+        if let Some(isa) = x86::detect() {
+            if x86::interleaves(isa, self.format) {
+                return self.interleaved().unwrap_or(self);
+            }
         }
         self
     }

@@ -79,11 +79,15 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
 }
 
-/// Whether this CPU runs the interleaved 512-bit kernel, which computes every row by the same
-/// instructions whatever shares its step (as do the attention and the other per-row parts of
-/// the CPU pass): batched logits are then the lone ones, bit for bit.
+/// Whether this CPU runs the interleaved VNNI kernels (512- or 256-bit), which compute every row
+/// by the same instructions whatever shares its step (as do the attention and the other per-row
+/// parts of the CPU pass): batched logits are then the lone ones, bit for bit. Plain AVX2 keeps
+/// Q8_0 weights (SmolLM2's head) in rows, where one row and many take different products.
 fn batch_invariant() -> bool {
-    ferry_engine::kernels::kernel_isa() == "avx512-vnni"
+    matches!(
+        ferry_engine::kernels::kernel_isa(),
+        "avx512-vnni" | "avx-vnni"
+    )
 }
 
 /// `Session::forward_many` against `Session::forward` on each sequence alone, on both bundled

@@ -3,8 +3,9 @@
 //! Each block is unpacked to 32 unsigned bytes in a 256-bit register and dotted with the
 //! activation block; the per-block scales go into a float accumulator, the offsets into a scalar
 //! one (see the parent module for the algebra). 256-bit registers hold exactly one block, which
-//! keeps one code path for every format. Where the CPU has AVX-512 VNNI the weights are held
-//! interleaved instead and `groups` multiplies them sixteen rows per register.
+//! keeps one code path for every format. Weights whose rows fill groups of sixteen are held
+//! interleaved instead, and `groups` multiplies them sixteen rows per 512-bit register, or eight
+//! per 256-bit one.
 // SIMD intrinsics and raw-pointer loads need `unsafe`; every pointer is derived from slices
 // whose lengths `QWeight::from_qtensor` and `QuantizedActs::quantize` checked.
 #![allow(unsafe_code)]
@@ -93,6 +94,13 @@ fn choose(have: &[Isa], wanted: Option<&str>) -> Option<Isa> {
     }
 }
 
+/// Whether `isa`'s kernels read `format` in the interleaved layout: every format on the VNNI
+/// sets; on plain AVX2 all but Q8_0, whose unsigned bytes would overflow `vpmaddubsw`'s 16-bit
+/// sums.
+pub fn interleaves(isa: Isa, format: Format) -> bool {
+    isa != Isa::Avx2 || format != Format::Q8_0
+}
+
 /// Products smaller than this many multiply-adds run on the calling thread: waking the pool
 /// costs more than it saves.
 pub(super) const PARALLEL_MIN_MACS: usize = 1 << 15;
@@ -121,20 +129,30 @@ pub fn matmul(isa: Isa, w: &QWeight, acts: &QuantizedActs, m: usize, out: &mut [
         w.rows * w.cols / BLOCK * w.format.block_bytes()
     );
     if w.interleaved {
-        if isa != Isa::Avx512Vnni {
-            // Only the 512-bit kernel reads the interleaved layout (tests ask for the others).
+        if !interleaves(isa, w.format) {
+            // Tests ask every instruction set of the CPU for every layout.
             return matmul(isa, &w.to_rows(), acts, m, out);
         }
         assert_eq!(w.rows % GROUP, 0);
         let dst = Out(out.as_mut_ptr());
         let run = |groups: Range<usize>| {
-            // SAFETY: the asserts above bound every pointer; AVX-512 VNNI was detected.
+            macro_rules! by_format {
+                ($($module:ident)::+) => {
+                    match w.format {
+                        Format::Q4_0 => $($module)::+::rows::<Q4_0>(w, acts, m, groups, dst.ptr()),
+                        Format::Q4_1 => $($module)::+::rows::<Q4_1>(w, acts, m, groups, dst.ptr()),
+                        Format::Q5_0 => $($module)::+::rows::<Q5_0>(w, acts, m, groups, dst.ptr()),
+                        Format::Q8_0 => $($module)::+::rows::<Q8_0>(w, acts, m, groups, dst.ptr()),
+                    }
+                };
+            }
+            // SAFETY: the asserts above bound every pointer; `isa` was detected on this CPU and
+            // reads this format interleaved (`interleaves`).
             unsafe {
-                match w.format {
-                    Format::Q4_0 => groups::rows::<Q4_0>(w, acts, m, groups, dst.ptr()),
-                    Format::Q4_1 => groups::rows::<Q4_1>(w, acts, m, groups, dst.ptr()),
-                    Format::Q5_0 => groups::rows::<Q5_0>(w, acts, m, groups, dst.ptr()),
-                    Format::Q8_0 => groups::rows::<Q8_0>(w, acts, m, groups, dst.ptr()),
+                match isa {
+                    Isa::Avx512Vnni => by_format!(groups),
+                    Isa::AvxVnni => by_format!(groups::avxvnni),
+                    Isa::Avx2 => by_format!(groups::avx2),
                 }
             }
         };
@@ -949,18 +967,18 @@ mod tests {
 
     /// A prompt row comes out the same whatever rows share the call: a prompt's rows, hence its
     /// first token, do not depend on what it was batched with. Over interleaved weights (the
-    /// 512-bit kernel) the same holds for any row, a lone decode row included.
+    /// VNNI kernels) the same holds for any row, a lone decode row included.
     #[test]
-    fn the_512_bit_kernels_round_a_row_the_same_in_any_company() {
-        if !available().contains(&Isa::Avx512Vnni) {
-            return;
-        }
-        for (rows, cols, interleaved) in [(37, 352, false), (48, 352, true)] {
-            company_check(rows, cols, interleaved);
+    fn the_kernels_round_a_row_the_same_in_any_company() {
+        for isa in available() {
+            company_check(isa, 37, 352, false);
+            if isa != Isa::Avx2 {
+                company_check(isa, 48, 352, true);
+            }
         }
     }
 
-    fn company_check(rows: usize, cols: usize, interleaved: bool) {
+    fn company_check(isa: Isa, rows: usize, cols: usize, interleaved: bool) {
         let w = weights(rows, cols);
         let m = 11;
         let x: Vec<f32> = (0..m * cols)
@@ -983,13 +1001,7 @@ mod tests {
             };
             let product = |x: &[f32], m: usize| {
                 let mut out = vec![0f32; m * rows];
-                matmul(
-                    Isa::Avx512Vnni,
-                    &qw,
-                    &QuantizedActs::quantize(x, m, cols),
-                    m,
-                    &mut out,
-                );
+                matmul(isa, &qw, &QuantizedActs::quantize(x, m, cols), m, &mut out);
                 out
             };
             let all = product(&x, m);
@@ -1003,7 +1015,7 @@ mod tests {
                 assert_eq!(
                     part[..],
                     all[start * rows..(start + n) * rows],
-                    "{dtype:?}: rows {start}..{} alone differ from the same rows among {m}",
+                    "{isa:?} {dtype:?}: rows {start}..{} alone differ from the same rows among {m}",
                     start + n
                 );
             }

@@ -8,11 +8,14 @@
 //! output is computed by the same instructions in the same order whatever the number of rows in
 //! the call, so a row's result does not depend on its company (decode, a step of many sequences
 //! and a prompt all round alike).
+//!
+//! CPUs without AVX-512 take the same layout in 256-bit registers (`avxvnni`, `avx2`): eight
+//! rows per register, each chunk in two halves.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{block_bytes, Q4_0, Q4_1, Q5_0};
+use super::{block_bytes, format_of, Q4_0, Q4_1, Q5_0, Q8_0};
 use crate::kernels::{interleave, QWeight, QuantizedActs, BLOCK, GROUP};
 
 /// Activation rows multiplied together against one unpacked block column: eight accumulators
@@ -134,9 +137,9 @@ unsafe fn tile<const F: u8, const J: usize>(t: Tile<'_>) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn unpack<const F: u8>(c: *const u8, dw: __m512) -> ([__m512i; 8], __m512) {
-    let vals = c.add(interleave::values_at(super::format_of(F)));
+    let vals = c.add(interleave::values_at(format_of(F)));
     let load = |k: usize| _mm512_loadu_si512(vals.add(64 * k) as *const __m512i);
-    if F == super::Q8_0 {
+    if F == Q8_0 {
         return (
             std::array::from_fn(load),
             _mm512_mul_ps(dw, _mm512_set1_ps(-128.0)),
@@ -165,3 +168,150 @@ unsafe fn unpack<const F: u8>(c: *const u8, dw: __m512) -> ([__m512i; 8], __m512
     };
     (v, cw)
 }
+
+/// Activation rows per tile of the 256-bit kernels: with sixteen registers, four rows' integer
+/// dots and float sums plus the unpacked values and scales fill them.
+const NARROW_TILE: usize = 4;
+
+/// The 256-bit kernels over the same interleaved layout, for CPUs without AVX-512: a 32-byte
+/// register holds four values of each of eight rows, so each chunk is taken as two halves of
+/// eight rows. `$dot(acc, u, q)` adds the four-byte dots of unsigned `u` and signed `q` to the
+/// eight lanes of `acc`.
+macro_rules! narrow_kernels {
+    ($name:ident, $features:literal, |$acc:ident, $u:ident, $q:ident| $dot:expr) => {
+        pub(in crate::kernels::x86) mod $name {
+            use super::*;
+            use crate::kernels::x86::fifth_bits;
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn dot($acc: __m256i, $u: __m256i, $q: __m256i) -> __m256i {
+                $dot
+            }
+
+            /// Groups `groups` of interleaved `w` against `m` activation rows, into
+            /// `out[j·w.rows + r]`.
+            ///
+            /// # Safety
+            /// As [`super::rows`], with this module's instruction sets in place of AVX-512.
+            #[target_feature(enable = $features)]
+            pub(in crate::kernels::x86) unsafe fn rows<const F: u8>(
+                w: &QWeight,
+                acts: &QuantizedActs,
+                m: usize,
+                groups: Range<usize>,
+                out: *mut f32,
+            ) {
+                let nb = w.cols / BLOCK;
+                let group_bytes = nb * GROUP * block_bytes(F);
+                let base = w.stored().as_ptr();
+                for g in groups {
+                    let group = base.add(g * group_bytes);
+                    for half in 0..2 {
+                        let mut j = 0;
+                        while j < m {
+                            let n = (m - j).min(NARROW_TILE);
+                            let at = Tile {
+                                group,
+                                nb,
+                                acts,
+                                j0: j,
+                                out: out.add(j * w.rows + g * GROUP + 8 * half),
+                                out_stride: w.rows,
+                                ahead: None,
+                            };
+                            match n {
+                                4 => tile::<F, 4>(at, half),
+                                3 => tile::<F, 3>(at, half),
+                                2 => tile::<F, 2>(at, half),
+                                _ => tile::<F, 1>(at, half),
+                            }
+                            j += n;
+                        }
+                    }
+                }
+            }
+
+            /// Rows `8·half..8·half + 8` of a group × `J` activation rows.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile<const F: u8, const J: usize>(t: Tile<'_>, half: usize) {
+                let chunk = GROUP * block_bytes(F);
+                let cols = t.nb * BLOCK;
+                let (q, d, s) = (t.acts.q.as_ptr(), t.acts.d.as_ptr(), t.acts.sum.as_ptr());
+                let low = _mm256_set1_epi8(0x0f);
+                let mut acc = [_mm256_setzero_ps(); J];
+                for b in 0..t.nb {
+                    let c = t.group.add(b * chunk);
+                    let vals = c.add(interleave::values_at(format_of(F)));
+                    let quad = |j: usize, k: usize| {
+                        let at = q.add((t.j0 + j) * cols + b * BLOCK + 4 * k) as *const i32;
+                        _mm256_set1_epi32(std::ptr::read_unaligned(at))
+                    };
+                    let load = |k: usize| {
+                        _mm256_loadu_si256(vals.add(64 * k + 32 * half) as *const __m256i)
+                    };
+                    let mut dots = [_mm256_setzero_si256(); J];
+                    if F == Q8_0 {
+                        for k in 0..8 {
+                            let u = load(k);
+                            for (j, dots) in dots.iter_mut().enumerate() {
+                                *dots = dot(*dots, u, quad(j, k));
+                            }
+                        }
+                    } else {
+                        for k in 0..4 {
+                            let packed = load(k);
+                            let mut lo = _mm256_and_si256(packed, low);
+                            let mut hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                            if F == Q5_0 {
+                                let mask = |k: usize| {
+                                    let m =
+                                        std::ptr::read_unaligned(c.add(32 + 8 * k) as *const u64);
+                                    (m >> (32 * half)) as u32
+                                };
+                                lo = _mm256_or_si256(lo, fifth_bits(mask(k)));
+                                hi = _mm256_or_si256(hi, fifth_bits(mask(k + 4)));
+                            }
+                            for (j, dots) in dots.iter_mut().enumerate() {
+                                *dots = dot(dot(*dots, lo, quad(j, k)), hi, quad(j, k + 4));
+                            }
+                        }
+                    }
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(c.add(16 * half) as *const __m128i));
+                    let cw = match F {
+                        Q4_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
+                        Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(
+                            c.add(32 + 16 * half) as *const __m128i
+                        )),
+                        Q5_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-16.0)),
+                        _ => _mm256_mul_ps(dw, _mm256_set1_ps(-128.0)),
+                    };
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        let ab = (t.j0 + j) * t.nb + b;
+                        let da = *d.add(ab);
+                        let p = _mm256_cvtepi32_ps(dots[j]);
+                        *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dw, _mm256_set1_ps(da)), *acc);
+                        *acc = _mm256_fmadd_ps(cw, _mm256_set1_ps(da * *s.add(ab)), *acc);
+                    }
+                }
+                for (j, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(t.out.add(j * t.out_stride), *acc);
+                }
+            }
+        }
+    };
+}
+
+narrow_kernels!(avxvnni, "avx2,fma,f16c,avxvnni", |acc, u, q| {
+    _mm256_dpbusd_avx_epi32(acc, u, q)
+});
+// `vpmaddubsw` sums two u8·i8 products into i16 without overflow only while u·|q|·2 fits:
+// 4- and 5-bit values do (31·127·2), Q8_0's unsigned bytes do not, so plain AVX2 never holds
+// Q8_0 interleaved (`super::interleaves`).
+narrow_kernels!(avx2, "avx2,fma,f16c", |acc, u, q| {
+    _mm256_add_epi32(
+        acc,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1)),
+    )
+});
