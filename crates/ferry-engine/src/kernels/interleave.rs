@@ -100,13 +100,18 @@ fn pack_chunk<'a>(format: Format, block: impl Fn(usize) -> &'a [u8], chunk: &mut
             }
             Format::Q8_0 => {
                 for k in 0..8 {
-                    for t in 0..4 {
-                        chunk[vals + 64 * k + 4 * i + t] = b[2 + 4 * k + t] ^ 0x80;
-                    }
+                    let at = vals + 64 * k + 4 * i;
+                    chunk[at..at + 4].copy_from_slice(&flip_signs(&b[2 + 4 * k..6 + 4 * k]));
                 }
             }
         }
     }
+}
+
+/// Four bytes with each one's top bit flipped (signed ↔ offset-128 unsigned).
+fn flip_signs(four: &[u8]) -> [u8; 4] {
+    let word = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
+    (word ^ 0x8080_8080).to_le_bytes()
 }
 
 /// Row `i`'s 16 packed-nibble bytes into the four vectors of a chunk.
@@ -147,9 +152,8 @@ fn unpack_chunk_row(format: Format, chunk: &[u8], i: usize, block: &mut [u8]) {
         }
         Format::Q8_0 => {
             for k in 0..8 {
-                for t in 0..4 {
-                    block[2 + 4 * k + t] = chunk[vals + 64 * k + 4 * i + t] ^ 0x80;
-                }
+                let at = vals + 64 * k + 4 * i;
+                block[2 + 4 * k..6 + 4 * k].copy_from_slice(&flip_signs(&chunk[at..at + 4]));
             }
         }
     }

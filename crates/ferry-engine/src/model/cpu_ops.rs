@@ -192,11 +192,11 @@ pub(crate) fn attend(
                 }
             }
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0f32;
+            // Two loops: the exponentials vectorise only without the running sum beside them.
             for s in scores.iter_mut() {
                 *s = exp_fast(*s - max);
-                total += *s;
             }
+            let total: f32 = scores.iter().sum();
             let values = &v_cache[(lo - first) * kv_width + kvh * hd..];
             if !attention_values(scores, values, kv_width, 1.0 / total, out) {
                 weighted_rows(scores, values, kv_width, 1.0 / total, out);
