@@ -35,37 +35,54 @@ pub(super) unsafe fn rows<const F: u8>(
     groups: Range<usize>,
     out: *mut f32,
 ) {
+    walk::<TILE, 1>(w, acts, m, groups, out, |at, n, _| match n {
+        // SAFETY: as for this function.
+        8 => unsafe { tile::<F, 8>(at) },
+        7 => unsafe { tile::<F, 7>(at) },
+        6 => unsafe { tile::<F, 6>(at) },
+        5 => unsafe { tile::<F, 5>(at) },
+        4 => unsafe { tile::<F, 4>(at) },
+        3 => unsafe { tile::<F, 3>(at) },
+        2 => unsafe { tile::<F, 2>(at) },
+        _ => unsafe { tile::<F, 1>(at) },
+    });
+}
+
+/// Calls `tile(at, n, part)` for every group of `groups`, every one of its `PARTS` (row blocks
+/// of `GROUP / PARTS` rows, one register's worth) and every run of at most `MOST` activation
+/// rows (`n` of them). The first tile of a group prefetches the next group (512-bit kernel).
+#[inline(always)]
+unsafe fn walk<const MOST: usize, const PARTS: usize>(
+    w: &QWeight,
+    acts: &QuantizedActs,
+    m: usize,
+    groups: Range<usize>,
+    out: *mut f32,
+    mut tile: impl FnMut(Tile<'_>, usize, usize),
+) {
     let nb = w.cols / BLOCK;
-    let group_bytes = nb * GROUP * block_bytes(F);
+    let group_bytes = nb * GROUP * w.format.block_bytes();
     let base = w.stored().as_ptr();
     for g in groups.clone() {
         let group = base.add(g * group_bytes);
         // The next group is asked for while this one is multiplied, one chunk per block.
-        let mut ahead = (g + 1 < groups.end).then(|| group.add(group_bytes));
-        let mut j = 0;
-        while j < m {
-            let n = (m - j).min(TILE);
-            let at = Tile {
-                group,
-                nb,
-                acts,
-                j0: j,
-                out: out.add(j * w.rows + g * GROUP),
-                out_stride: w.rows,
-                ahead,
-            };
-            match n {
-                8 => tile::<F, 8>(at),
-                7 => tile::<F, 7>(at),
-                6 => tile::<F, 6>(at),
-                5 => tile::<F, 5>(at),
-                4 => tile::<F, 4>(at),
-                3 => tile::<F, 3>(at),
-                2 => tile::<F, 2>(at),
-                _ => tile::<F, 1>(at),
+        let next = (g + 1 < groups.end).then(|| group.add(group_bytes));
+        for part in 0..PARTS {
+            let mut j = 0;
+            while j < m {
+                let n = (m - j).min(MOST);
+                let at = Tile {
+                    group,
+                    nb,
+                    acts,
+                    j0: j,
+                    out: out.add(j * w.rows + g * GROUP + part * GROUP / PARTS),
+                    out_stride: w.rows,
+                    ahead: if j == 0 && part == 0 { next } else { None },
+                };
+                tile(at, n, part);
+                j += n;
             }
-            ahead = None;
-            j += n;
         }
     }
 }
@@ -202,34 +219,13 @@ macro_rules! narrow_kernels {
                 groups: Range<usize>,
                 out: *mut f32,
             ) {
-                let nb = w.cols / BLOCK;
-                let group_bytes = nb * GROUP * block_bytes(F);
-                let base = w.stored().as_ptr();
-                for g in groups {
-                    let group = base.add(g * group_bytes);
-                    for half in 0..2 {
-                        let mut j = 0;
-                        while j < m {
-                            let n = (m - j).min(NARROW_TILE);
-                            let at = Tile {
-                                group,
-                                nb,
-                                acts,
-                                j0: j,
-                                out: out.add(j * w.rows + g * GROUP + 8 * half),
-                                out_stride: w.rows,
-                                ahead: None,
-                            };
-                            match n {
-                                4 => tile::<F, 4>(at, half),
-                                3 => tile::<F, 3>(at, half),
-                                2 => tile::<F, 2>(at, half),
-                                _ => tile::<F, 1>(at, half),
-                            }
-                            j += n;
-                        }
-                    }
-                }
+                walk::<NARROW_TILE, 2>(w, acts, m, groups, out, |at, n, half| match n {
+                    // SAFETY: as for this function.
+                    4 => unsafe { tile::<F, 4>(at, half) },
+                    3 => unsafe { tile::<F, 3>(at, half) },
+                    2 => unsafe { tile::<F, 2>(at, half) },
+                    _ => unsafe { tile::<F, 1>(at, half) },
+                });
             }
 
             /// Rows `8·half..8·half + 8` of a group × `J` activation rows.
