@@ -15,7 +15,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{block_bytes, format_of, Q4_0, Q4_1, Q5_0, Q8_0};
+use super::{block_bytes, format_of, prefetch_row, Q4_0, Q4_1, Q5_0, Q8_0};
 use crate::kernels::{interleave, QWeight, QuantizedActs, BLOCK, GROUP};
 
 /// Activation rows multiplied together against one unpacked block column: eight accumulators
@@ -50,7 +50,7 @@ pub(super) unsafe fn rows<const F: u8>(
 
 /// Calls `tile(at, n, part)` for every group of `groups`, every one of its `PARTS` (row blocks
 /// of `GROUP / PARTS` rows, one register's worth) and every run of at most `MOST` activation
-/// rows (`n` of them). The first tile of a group prefetches the next group (512-bit kernel).
+/// rows (`n` of them). The first tile of a group prefetches the next group.
 #[inline(always)]
 unsafe fn walk<const MOST: usize, const PARTS: usize>(
     w: &QWeight,
@@ -97,7 +97,7 @@ struct Tile<'a> {
     acts: &'a QuantizedActs,
     /// The tile's first activation row.
     j0: usize,
-    /// Output of activation row `j0`, group row 0.
+    /// Output of activation row `j0`, first row of the tile's part of the group.
     out: *mut f32,
     /// Values between two activation rows' outputs.
     out_stride: usize,
@@ -118,11 +118,7 @@ unsafe fn tile<const F: u8, const J: usize>(t: Tile<'_>) {
     for b in 0..t.nb {
         let c = t.group.add(b * chunk);
         if let Some(next) = t.ahead {
-            let mut off = 0;
-            while off < chunk {
-                _mm_prefetch::<_MM_HINT_T0>(next.add(b * chunk + off) as *const i8);
-                off += 64;
-            }
+            prefetch_row(next.add(b * chunk), chunk);
         }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(c as *const __m256i));
         let (v, cw) = unpack::<F>(c, dw);
@@ -239,6 +235,9 @@ macro_rules! narrow_kernels {
                 let mut acc = [_mm256_setzero_ps(); J];
                 for b in 0..t.nb {
                     let c = t.group.add(b * chunk);
+                    if let Some(next) = t.ahead {
+                        prefetch_row(next.add(b * chunk), chunk);
+                    }
                     let vals = c.add(interleave::values_at(format_of(F)));
                     let quad = |j: usize, k: usize| {
                         let at = q.add((t.j0 + j) * cols + b * BLOCK + 4 * k) as *const i32;
