@@ -172,35 +172,35 @@ impl QWeight {
         if cols % BLOCK != 0 {
             return Ok(None);
         }
-        let data: Arc<[u8]> = Arc::from(qt.data()?.into_owned());
-        if data.len() != rows * cols / BLOCK * format.block_bytes() {
+        let raw = qt.data()?;
+        if raw.len() != rows * cols / BLOCK * format.block_bytes() {
             candle_core::bail!(
                 "{format:?} weight of {rows}x{cols} holds {} bytes, expected {}",
-                data.len(),
+                raw.len(),
                 rows * cols / BLOCK * format.block_bytes()
             );
         }
-        Ok(Some(
-            QWeight {
-                format,
-                rows,
-                cols,
-                data,
-                offset: 0,
-                interleaved: false,
-            }
-            .prepared(),
-        ))
+        // Laid out straight from the tensor's bytes: one copy, not one per layout.
+        let interleaved = interleave_pays(format, rows);
+        let data: Arc<[u8]> = if interleaved {
+            Arc::from(interleave::interleave(format, &raw, rows, cols))
+        } else {
+            Arc::from(&*raw)
+        };
+        Ok(Some(QWeight {
+            format,
+            rows,
+            cols,
+            data,
+            offset: 0,
+            interleaved,
+        }))
     }
 
-    /// This weight in the layout the kernels of this CPU read best: interleaved where they
-    /// read its format so and the rows fill whole groups, as stored otherwise.
+    /// This weight in the layout the kernels of this CPU read best (see [`interleave_pays`]).
     fn prepared(self) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(isa) = x86::detect() {
-            if x86::interleaves(isa, self.format) {
-                return self.interleaved().unwrap_or(self);
-            }
+        if interleave_pays(self.format, self.rows) {
+            return self.interleaved().unwrap_or(self);
         }
         self
     }
@@ -465,6 +465,17 @@ impl QWeight {
             }
         }
     }
+}
+
+/// Whether a `rows`-row weight of `format` is best held interleaved on this CPU: where its
+/// kernels read the format so and the rows fill whole groups.
+fn interleave_pays(format: Format, rows: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(isa) = x86::detect() {
+        return x86::interleaves(isa, format) && rows > 0 && rows.is_multiple_of(GROUP);
+    }
+    let _ = (format, rows);
+    false
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
