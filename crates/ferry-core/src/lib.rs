@@ -13,8 +13,8 @@ pub mod token;
 
 pub use error::{Error, ErrorKind, Result};
 pub use manifest::{
-    CostHints, ExampleTurn, FetchFile, FetchSource, FetchSpec, ModelFormat, ModelKind,
-    ModelManifest, Pooling, Tier,
+    CostHints, EncoderWeights, ExampleTurn, FetchFile, FetchSource, FetchSpec, ModelFormat,
+    ModelKind, ModelManifest, Pooling, Tier,
 };
 pub use request::{
     ChatMessage, FinishReason, ImagePart, Part, RequestLimits, Role, SamplingParams,

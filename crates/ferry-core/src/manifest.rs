@@ -74,6 +74,20 @@ pub enum Pooling {
     Static,
 }
 
+/// How a sentence encoder holds and multiplies its linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum EncoderWeights {
+    /// As the checkpoint stores them, multiplied in f32 by candle.
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    /// Quantised to Q8_0 at load and multiplied by ferry's int8 kernels, one text at a time
+    /// (CPU only; elsewhere the f32 path runs). About 4x less arithmetic per product; the
+    /// embeddings move by rounding (README "Encoder latency" gives the cosine and routing cost).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
 /// Cost hints used until measurements replace them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +187,9 @@ pub struct ModelManifest {
     /// Encoders only: how token vectors become the sentence embedding.
     #[serde(default)]
     pub pooling: Pooling,
+    /// Encoders only: f32 weights (candle) or int8 ones (ferry's kernels).
+    #[serde(default)]
+    pub encoder_weights: EncoderWeights,
     /// Registry install recipe for `ferry models fetch`.
     pub fetch: Option<FetchSpec>,
     /// Free text shown by `ferry models list`.

@@ -6,6 +6,11 @@
 //! encoder's embedding of that token alone, computed the first time the token is seen and kept,
 //! and a text is the normalised mean of its tokens' vectors. A 54-token question then costs a
 //! table lookup per token instead of a 1-GFLOP forward pass, once its tokens have been seen.
+//!
+//! A manifest with `encoder_weights = "q8_0"` runs the forward pass on ferry's int8 kernels
+//! ([`quantized`]) instead of candle's f32 one, on the CPU.
+
+mod quantized;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,16 +23,23 @@ use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
 use crate::candle_err;
 use crate::source::ModelLocation;
-use ferry_core::{Error, ModelManifest, Pooling, Result};
+use ferry_core::{EncoderWeights, Error, ModelManifest, Pooling, Result};
+use quantized::QuantizedBert;
 
 /// Longest input, in tokens (the MESS+ reference truncates questions at 256).
 pub const MAX_TOKENS: usize = 256;
 /// Texts kept in the cache before it is cleared.
 const CACHE_LIMIT: usize = 200_000;
 
+/// The network itself: candle's f32 BERT, or ferry's int8 one.
+enum Body {
+    Candle(BertModel),
+    Quantized(QuantizedBert),
+}
+
 /// A loaded sentence encoder.
 pub struct SentenceEncoder {
-    model: BertModel,
+    body: Body,
     tokenizer: Tokenizer,
     device: Device,
     dim: usize,
@@ -82,10 +94,19 @@ impl SentenceEncoder {
             }))
             .map_err(|e| Error::Engine(format!("tokenizer truncation: {e}")))?;
         let weights = loc.file("model.safetensors")?;
-        let model = BertModel::load(linear_weights_column_major(&weights, device)?, &config)
-            .map_err(candle_err)?;
+        let body = if manifest.encoder_weights == EncoderWeights::Q8_0 && device.is_cpu() {
+            Body::Quantized(QuantizedBert::load(
+                quantized::read_tensors(&weights)?,
+                &config,
+            )?)
+        } else {
+            Body::Candle(
+                BertModel::load(linear_weights_column_major(&weights, device)?, &config)
+                    .map_err(candle_err)?,
+            )
+        };
         Ok(SentenceEncoder {
-            model,
+            body,
             tokenizer,
             device: device.clone(),
             dim: config.hidden_size,
@@ -143,6 +164,23 @@ impl SentenceEncoder {
     }
 
     fn embed_contextual(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let model = match &self.body {
+            Body::Candle(model) => model,
+            Body::Quantized(q) => {
+                // One text at a time: no padding to compute, and a text's vector does not
+                // depend on what else was in its batch.
+                return texts
+                    .iter()
+                    .map(|t| {
+                        let enc = self.tokenizer.encode(*t, true).map_err(tokenizer_err)?;
+                        let mut v = q.mean_pooled(enc.get_ids())?;
+                        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                        v.iter_mut().for_each(|x| *x /= norm);
+                        Ok(v)
+                    })
+                    .collect();
+            }
+        };
         let enc = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
@@ -158,7 +196,7 @@ impl SentenceEncoder {
             let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
             let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
             let types = ids.zeros_like()?;
-            let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+            let hidden = model.forward(&ids, &types, Some(&mask))?;
             let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
             let summed = hidden.broadcast_mul(&m)?.sum(1)?;
             let counts = m.sum(1)?.clamp(1e-9, f64::MAX)?;
@@ -229,6 +267,15 @@ impl SentenceEncoder {
                 )))
             }
         };
+        let model = match &self.body {
+            Body::Candle(model) => model,
+            Body::Quantized(q) => {
+                return ids
+                    .iter()
+                    .map(|&id| q.mean_pooled(&[head, id, tail]))
+                    .collect();
+            }
+        };
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(256) {
             let n = chunk.len();
@@ -237,7 +284,7 @@ impl SentenceEncoder {
                 let ids = Tensor::from_vec(rows, (n, 3), &self.device)?;
                 let types = ids.zeros_like()?;
                 let mask = ids.ones_like()?;
-                let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+                let hidden = model.forward(&ids, &types, Some(&mask))?;
                 hidden.mean(1)?.to_vec2::<f32>()
             };
             out.extend(run().map_err(candle_err)?);

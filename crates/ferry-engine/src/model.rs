@@ -4,7 +4,7 @@
 //! whose tensors share the weights' storage, with its own empty KV cache — so concurrent requests
 //! never see each other's attention state.
 
-mod cpu_ops;
+pub(crate) mod cpu_ops;
 pub mod gemma3;
 pub mod gguf_llama;
 mod llama_cpu;

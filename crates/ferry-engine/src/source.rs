@@ -134,6 +134,7 @@ pub fn adhoc_manifest(spec: &str) -> Result<ModelManifest> {
         cpu_repack_q4_1: true,
         cost: Default::default(),
         pooling: Default::default(),
+        encoder_weights: Default::default(),
         fetch: None,
         description: None,
     };

@@ -385,6 +385,51 @@ fn static_pooling_agrees_with_the_contextual_encoder() {
     assert!(cos(&e[0], &f[0]) > 0.99999);
 }
 
+/// The int8 encoder (Q8_0 weights on ferry's kernels, one text at a time) stays within
+/// rounding of the f32 one: every text's vector is nearest its own f32 vector, at cosine
+/// > 0.99, short and long texts alike, and its static pooling runs on it too.
+#[test]
+fn int8_encoder_stays_within_rounding_of_the_f32_one() {
+    let load = |name: &str| {
+        let m = ModelManifest::load(&root().join(format!("models/{name}.toml"))).unwrap();
+        ferry_engine::encoder::SentenceEncoder::load(&m, &model_dir(), &ferry_engine::Device::Cpu)
+            .unwrap()
+    };
+    let (q8, full) = (load("all-minilm-l6-v2-q8"), load("all-minilm-l6-v2"));
+    let long = "The committee met on Tuesday to review the budget, the hiring plan and the \
+                schedule for the new building, and after a long discussion of each item it \
+                agreed to postpone the decision on the roof until the engineers report. "
+        .repeat(4);
+    let texts = [
+        "ferry",
+        "A cat sits on the mat.",
+        "A kitten rests on a rug.",
+        "Stock markets fell sharply today.",
+        "What is the capital of France?",
+        "Which gas do plants absorb from the air for photosynthesis?",
+        "If a train travels 60 miles in 1.5 hours, what is its average speed?",
+        "To open a jar with a stuck lid, run the lid under hot water.",
+        "Jordan lent his notes to a classmate before the exam. How would the classmate feel?",
+        long.as_str(),
+    ];
+    assert!(q8.embed_token_count(&long).unwrap() > 150);
+    let (a, b) = (q8.embed(&texts).unwrap(), full.embed(&texts).unwrap());
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for (i, v) in a.iter().enumerate() {
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+        let own = cos(v, &b[i]);
+        eprintln!("text {i}: cosine to the f32 vector {own:.5}");
+        assert!(own > 0.99, "text {i}: cosine {own}");
+        for (j, other) in b.iter().enumerate().filter(|&(j, _)| j != i) {
+            assert!(own > cos(v, other), "text {i} nearer f32 text {j}");
+        }
+    }
+    // Alone or in company, a text gets the same vector (each is embedded on its own).
+    let alone = load("all-minilm-l6-v2-q8").embed(&[texts[4]]).unwrap();
+    assert_eq!(alone[0].as_slice(), a[4].as_slice());
+}
+
 #[test]
 fn warm_up_generates_and_leaves_the_counters_alone() {
     let model = load();
