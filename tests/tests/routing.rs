@@ -338,7 +338,8 @@ async fn mixrank_loads_a_difficulty_prior_and_refuses_one_for_another_encoder() 
         ferry_edge::router::load_prior(cfg.router.prior.as_ref().unwrap(), "all-minilm-l6-v2")
             .unwrap_err();
     assert!(err.to_string().contains("some-other-encoder"), "{err}");
-    // The shipped prior loads for the default encoder and says what trained it.
+    // The shipped prior loads for the default encoder's embedding space (the int8 encoder
+    // embeds like the f32 one it was trained on) and says what trained it.
     let shipped = ferry_edge::router::load_prior(
         &ferry_integration::repo_root().join("models/priors/difficulty-minilm-v1.json"),
         "all-minilm-l6-v2",

@@ -190,6 +190,10 @@ pub struct ModelManifest {
     /// Encoders only: f32 weights (candle) or int8 ones (ferry's kernels).
     #[serde(default)]
     pub encoder_weights: EncoderWeights,
+    /// Encoders only: the encoder whose vectors this one reproduces up to rounding (the same
+    /// checkpoint and pooling), so difficulty priors and router state saved for that one apply
+    /// to this one ([`ModelManifest::embedding_space`]).
+    pub embeds_like: Option<String>,
     /// Registry install recipe for `ferry models fetch`.
     pub fetch: Option<FetchSpec>,
     /// Free text shown by `ferry models list`.
@@ -205,6 +209,12 @@ fn default_capabilities() -> Vec<String> {
 }
 
 impl ModelManifest {
+    /// The id of the embedding space an encoder's vectors live in: `embeds_like` where set,
+    /// else its own id. Priors and router state are tied to this, not to the manifest id.
+    pub fn embedding_space(&self) -> &str {
+        self.embeds_like.as_deref().unwrap_or(&self.id)
+    }
+
     /// Parses a manifest from TOML text; `path` is only used in error messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
         let m: ModelManifest = toml::from_str(text).map_err(|e| Error::InvalidFile {

@@ -105,7 +105,7 @@ impl Default for RouterConfig {
             feedback_share: 0.0,
             prior: None,
             seed: 42,
-            encoder: "all-minilm-l6-v2".to_string(),
+            encoder: "all-minilm-l6-v2-q8".to_string(),
             save_interval_ms: 1000,
             judge: JudgeConfig::default(),
         }

@@ -194,6 +194,8 @@ pub struct ZooRouter {
     policy: String,
     prior: Option<DifficultyPrior>,
     zoo: Vec<String>,
+    /// The encoder's embedding space (`ModelManifest::embedding_space`): saved state and a
+    /// prior must have been made in it.
     encoder_id: String,
     encoder: Arc<SentenceEncoder>,
     cfg: RouterConfig,

@@ -21,7 +21,8 @@ pub struct Routers {
     local: OnceLock<Arc<ZooRouter>>,
     /// Over the cloud zoo; built on first use.
     cloud: Mutex<Option<Arc<ZooRouter>>>,
-    /// The sentence encoder of both routers (one copy).
+    /// The sentence encoder of both routers (one copy), with its embedding space's id (what
+    /// priors and saved router state are tied to).
     encoder: OnceLock<(String, Arc<SentenceEncoder>)>,
 }
 
@@ -67,11 +68,12 @@ impl Routers {
             warm_up_ms = started.elapsed().as_millis() as u64,
             "encoder loaded"
         );
-        let _ = self.encoder.set((manifest.id.clone(), encoder.clone()));
+        let space = manifest.embedding_space();
+        let _ = self.encoder.set((space.to_string(), encoder.clone()));
         let router = ZooRouter::new(
             "local",
             zoo,
-            &manifest.id,
+            space,
             encoder,
             cfg,
             &config.state.dir,

@@ -135,6 +135,7 @@ pub fn adhoc_manifest(spec: &str) -> Result<ModelManifest> {
         cost: Default::default(),
         pooling: Default::default(),
         encoder_weights: Default::default(),
+        embeds_like: None,
         fetch: None,
         description: None,
     };

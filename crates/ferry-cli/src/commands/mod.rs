@@ -29,7 +29,7 @@ pub(crate) struct Registry {
 #[derive(Args)]
 pub(crate) struct EmbedArgs {
     /// Encoder model id (manifest) for the question embeddings.
-    #[arg(long, default_value = "all-minilm-l6-v2")]
+    #[arg(long, default_value = "all-minilm-l6-v2-q8")]
     pub(crate) encoder: String,
     /// Where question embeddings are cached between runs.
     #[arg(long, env = "FERRY_CACHE_DIR", default_value = ".cache")]

@@ -196,7 +196,10 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         .clone()
         .context("--input is required for --format mess and routellm")?;
     let prior = match &args.prior {
-        Some(path) => Some(ferry_lab::prior::load(path, &args.embed.encoder)?),
+        Some(path) => Some(ferry_lab::prior::load(
+            path,
+            args.embed.manifest(&args.registry)?.embedding_space(),
+        )?),
         None => None,
     };
     // Question embeddings (cached under --cache-dir), for the policies that read them.
@@ -546,7 +549,7 @@ pub(crate) fn train_prior(
         command.push_str(&format!(" --exclude {}", exclude.join(",")));
     }
     let t = std::time::Instant::now();
-    let p = prior::train(&sources, &m.id, &command, &mut embed_texts)?;
+    let p = prior::train(&sources, m.embedding_space(), &command, &mut embed_texts)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
