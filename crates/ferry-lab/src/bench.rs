@@ -567,10 +567,12 @@ pub fn router_bench(
     }
     head_us.sort_by(|a, b| a.total_cmp(b));
 
-    // A question of about 64 tokens, made unique per run so that the cache never answers.
+    // A question of 64 tokens (the issue's yardstick), made unique per run so that the cache
+    // never answers.
     let base = "Which of the following best explains why the morning ferry crossing takes longer when the \
                 wind rises from the west, given that the captain must keep the passenger deck dry, the \
-                harbour entrance narrows at low tide, and the timetable allows only twelve minutes";
+                harbour entrance narrows at low tide, and the timetable allows only twelve minutes \
+                between the first bell and the raising of the ramp";
     let mut enc_ms = Vec::new();
     let mut tokens = 0;
     let one: Vec<String> = (0..60).map(|i| format!("{base} (case {i})?")).collect();
