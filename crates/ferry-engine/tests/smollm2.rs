@@ -349,16 +349,21 @@ fn minilm_embeddings_match_the_file_layout_forward_pass() {
     assert!(diff < 1e-5, "largest difference {diff}");
 }
 
+/// The bundled encoder `name` (a manifest id), on the CPU.
+fn encoder(name: &str) -> ferry_engine::encoder::SentenceEncoder {
+    let m = ModelManifest::load(&root().join(format!("models/{name}.toml"))).unwrap();
+    ferry_engine::encoder::SentenceEncoder::load(&m, &model_dir(), &ferry_engine::Device::Cpu)
+        .unwrap()
+}
+
 /// Static pooling: a one-token text is exactly the contextual embedding of that text, and
 /// texts keep their similarities roughly.
 #[test]
 fn static_pooling_agrees_with_the_contextual_encoder() {
-    let load = |name: &str| {
-        let m = ModelManifest::load(&root().join(format!("models/{name}.toml"))).unwrap();
-        ferry_engine::encoder::SentenceEncoder::load(&m, &model_dir(), &ferry_engine::Device::Cpu)
-            .unwrap()
-    };
-    let (stat, full) = (load("all-minilm-l6-v2-static"), load("all-minilm-l6-v2"));
+    let (stat, full) = (
+        encoder("all-minilm-l6-v2-static"),
+        encoder("all-minilm-l6-v2"),
+    );
     let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let one = "ferry";
     assert_eq!(stat.embed_token_count(one).unwrap(), 3);
@@ -390,12 +395,7 @@ fn static_pooling_agrees_with_the_contextual_encoder() {
 /// > 0.99, short and long texts alike, and its static pooling runs on it too.
 #[test]
 fn int8_encoder_stays_within_rounding_of_the_f32_one() {
-    let load = |name: &str| {
-        let m = ModelManifest::load(&root().join(format!("models/{name}.toml"))).unwrap();
-        ferry_engine::encoder::SentenceEncoder::load(&m, &model_dir(), &ferry_engine::Device::Cpu)
-            .unwrap()
-    };
-    let (q8, full) = (load("all-minilm-l6-v2-q8"), load("all-minilm-l6-v2"));
+    let (q8, full) = (encoder("all-minilm-l6-v2-q8"), encoder("all-minilm-l6-v2"));
     let long = "The committee met on Tuesday to review the budget, the hiring plan and the \
                 schedule for the new building, and after a long discussion of each item it \
                 agreed to postpone the decision on the roof until the engineers report. "
@@ -426,7 +426,7 @@ fn int8_encoder_stays_within_rounding_of_the_f32_one() {
         }
     }
     // Alone or in company, a text gets the same vector (each is embedded on its own).
-    let alone = load("all-minilm-l6-v2-q8").embed(&[texts[4]]).unwrap();
+    let alone = encoder("all-minilm-l6-v2-q8").embed(&[texts[4]]).unwrap();
     assert_eq!(alone[0].as_slice(), a[4].as_slice());
 }
 
