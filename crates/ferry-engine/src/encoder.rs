@@ -69,6 +69,13 @@ fn linear_weights_column_major(path: &Path, device: &Device) -> Result<VarBuilde
     Ok(VarBuilder::from_tensors(out, DType::F32, device))
 }
 
+/// `v` scaled to unit length (a zero vector stays zero).
+fn unit(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
 fn tokenizer_err(e: impl std::fmt::Display) -> Error {
     Error::Engine(format!("encoder tokenizer: {e}"))
 }
@@ -173,10 +180,7 @@ impl SentenceEncoder {
                     .iter()
                     .map(|t| {
                         let enc = self.tokenizer.encode(*t, true).map_err(tokenizer_err)?;
-                        let mut v = q.mean_pooled(enc.get_ids())?;
-                        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                        v.iter_mut().for_each(|x| *x /= norm);
-                        Ok(v)
+                        Ok(unit(q.mean_pooled(enc.get_ids())?))
                     })
                     .collect();
             }
@@ -247,8 +251,7 @@ impl SentenceEncoder {
                     *m += x;
                 }
             }
-            let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            out.push(mean.into_iter().map(|x| x / norm).collect());
+            out.push(unit(mean));
         }
         Ok(out)
     }

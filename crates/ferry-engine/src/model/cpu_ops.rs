@@ -28,20 +28,39 @@ pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// `out = (x − mean) / sqrt(var + eps) · w + b` in place, row by row (rows as long as `w`).
-/// The sums run in eight lanes: a plain `f32` sum is one chain of dependent additions.
-pub(crate) fn layer_norm_in_place(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
-    fn lanes_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-        let mut acc = [0f32; 8];
-        let chunks = v.chunks_exact(8);
-        let rest: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
-        for c in chunks {
-            for i in 0..8 {
-                acc[i] += f(c[i]);
-            }
+/// `Σ f(v)` in eight lanes: a plain `f32` sum is one chain of dependent additions.
+fn lanes_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += f(c[i]);
         }
-        acc.iter().sum::<f32>() + rest
     }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// The largest value (−∞ for none), in eight lanes.
+fn lanes_max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    acc.iter().copied().fold(rest, f32::max)
+}
+
+/// `out = (x − mean) / sqrt(var + eps) · w + b` in place, row by row (rows as long as `w`).
+/// The sums run in eight lanes ([`lanes_sum`]).
+pub(crate) fn layer_norm_in_place(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
     let n = w.len() as f32;
     for xr in x.chunks_exact_mut(w.len()) {
         let mean = lanes_sum(xr, |v| v) / n;
@@ -102,31 +121,11 @@ pub(crate) fn full_attention_head(
     // sum in eight lanes (one chain of n dependent steps each was as slow as the products).
     for row in probs.chunks_exact_mut(np).take(n) {
         let (live, pad) = row.split_at_mut(n);
-        let mut lanes = [f32::NEG_INFINITY; 8];
-        let chunks = live.chunks_exact(8);
-        let mut max = chunks
-            .remainder()
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        for c in chunks {
-            for i in 0..8 {
-                lanes[i] = lanes[i].max(c[i]);
-            }
-        }
-        max = lanes.iter().copied().fold(max, f32::max) * scale;
+        let max = lanes_max(live) * scale;
         for s in live.iter_mut() {
             *s = exp_fast(*s * scale - max);
         }
-        let mut sums = [0f32; 8];
-        let chunks = live.chunks_exact(8);
-        let rest: f32 = chunks.remainder().iter().sum();
-        for c in chunks {
-            for i in 0..8 {
-                sums[i] += c[i];
-            }
-        }
-        let inv = 1.0 / (sums.iter().sum::<f32>() + rest);
+        let inv = 1.0 / lanes_sum(live, |s| s);
         live.iter_mut().for_each(|s| *s *= inv);
         pad.iter_mut().for_each(|s| *s = 0.0);
     }
