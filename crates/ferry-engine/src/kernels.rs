@@ -92,8 +92,9 @@ pub struct QuantizedActs {
     pub q: Vec<i8>,
     /// One scale per block.
     pub d: Vec<f32>,
-    /// One integer sum per block (as f32: it only ever multiplies a float).
-    pub sum: Vec<f32>,
+    /// One integer sum per block: the kernels fold a weight format's whole-number offset
+    /// (`c_w = −off·d_w`) into the integer dot as `−off·sum`.
+    pub sum: Vec<i32>,
     /// Blocks per row.
     pub blocks: usize,
 }
@@ -108,7 +109,7 @@ impl QuantizedActs {
         let mut out = QuantizedActs {
             q: vec![0; rows * cols],
             d: vec![0.0; rows * blocks],
-            sum: vec![0.0; rows * blocks],
+            sum: vec![0; rows * blocks],
             blocks,
         };
         #[cfg(target_arch = "x86_64")]
@@ -139,7 +140,7 @@ impl QuantizedActs {
                 s += r as i32;
             }
             *d = scale;
-            *sum = s as f32;
+            *sum = s;
         }
     }
 }
@@ -459,7 +460,7 @@ impl QWeight {
                     let q = &acts.q[(j * nb + b) * BLOCK..(j * nb + b + 1) * BLOCK];
                     let dot: i32 = u.iter().zip(q).map(|(&u, &q)| u as i32 * q as i32).sum();
                     let ab = j * nb + b;
-                    total += acts.d[ab] * (dw * dot as f32 + cw * acts.sum[ab]);
+                    total += acts.d[ab] * (dw * dot as f32 + cw * acts.sum[ab] as f32);
                 }
                 out[j * self.rows + r] = total;
             }

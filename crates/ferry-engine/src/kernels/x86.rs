@@ -217,7 +217,7 @@ unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedActs) {
         let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
         let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
         *out.d.get_unchecked_mut(b) = scale;
-        *out.sum.get_unchecked_mut(b) = _mm_cvtsi128_si32(t) as f32;
+        *out.sum.get_unchecked_mut(b) = _mm_cvtsi128_si32(t);
     }
 }
 
@@ -690,7 +690,7 @@ macro_rules! kernels {
                         let p = _mm256_cvtepi32_ps(dot(u, a));
                         (
                             _mm256_fmadd_ps(p, _mm256_set1_ps(dw * da), acc),
-                            offsets + cw * da * *s.add(b),
+                            offsets + cw * da * *s.add(b) as f32,
                         )
                     };
                     for r in rows.clone() {
@@ -729,7 +729,7 @@ macro_rules! kernels {
                             let ab = act_at[k] * nb + b;
                             a[k] = _mm256_loadu_si256(q.add(ab * BLOCK) as *const __m256i);
                             da[k] = *d.add(ab);
-                            das[k] = da[k] * *s.add(ab);
+                            das[k] = da[k] * *s.add(ab) as f32;
                         }
                         for i in 0..R {
                             let row = &scratch[row_at[i]];
@@ -853,7 +853,7 @@ mod tests {
         let blank = || QuantizedActs {
             q: vec![0; rows * cols],
             d: vec![0.0; rows * cols / BLOCK],
-            sum: vec![0.0; rows * cols / BLOCK],
+            sum: vec![0; rows * cols / BLOCK],
             blocks: cols / BLOCK,
         };
         let (mut scalar, mut vector) = (blank(), blank());

@@ -3,8 +3,10 @@
 //!
 //! Per block column of a group, the sixteen rows' values are unpacked once into eight registers
 //! (`V_k`: four values of each row), then each activation row costs eight `vpdpbusd` against its
-//! eight broadcast 4-byte groups, a conversion and two multiply-adds — about 13 instructions per
-//! 512 multiply-adds, where the row-at-a-time kernels spend four per 64 plus the unpacking. Every
+//! eight broadcast 4-byte groups, a conversion, a product and a multiply-add — about 12 vector
+//! instructions per 512 multiply-adds, where the row-at-a-time kernels spend four per 64 plus
+//! the unpacking. The weights' offset (`w = d_w·(u − off)`) costs no float work where it is a
+//! whole number (Q8_0, Q4_0, Q5_0): the integer dot starts at `−off·Σq`. Every
 //! output is computed by the same instructions in the same order whatever the number of rows in
 //! the call, so a row's result does not depend on its company (decode, a step of many sequences
 //! and a prompt all round alike).
@@ -126,22 +128,54 @@ unsafe fn tile<const F: u8, const J: usize>(t: Tile<'_>) {
             let row = t.j0 + k;
             let qa = q.add(row * cols + b * BLOCK) as *const i32;
             let quad = |i: usize| _mm512_set1_epi32(std::ptr::read_unaligned(qa.add(i)));
-            // Two chains of four, so one row's dot does not wait out eight latencies.
-            let mut lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], quad(0));
-            let mut hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[4], quad(4));
-            for i in 1..4 {
-                lo = _mm512_dpbusd_epi32(lo, v[i], quad(i));
-                hi = _mm512_dpbusd_epi32(hi, v[4 + i], quad(4 + i));
-            }
             let ab = row * t.nb + b;
+            let sa = *s.add(ab);
+            // The offset starts the integer dot (exact), where it would cost a float product
+            // and a multiply-add per row and block.
+            let start = _mm512_set1_epi32(whole_offset::<F>().wrapping_mul(sa).wrapping_neg());
+            let dot = if J >= 4 {
+                // Four or more rows keep the multiply-add unit busy: one chain each.
+                let mut dot = start;
+                for (i, v) in v.iter().enumerate() {
+                    dot = _mm512_dpbusd_epi32(dot, *v, quad(i));
+                }
+                dot
+            } else {
+                // Two chains of four, so a lone row's dot does not wait out eight latencies.
+                let mut lo = _mm512_dpbusd_epi32(start, v[0], quad(0));
+                let mut hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[4], quad(4));
+                for i in 1..4 {
+                    lo = _mm512_dpbusd_epi32(lo, v[i], quad(i));
+                    hi = _mm512_dpbusd_epi32(hi, v[4 + i], quad(4 + i));
+                }
+                _mm512_add_epi32(lo, hi)
+            };
             let da = *d.add(ab);
-            let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
-            *acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, _mm512_set1_ps(da)), *acc);
-            *acc = _mm512_fmadd_ps(cw, _mm512_set1_ps(da * *s.add(ab)), *acc);
+            *acc = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(dot),
+                _mm512_mul_ps(dw, _mm512_set1_ps(da)),
+                *acc,
+            );
+            if whole_offset::<F>() == 0 {
+                *acc = _mm512_fmadd_ps(cw, _mm512_set1_ps(da * sa as f32), *acc);
+            }
         }
     }
     for (k, acc) in acc.iter().enumerate() {
         _mm512_storeu_ps(t.out.add(k * t.out_stride), *acc);
+    }
+}
+
+/// The weight offset of formats whose values are unsigned integers a whole number `off` above
+/// the signed ones (`w = d_w·(u − off)`), or 0 where the offset is a float of its own (Q4_1's
+/// minimum): with activation sum `s`, `Σ u·q − off·s` is the signed dot, in integers.
+#[inline(always)]
+const fn whole_offset<const F: u8>() -> i32 {
+    match F {
+        Q8_0 => 128,
+        Q4_0 => 8,
+        Q5_0 => 16,
+        _ => 0,
     }
 }
 
@@ -246,7 +280,11 @@ macro_rules! narrow_kernels {
                     let load = |k: usize| {
                         _mm256_loadu_si256(vals.add(64 * k + 32 * half) as *const __m256i)
                     };
-                    let mut dots = [_mm256_setzero_si256(); J];
+                    // The offset starts each integer dot (see `whole_offset`).
+                    let mut dots: [__m256i; J] = std::array::from_fn(|j| {
+                        let sa = *s.add((t.j0 + j) * t.nb + b);
+                        _mm256_set1_epi32(whole_offset::<F>().wrapping_mul(sa).wrapping_neg())
+                    });
                     if F == Q8_0 {
                         for k in 0..8 {
                             let u = load(k);
@@ -274,20 +312,19 @@ macro_rules! narrow_kernels {
                         }
                     }
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(c.add(16 * half) as *const __m128i));
-                    let cw = match F {
-                        Q4_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
-                        Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(
-                            c.add(32 + 16 * half) as *const __m128i
-                        )),
-                        Q5_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-16.0)),
-                        _ => _mm256_mul_ps(dw, _mm256_set1_ps(-128.0)),
-                    };
                     for (j, acc) in acc.iter_mut().enumerate() {
                         let ab = (t.j0 + j) * t.nb + b;
                         let da = *d.add(ab);
                         let p = _mm256_cvtepi32_ps(dots[j]);
                         *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dw, _mm256_set1_ps(da)), *acc);
-                        *acc = _mm256_fmadd_ps(cw, _mm256_set1_ps(da * *s.add(ab)), *acc);
+                        if whole_offset::<F>() == 0 {
+                            // Q4_1's minimum: a float offset of its own.
+                            let cw = _mm256_cvtph_ps(_mm_loadu_si128(
+                                c.add(32 + 16 * half) as *const __m128i
+                            ));
+                            let sa = *s.add(ab) as f32;
+                            *acc = _mm256_fmadd_ps(cw, _mm256_set1_ps(da * sa), *acc);
+                        }
                     }
                 }
                 for (j, acc) in acc.iter().enumerate() {
