@@ -95,6 +95,9 @@ pub struct QuantizedActs {
     /// One integer sum per block: the kernels fold a weight format's whole-number offset
     /// (`c_w = −off·d_w`) into the integer dot as `−off·sum`.
     pub sum: Vec<i32>,
+    /// `d · sum` per block: the factor of a float weight offset (Q4_1's minimum), read by the
+    /// kernels as a broadcast from memory rather than a product per weight group.
+    pub scaled_sum: Vec<f32>,
     /// Blocks per row.
     pub blocks: usize,
 }
@@ -110,6 +113,7 @@ impl QuantizedActs {
             q: vec![0; rows * cols],
             d: vec![0.0; rows * blocks],
             sum: vec![0; rows * blocks],
+            scaled_sum: vec![0.0; rows * blocks],
             blocks,
         };
         #[cfg(target_arch = "x86_64")]
@@ -123,10 +127,11 @@ impl QuantizedActs {
 
     /// The quantisation as a plain loop (CPUs without AVX2, and the vector version's test).
     pub(crate) fn fill_scalar(&mut self, x: &[f32]) {
-        for ((xs, qs), (d, sum)) in x
+        for (((xs, qs), (d, sum)), scaled_sum) in x
             .chunks_exact(BLOCK)
             .zip(self.q.chunks_exact_mut(BLOCK))
             .zip(self.d.iter_mut().zip(self.sum.iter_mut()))
+            .zip(self.scaled_sum.iter_mut())
         {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
@@ -141,6 +146,7 @@ impl QuantizedActs {
             }
             *d = scale;
             *sum = s;
+            *scaled_sum = scale * s as f32;
         }
     }
 }

@@ -183,6 +183,7 @@ pub fn quantize(x: &[f32], out: &mut QuantizedActs) {
     assert_eq!(x.len(), out.q.len());
     assert_eq!(x.len(), out.d.len() * BLOCK);
     assert_eq!(out.d.len(), out.sum.len());
+    assert_eq!(out.d.len(), out.scaled_sum.len());
     // SAFETY: lengths asserted above; AVX2 is present wherever `detect` returned an ISA.
     unsafe { quantize_avx2(x, out) }
 }
@@ -217,7 +218,9 @@ unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedActs) {
         let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
         let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
         *out.d.get_unchecked_mut(b) = scale;
-        *out.sum.get_unchecked_mut(b) = _mm_cvtsi128_si32(t);
+        let sum = _mm_cvtsi128_si32(t);
+        *out.sum.get_unchecked_mut(b) = sum;
+        *out.scaled_sum.get_unchecked_mut(b) = scale * sum as f32;
     }
 }
 
@@ -854,6 +857,7 @@ mod tests {
             q: vec![0; rows * cols],
             d: vec![0.0; rows * cols / BLOCK],
             sum: vec![0; rows * cols / BLOCK],
+            scaled_sum: vec![0.0; rows * cols / BLOCK],
             blocks: cols / BLOCK,
         };
         let (mut scalar, mut vector) = (blank(), blank());
@@ -862,6 +866,7 @@ mod tests {
         assert_eq!(vector.q, scalar.q);
         assert_eq!(vector.d, scalar.d);
         assert_eq!(vector.sum, scalar.sum);
+        assert_eq!(vector.scaled_sum, scalar.scaled_sum);
     }
 
     #[test]

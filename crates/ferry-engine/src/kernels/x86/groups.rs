@@ -116,6 +116,7 @@ unsafe fn tile<const F: u8, const J: usize>(t: Tile<'_>) {
     let q = t.acts.q.as_ptr();
     let d = t.acts.d.as_ptr();
     let s = t.acts.sum.as_ptr();
+    let ds = t.acts.scaled_sum.as_ptr();
     let mut acc = [_mm512_setzero_ps(); J];
     for b in 0..t.nb {
         let c = t.group.add(b * chunk);
@@ -157,7 +158,7 @@ unsafe fn tile<const F: u8, const J: usize>(t: Tile<'_>) {
                 *acc,
             );
             if whole_offset::<F>() == 0 {
-                *acc = _mm512_fmadd_ps(cw, _mm512_set1_ps(da * sa as f32), *acc);
+                *acc = _mm512_fmadd_ps(cw, _mm512_set1_ps(*ds.add(ab)), *acc);
             }
         }
     }
@@ -322,8 +323,8 @@ macro_rules! narrow_kernels {
                             let cw = _mm256_cvtph_ps(_mm_loadu_si128(
                                 c.add(32 + 16 * half) as *const __m128i
                             ));
-                            let sa = *s.add(ab) as f32;
-                            *acc = _mm256_fmadd_ps(cw, _mm256_set1_ps(da * sa), *acc);
+                            let das = *t.acts.scaled_sum.as_ptr().add(ab);
+                            *acc = _mm256_fmadd_ps(cw, _mm256_set1_ps(das), *acc);
                         }
                     }
                 }
