@@ -607,6 +607,20 @@ pub fn attention_scores(
     false
 }
 
+/// `wide(arg)` compiled for AVX-512 where the CPU (and `FERRY_KERNEL_ISA`) has the kernels use
+/// it, `narrow(arg)` elsewhere; `wide` should inline the code it is for (`#[inline(always)]`).
+pub fn with_avx512<A, T>(arg: A, wide: impl FnOnce(A) -> T, narrow: impl FnOnce(A) -> T) -> T {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::with_avx512(arg, wide, narrow)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = wide;
+        narrow(arg)
+    }
+}
+
 /// Attention's output `out = scale · Σ_j weights[j]·values[j·stride..][..out.len()]` with the
 /// CPU's vector units, or `false` (nothing written) where there is no vector path.
 pub fn attention_values(

@@ -15,9 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
 use crate::candle_err;
-use crate::kernels::{par_items, QLinear};
+use crate::kernels::{par_items, with_avx512, QLinear};
 use crate::model::cpu_ops::{
     attend_row, full_attention_head, gelu_erf, gelu_tanh, layer_norm_in_place, ATTENTION_BLOCK,
+    ATTENTION_QUERIES,
 };
 use ferry_core::{Error, Result};
 
@@ -28,18 +29,46 @@ struct Linear {
 }
 
 impl Linear {
-    /// `out = x·Wᵀ + b` for `m` rows of `x`.
-    fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let n = self.bias.len();
-        let mut out = vec![0f32; m * n];
-        self.weight.matmul_f32(x, m, &mut out).map_err(candle_err)?;
-        for row in out.chunks_exact_mut(n) {
-            for (o, b) in row.iter_mut().zip(&self.bias) {
-                *o += b;
-            }
-        }
-        Ok(out)
+    /// `out = x·Wᵀ` for `m` rows of `x`, without the bias: each caller adds it in a pass it
+    /// makes anyway (the attention's gather, GELU, the residual).
+    fn product(&self, x: &[f32], m: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        out.resize(m * self.bias.len(), 0.0);
+        self.weight.matmul_f32(x, m, out).map_err(candle_err)
     }
+}
+
+/// `x += y + bias`, row by row.
+fn add_residual(x: &mut [f32], y: &[f32], bias: &[f32]) {
+    for (xr, yr) in x
+        .chunks_exact_mut(bias.len())
+        .zip(y.chunks_exact(bias.len()))
+    {
+        for ((v, a), b) in xr.iter_mut().zip(yr).zip(bias) {
+            *v += a + b;
+        }
+    }
+}
+
+/// The feed-forward activation of `row + bias`, in place.
+#[inline(always)]
+fn activate(act: HiddenAct, row: &mut [f32], bias: &[f32]) {
+    let biased = row.iter_mut().zip(bias);
+    match act {
+        HiddenAct::Gelu => biased.for_each(|(v, b)| *v = gelu_erf(*v + b)),
+        HiddenAct::GeluApproximate => biased.for_each(|(v, b)| *v = gelu_tanh(*v + b)),
+        HiddenAct::Relu => biased.for_each(|(v, b)| *v = (*v + b).max(0.0)),
+    }
+}
+
+/// Buffers one pass reuses from layer to layer.
+#[derive(Default)]
+struct Scratch {
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    attn: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
 }
 
 struct Norm {
@@ -206,8 +235,9 @@ impl QuantizedBert {
             &self.embed_norm.bias,
             self.eps,
         );
+        let mut scratch = Scratch::default();
         for layer in &self.layers {
-            self.layer(layer, &mut x, n)?;
+            self.layer(layer, &mut x, n, &mut scratch)?;
         }
         let mut mean = vec![0f32; h];
         for row in x.chunks_exact(h) {
@@ -221,44 +251,48 @@ impl QuantizedBert {
         Ok(mean)
     }
 
-    fn layer(&self, layer: &Layer, x: &mut [f32], n: usize) -> Result<()> {
+    fn layer(&self, layer: &Layer, x: &mut [f32], n: usize, s: &mut Scratch) -> Result<()> {
         let (h, heads) = (self.hidden, self.heads);
         let hd = h / heads;
-        let qkv = layer.qkv.forward(x, n)?;
+        layer.qkv.product(x, n, &mut s.qkv)?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let ctx = if hd.is_multiple_of(ATTENTION_BLOCK) {
-            attention_by_heads(&qkv, n, h, heads, scale)
+        if hd.is_multiple_of(ATTENTION_BLOCK) {
+            attention_by_heads(&s.qkv, &layer.qkv.bias, n, h, heads, scale, &mut s.ctx);
         } else {
-            let mut ctx = vec![0f32; n * h];
+            for row in s.qkv.chunks_exact_mut(3 * h) {
+                row.iter_mut()
+                    .zip(&layer.qkv.bias)
+                    .for_each(|(v, b)| *v += b);
+            }
+            s.ctx.clear();
+            s.ctx.resize(n * h, 0.0);
+            let qkv = &s.qkv;
             // One item per (token, head); every token attends to every token.
-            par_items(&mut ctx, n * heads, hd, n * n * h * 2, |item, out| {
+            par_items(&mut s.ctx, n * heads, hd, n * n * h * 2, |item, out| {
                 let (i, head) = (item / heads, item % heads);
                 let q = &qkv[i * 3 * h + head * hd..][..hd];
                 let keys = &qkv[h + head * hd..];
                 let values = &qkv[2 * h + head * hd..];
                 attend_row(q, keys, values, 3 * h, scale, n, out);
             });
-            ctx
-        };
-        let attn = layer.attn_out.forward(&ctx, n)?;
-        for (v, a) in x.iter_mut().zip(&attn) {
-            *v += a;
         }
+        layer.attn_out.product(&s.ctx, n, &mut s.attn)?;
+        add_residual(x, &s.attn, &layer.attn_out.bias);
         layer_norm_in_place(x, &layer.attn_norm.weight, &layer.attn_norm.bias, self.eps);
-        let mut up = layer.up.forward(x, n)?;
-        let width = layer.up.bias.len();
+        layer.up.product(x, n, &mut s.up)?;
+        let bias = &layer.up.bias;
         let act = self.act;
         // Over the pool too: alone, the exponentials of a 64-token text's activations are a
         // tenth of the pass, with the other core waiting.
-        par_items(&mut up, n, width, n * width * 16, |_, row| match act {
-            HiddenAct::Gelu => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
-            HiddenAct::GeluApproximate => row.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
-            HiddenAct::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+        par_items(&mut s.up, n, bias.len(), n * bias.len() * 16, |_, row| {
+            with_avx512(
+                row,
+                |row| activate(act, row, bias),
+                |row| activate(act, row, bias),
+            )
         });
-        let down = layer.down.forward(&up, n)?;
-        for (v, d) in x.iter_mut().zip(&down) {
-            *v += d;
-        }
+        layer.down.product(&s.up, n, &mut s.down)?;
+        add_residual(x, &s.down, &layer.down.bias);
         layer_norm_in_place(x, &layer.out_norm.weight, &layer.out_norm.bias, self.eps);
         Ok(())
     }
@@ -267,31 +301,46 @@ impl QuantizedBert {
 /// Every token's attention over every token, one head per work item: each head's queries,
 /// keys (transposed, zero-padded) and values are gathered from the `[q | k | v]` rows, and the
 /// heads' outputs put back in token order.
-fn attention_by_heads(qkv: &[f32], n: usize, h: usize, heads: usize, scale: f32) -> Vec<f32> {
+fn attention_by_heads(
+    qkv: &[f32],
+    bias: &[f32],
+    n: usize,
+    h: usize,
+    heads: usize,
+    scale: f32,
+    ctx: &mut Vec<f32>,
+) {
     let hd = h / heads;
     let np = n.div_ceil(ATTENTION_BLOCK) * ATTENTION_BLOCK;
     let mut by_head = vec![0f32; heads * n * hd];
     par_items(&mut by_head, heads, n * hd, n * n * h * 2, |head, out| {
-        // Queries in whole blocks of four rows, the last ones zero.
-        let mut q = vec![0f32; n.div_ceil(4) * 4 * hd];
+        // Queries in whole blocks of `ATTENTION_QUERIES` rows, the last ones zero; the biases go
+        // on here.
+        let mut q = vec![0f32; n.div_ceil(ATTENTION_QUERIES) * ATTENTION_QUERIES * hd];
         let (mut kt, mut v) = (vec![0f32; hd * np], vec![0f32; n * hd]);
+        let [bq, bk, bv] = [0, h, 2 * h].map(|at| &bias[at + head * hd..][..hd]);
         for i in 0..n {
             let row = &qkv[i * 3 * h..][..3 * h];
-            q[i * hd..][..hd].copy_from_slice(&row[head * hd..][..hd]);
-            v[i * hd..][..hd].copy_from_slice(&row[2 * h + head * hd..][..hd]);
-            for (d, &k) in row[h + head * hd..][..hd].iter().enumerate() {
-                kt[d * np + i] = k;
+            let biased = |at: usize, b: &[f32], dst: &mut [f32]| {
+                for ((d, &x), &b) in dst.iter_mut().zip(&row[at + head * hd..][..hd]).zip(b) {
+                    *d = x + b;
+                }
+            };
+            biased(0, bq, &mut q[i * hd..][..hd]);
+            biased(2 * h, bv, &mut v[i * hd..][..hd]);
+            for (d, (&k, &b)) in row[h + head * hd..][..hd].iter().zip(bk).enumerate() {
+                kt[d * np + i] = k + b;
             }
         }
         full_attention_head(&q, &kt, &v, n, hd, scale, out);
     });
-    let mut ctx = vec![0f32; n * h];
+    ctx.clear();
+    ctx.resize(n * h, 0.0);
     for (head, block) in by_head.chunks_exact(n * hd).enumerate() {
         for (i, row) in block.chunks_exact(hd).enumerate() {
             ctx[i * h + head * hd..][..hd].copy_from_slice(row);
         }
     }
-    ctx
 }
 
 /// Loads a safetensors checkpoint's tensors for [`QuantizedBert::load`].

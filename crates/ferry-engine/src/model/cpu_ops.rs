@@ -4,7 +4,7 @@
 //! over a key/value cache laid out `[position][kv head][head_dim]`, and the bookkeeping of a
 //! batch of sequences fed through one pass ([`Segment`]).
 
-use crate::kernels::{attention_scores, attention_values, par_items};
+use crate::kernels::{attention_scores, attention_values, par_items, with_avx512};
 
 /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (rows as long as `w`).
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -72,16 +72,22 @@ pub(crate) fn layer_norm_in_place(x: &mut [f32], w: &[f32], b: &[f32], eps: f32)
     }
 }
 
-/// Rows of queries (or keys) a [`full_attention_head`] block takes at once.
+/// Rows of keys (or value columns) a [`full_attention_head`] block takes at once.
 pub(crate) const ATTENTION_BLOCK: usize = 16;
 
+/// Queries a [`full_attention_head`] block takes at once (`q` is padded to a multiple of it
+/// with zero rows). Eight would keep more multiply-adds in flight, but the compiler then keeps
+/// the 8×16 accumulators in memory: the pass took five times as long.
+pub(crate) const ATTENTION_QUERIES: usize = 4;
+
 /// Full (unmasked) attention of one head over `n` tokens, as two small register-blocked
-/// matrix products: `q` holds `n` rows of `hd` values (then zero rows up to a multiple of 4), `kt` the keys transposed (`hd` rows
-/// of `np` values, `np` = `n` rounded up to [`ATTENTION_BLOCK`], zero-padded), `v` `n` rows of
-/// `hd`; `out` gets `n` rows of `hd`. `hd` must be a multiple of [`ATTENTION_BLOCK`].
-/// One query at a time over strided keys spent most of its time in horizontal sums and in
-/// chains of dependent additions; here every multiply-add is into one of 4×16 independent
-/// accumulators.
+/// matrix products: `q` holds `n` rows of `hd` values (then zero rows up to a multiple of
+/// [`ATTENTION_QUERIES`]), `kt` the keys transposed (`hd` rows of `np` values, `np` = `n`
+/// rounded up to [`ATTENTION_BLOCK`], zero-padded), `v` `n` rows of `hd`; `out` gets `n` rows
+/// of `hd`. `hd` must be a multiple of [`ATTENTION_BLOCK`]. One query at a time over strided
+/// keys spent most of its time in horizontal sums and in chains of dependent additions; here
+/// every multiply-add is into one of 4×16 independent accumulators, in one AVX-512 register
+/// per query where the CPU has them (two AVX2 registers otherwise; 15 % slower).
 pub(crate) fn full_attention_head(
     q: &[f32],
     kt: &[f32],
@@ -91,8 +97,23 @@ pub(crate) fn full_attention_head(
     scale: f32,
     out: &mut [f32],
 ) {
+    let blocks = |out: &mut [f32]| attention_blocks(q, kt, v, n, hd, scale, out);
+    with_avx512(out, blocks, blocks);
+}
+
+/// [`full_attention_head`]'s body, inlined where it is compiled.
+#[inline(always)]
+fn attention_blocks(
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    n: usize,
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     const B: usize = ATTENTION_BLOCK;
-    const R: usize = 4;
+    const R: usize = ATTENTION_QUERIES;
     let np = n.div_ceil(B) * B;
     debug_assert!(hd.is_multiple_of(B) && kt.len() >= hd * np && out.len() >= n * hd);
     debug_assert!(q.len() >= n.div_ceil(R) * R * hd);
