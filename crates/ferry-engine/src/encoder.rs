@@ -28,6 +28,11 @@ use quantized::QuantizedBert;
 
 /// Longest input, in tokens (the MESS+ reference truncates questions at 256).
 pub const MAX_TOKENS: usize = 256;
+
+/// Names the encoders' arithmetic: bumped whenever a change moves their output vectors (even by
+/// rounding), so vectors cached on disk by an older build are not mixed with this one's.
+/// 2026-12-07: the int8 kernel folds Q8_0's weight offset into the integer dot.
+pub const NUMERICS_REVISION: &str = "2026-12-07";
 /// Texts kept in the cache before it is cleared.
 const CACHE_LIMIT: usize = 200_000;
 

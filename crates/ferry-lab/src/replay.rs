@@ -786,8 +786,9 @@ pub fn replay(
     Ok((report, main, baselines))
 }
 
-/// On-disk cache of a data set's question embeddings, keyed by the encoder and every text, so
-/// that repeated replays (seeds, α sweeps) skip the encoder.
+/// On-disk cache of a data set's question embeddings, keyed by the encoder, its arithmetic
+/// ([`ferry_engine::encoder::NUMERICS_REVISION`]) and every text, so that repeated replays
+/// (seeds, α sweeps) skip the encoder and a rebuilt one never reads another build's vectors.
 pub struct EmbeddingCache {
     path: PathBuf,
 }
@@ -797,6 +798,8 @@ impl EmbeddingCache {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(encoder.as_bytes());
+        h.update([0u8]);
+        h.update(ferry_engine::encoder::NUMERICS_REVISION.as_bytes());
         for t in texts {
             h.update([0u8]);
             h.update(t.as_bytes());
