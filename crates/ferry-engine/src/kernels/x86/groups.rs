@@ -266,6 +266,7 @@ macro_rules! narrow_kernels {
                 let chunk = GROUP * block_bytes(F);
                 let cols = t.nb * BLOCK;
                 let (q, d, s) = (t.acts.q.as_ptr(), t.acts.d.as_ptr(), t.acts.sum.as_ptr());
+                let ds = t.acts.scaled_sum.as_ptr();
                 let low = _mm256_set1_epi8(0x0f);
                 let mut acc = [_mm256_setzero_ps(); J];
                 for b in 0..t.nb {
@@ -323,8 +324,7 @@ macro_rules! narrow_kernels {
                             let cw = _mm256_cvtph_ps(_mm_loadu_si128(
                                 c.add(32 + 16 * half) as *const __m128i
                             ));
-                            let das = *t.acts.scaled_sum.as_ptr().add(ab);
-                            *acc = _mm256_fmadd_ps(cw, _mm256_set1_ps(das), *acc);
+                            *acc = _mm256_fmadd_ps(cw, _mm256_set1_ps(*ds.add(ab)), *acc);
                         }
                     }
                 }
