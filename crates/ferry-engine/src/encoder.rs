@@ -33,6 +33,7 @@ pub const MAX_TOKENS: usize = 256;
 /// rounding), so vectors cached on disk by an older build are not mixed with this one's.
 /// 2026-12-07: the int8 kernel folds Q8_0's weight offset into the integer dot.
 pub const NUMERICS_REVISION: &str = "2026-12-07";
+
 /// Texts kept in the cache before it is cleared.
 const CACHE_LIMIT: usize = 200_000;
 

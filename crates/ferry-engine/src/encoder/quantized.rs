@@ -332,7 +332,8 @@ fn attention_by_heads(
                 kt[d * np + i] = k + b;
             }
         }
-        full_attention_head(&q, &kt, &v, n, hd, scale, out);
+        let head = |out: &mut [f32]| full_attention_head(&q, &kt, &v, n, hd, scale, out);
+        with_avx512(out, head, head);
     });
     ctx.clear();
     ctx.resize(n * h, 0.0);

@@ -4,7 +4,9 @@
 //! over a key/value cache laid out `[position][kv head][head_dim]`, and the bookkeeping of a
 //! batch of sequences fed through one pass ([`Segment`]).
 
-use crate::kernels::{attention_scores, attention_values, par_items, with_avx512};
+#[cfg(doc)]
+use crate::kernels::with_avx512;
+use crate::kernels::{attention_scores, attention_values, par_items};
 
 /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (rows as long as `w`).
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -86,24 +88,11 @@ pub(crate) const ATTENTION_QUERIES: usize = 4;
 /// rounded up to [`ATTENTION_BLOCK`], zero-padded), `v` `n` rows of `hd`; `out` gets `n` rows
 /// of `hd`. `hd` must be a multiple of [`ATTENTION_BLOCK`]. One query at a time over strided
 /// keys spent most of its time in horizontal sums and in chains of dependent additions; here
-/// every multiply-add is into one of 4×16 independent accumulators, in one AVX-512 register
-/// per query where the CPU has them (two AVX2 registers otherwise; 15 % slower).
-pub(crate) fn full_attention_head(
-    q: &[f32],
-    kt: &[f32],
-    v: &[f32],
-    n: usize,
-    hd: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let blocks = |out: &mut [f32]| attention_blocks(q, kt, v, n, hd, scale, out);
-    with_avx512(out, blocks, blocks);
-}
-
-/// [`full_attention_head`]'s body, inlined where it is compiled.
+/// every multiply-add is into one of 4×16 independent accumulators: one AVX-512 register per
+/// query where the caller runs it through [`crate::kernels::with_avx512`] (always inlined, so
+/// it is compiled there), two AVX2 registers otherwise (15 % slower).
 #[inline(always)]
-fn attention_blocks(
+pub(crate) fn full_attention_head(
     q: &[f32],
     kt: &[f32],
     v: &[f32],
