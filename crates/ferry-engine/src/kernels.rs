@@ -33,6 +33,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use half::f16;
 
 mod interleave;
 #[cfg(target_arch = "x86_64")]
@@ -605,6 +606,51 @@ pub fn attention_scores(
     }
     let _ = (q, keys, stride, scale, out);
     false
+}
+
+/// [`attention_scores`] over keys held as f16 (the key/value caches).
+pub fn attention_scores_f16(
+    q: &[f32],
+    keys: &[f16],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_available() && q.len().is_multiple_of(8) {
+        x86::scaled_dots_f16(q, keys, stride, scale, out);
+        return true;
+    }
+    let _ = (q, keys, stride, scale, out);
+    false
+}
+
+/// [`attention_values`] over values held as f16.
+pub fn attention_values_f16(
+    weights: &[f32],
+    values: &[f16],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_available() && out.len().is_multiple_of(8) {
+        x86::weighted_sum_f16(weights, values, stride, scale, out);
+        return true;
+    }
+    let _ = (weights, values, stride, scale, out);
+    false
+}
+
+/// Appends `src` to `dst` rounded to f16 (nearest, ties to even), with the CPU's conversion
+/// instructions where it has them.
+pub fn extend_f16(dst: &mut Vec<f16>, src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_available() {
+        x86::extend_f16(dst, src);
+        return;
+    }
+    dst.extend(src.iter().map(|&x| f16::from_f32(x)));
 }
 
 /// `wide(arg)` compiled for AVX-512 where the CPU (and `FERRY_KERNEL_ISA`) has the kernels use

@@ -14,6 +14,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 use std::sync::OnceLock;
 
+use half::f16;
+
 use super::{Format, QWeight, QuantizedActs, BLOCK, GROUP};
 
 mod groups;
@@ -241,25 +243,46 @@ unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedActs) {
     }
 }
 
+/// Eight consecutive elements at element index `i` of `base`, as f32: plain f32 values, or f16
+/// bits (`HALF`, the key/value caches) widened by F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<const HALF: bool>(base: *const u8, i: usize) -> __m256 {
+    if HALF {
+        _mm256_cvtph_ps(_mm_loadu_si128(base.add(2 * i) as *const __m128i))
+    } else {
+        _mm256_loadu_ps((base as *const f32).add(i))
+    }
+}
+
 /// Attention scores: `out[j] = scale · Σ_c q[c]·keys[j·stride + c]` for `j < out.len()`, four
 /// keys at a time (four independent chains of multiply-adds, the query loaded once for them).
 /// `q.len()` must be a multiple of 8.
 pub fn scaled_dots(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-    let (hd, n) = (q.len(), out.len());
-    assert_eq!(hd % 8, 0);
-    if n == 0 {
-        return;
-    }
-    assert!(keys.len() >= (n - 1) * stride + hd);
-    // SAFETY: bounds asserted above; AVX2 and FMA are present wherever `detect` returned an
-    // ISA, which the caller checked.
-    unsafe { scaled_dots_avx2(q, keys.as_ptr(), stride, scale, out) }
+    check_rows(q.len(), out.len(), keys.len(), stride);
+    // SAFETY: bounds checked above; AVX2, FMA and F16C are present wherever `detect` returned
+    // an ISA, which the caller checked.
+    unsafe { scaled_dots_avx2::<false>(q, keys.as_ptr() as *const u8, stride, scale, out) }
+}
+
+/// [`scaled_dots`] over keys held as f16.
+pub fn scaled_dots_f16(q: &[f32], keys: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+    check_rows(q.len(), out.len(), keys.len(), stride);
+    // SAFETY: as for `scaled_dots`; `f16` is two bytes of IEEE half-precision bits.
+    unsafe { scaled_dots_avx2::<true>(q, keys.as_ptr() as *const u8, stride, scale, out) }
+}
+
+/// Panics unless `n` rows of `width` elements, `stride` apart, fit in `len` elements, and
+/// `width` is a multiple of 8 (what the attention kernels' loads assume).
+fn check_rows(width: usize, n: usize, len: usize, stride: usize) {
+    assert_eq!(width % 8, 0);
+    assert!(n == 0 || len >= (n - 1) * stride + width);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scaled_dots_avx2(
+unsafe fn scaled_dots_avx2<const HALF: bool>(
     q: &[f32],
-    keys: *const f32,
+    keys: *const u8,
     stride: usize,
     scale: f32,
     out: &mut [f32],
@@ -272,7 +295,7 @@ unsafe fn scaled_dots_avx2(
         for c in (0..hd).step_by(8) {
             let qv = _mm256_loadu_ps(qp.add(c));
             for (t, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys.add((j + t) * stride + c)), *acc);
+                *acc = _mm256_fmadd_ps(qv, load8::<HALF>(keys, (j + t) * stride + c), *acc);
             }
         }
         for (t, acc) in acc.iter().enumerate() {
@@ -285,7 +308,7 @@ unsafe fn scaled_dots_avx2(
         for c in (0..hd).step_by(8) {
             acc = _mm256_fmadd_ps(
                 _mm256_loadu_ps(qp.add(c)),
-                _mm256_loadu_ps(keys.add(j * stride + c)),
+                load8::<HALF>(keys, j * stride + c),
                 acc,
             );
         }
@@ -294,47 +317,99 @@ unsafe fn scaled_dots_avx2(
     }
 }
 
-/// Attention's weighted values: `out[c] = scale · Σ_j weights[j]·values[j·stride + c]`, 64
-/// columns at a time in eight registers held across every row. `out.len()` must be a multiple
+/// Attention's weighted values: `out[c] = scale · Σ_j weights[j]·values[j·stride + c]`, up to
+/// 64 columns at a time in eight registers held across every row. `out.len()` must be a multiple
 /// of 8.
 pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-    let (hd, n) = (out.len(), weights.len());
-    assert_eq!(hd % 8, 0);
-    if n == 0 {
-        out.fill(0.0);
-        return;
-    }
-    assert!(values.len() >= (n - 1) * stride + hd);
+    check_rows(out.len(), weights.len(), values.len(), stride);
     // SAFETY: as for `scaled_dots`.
-    unsafe { weighted_sum_avx2(weights, values.as_ptr(), stride, scale, out) }
+    unsafe { weighted_sum_avx2::<false>(weights, values.as_ptr() as *const u8, stride, scale, out) }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_sum_avx2(
+/// [`weighted_sum`] over values held as f16.
+pub fn weighted_sum_f16(
     weights: &[f32],
-    values: *const f32,
+    values: &[f16],
     stride: usize,
     scale: f32,
     out: &mut [f32],
 ) {
-    const WIDE: usize = 64;
-    let hd = out.len();
+    check_rows(out.len(), weights.len(), values.len(), stride);
+    // SAFETY: as for `scaled_dots_f16`.
+    unsafe { weighted_sum_avx2::<true>(weights, values.as_ptr() as *const u8, stride, scale, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_avx2<const HALF: bool>(
+    weights: &[f32],
+    values: *const u8,
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (hd, dst) = (out.len(), out.as_mut_ptr());
     let mut start = 0;
+    // Blocks of a fixed width, so the compiler keeps the accumulators in registers (with a
+    // run-time width they lived on the stack: a load and a store around every multiply-add).
+    while start + 64 <= hd {
+        weighted_block::<HALF, 8>(weights, values, stride, start, scale, dst);
+        start += 64;
+    }
+    while start + 16 <= hd {
+        weighted_block::<HALF, 2>(weights, values, stride, start, scale, dst);
+        start += 16;
+    }
     while start < hd {
-        let lanes = (hd - start).min(WIDE) / 8;
-        let mut acc = [_mm256_setzero_ps(); WIDE / 8];
-        for (j, &w) in weights.iter().enumerate() {
-            let wv = _mm256_set1_ps(w);
-            let row = values.add(j * stride + start);
-            for (i, acc) in acc.iter_mut().enumerate().take(lanes) {
-                *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * i)), *acc);
-            }
+        weighted_block::<HALF, 1>(weights, values, stride, start, scale, dst);
+        start += 8;
+    }
+}
+
+/// Columns `start..start + 8·LANES` of [`weighted_sum`], `LANES` registers held across every row.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_block<const HALF: bool, const LANES: usize>(
+    weights: &[f32],
+    values: *const u8,
+    stride: usize,
+    start: usize,
+    scale: f32,
+    out: *mut f32,
+) {
+    let mut acc = [_mm256_setzero_ps(); LANES];
+    for (j, &w) in weights.iter().enumerate() {
+        let wv = _mm256_set1_ps(w);
+        let row = j * stride + start;
+        for (i, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(wv, load8::<HALF>(values, row + 8 * i), *acc);
         }
-        let sv = _mm256_set1_ps(scale);
-        for (i, acc) in acc.iter().enumerate().take(lanes) {
-            _mm256_storeu_ps(out.as_mut_ptr().add(start + 8 * i), _mm256_mul_ps(*acc, sv));
-        }
-        start += lanes * 8;
+    }
+    let sv = _mm256_set1_ps(scale);
+    for (i, acc) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(start + 8 * i), _mm256_mul_ps(*acc, sv));
+    }
+}
+
+/// Appends `src` to `dst` rounded to f16 (to nearest, ties to even, as `half` rounds), eight
+/// values per F16C conversion.
+pub fn extend_f16(dst: &mut Vec<f16>, src: &[f32]) {
+    let old = dst.len();
+    dst.resize(old + src.len(), f16::ZERO);
+    let out = &mut dst[old..];
+    let whole = src.len() / 8 * 8;
+    // SAFETY: `out` and `src` have the same length and `whole` ≤ it; F16C is present wherever
+    // `detect` returned an ISA, which the caller checked.
+    unsafe { to_f16_avx2(&src[..whole], out.as_mut_ptr() as *mut u8) };
+    for (o, &x) in out[whole..].iter_mut().zip(&src[whole..]) {
+        *o = f16::from_f32(x);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn to_f16_avx2(src: &[f32], dst: *mut u8) {
+    for (i, chunk) in src.chunks_exact(8).enumerate() {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(chunk.as_ptr()));
+        _mm_storeu_si128(dst.add(16 * i) as *mut __m128i, h);
     }
 }
 

@@ -1,12 +1,17 @@
 //! Plain-buffer operations of the CPU forward passes ([`super::llama_cpu`], Gemma 3's CPU path,
 //! the quantized sentence encoder): RMS and layer norm, rotary embeddings in both pair
 //! conventions, GELU (tanh and erf forms), one query's softmax attention, and causal attention
-//! over a key/value cache laid out `[position][kv head][head_dim]`, and the bookkeeping of a
+//! over a key/value cache laid out `[position][kv head][head_dim]` (f16: at eight streams the
+//! caches are a third of the bytes a decode step reads), and the bookkeeping of a
 //! batch of sequences fed through one pass ([`Segment`]).
 
 #[cfg(doc)]
 use crate::kernels::with_avx512;
-use crate::kernels::{attention_scores, attention_values, par_items};
+use half::f16;
+
+use crate::kernels::{
+    attention_scores, attention_scores_f16, attention_values, attention_values_f16, par_items,
+};
 
 /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (rows as long as `w`).
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -296,8 +301,8 @@ pub(crate) struct AttentionShape {
 /// `row..row + t` of the batch) over its cache, whose first entry is at absolute position
 /// `first`.
 pub(crate) struct AttendSeq<'a> {
-    pub k_cache: &'a [f32],
-    pub v_cache: &'a [f32],
+    pub k_cache: &'a [f16],
+    pub v_cache: &'a [f16],
     pub first: usize,
     pub pos: usize,
     pub t: usize,
@@ -351,13 +356,73 @@ pub(crate) fn attend(
     });
 }
 
+/// What keys and values may be stored as: f32 (the encoder's fresh projections) or f16 (the
+/// decoders' caches), each with the CPU's vector path and a portable one.
+pub(crate) trait KvElement: Copy {
+    /// As f32.
+    fn widen(self) -> f32;
+    /// `q · key` without the vector path.
+    fn plain_dot(q: &[f32], key: &[Self]) -> f32 {
+        q.iter().zip(key).map(|(a, b)| a * b.widen()).sum()
+    }
+    /// [`attention_scores`] (or its f16 form) for this element type.
+    fn vector_scores(q: &[f32], keys: &[Self], stride: usize, scale: f32, out: &mut [f32]) -> bool;
+    /// [`attention_values`] (or its f16 form) for this element type.
+    fn vector_values(
+        weights: &[f32],
+        values: &[Self],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> bool;
+}
+
+impl KvElement for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+    fn plain_dot(q: &[f32], key: &[f32]) -> f32 {
+        dot(q, key)
+    }
+    fn vector_scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) -> bool {
+        attention_scores(q, keys, stride, scale, out)
+    }
+    fn vector_values(
+        w: &[f32],
+        values: &[f32],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> bool {
+        attention_values(w, values, stride, scale, out)
+    }
+}
+
+impl KvElement for f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn vector_scores(q: &[f32], keys: &[f16], stride: usize, scale: f32, out: &mut [f32]) -> bool {
+        attention_scores_f16(q, keys, stride, scale, out)
+    }
+    fn vector_values(
+        w: &[f32],
+        values: &[f16],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> bool {
+        attention_values_f16(w, values, stride, scale, out)
+    }
+}
+
 /// One query's attention over `count` keys and values, key `j` at `keys[j·stride..][..q.len()]`
 /// (values likewise): softmax of the scaled scores, then the weighted sum of the values into
 /// `out`.
-pub(crate) fn attend_row(
+pub(crate) fn attend_row<E: KvElement>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[E],
+    values: &[E],
     stride: usize,
     scale: f32,
     count: usize,
@@ -367,9 +432,9 @@ pub(crate) fn attend_row(
     SCORES.with_borrow_mut(|scores| {
         scores.clear();
         scores.resize(count, 0.0);
-        if !attention_scores(q, keys, stride, scale, scores) {
+        if !E::vector_scores(q, keys, stride, scale, scores) {
             for (j, s) in scores.iter_mut().enumerate() {
-                *s = dot(q, &keys[j * stride..][..hd]) * scale;
+                *s = E::plain_dot(q, &keys[j * stride..][..hd]) * scale;
             }
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -378,7 +443,7 @@ pub(crate) fn attend_row(
             *s = exp_fast(*s - max);
         }
         let total: f32 = scores.iter().sum();
-        if !attention_values(scores, values, stride, 1.0 / total, out) {
+        if !E::vector_values(scores, values, stride, 1.0 / total, out) {
             weighted_rows(scores, values, stride, 1.0 / total, out);
         }
     });
@@ -392,25 +457,29 @@ thread_local! {
 /// `out = scale · Σ_j weights[j] · values[j·stride..][..out.len()]`, summed in chunks of 16
 /// lanes held in registers across all rows (rather than the whole output read and written back
 /// once per row).
-fn weighted_rows(weights: &[f32], values: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+fn weighted_rows<E: KvElement>(
+    weights: &[f32],
+    values: &[E],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     const LANES: usize = 16;
     let mut start = 0;
     for chunk in out.chunks_mut(LANES) {
         let mut acc = [0f32; LANES];
         if chunk.len() == LANES {
             for (j, &w) in weights.iter().enumerate() {
-                let v: &[f32; LANES] = values[j * stride + start..][..LANES]
-                    .try_into()
-                    .unwrap_or(&[0.0; LANES]);
+                let v = &values[j * stride + start..][..LANES];
                 for (a, &v) in acc.iter_mut().zip(v) {
-                    *a += w * v;
+                    *a += w * v.widen();
                 }
             }
         } else {
             for (j, &w) in weights.iter().enumerate() {
                 let v = &values[j * stride + start..][..chunk.len()];
                 for (a, &v) in acc.iter_mut().zip(v) {
-                    *a += w * v;
+                    *a += w * v.widen();
                 }
             }
         }
@@ -571,6 +640,56 @@ mod tests {
                                 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
             let want = f32::from_bits(((n as i32 + 127) << 23) as u32) * p;
             assert_eq!(exp_fast(x).to_bits(), want.to_bits(), "exp({x})");
+        }
+    }
+
+    /// The caches' f16 path: values round as `half` rounds them (ties to even, overflow to
+    /// infinity, subnormals kept), and a row attended over f16 keys and values is the softmax
+    /// attention of the widened values, vector path or not.
+    #[test]
+    fn attention_over_an_f16_cache_is_attention_over_its_widened_values() {
+        let mut odd = vec![
+            0.1f32,
+            -2.5,
+            65504.0,
+            65520.0,
+            1e-7,
+            -6.1e-5,
+            1.0 + 1.0 / 2048.0,
+        ];
+        odd.extend((0..20).map(|i| (i as f32 - 9.5) * 0.37));
+        let mut cached = Vec::new();
+        crate::kernels::extend_f16(&mut cached, &odd[..3]);
+        crate::kernels::extend_f16(&mut cached, &odd[3..]);
+        let want: Vec<f16> = odd.iter().map(|&x| f16::from_f32(x)).collect();
+        assert_eq!(
+            cached.iter().map(|h| h.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|h| h.to_bits()).collect::<Vec<_>>()
+        );
+
+        let (hd, stride) = (64, 192);
+        let val = |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 997) as f32 / 997.0 - 0.5;
+        for n in [1usize, 3, 4, 5, 9, 37] {
+            let q: Vec<f32> = (0..hd).map(|i| val(i, 1) * 3.0).collect();
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            let kf: Vec<f32> = (0..n * stride).map(|i| val(i, 2)).collect();
+            let vf: Vec<f32> = (0..n * stride).map(|i| val(i, 3)).collect();
+            crate::kernels::extend_f16(&mut k, &kf);
+            crate::kernels::extend_f16(&mut v, &vf);
+            let mut out = vec![0f32; hd];
+            attend_row(&q, &k, &v, stride, 0.125, n, &mut out);
+            let mut plain = vec![0f32; hd];
+            let mut scores = vec![0f32; n];
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = f16::plain_dot(&q, &k[j * stride..][..hd]) * 0.125;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            scores.iter_mut().for_each(|s| *s = (*s - max).exp());
+            let total: f32 = scores.iter().sum();
+            weighted_rows(&scores, &v, stride, 1.0 / total, &mut plain);
+            for (d, (a, b)) in out.iter().zip(&plain).enumerate() {
+                assert!((a - b).abs() < 1e-5, "n {n} dim {d}: {a} vs {b}");
+            }
         }
     }
 

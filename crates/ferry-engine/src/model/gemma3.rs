@@ -16,6 +16,7 @@
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
+use half::f16;
 
 use super::cpu_ops::{
     attend, batch_rope_tables, gelu_tanh, last_rows_normed, rms_norm, rms_norm_in_place,
@@ -25,7 +26,7 @@ use super::parts::{
     cached_attention, gguf_head_and_embedding, heads, inv_freq, rope_angles, two_paths_api,
     Embedding, TwoPaths,
 };
-use crate::kernels::{self, QLinear};
+use crate::kernels::{self, extend_f16, QLinear};
 
 /// Gemma 3 alternates five sliding-window layers with one global layer unless the file says
 /// otherwise.
@@ -119,12 +120,12 @@ pub struct Gemma3 {
 }
 
 /// Per-session attention cache: keys and values per layer, `(batch, kv_heads, len, head_dim)`
-/// on candle's path; on the CPU path plain `[position][kv head][head_dim]` buffers with the
+/// on candle's path; on the CPU path plain f16 `[position][kv head][head_dim]` buffers with the
 /// absolute position of their first entry (sliding-window layers drop old keys).
 #[derive(Debug, Clone, Default)]
 pub struct Gemma3Cache {
     kv: Vec<Option<(Tensor, Tensor)>>,
-    plain: Vec<(Vec<f32>, Vec<f32>, usize)>,
+    plain: Vec<(Vec<f16>, Vec<f16>, usize)>,
 }
 
 impl Gemma3 {
@@ -377,8 +378,8 @@ impl Gemma3 {
             let mut row = 0;
             for seg in segs.iter_mut() {
                 let (kc, vc, _) = &mut seg.cache.plain[l];
-                kc.extend_from_slice(&k[row * kv_width..(row + seg.t) * kv_width]);
-                vc.extend_from_slice(&v[row * kv_width..(row + seg.t) * kv_width]);
+                extend_f16(kc, &k[row * kv_width..(row + seg.t) * kv_width]);
+                extend_f16(vc, &v[row * kv_width..(row + seg.t) * kv_width]);
                 row += seg.t;
             }
             let seqs: Vec<AttendSeq<'_>> = segs

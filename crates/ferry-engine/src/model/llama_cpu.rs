@@ -9,11 +9,13 @@
 
 use std::sync::Arc;
 
+use half::f16;
+
 use super::cpu_ops::{
     attend, batch_rope_tables, last_rows_normed, rms_norm, rope_interleaved, silu, AttendSeq,
     AttentionShape, Segment,
 };
-use crate::kernels::QWeight;
+use crate::kernels::{extend_f16, QWeight};
 
 /// One layer's weights as the CPU path reads them.
 #[derive(Debug)]
@@ -41,11 +43,11 @@ pub(crate) struct CpuLlama {
     pub ffn: usize,
 }
 
-/// A session's keys and values, per layer `[position][kv head][head_dim]`.
+/// A session's keys and values, per layer `[position][kv head][head_dim]`, in f16.
 #[derive(Debug, Clone, Default)]
 pub struct CpuCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
 }
 
 impl CpuCache {
@@ -104,8 +106,8 @@ impl CpuLlama {
             for seg in segs.iter_mut() {
                 let (kc, vc) = (&mut seg.cache.k[l], &mut seg.cache.v[l]);
                 for r in qkv[row * qkv_width..(row + seg.t) * qkv_width].chunks_exact(qkv_width) {
-                    kc.extend_from_slice(&r[hidden..hidden + kv_width]);
-                    vc.extend_from_slice(&r[hidden + kv_width..]);
+                    extend_f16(kc, &r[hidden..hidden + kv_width]);
+                    extend_f16(vc, &r[hidden + kv_width..]);
                 }
                 row += seg.t;
             }
