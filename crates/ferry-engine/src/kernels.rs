@@ -642,6 +642,47 @@ pub fn attention_values_f16(
     false
 }
 
+/// Attention scores of the `g` query heads that share one key/value head (`qs` holds them one
+/// after another), over keys held as f16: `out[r·n + j]` is query `r`'s scaled score of key `j`,
+/// `n = out.len() / g`. Each key is read once for the group. `false` (nothing written) where
+/// there is no vector path.
+pub fn grouped_attention_scores(
+    qs: &[f32],
+    g: usize,
+    keys: &[f16],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_available() && g > 0 && (qs.len() / g).is_multiple_of(8) {
+        x86::grouped_dots_f16(qs, g, keys, stride, scale, out);
+        return true;
+    }
+    let _ = (qs, g, keys, stride, scale, out);
+    false
+}
+
+/// The outputs of the `g` query heads sharing one key/value head:
+/// `out[r·hd..][..hd] = scales[r] · Σ_j weights[r·n + j]·values[j·stride..][..hd]`, each value
+/// row read once for the group. `false` (nothing written) where there is no vector path.
+pub fn grouped_attention_values(
+    weights: &[f32],
+    g: usize,
+    values: &[f16],
+    stride: usize,
+    scales: &[f32],
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_available() && g > 0 && (out.len() / g).is_multiple_of(8) {
+        x86::grouped_sums_f16(weights, g, values, stride, scales, out);
+        return true;
+    }
+    let _ = (weights, g, values, stride, scales, out);
+    false
+}
+
 /// Appends `src` to `dst` rounded to f16 (nearest, ties to even), with the CPU's conversion
 /// instructions where it has them.
 pub fn extend_f16(dst: &mut Vec<f16>, src: &[f32]) {

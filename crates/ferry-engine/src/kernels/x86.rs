@@ -390,6 +390,182 @@ unsafe fn weighted_block<const HALF: bool, const LANES: usize>(
     }
 }
 
+/// Attention scores of `g` queries sharing one key/value head, over keys held as f16:
+/// `out[r·n + j] = scale · qs[r·hd..][..hd] · keys[j·stride..][..hd]` with `n = out.len() / g`.
+/// Each key is read and widened once for all the queries (up to four at a time), rather than
+/// once per query head. `hd` must be a multiple of 8.
+pub fn grouped_dots_f16(
+    qs: &[f32],
+    g: usize,
+    keys: &[f16],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = qs.len() / g;
+    assert_eq!(qs.len(), g * hd);
+    assert_eq!(out.len() % g, 0);
+    let n = out.len() / g;
+    check_rows(hd, n, keys.len(), stride);
+    let k = keys.as_ptr() as *const u8;
+    let mut r = 0;
+    while r < g {
+        let take = (g - r).min(4);
+        let (q, o) = (
+            &qs[r * hd..(r + take) * hd],
+            &mut out[r * n..(r + take) * n],
+        );
+        // SAFETY: bounds checked above (each query block reads `n` keys of `hd`); AVX2, FMA and
+        // F16C are present wherever `detect` returned an ISA, which the caller checked.
+        unsafe {
+            match take {
+                1 => grouped_dots_avx2::<1>(q, hd, k, stride, scale, o),
+                2 => grouped_dots_avx2::<2>(q, hd, k, stride, scale, o),
+                3 => grouped_dots_avx2::<3>(q, hd, k, stride, scale, o),
+                _ => grouped_dots_avx2::<4>(q, hd, k, stride, scale, o),
+            }
+        }
+        r += take;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn grouped_dots_avx2<const G: usize>(
+    qs: &[f32],
+    hd: usize,
+    keys: *const u8,
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let n = out.len() / G;
+    let (qp, op) = (qs.as_ptr(), out.as_mut_ptr());
+    let mut j = 0;
+    // Two keys at a time: 2·G independent chains of multiply-adds.
+    while j + 2 <= n {
+        let mut acc = [[_mm256_setzero_ps(); 2]; G];
+        for c in (0..hd).step_by(8) {
+            let k0 = load8::<true>(keys, j * stride + c);
+            let k1 = load8::<true>(keys, (j + 1) * stride + c);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let q = _mm256_loadu_ps(qp.add(r * hd + c));
+                acc[0] = _mm256_fmadd_ps(q, k0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(q, k1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            *op.add(r * n + j) = hsum(acc[0]) * scale;
+            *op.add(r * n + j + 1) = hsum(acc[1]) * scale;
+        }
+        j += 2;
+    }
+    if j < n {
+        let mut acc = [_mm256_setzero_ps(); G];
+        for c in (0..hd).step_by(8) {
+            let k0 = load8::<true>(keys, j * stride + c);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * hd + c)), k0, *acc);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            *op.add(r * n + j) = hsum(*acc) * scale;
+        }
+    }
+}
+
+/// Attention outputs of `g` queries sharing one key/value head, over values held as f16:
+/// `out[r·hd + c] = scales[r] · Σ_j weights[r·n + j]·values[j·stride + c]` with
+/// `n = weights.len() / g`; each value row is widened once for all the queries (up to four at
+/// a time). `hd = out.len() / g` must be a multiple of 8.
+pub fn grouped_sums_f16(
+    weights: &[f32],
+    g: usize,
+    values: &[f16],
+    stride: usize,
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    let hd = out.len() / g;
+    assert_eq!(out.len(), g * hd);
+    assert_eq!(weights.len() % g, 0);
+    assert_eq!(scales.len(), g);
+    let n = weights.len() / g;
+    check_rows(hd, n, values.len(), stride);
+    let v = values.as_ptr() as *const u8;
+    let mut r = 0;
+    while r < g {
+        let take = (g - r).min(4);
+        let w = &weights[r * n..(r + take) * n];
+        let (sc, o) = (&scales[r..r + take], &mut out[r * hd..(r + take) * hd]);
+        // SAFETY: as for `grouped_dots_f16`.
+        unsafe {
+            match take {
+                1 => grouped_sums_avx2::<1, 8>(w, v, stride, sc, o),
+                2 => grouped_sums_avx2::<2, 4>(w, v, stride, sc, o),
+                3 => grouped_sums_avx2::<3, 2>(w, v, stride, sc, o),
+                _ => grouped_sums_avx2::<4, 2>(w, v, stride, sc, o),
+            }
+        }
+        r += take;
+    }
+}
+
+/// [`grouped_sums_f16`] for `G` queries, `8·LANES` columns at a time (`G·LANES` accumulators
+/// in registers), then narrower blocks for the rest.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn grouped_sums_avx2<const G: usize, const LANES: usize>(
+    weights: &[f32],
+    values: *const u8,
+    stride: usize,
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    let hd = out.len() / G;
+    let mut start = 0;
+    while start + 8 * LANES <= hd {
+        grouped_block::<G, LANES>(weights, values, stride, start, scales, hd, out.as_mut_ptr());
+        start += 8 * LANES;
+    }
+    while start < hd {
+        grouped_block::<G, 1>(weights, values, stride, start, scales, hd, out.as_mut_ptr());
+        start += 8;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn grouped_block<const G: usize, const LANES: usize>(
+    weights: &[f32],
+    values: *const u8,
+    stride: usize,
+    start: usize,
+    scales: &[f32],
+    hd: usize,
+    out: *mut f32,
+) {
+    let n = weights.len() / G;
+    let wp = weights.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); LANES]; G];
+    for j in 0..n {
+        let mut v = [_mm256_setzero_ps(); LANES];
+        for (i, v) in v.iter_mut().enumerate() {
+            *v = load8::<true>(values, j * stride + start + 8 * i);
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let w = _mm256_broadcast_ss(&*wp.add(r * n + j));
+            for (a, v) in acc.iter_mut().zip(&v) {
+                *a = _mm256_fmadd_ps(w, *v, *a);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let sv = _mm256_set1_ps(*scales.get_unchecked(r));
+        for (i, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(r * hd + start + 8 * i), _mm256_mul_ps(*a, sv));
+        }
+    }
+}
+
 /// Appends `src` to `dst` rounded to f16 (to nearest, ties to even, as `half` rounds), eight
 /// values per F16C conversion.
 pub fn extend_f16(dst: &mut Vec<f16>, src: &[f32]) {

@@ -10,7 +10,8 @@ use crate::kernels::with_avx512;
 use half::f16;
 
 use crate::kernels::{
-    attention_scores, attention_scores_f16, attention_values, attention_values_f16, par_items,
+    attention_scores, attention_scores_f16, attention_values, attention_values_f16,
+    grouped_attention_scores, grouped_attention_values, par_items,
 };
 
 /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (rows as long as `w`).
@@ -310,9 +311,11 @@ pub(crate) struct AttendSeq<'a> {
 
 /// Causal attention of every sequence of a batch over its own cache. Queries are read from
 /// `q_rows` (row `i` starts at `i·q_stride`, heads one after another, the sequences' rows one
-/// after another); `out` gets a row of `n_head·head_dim` per query. One work item per (query,
-/// head) of every sequence, spread over the thread pool together when the work pays for it (a
-/// decode step of eight sequences is eight queries: alone, none would be worth the pool).
+/// after another); `out` gets a row of `n_head·head_dim` per query. One work item per query and
+/// group of query heads sharing a key/value head (so each cached key is read once for its
+/// group), or per query and head when that leaves too few items to share; the items of every
+/// sequence are spread over the thread pool together when the work pays for it (a decode step
+/// of eight sequences is eight queries: alone, none would be worth the pool).
 pub(crate) fn attend(
     shape: &AttentionShape,
     q_rows: &[f32],
@@ -328,6 +331,13 @@ pub(crate) fn attend(
         .iter()
         .map(|s| s.t * nh * (s.k_cache.len() / kv_width) * hd * 2)
         .sum();
+    // Whole groups unless that leaves fewer items than the pool has threads to keep busy.
+    let g = if rows * shape.n_kv_head >= MIN_ATTENTION_ITEMS {
+        rep
+    } else {
+        1
+    };
+    let groups = nh / g;
     // The batch row where each sequence starts.
     let starts: Vec<usize> = seqs
         .iter()
@@ -337,14 +347,14 @@ pub(crate) fn attend(
             Some(start)
         })
         .collect();
-    par_items(out, rows * nh, hd, work, |item, out| {
-        let (row, head) = (item / nh, item % nh);
+    par_items(out, rows * groups, g * hd, work, |item, out| {
+        let (row, head) = (item / groups, item % groups * g);
         let n = starts.partition_point(|&start| start <= row) - 1;
         let seq = &seqs[n];
         let i = row - starts[n];
         let (k_cache, v_cache, first) = (seq.k_cache, seq.v_cache, seq.first);
         let kvh = head / rep;
-        let q = &q_rows[row * q_stride + head * hd..][..hd];
+        let qs = &q_rows[row * q_stride + head * hd..][..g * hd];
         let qi = seq.pos + i;
         // Keys at absolute positions lo..=qi.
         let lo = shape
@@ -352,8 +362,62 @@ pub(crate) fn attend(
             .map_or(first, |w| (qi + 1).saturating_sub(w).max(first));
         let keys = &k_cache[(lo - first) * kv_width + kvh * hd..];
         let values = &v_cache[(lo - first) * kv_width + kvh * hd..];
-        attend_row(q, keys, values, kv_width, shape.scale, qi + 1 - lo, out);
+        attend_group(qs, g, keys, values, kv_width, shape.scale, qi + 1 - lo, out);
     });
+}
+
+/// Fewest (query, head group) items [`attend`] hands the pool: with fewer it splits the groups
+/// into single heads (a one-stream decode step of a model with one key/value head would
+/// otherwise be one item, on one core).
+const MIN_ATTENTION_ITEMS: usize = 4;
+
+/// [`attend_row`] for the `g` queries in `qs` (one after another) that share the keys and
+/// values, reading each cached key and value once for all of them; `out` gets their outputs one
+/// after another.
+#[allow(clippy::too_many_arguments)]
+fn attend_group(
+    qs: &[f32],
+    g: usize,
+    keys: &[f16],
+    values: &[f16],
+    stride: usize,
+    scale: f32,
+    count: usize,
+    out: &mut [f32],
+) {
+    let hd = qs.len() / g;
+    let grouped = SCORES.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.resize(g * count + g, 0.0);
+        let (scores, scales) = buf.split_at_mut(g * count);
+        if !grouped_attention_scores(qs, g, keys, stride, scale, scores) {
+            return false;
+        }
+        for (row, inv_total) in scores.chunks_exact_mut(count).zip(scales.iter_mut()) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for s in row.iter_mut() {
+                *s = exp_fast(*s - max);
+            }
+            *inv_total = 1.0 / row.iter().sum::<f32>();
+        }
+        if !grouped_attention_values(scores, g, values, stride, scales, out) {
+            for ((w, &sc), out) in scores
+                .chunks_exact(count)
+                .zip(scales.iter())
+                .zip(out.chunks_exact_mut(hd))
+            {
+                weighted_rows(w, values, stride, sc, out);
+            }
+        }
+        true
+    });
+    // Without the vector path, head by head (after the scores buffer is released: `attend_row`
+    // uses it too).
+    if !grouped {
+        for (q, out) in qs.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+            attend_row(q, keys, values, stride, scale, count, out);
+        }
+    }
 }
 
 /// What keys and values may be stored as: f32 (the encoder's fresh projections) or f16 (the
@@ -689,6 +753,34 @@ mod tests {
             weighted_rows(&scores, &v, stride, 1.0 / total, &mut plain);
             for (d, (a, b)) in out.iter().zip(&plain).enumerate() {
                 assert!((a - b).abs() < 1e-5, "n {n} dim {d}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// A group of query heads sharing a key/value head, attended in one pass over the cache,
+    /// gets what each head gets alone (group sizes across the kernel's blocks of four, head
+    /// sizes across its column blocks).
+    #[test]
+    fn grouped_attention_matches_each_head_alone() {
+        let val = |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 997) as f32 / 997.0 - 0.5;
+        for (g, hd) in [(1, 64), (2, 24), (3, 64), (4, 256), (5, 40), (8, 16)] {
+            let stride = 3 * hd;
+            for n in [1usize, 2, 3, 7, 40] {
+                let qs: Vec<f32> = (0..g * hd).map(|i| val(i, 1) * 3.0).collect();
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                let kf: Vec<f32> = (0..n * stride).map(|i| val(i, 2)).collect();
+                let vf: Vec<f32> = (0..n * stride).map(|i| val(i, 3)).collect();
+                crate::kernels::extend_f16(&mut k, &kf);
+                crate::kernels::extend_f16(&mut v, &vf);
+                let mut grouped = vec![0f32; g * hd];
+                attend_group(&qs, g, &k, &v, stride, 0.2, n, &mut grouped);
+                for r in 0..g {
+                    let mut alone = vec![0f32; hd];
+                    attend_row(&qs[r * hd..][..hd], &k, &v, stride, 0.2, n, &mut alone);
+                    for (d, (a, b)) in grouped[r * hd..][..hd].iter().zip(&alone).enumerate() {
+                        assert!((a - b).abs() < 1e-5, "g {g} hd {hd} n {n} head {r} dim {d}");
+                    }
+                }
             }
         }
     }
