@@ -17,8 +17,8 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use crate::candle_err;
 use crate::kernels::{par_items, with_avx512, QLinear};
 use crate::model::cpu_ops::{
-    attend_row, full_attention_head, gelu_erf, gelu_tanh, layer_norm_in_place, ATTENTION_BLOCK,
-    ATTENTION_QUERIES,
+    attend_row, full_attention_head, gelu_erf, gelu_tanh, layer_norm_in_place, ACTIVATION_MACS,
+    ATTENTION_BLOCK, ATTENTION_QUERIES,
 };
 use ferry_core::{Error, Result};
 
@@ -284,13 +284,19 @@ impl QuantizedBert {
         let act = self.act;
         // Over the pool too: alone, the exponentials of a 64-token text's activations are a
         // tenth of the pass, with the other core waiting.
-        par_items(&mut s.up, n, bias.len(), n * bias.len() * 16, |_, row| {
-            with_avx512(
-                row,
-                |row| activate(act, row, bias),
-                |row| activate(act, row, bias),
-            )
-        });
+        par_items(
+            &mut s.up,
+            n,
+            bias.len(),
+            n * bias.len() * ACTIVATION_MACS,
+            |_, row| {
+                with_avx512(
+                    row,
+                    |row| activate(act, row, bias),
+                    |row| activate(act, row, bias),
+                )
+            },
+        );
         layer.down.product(&s.up, n, &mut s.down)?;
         add_residual(x, &s.down, &layer.down.bias);
         layer_norm_in_place(x, &layer.out_norm.weight, &layer.out_norm.bias, self.eps);

@@ -229,6 +229,10 @@ pub(crate) fn gelu_erf(v: f32) -> f32 {
     0.5 * v * (1.0 + erf_abs.copysign(x))
 }
 
+/// What one activation (SiLU, GELU: an exponential or a tanh and a few products) costs, in
+/// multiply-adds, for the pool's is-it-worth-it estimate ([`par_items`]'s `work`).
+pub(crate) const ACTIVATION_MACS: usize = 16;
+
 /// SiLU, `v·σ(v)`, on [`exp_fast`].
 #[inline]
 pub(crate) fn silu(v: f32) -> f32 {

@@ -20,13 +20,13 @@ use half::f16;
 
 use super::cpu_ops::{
     attend, batch_rope_tables, gelu_tanh, last_rows_normed, rms_norm, rms_norm_in_place,
-    rope_halves, AttendSeq, AttentionShape, Segment,
+    rope_halves, AttendSeq, AttentionShape, Segment, ACTIVATION_MACS,
 };
 use super::parts::{
     cached_attention, gguf_head_and_embedding, heads, inv_freq, rope_angles, two_paths_api,
     Embedding, TwoPaths,
 };
-use crate::kernels::{self, extend_f16, QLinear};
+use crate::kernels::{self, extend_f16, par_items, QLinear};
 
 /// Gemma 3 alternates five sliding-window layers with one global layer unless the file says
 /// otherwise.
@@ -418,9 +418,12 @@ impl Gemma3 {
             rms_norm(&x, &norms.ffn, cpu.eps, &mut h);
             layer.gate.matmul_f32(&h, t, &mut gate)?;
             layer.up.matmul_f32(&h, t, &mut up)?;
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = gelu_tanh(*g) * u;
-            }
+            // Over the pool, as the llama path's SiLU.
+            par_items(&mut gate, t, ffn, t * ffn * ACTIVATION_MACS, |row, g| {
+                for (g, u) in g.iter_mut().zip(&up[row * ffn..][..ffn]) {
+                    *g = gelu_tanh(*g) * u;
+                }
+            });
             layer.down.matmul_f32(&gate, t, &mut h)?;
             rms_norm(&h, &norms.post_ffn, cpu.eps, &mut h2);
             for (a, b) in x.iter_mut().zip(&h2) {

@@ -13,9 +13,9 @@ use half::f16;
 
 use super::cpu_ops::{
     attend, batch_rope_tables, last_rows_normed, rms_norm, rope_interleaved, silu, AttendSeq,
-    AttentionShape, Segment,
+    AttentionShape, Segment, ACTIVATION_MACS,
 };
-use crate::kernels::{extend_f16, QWeight};
+use crate::kernels::{extend_f16, par_items, QWeight};
 
 /// One layer's weights as the CPU path reads them.
 #[derive(Debug)]
@@ -128,15 +128,15 @@ impl CpuLlama {
             }
             rms_norm(&x, &layer.ffn_norm, self.eps, &mut h);
             layer.gate_up.matmul(&h, t, &mut gu);
-            for (row, out) in gu
-                .chunks_exact(2 * self.ffn)
-                .zip(act.chunks_exact_mut(self.ffn))
-            {
-                let (gate, up) = row.split_at(self.ffn);
+            let ffn = self.ffn;
+            // Over the pool when there are rows enough: at eight streams the exponentials were
+            // the largest pass left on one core, the other waiting.
+            par_items(&mut act, t, ffn, t * ffn * ACTIVATION_MACS, |row, out| {
+                let (gate, up) = gu[row * 2 * ffn..][..2 * ffn].split_at(ffn);
                 for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
                     *o = silu(g) * u;
                 }
-            }
+            });
             layer.down.matmul(&act, t, &mut h);
             for (a, b) in x.iter_mut().zip(&h) {
                 *a += b;
