@@ -618,40 +618,6 @@ pub fn attention_scores(
     false
 }
 
-/// [`attention_scores`] over keys held as f16 (the key/value caches).
-pub fn attention_scores_f16(
-    q: &[f32],
-    keys: &[f16],
-    stride: usize,
-    scale: f32,
-    out: &mut [f32],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if kernel_available() && q.len().is_multiple_of(8) {
-        x86::scaled_dots_f16(q, keys, stride, scale, out);
-        return true;
-    }
-    let _ = (q, keys, stride, scale, out);
-    false
-}
-
-/// [`attention_values`] over values held as f16.
-pub fn attention_values_f16(
-    weights: &[f32],
-    values: &[f16],
-    stride: usize,
-    scale: f32,
-    out: &mut [f32],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if kernel_available() && out.len().is_multiple_of(8) {
-        x86::weighted_sum_f16(weights, values, stride, scale, out);
-        return true;
-    }
-    let _ = (weights, values, stride, scale, out);
-    false
-}
-
 /// Attention scores of the `g` query heads that share one key/value head (`qs` holds them one
 /// after another), over keys held as f16: `out[r·n + j]` is query `r`'s scaled score of key `j`,
 /// `n = out.len() / g`. Each key is read once for the group. `false` (nothing written) where

@@ -243,16 +243,11 @@ unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedActs) {
     }
 }
 
-/// Eight consecutive elements at element index `i` of `base`, as f32: plain f32 values, or f16
-/// bits (`HALF`, the key/value caches) widened by F16C.
+/// Eight f16 values from element `i` of `base`, widened to f32 by F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load8<const HALF: bool>(base: *const u8, i: usize) -> __m256 {
-    if HALF {
-        _mm256_cvtph_ps(_mm_loadu_si128(base.add(2 * i) as *const __m128i))
-    } else {
-        _mm256_loadu_ps((base as *const f32).add(i))
-    }
+unsafe fn widen8(base: *const f16, i: usize) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(base.add(i) as *const __m128i))
 }
 
 /// Attention scores: `out[j] = scale · Σ_c q[c]·keys[j·stride + c]` for `j < out.len()`, four
@@ -262,14 +257,7 @@ pub fn scaled_dots(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut
     check_rows(q.len(), out.len(), keys.len(), stride);
     // SAFETY: bounds checked above; AVX2, FMA and F16C are present wherever `detect` returned
     // an ISA, which the caller checked.
-    unsafe { scaled_dots_avx2::<false>(q, keys.as_ptr() as *const u8, stride, scale, out) }
-}
-
-/// [`scaled_dots`] over keys held as f16.
-pub fn scaled_dots_f16(q: &[f32], keys: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
-    check_rows(q.len(), out.len(), keys.len(), stride);
-    // SAFETY: as for `scaled_dots`; `f16` is two bytes of IEEE half-precision bits.
-    unsafe { scaled_dots_avx2::<true>(q, keys.as_ptr() as *const u8, stride, scale, out) }
+    unsafe { scaled_dots_avx2(q, keys.as_ptr(), stride, scale, out) }
 }
 
 /// Panics unless `n` rows of `width` elements, `stride` apart, fit in `len` elements, and
@@ -280,9 +268,9 @@ fn check_rows(width: usize, n: usize, len: usize, stride: usize) {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scaled_dots_avx2<const HALF: bool>(
+unsafe fn scaled_dots_avx2(
     q: &[f32],
-    keys: *const u8,
+    keys: *const f32,
     stride: usize,
     scale: f32,
     out: &mut [f32],
@@ -295,7 +283,7 @@ unsafe fn scaled_dots_avx2<const HALF: bool>(
         for c in (0..hd).step_by(8) {
             let qv = _mm256_loadu_ps(qp.add(c));
             for (t, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(qv, load8::<HALF>(keys, (j + t) * stride + c), *acc);
+                *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys.add((j + t) * stride + c)), *acc);
             }
         }
         for (t, acc) in acc.iter().enumerate() {
@@ -308,7 +296,7 @@ unsafe fn scaled_dots_avx2<const HALF: bool>(
         for c in (0..hd).step_by(8) {
             acc = _mm256_fmadd_ps(
                 _mm256_loadu_ps(qp.add(c)),
-                load8::<HALF>(keys, j * stride + c),
+                _mm256_loadu_ps(keys.add(j * stride + c)),
                 acc,
             );
         }
@@ -323,26 +311,13 @@ unsafe fn scaled_dots_avx2<const HALF: bool>(
 pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
     check_rows(out.len(), weights.len(), values.len(), stride);
     // SAFETY: as for `scaled_dots`.
-    unsafe { weighted_sum_avx2::<false>(weights, values.as_ptr() as *const u8, stride, scale, out) }
-}
-
-/// [`weighted_sum`] over values held as f16.
-pub fn weighted_sum_f16(
-    weights: &[f32],
-    values: &[f16],
-    stride: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    check_rows(out.len(), weights.len(), values.len(), stride);
-    // SAFETY: as for `scaled_dots_f16`.
-    unsafe { weighted_sum_avx2::<true>(weights, values.as_ptr() as *const u8, stride, scale, out) }
+    unsafe { weighted_sum_avx2(weights, values.as_ptr(), stride, scale, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_sum_avx2<const HALF: bool>(
+unsafe fn weighted_sum_avx2(
     weights: &[f32],
-    values: *const u8,
+    values: *const f32,
     stride: usize,
     scale: f32,
     out: &mut [f32],
@@ -352,15 +327,15 @@ unsafe fn weighted_sum_avx2<const HALF: bool>(
     // Blocks of a fixed width, so the compiler keeps the accumulators in registers (with a
     // run-time width they lived on the stack: a load and a store around every multiply-add).
     while start + 64 <= hd {
-        weighted_block::<HALF, 8>(weights, values, stride, start, scale, dst);
+        weighted_block::<8>(weights, values, stride, start, scale, dst);
         start += 64;
     }
     while start + 16 <= hd {
-        weighted_block::<HALF, 2>(weights, values, stride, start, scale, dst);
+        weighted_block::<2>(weights, values, stride, start, scale, dst);
         start += 16;
     }
     while start < hd {
-        weighted_block::<HALF, 1>(weights, values, stride, start, scale, dst);
+        weighted_block::<1>(weights, values, stride, start, scale, dst);
         start += 8;
     }
 }
@@ -368,9 +343,9 @@ unsafe fn weighted_sum_avx2<const HALF: bool>(
 /// Columns `start..start + 8·LANES` of [`weighted_sum`], `LANES` registers held across every row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_block<const HALF: bool, const LANES: usize>(
+unsafe fn weighted_block<const LANES: usize>(
     weights: &[f32],
-    values: *const u8,
+    values: *const f32,
     stride: usize,
     start: usize,
     scale: f32,
@@ -381,7 +356,7 @@ unsafe fn weighted_block<const HALF: bool, const LANES: usize>(
         let wv = _mm256_set1_ps(w);
         let row = j * stride + start;
         for (i, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_fmadd_ps(wv, load8::<HALF>(values, row + 8 * i), *acc);
+            *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(values.add(row + 8 * i)), *acc);
         }
     }
     let sv = _mm256_set1_ps(scale);
@@ -407,7 +382,7 @@ pub fn grouped_dots_f16(
     assert_eq!(out.len() % g, 0);
     let n = out.len() / g;
     check_rows(hd, n, keys.len(), stride);
-    let k = keys.as_ptr() as *const u8;
+    let k = keys.as_ptr();
     let mut r = 0;
     while r < g {
         let take = (g - r).min(4);
@@ -433,7 +408,7 @@ pub fn grouped_dots_f16(
 unsafe fn grouped_dots_avx2<const G: usize>(
     qs: &[f32],
     hd: usize,
-    keys: *const u8,
+    keys: *const f16,
     stride: usize,
     scale: f32,
     out: &mut [f32],
@@ -445,8 +420,8 @@ unsafe fn grouped_dots_avx2<const G: usize>(
     while j + 2 <= n {
         let mut acc = [[_mm256_setzero_ps(); 2]; G];
         for c in (0..hd).step_by(8) {
-            let k0 = load8::<true>(keys, j * stride + c);
-            let k1 = load8::<true>(keys, (j + 1) * stride + c);
+            let k0 = widen8(keys, j * stride + c);
+            let k1 = widen8(keys, (j + 1) * stride + c);
             for (r, acc) in acc.iter_mut().enumerate() {
                 let q = _mm256_loadu_ps(qp.add(r * hd + c));
                 acc[0] = _mm256_fmadd_ps(q, k0, acc[0]);
@@ -462,7 +437,7 @@ unsafe fn grouped_dots_avx2<const G: usize>(
     if j < n {
         let mut acc = [_mm256_setzero_ps(); G];
         for c in (0..hd).step_by(8) {
-            let k0 = load8::<true>(keys, j * stride + c);
+            let k0 = widen8(keys, j * stride + c);
             for (r, acc) in acc.iter_mut().enumerate() {
                 *acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * hd + c)), k0, *acc);
             }
@@ -491,7 +466,7 @@ pub fn grouped_sums_f16(
     assert_eq!(scales.len(), g);
     let n = weights.len() / g;
     check_rows(hd, n, values.len(), stride);
-    let v = values.as_ptr() as *const u8;
+    let v = values.as_ptr();
     let mut r = 0;
     while r < g {
         let take = (g - r).min(4);
@@ -515,7 +490,7 @@ pub fn grouped_sums_f16(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn grouped_sums_avx2<const G: usize, const LANES: usize>(
     weights: &[f32],
-    values: *const u8,
+    values: *const f16,
     stride: usize,
     scales: &[f32],
     out: &mut [f32],
@@ -536,7 +511,7 @@ unsafe fn grouped_sums_avx2<const G: usize, const LANES: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn grouped_block<const G: usize, const LANES: usize>(
     weights: &[f32],
-    values: *const u8,
+    values: *const f16,
     stride: usize,
     start: usize,
     scales: &[f32],
@@ -549,7 +524,7 @@ unsafe fn grouped_block<const G: usize, const LANES: usize>(
     for j in 0..n {
         let mut v = [_mm256_setzero_ps(); LANES];
         for (i, v) in v.iter_mut().enumerate() {
-            *v = load8::<true>(values, j * stride + start + 8 * i);
+            *v = widen8(values, j * stride + start + 8 * i);
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             let w = _mm256_broadcast_ss(&*wp.add(r * n + j));

@@ -10,8 +10,8 @@ use crate::kernels::with_avx512;
 use half::f16;
 
 use crate::kernels::{
-    attention_scores, attention_scores_f16, attention_values, attention_values_f16,
-    grouped_attention_scores, grouped_attention_values, par_items,
+    attention_scores, attention_values, grouped_attention_scores, grouped_attention_values,
+    par_items,
 };
 
 /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (rows as long as `w`).
@@ -424,8 +424,9 @@ fn attend_group(
     }
 }
 
-/// What keys and values may be stored as: f32 (the encoder's fresh projections) or f16 (the
-/// decoders' caches), each with the CPU's vector path and a portable one.
+/// What keys and values may be stored as: f32 (the encoder's fresh projections, with the CPU's
+/// vector path) or f16 (the decoders' caches, whose vector path is [`attend_group`]'s), each
+/// with a portable path.
 pub(crate) trait KvElement: Copy {
     /// As f32.
     fn widen(self) -> f32;
@@ -470,17 +471,13 @@ impl KvElement for f16 {
     fn widen(self) -> f32 {
         self.to_f32()
     }
-    fn vector_scores(q: &[f32], keys: &[f16], stride: usize, scale: f32, out: &mut [f32]) -> bool {
-        attention_scores_f16(q, keys, stride, scale, out)
+    // The caches' vector path is the grouped one ([`attend_group`]); a row over f16 comes here
+    // only where that path is missing.
+    fn vector_scores(_: &[f32], _: &[f16], _: usize, _: f32, _: &mut [f32]) -> bool {
+        false
     }
-    fn vector_values(
-        w: &[f32],
-        values: &[f16],
-        stride: usize,
-        scale: f32,
-        out: &mut [f32],
-    ) -> bool {
-        attention_values_f16(w, values, stride, scale, out)
+    fn vector_values(_: &[f32], _: &[f16], _: usize, _: f32, _: &mut [f32]) -> bool {
+        false
     }
 }
 
@@ -711,9 +708,10 @@ mod tests {
         }
     }
 
-    /// The caches' f16 path: values round as `half` rounds them (ties to even, overflow to
-    /// infinity, subnormals kept), and a row attended over f16 keys and values is the softmax
-    /// attention of the widened values, vector path or not.
+    /// The caches' f16: values round as `half` rounds them (ties to even, overflow to
+    /// infinity, subnormals kept), and a row attended over f16 keys and values (the portable
+    /// path; [`grouped_attention_matches_each_head_alone`] holds the vector one to it) is the
+    /// softmax attention of the widened values, summed in f64.
     #[test]
     fn attention_over_an_f16_cache_is_attention_over_its_widened_values() {
         let mut odd = vec![
@@ -729,11 +727,8 @@ mod tests {
         let mut cached = Vec::new();
         crate::kernels::extend_f16(&mut cached, &odd[..3]);
         crate::kernels::extend_f16(&mut cached, &odd[3..]);
-        let want: Vec<f16> = odd.iter().map(|&x| f16::from_f32(x)).collect();
-        assert_eq!(
-            cached.iter().map(|h| h.to_bits()).collect::<Vec<_>>(),
-            want.iter().map(|h| h.to_bits()).collect::<Vec<_>>()
-        );
+        let want: Vec<u16> = odd.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+        assert_eq!(cached.iter().map(|h| h.to_bits()).collect::<Vec<_>>(), want);
 
         let (hd, stride) = (64, 192);
         let val = |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 997) as f32 / 997.0 - 0.5;
@@ -746,17 +741,24 @@ mod tests {
             crate::kernels::extend_f16(&mut v, &vf);
             let mut out = vec![0f32; hd];
             attend_row(&q, &k, &v, stride, 0.125, n, &mut out);
-            let mut plain = vec![0f32; hd];
-            let mut scores = vec![0f32; n];
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = f16::plain_dot(&q, &k[j * stride..][..hd]) * 0.125;
-            }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            scores.iter_mut().for_each(|s| *s = (*s - max).exp());
-            let total: f32 = scores.iter().sum();
-            weighted_rows(&scores, &v, stride, 1.0 / total, &mut plain);
-            for (d, (a, b)) in out.iter().zip(&plain).enumerate() {
-                assert!((a - b).abs() < 1e-5, "n {n} dim {d}: {a} vs {b}");
+            let wide = |h: &[f16], j: usize, d: usize| f64::from(h[j * stride + d].to_f32());
+            let scores: Vec<f64> = (0..n)
+                .map(|j| {
+                    0.125
+                        * (0..hd)
+                            .map(|d| f64::from(q[d]) * wide(&k, j, d))
+                            .sum::<f64>()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = w.iter().sum();
+            for (d, got) in out.iter().enumerate() {
+                let want = (0..n).map(|j| w[j] * wide(&v, j, d)).sum::<f64>() / total;
+                assert!(
+                    (f64::from(*got) - want).abs() < 1e-5,
+                    "n {n} dim {d}: {got} vs {want}"
+                );
             }
         }
     }
