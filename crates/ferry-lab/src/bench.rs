@@ -25,7 +25,8 @@ pub struct BenchOptions {
     pub repeats: usize,
     /// Threads for the peer (candle uses every core it sees).
     pub threads: usize,
-    /// Concurrent streams for the batching figures (each count measured on its own).
+    /// Concurrent streams for the batching figures (each count on its own, the counts in turn
+    /// round after round).
     pub streams: Vec<usize>,
 }
 
@@ -58,6 +59,11 @@ pub struct BatchedResult {
     pub per_stream_decode_tok_s: f64,
     /// Sequences per forward pass, on average.
     pub mean_batch: f64,
+    /// Median over the rounds of this count's aggregate over the one-stream aggregate of the
+    /// same round (when 1 is among the counts): the counts run in turn, round after round, so
+    /// each ratio compares runs seconds apart rather than minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_one_stream: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -103,10 +109,23 @@ pub fn run_ferry(
         decode.push((out.completion_tokens.saturating_sub(1)) as f64 / (out.decode_ms / 1e3));
     }
     let model = std::sync::Arc::new(model);
-    let mut batched = Vec::new();
-    for &streams in &opts.streams {
-        batched.push(run_batched(&model, &ids, &params, streams, opts.repeats)?);
+    let mut runs = opts
+        .streams
+        .iter()
+        .map(|&streams| BatchedRuns::start(&model, streams))
+        .collect::<Result<Vec<_>>>()?;
+    // Round after round, every count in turn (one warm-up round): this VM's speed drifts by
+    // ±15 % over minutes, which a count measured all at once would take for batching's effect.
+    for round in 0..=opts.repeats {
+        for run in &mut runs {
+            run.round(&ids, &params, round == 0)?;
+        }
     }
+    let one = runs
+        .iter()
+        .find(|r| r.streams == 1)
+        .map(|r| r.aggregate.clone());
+    let batched = runs.into_iter().map(|r| r.finish(one.as_deref())).collect();
     Ok(EngineResult {
         engine: format!("ferry ({})", ferry_engine::kernels::kernel_isa()),
         prefill_tok_s: median(prefill),
@@ -118,32 +137,45 @@ pub fn run_ferry(
     })
 }
 
-/// `streams` copies of the prompt submitted at once to a batcher of that size, `repeats`
-/// times after one warm-up round.
-fn run_batched(
-    model: &std::sync::Arc<LoadedModel>,
-    ids: &[u32],
-    params: &SamplingParams,
+/// One count of streams' batcher and the figures of its rounds so far.
+struct BatchedRuns {
     streams: usize,
-    repeats: usize,
-) -> Result<BatchedResult> {
-    use std::sync::atomic::Ordering;
-    let batcher = Batcher::start(
-        model.clone(),
-        BatchConfig {
-            max_batch: streams.max(1),
-            ..BatchConfig::default()
-        },
-    )?;
-    let (mut aggregate, mut per_stream, mut mean_batch) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..=repeats {
+    batcher: Batcher,
+    aggregate: Vec<f64>,
+    per_stream: Vec<f64>,
+    mean_batch: Vec<f64>,
+}
+
+impl BatchedRuns {
+    /// A batcher of `streams` sequences for `model`.
+    fn start(model: &std::sync::Arc<LoadedModel>, streams: usize) -> Result<Self> {
+        let batcher = Batcher::start(
+            model.clone(),
+            BatchConfig {
+                max_batch: streams.max(1),
+                ..BatchConfig::default()
+            },
+        )?;
+        Ok(BatchedRuns {
+            streams,
+            batcher,
+            aggregate: Vec::new(),
+            per_stream: Vec::new(),
+            mean_batch: Vec::new(),
+        })
+    }
+
+    /// `streams` copies of the prompt submitted at once; a `warm_up` round is not recorded.
+    fn round(&mut self, ids: &[u32], params: &SamplingParams, warm_up: bool) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let batcher = &self.batcher;
         let (steps0, rows0) = (
             batcher.stats().steps.load(Ordering::Relaxed),
             batcher.stats().sequence_steps.load(Ordering::Relaxed),
         );
         let t0 = Instant::now();
         let outcomes: Vec<Result<ferry_engine::GenerationOutcome>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..streams.max(1))
+            let handles: Vec<_> = (0..self.streams.max(1))
                 .map(|_| {
                     scope.spawn(|| {
                         let mut sink = |_: &str| std::ops::ControlFlow::Continue(());
@@ -166,12 +198,12 @@ fn run_batched(
         });
         let wall_s = t0.elapsed().as_secs_f64();
         let outcomes = outcomes.into_iter().collect::<Result<Vec<_>>>()?;
-        if i == 0 {
-            continue;
+        if warm_up {
+            return Ok(());
         }
         let generated: usize = outcomes.iter().map(|o| o.completion_tokens).sum();
-        aggregate.push(generated as f64 / wall_s);
-        per_stream.push(median(
+        self.aggregate.push(generated as f64 / wall_s);
+        self.per_stream.push(median(
             outcomes
                 .iter()
                 .map(|o| o.completion_tokens.saturating_sub(1) as f64 / (o.decode_ms / 1e3))
@@ -179,14 +211,29 @@ fn run_batched(
         ));
         let steps = batcher.stats().steps.load(Ordering::Relaxed) - steps0;
         let rows = batcher.stats().sequence_steps.load(Ordering::Relaxed) - rows0;
-        mean_batch.push(rows as f64 / steps.max(1) as f64);
+        self.mean_batch.push(rows as f64 / steps.max(1) as f64);
+        Ok(())
     }
-    Ok(BatchedResult {
-        streams,
-        aggregate_tok_s: median(aggregate),
-        per_stream_decode_tok_s: median(per_stream),
-        mean_batch: median(mean_batch),
-    })
+
+    /// The medians; `one` is the one-stream aggregate of each round, when measured.
+    fn finish(self, one: Option<&[f64]>) -> BatchedResult {
+        let vs_one_stream = one.map(|one| {
+            median(
+                self.aggregate
+                    .iter()
+                    .zip(one)
+                    .map(|(ours, one)| ours / one)
+                    .collect(),
+            )
+        });
+        BatchedResult {
+            streams: self.streams,
+            aggregate_tok_s: median(self.aggregate),
+            per_stream_decode_tok_s: median(self.per_stream),
+            mean_batch: median(self.mean_batch),
+            vs_one_stream,
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -132,8 +132,9 @@ pub(crate) struct BenchArgs {
     /// The peer measurement script.
     #[arg(long, default_value = "bench/llama_cpp_peer.py")]
     pub(crate) peer_script: PathBuf,
-    /// Concurrent streams for the batching table (each count measured on its own, through
-    /// ferry's batcher; 0 for none).
+    /// Concurrent streams for the batching table (each count on its own, through ferry's
+    /// batcher, the counts in turn round after round; "vs 1" is the median of each round's
+    /// ratio to that round's single stream; 0 for none).
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     pub(crate) streams: Vec<usize>,
     /// Skip the llama.cpp peer.
@@ -231,11 +232,6 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if !ours.batched.is_empty() {
-        let one = ours
-            .batched
-            .iter()
-            .find(|b| b.streams == 1)
-            .map(|b| b.aggregate_tok_s);
         println!(
             "{:<22} {:>14} {:>14} {:>10} {:>10}",
             "ferry, streams at once", "aggregate tok/s", "per stream", "mean batch", "vs 1"
@@ -247,7 +243,8 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                 b.aggregate_tok_s,
                 b.per_stream_decode_tok_s,
                 b.mean_batch,
-                one.map(|o| format!("{:.2}x", b.aggregate_tok_s / o))
+                b.vs_one_stream
+                    .map(|r| format!("{r:.2}x"))
                     .unwrap_or_default()
             );
         }
