@@ -285,14 +285,25 @@ fn sliding_window_prefill_and_decode_agree() {
     // A 4-token window makes the sliding-window layers matter inside the 12-token prompt: the
     // prompt at once (masked), token by token (cache trimmed to 3 keys) and in chunks (mask
     // over trimmed cache plus chunk) must agree.
+    //
+    // The plain-buffer path keeps its cache in f16, and candle's f32 product rounds a lone row
+    // (a token-by-token step) in another order than several: ~1e-6 apart, enough to flip some
+    // keys' f16 rounding, which moves the logits by up to ~0.015 (splits whose last chunk has
+    // several rows agree exactly). A masking error moves them by the window's whole effect
+    // (over 1, checked last).
+    const F16_CACHE_TOLERANCE: f32 = 0.05;
     g.set_sliding_window(4);
     let whole = logits(&g, &[12]);
     for split in [&[5, 1, 1, 1, 1, 1, 1, 1][..], &[7, 5], &[1; 12], &[2, 6, 4]] {
         let d = max_diff(&whole, &logits(&g, split));
-        assert!(d < 1e-3, "split {split:?}: max logit difference {d}");
+        assert!(
+            d < F16_CACHE_TOLERANCE,
+            "split {split:?}: max logit difference {d}"
+        );
     }
-    // The window is real: the 512-token window predicts differently.
-    assert!(max_diff(&whole, &full_window) > 0.1);
+    // The window is real: the 512-token window predicts differently, by far more than the
+    // tolerance.
+    assert!(max_diff(&whole, &full_window) > 1.0);
 
     // The same checks on candle's tensor forward pass (accelerators, CPUs without ferry's
     // kernels), when the one above ran on ferry's plain-buffer CPU path: both passes agree.
@@ -307,8 +318,9 @@ fn sliding_window_prefill_and_decode_agree() {
                 "candle path, split {split:?}: max logit difference {d}"
             );
         }
+        // Candle's pass keeps f32 keys and values.
         let d = max_diff(&whole, &plain_whole);
-        assert!(d < 1e-2, "plain-buffer vs candle pass: {d}");
+        assert!(d < F16_CACHE_TOLERANCE, "plain-buffer vs candle pass: {d}");
     }
 }
 
