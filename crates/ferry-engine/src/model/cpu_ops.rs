@@ -1,8 +1,8 @@
 //! Plain-buffer operations of the CPU forward passes ([`super::llama_cpu`], Gemma 3's CPU path,
 //! the quantized sentence encoder): RMS and layer norm, rotary embeddings in both pair
 //! conventions, GELU (tanh and erf forms), one query's softmax attention, and causal attention
-//! over a key/value cache laid out `[position][kv head][head_dim]` (f16: at eight streams the
-//! caches are a third of the bytes a decode step reads), and the bookkeeping of a
+//! over a key/value cache laid out `[position][kv head][head_dim]` (in f16: held in f32, at
+//! eight streams, the caches were a third of the bytes a decode step read), and the bookkeeping of a
 //! batch of sequences fed through one pass ([`Segment`]).
 
 #[cfg(doc)]
@@ -335,7 +335,7 @@ pub(crate) fn attend(
         .iter()
         .map(|s| s.t * nh * (s.k_cache.len() / kv_width) * hd * 2)
         .sum();
-    // Whole groups unless that leaves fewer items than the pool has threads to keep busy.
+    // Whole groups unless that leaves fewer than `MIN_ATTENTION_ITEMS` items.
     let g = if rows * shape.n_kv_head >= MIN_ATTENTION_ITEMS {
         rep
     } else {
@@ -434,9 +434,9 @@ pub(crate) trait KvElement: Copy {
     fn plain_dot(q: &[f32], key: &[Self]) -> f32 {
         q.iter().zip(key).map(|(a, b)| a * b.widen()).sum()
     }
-    /// [`attention_scores`] (or its f16 form) for this element type.
+    /// [`attention_scores`] where this element type has a vector path for a single row.
     fn vector_scores(q: &[f32], keys: &[Self], stride: usize, scale: f32, out: &mut [f32]) -> bool;
-    /// [`attention_values`] (or its f16 form) for this element type.
+    /// [`attention_values`] where this element type has a vector path for a single row.
     fn vector_values(
         weights: &[f32],
         values: &[Self],
