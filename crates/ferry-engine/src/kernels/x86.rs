@@ -383,9 +383,7 @@ pub fn grouped_dots_f16(
     let n = out.len() / g;
     check_rows(hd, n, keys.len(), stride);
     let k = keys.as_ptr();
-    let mut r = 0;
-    while r < g {
-        let take = (g - r).min(4);
+    query_blocks(g, |r, take| {
         let (q, o) = (
             &qs[r * hd..(r + take) * hd],
             &mut out[r * n..(r + take) * n],
@@ -400,6 +398,16 @@ pub fn grouped_dots_f16(
                 _ => grouped_dots_avx2::<4>(q, hd, k, stride, scale, o),
             }
         }
+    });
+}
+
+/// Calls `f(first, count)` for consecutive blocks of at most four of `g` query heads: what the
+/// grouped kernels hold in registers at once.
+fn query_blocks(g: usize, mut f: impl FnMut(usize, usize)) {
+    let mut r = 0;
+    while r < g {
+        let take = (g - r).min(4);
+        f(r, take);
         r += take;
     }
 }
@@ -467,9 +475,7 @@ pub fn grouped_sums_f16(
     let n = weights.len() / g;
     check_rows(hd, n, values.len(), stride);
     let v = values.as_ptr();
-    let mut r = 0;
-    while r < g {
-        let take = (g - r).min(4);
+    query_blocks(g, |r, take| {
         let w = &weights[r * n..(r + take) * n];
         let (sc, o) = (&scales[r..r + take], &mut out[r * hd..(r + take) * hd]);
         // SAFETY: as for `grouped_dots_f16`.
@@ -481,8 +487,7 @@ pub fn grouped_sums_f16(
                 _ => grouped_sums_avx2::<4, 2>(w, v, stride, sc, o),
             }
         }
-        r += take;
-    }
+    });
 }
 
 /// [`grouped_sums_f16`] for `G` queries, `8·LANES` columns at a time (`G·LANES` accumulators
