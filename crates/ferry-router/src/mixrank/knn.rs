@@ -9,6 +9,12 @@
 //! near 0. It is learned from whichever model served each neighbour, since difficulty is
 //! model-agnostic, and it is recomputed against the current abilities, so old answers do not
 //! carry stale residuals.
+//!
+//! Beside it, each model's *lift* `δ_m(x)` is the same estimate over that model's own `k` most
+//! similar answers, with `p_j` including the shared difficulty the entry's neighbourhood had
+//! when it was decided: what is particular to the model there (a kind of question one model
+//! fails and another does not), which a difficulty shared by the zoo cannot express. Its sign
+//! is a bonus's: positive where the model did better than predicted.
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +34,23 @@ pub struct Entry {
     /// The question's standardised log length `ℓ(x)` (0 in memory saved before it was kept).
     #[serde(default)]
     pub length: f32,
+    /// The question's own neighbourhood difficulty `δ(x)` when it was decided (0 in memory
+    /// saved before it was kept): a model's lift is measured beyond it.
+    #[serde(default)]
+    pub neighbours: f32,
+}
+
+/// What the neighbours of a question say about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Offsets {
+    /// `δ(x)`: how much harder than predicted the neighbourhood has been, learned from every
+    /// model's answers (positive: harder).
+    pub difficulty: f64,
+    /// Per model, how much more often than predicted *its own* answers to the neighbours
+    /// were satisfied (logits, positive: better), each over that model's `k` most similar
+    /// answers. Where one model fails a neighbourhood and another does not, this is the
+    /// difference a ranking needs, and a model-agnostic difficulty cannot hold it.
+    pub lifts: Vec<f64>,
 }
 
 /// A ring buffer of unit-length embeddings with their labelled answers.
@@ -122,17 +145,26 @@ impl Memory {
         self.next = (self.next + 1) % self.capacity;
     }
 
-    /// `δ(x)` for unit embedding `x`: `residual(entry)` gives each neighbour's `(s − p, p(1−p))`
-    /// under the current model; `k` neighbours, prior precision `tau`.
-    pub fn local_offset(
+    /// The neighbourhood of unit embedding `x`, over a zoo of `models`, from `k` neighbours
+    /// with prior precision `tau`. Each remembered answer's `(s − p, p(1−p))` comes from
+    /// `shared(entry)` for the difficulty (`p` predicted without any neighbourhood) and from
+    /// `own(entry)` for the lifts (`p` predicted with the difficulty the entry's own
+    /// neighbourhood had, so a lift holds only what differs between models).
+    pub fn offsets(
         &mut self,
         x: &[f32],
         k: usize,
         tau: f64,
-        mut residual: impl FnMut(&Entry) -> (f64, f64),
-    ) -> f64 {
+        models: usize,
+        shared: impl FnMut(&Entry) -> (f64, f64),
+        own: impl FnMut(&Entry) -> (f64, f64),
+    ) -> Offsets {
+        let mut out = Offsets {
+            difficulty: 0.0,
+            lifts: vec![0.0; models],
+        };
         if self.entries.is_empty() || x.len() != self.dim || k == 0 {
-            return 0.0;
+            return out;
         }
         self.scratch.clear();
         for (i, v) in self.vectors.chunks_exact(self.dim).enumerate() {
@@ -141,23 +173,38 @@ impl Memory {
                 self.scratch.push((s, i as u32));
             }
         }
-        let k = k.min(self.scratch.len());
-        if k == 0 {
-            return 0.0;
+        let entries = &self.entries;
+        let shrunk = |near: &mut [(f32, u32)], residual: &mut dyn FnMut(&Entry) -> (f64, f64)| {
+            let k = k.min(near.len());
+            if k == 0 {
+                return 0.0;
+            }
+            if k < near.len() {
+                near.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+            }
+            let (mut num, mut den) = (0.0, tau);
+            for &(s, i) in &near[..k] {
+                // Squared similarity: near-duplicates count, loosely related questions barely do.
+                let w = f64::from(s) * f64::from(s);
+                let (r, h) = residual(&entries[i as usize]);
+                num += w * r;
+                den += w * h;
+            }
+            num / den
+        };
+        let (mut shared, mut own) = (shared, own);
+        out.difficulty = -shrunk(&mut self.scratch, &mut shared);
+        let mut mine: Vec<(f32, u32)> = Vec::new();
+        for (m, lift) in out.lifts.iter_mut().enumerate() {
+            mine.clear();
+            mine.extend(
+                self.scratch
+                    .iter()
+                    .filter(|&&(_, i)| usize::from(entries[i as usize].model) == m),
+            );
+            *lift = shrunk(&mut mine, &mut own);
         }
-        if k < self.scratch.len() {
-            self.scratch
-                .select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
-        }
-        let (mut num, mut den) = (0.0, tau);
-        for &(s, i) in &self.scratch[..k] {
-            // Squared similarity: near-duplicates count, loosely related questions barely do.
-            let w = f64::from(s) * f64::from(s);
-            let (r, h) = residual(&self.entries[i as usize]);
-            num += w * r;
-            den += w * h;
-        }
-        -num / den
+        out
     }
 
     pub fn snapshot(&self) -> MemorySnapshot {
@@ -186,7 +233,10 @@ impl Memory {
             return bad("position or vectors out of range".into());
         }
         if s.entries.iter().any(|e| {
-            usize::from(e.model) >= models || !e.prior.is_finite() || !e.length.is_finite()
+            usize::from(e.model) >= models
+                || !e.prior.is_finite()
+                || !e.length.is_finite()
+                || !e.neighbours.is_finite()
         }) {
             return bad(format!(
                 "an entry names a model outside the zoo of {models}"
@@ -214,6 +264,7 @@ mod tests {
             satisfied,
             prior: 0.0,
             length: 0.0,
+            neighbours: 0.0,
         }
     }
 
@@ -226,12 +277,43 @@ mod tests {
             m.push(&unit(&[0.05, 1.0]).unwrap(), e(true));
         }
         let res = |en: &Entry| (f64::from(u8::from(en.satisfied)) - 0.5, 0.25);
-        let hard = m.local_offset(&unit(&[1.0, 0.0]).unwrap(), 4, 1.0, res);
-        let easy = m.local_offset(&unit(&[0.0, 1.0]).unwrap(), 4, 1.0, res);
-        assert!(hard > 0.5 && easy < -0.5, "{hard} {easy}");
+        let hard = m.offsets(&unit(&[1.0, 0.0]).unwrap(), 4, 1.0, 1, res, res);
+        let easy = m.offsets(&unit(&[0.0, 1.0]).unwrap(), 4, 1.0, 1, res, res);
+        assert!(
+            hard.difficulty > 0.5 && easy.difficulty < -0.5,
+            "{hard:?} {easy:?}"
+        );
+        // The one model's own lift is the difficulty's mirror.
+        assert_eq!(hard.lifts, vec![-hard.difficulty]);
         // Nobody similar (negative cosine everywhere): no evidence, no offset.
-        let none = m.local_offset(&unit(&[-1.0, -1.0]).unwrap(), 4, 1.0, res);
-        assert_eq!(none, 0.0);
+        let none = m.offsets(&unit(&[-1.0, -1.0]).unwrap(), 4, 1.0, 1, res, res);
+        assert_eq!(none.difficulty, 0.0);
+        assert_eq!(none.lifts, vec![0.0]);
+    }
+
+    #[test]
+    fn each_model_is_lifted_by_its_own_answers_only() {
+        let mut m = Memory::new(2, 64);
+        // Around (1, 0) model 0 always failed and model 1 always succeeded; model 2 never
+        // answered there.
+        for _ in 0..8 {
+            let x = unit(&[1.0, 0.02]).unwrap();
+            m.push(&x, e(false));
+            m.push(
+                &x,
+                Entry {
+                    model: 1,
+                    ..e(true)
+                },
+            );
+        }
+        let res = |en: &Entry| (f64::from(u8::from(en.satisfied)) - 0.5, 0.25);
+        let o = m.offsets(&unit(&[1.0, 0.0]).unwrap(), 4, 1.0, 3, res, res);
+        assert!(o.lifts[0] < -0.5 && o.lifts[1] > 0.5, "{o:?}");
+        assert_eq!(o.lifts[2], 0.0);
+        // The shared difficulty, from whichever answers are nearest, is no stronger than the
+        // lifts.
+        assert!(o.difficulty.abs() <= o.lifts[1].abs() + 1e-12, "{o:?}");
     }
 
     #[test]

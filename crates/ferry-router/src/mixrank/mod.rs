@@ -8,6 +8,10 @@
 //!   pretrained prior `g` ([`prior`]) and the residuals of similar past questions `δ_nn`
 //!   ([`knn`]), with the weights `w` learned online too, so a prior or a neighbourhood that
 //!   tells nothing about this stream fades to 0 and the policy degrades to the plain mix.
+//!   Each model also gets its own neighbourhood lift `δ_m(x)` (its own answers' residuals
+//!   among the question's neighbours, shrunk to 0 by the same prior): where the weak model
+//!   fails and the strong one does not — GSM8K's word problems, MMLU's subjects — the gain
+//!   is model-specific, which a difficulty shared by every model cannot say.
 //!   `ℓ(x)` is the question's log length standardised over the stream so far, and `v_m` each
 //!   model's own slope on it (a long GSM8K question defeats Mixtral far more often than GPT-4);
 //!   it ranks a pair of models by their slope difference shrunk by its noise (positive-part
@@ -47,7 +51,7 @@ use rand::Rng;
 use crate::rng::{seeded, PolicyRng, RngSnapshot};
 use crate::{Decision, Observation, RouteRequest, RouterError, ZooPolicy};
 use irt::{expected_sigmoid, Belief, Belief2, Levels};
-use knn::{Entry, Memory, MemorySnapshot};
+use knn::{Entry, Memory, MemorySnapshot, Offsets};
 use prior::DifficultyPrior;
 use rates::Rates;
 
@@ -160,6 +164,17 @@ pub struct ModelEstimate {
     pub served: u64,
 }
 
+/// What a decision knows of the request being decided.
+struct Request<'a> {
+    /// Difficulty `b(x)`.
+    b: f64,
+    /// Standardised log length.
+    length: f64,
+    /// Per-model neighbourhood lifts (empty: none).
+    lifts: &'a [f64],
+    task: Option<u32>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct RefEntry {
     difficulty: [f64; 2],
@@ -193,6 +208,8 @@ pub struct MixRank {
     explored: u64,
     memory: Memory,
     reference: Vec<RefEntry>,
+    /// `δ_m(x)` of each reference request, beside it (empty vectors without features).
+    reference_lifts: Vec<Vec<f64>>,
     ref_next: usize,
     rng: PolicyRng,
     last: Option<Routed>,
@@ -226,6 +243,10 @@ pub struct MixRankSnapshot {
     pub explored: u64,
     pub memory: MemorySnapshot,
     reference: Vec<RefEntry>,
+    /// Each reference request's per-model neighbourhood lifts (absent in state saved before
+    /// them: restored as none).
+    #[serde(default)]
+    reference_lifts: Vec<Vec<f64>>,
     pub ref_next: usize,
     pub rng: RngSnapshot,
 }
@@ -338,6 +359,7 @@ impl MixRank {
             explored: 0,
             memory: Memory::new(dim, if dim == 0 { 0 } else { cfg.memory }),
             reference: Vec::new(),
+            reference_lifts: Vec::new(),
             ref_next: 0,
             rng: seeded(cfg.seed),
             last: None,
@@ -388,19 +410,24 @@ impl MixRank {
         self.abilities.get(m, task)
     }
 
-    /// Logit mean and variance of model m's satisfaction on a request of difficulty `b` and
-    /// standardised log length `length` on `task`.
-    fn logit(&self, m: usize, task: Option<u32>, b: f64, length: f64) -> (f64, f64) {
+    /// Logit mean and variance of model m's satisfaction on a request of difficulty `b`,
+    /// standardised log length `length` and neighbourhood lifts `lifts` (empty: none) on
+    /// `task`.
+    fn logit(&self, m: usize, task: Option<u32>, b: f64, length: f64, lifts: &[f64]) -> (f64, f64) {
         let (mean, var) = self.ability(m, task);
         let v = self.slopes[m];
-        (mean - b + v.mean * length, var + length * length * v.var)
+        let lift = lifts.get(m).copied().unwrap_or(0.0);
+        (
+            mean - b + v.mean * length + lift,
+            var + length * length * v.var,
+        )
     }
 
-    /// Predicted satisfaction of every model at difficulty `b` and length `length`.
-    fn predict(&self, b: f64, length: f64, task: Option<u32>) -> Vec<f64> {
+    /// Predicted satisfaction of every model for a request.
+    fn predict(&self, b: f64, length: f64, task: Option<u32>, lifts: &[f64]) -> Vec<f64> {
         (0..self.models)
             .map(|m| {
-                let (mean, var) = self.logit(m, task, b, length);
+                let (mean, var) = self.logit(m, task, b, length, lifts);
                 expected_sigmoid(mean, var)
             })
             .collect()
@@ -420,10 +447,11 @@ impl MixRank {
         Some(k)
     }
 
-    /// `(g(x), δ_nn(x))` for a unit embedding (empty: no embedding).
-    fn difficulty_features(&mut self, x: &[f32]) -> [f64; 2] {
+    /// `(g(x), δ_nn(x))` for a unit embedding (empty: no embedding), and each model's
+    /// neighbourhood lift `δ_m(x)` (empty without an embedding).
+    fn difficulty_features(&mut self, x: &[f32]) -> ([f64; 2], Vec<f64>) {
         if x.is_empty() {
-            return [0.0, 0.0];
+            return ([0.0, 0.0], Vec::new());
         }
         let g = self.prior.as_ref().map_or(0.0, |p| p.score(x));
         // Residuals of the neighbours under the current abilities and the known part of their
@@ -434,26 +462,41 @@ impl MixRank {
             weights,
             slopes,
             cfg,
+            models,
             ..
         } = self;
-        let w_prior = weights.mean[0];
-        let delta = memory.local_offset(x, cfg.neighbours, cfg.neighbour_precision, |e: &Entry| {
+        let [w_prior, w_near] = weights.mean;
+        let residual = |e: &Entry, near: f64| {
             let task = (e.task != u32::MAX).then_some(e.task);
             let m = usize::from(e.model);
             let (theta, _) = abilities.get(m, task);
             let p = irt::sigmoid(
-                theta - w_prior * f64::from(e.prior) + slopes[m].mean * f64::from(e.length),
+                theta - w_prior * f64::from(e.prior) - near + slopes[m].mean * f64::from(e.length),
             );
             (f64::from(u8::from(e.satisfied)) - p, p * (1.0 - p))
-        });
-        [g, delta]
+        };
+        let Offsets { difficulty, lifts } = memory.offsets(
+            x,
+            cfg.neighbours,
+            cfg.neighbour_precision,
+            *models,
+            |e| residual(e, 0.0),
+            |e| residual(e, w_near * f64::from(e.neighbours)),
+        );
+        ([g, difficulty], lifts)
     }
 
-    fn push_reference(&mut self, r: RefEntry) {
+    fn push_reference(&mut self, r: RefEntry, lifts: Vec<f64>) {
+        if self.reference_lifts.len() != self.reference.len() {
+            // State restored from before the lifts: start them over beside the requests.
+            self.reference_lifts = vec![Vec::new(); self.reference.len()];
+        }
         if self.reference.len() < self.cfg.reference {
             self.reference.push(r);
+            self.reference_lifts.push(lifts);
         } else {
             self.reference[self.ref_next] = r;
+            self.reference_lifts[self.ref_next] = lifts;
         }
         self.ref_next = (self.ref_next + 1) % self.cfg.reference;
     }
@@ -463,15 +506,18 @@ impl MixRank {
         self.t += 1;
         let x = knn::unit(req.features).unwrap_or_default();
         let task = self.task_slot(req.task);
-        let difficulty = self.difficulty_features(&x);
+        let (difficulty, lifts) = self.difficulty_features(&x);
         let length = req.text_chars.map_or(0.0, |c| self.lengths.standardise(c));
-        self.push_reference(RefEntry {
-            difficulty,
-            length,
-            task,
-        });
+        self.push_reference(
+            RefEntry {
+                difficulty,
+                length,
+                task,
+            },
+            lifts.clone(),
+        );
         let b = self.weights.dot(difficulty);
-        let predicted = self.predict(b, length, task);
+        let predicted = self.predict(b, length, task, &lifts);
         let debt = self.debt;
         let ticket = |model| Ticket {
             model,
@@ -508,8 +554,14 @@ impl MixRank {
             0.0
         };
         let u = self.rng.random::<f64>();
-        let (model, lambda) = self.decide_model(b, length, task, &cost, z, u);
-        let explored = explore && self.decide_model(b, length, task, &cost, 0.0, u).0 != model;
+        let me = Request {
+            b,
+            length,
+            lifts: &lifts,
+            task,
+        };
+        let (model, lambda) = self.decide_model(&me, &cost, z, u);
+        let explored = explore && self.decide_model(&me, &cost, 0.0, u).0 != model;
         let shadow = if explore && req.label_unserved {
             self.shadow(model, task, &cost)
         } else {
@@ -637,15 +689,8 @@ impl MixRank {
     /// Rank inside: a request whose task sits in that group goes to the upper model when its
     /// predicted gain `p_hi(x) − p_lo(x)` ranks in the top `w` of the recent requests' gains
     /// (`u` places it uniformly among ties, so with no signal this is a coin of weight `w`).
-    fn decide_model(
-        &self,
-        b: f64,
-        length: f64,
-        task: Option<u32>,
-        cost: &[f64],
-        z: f64,
-        u: f64,
-    ) -> (usize, f64) {
+    fn decide_model(&self, me: &Request, cost: &[f64], z: f64, u: f64) -> (usize, f64) {
+        let task = me.task;
         // Each recent request at its task's rates: optimistic ones choose the mix (a model is
         // tried while it could belong to it), honest ones set how much of the mix's upper
         // model is served.
@@ -744,16 +789,21 @@ impl MixRank {
         } else {
             0.0
         };
-        let gain = |b: f64, length: f64| {
+        let gain = |b: f64, length: f64, lifts: &[f64]| {
             let length = length * shrink;
-            let (mh, vh) = self.logit(hi, task, b, length);
-            let (ml, vl) = self.logit(lo, task, b, length);
+            let (mh, vh) = self.logit(hi, task, b, length, lifts);
+            let (ml, vl) = self.logit(lo, task, b, length, lifts);
             expected_sigmoid(mh, vh) - expected_sigmoid(ml, vl)
         };
-        let own = gain(b, length);
+        let own = gain(me.b, me.length, me.lifts);
         let (mut below, mut ties, mut n) = (0usize, 0usize, 0usize);
-        for r in self.reference.iter().filter(|r| r.task == task) {
-            let g = gain(self.weights.dot(r.difficulty), r.length);
+        let none: Vec<f64> = Vec::new();
+        for (i, r) in self.reference.iter().enumerate() {
+            if r.task != task {
+                continue;
+            }
+            let lifts = self.reference_lifts.get(i).unwrap_or(&none);
+            let g = gain(self.weights.dot(r.difficulty), r.length, lifts);
             n += 1;
             if (g - own).abs() <= 1e-12 {
                 ties += 1;
@@ -822,6 +872,7 @@ impl MixRank {
                     satisfied,
                     prior: ticket.difficulty[0] as f32,
                     length: length as f32,
+                    neighbours: ticket.difficulty[1] as f32,
                 },
             );
         }
@@ -879,6 +930,7 @@ impl MixRank {
             explored: self.explored,
             memory: self.memory.snapshot(),
             reference: self.reference.clone(),
+            reference_lifts: self.reference_lifts.clone(),
             ref_next: self.ref_next,
             rng: RngSnapshot::capture(&self.rng),
         }
@@ -964,6 +1016,15 @@ impl MixRank {
         self.explored = s.explored;
         self.memory = memory;
         self.reference = s.reference.clone();
+        self.reference_lifts = if s.reference_lifts.len() == s.reference.len()
+            && s.reference_lifts
+                .iter()
+                .all(|l| (l.is_empty() || l.len() == n) && l.iter().all(|v| v.is_finite()))
+        {
+            s.reference_lifts.clone()
+        } else {
+            vec![Vec::new(); s.reference.len()]
+        };
         self.ref_next = s.ref_next;
         self.last = None;
         Ok(())

@@ -156,6 +156,60 @@ fn with_signal_it_beats_the_cheapest_mix() {
     assert!(ratio < 0.97, "{ratio} x random-alpha");
 }
 
+/// Two kinds of question the embedding tells apart: on one the weak model satisfies 30 % and
+/// the strong one 90 %, on the other both satisfy 50 %. Both kinds are about equally hard on
+/// average, so a difficulty shared by the models ranks nothing; each model's own answers
+/// among the neighbours show where the strong one helps.
+#[test]
+fn a_neighbourhood_one_model_fails_goes_to_the_other() {
+    let (costs, alpha) = ([1.0, 10.0], 0.55);
+    let p_sat = |kind: usize, m: usize| [[0.3, 0.9], [0.5, 0.5]][kind][m];
+    // Rates 0.4 and 0.7: the cheapest fixed mix sends half the requests to the strong model;
+    // sending only the first kind needs a quarter.
+    let random_alpha_cost = costs[0] + 0.5 * (costs[1] - costs[0]);
+    let mut ratio = 0.0;
+    for seed in 1..=4 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut p = MixRank::new(MixRankConfig::new(alpha, seed), 2, 2, None).unwrap();
+        let n = 3000;
+        let (mut sat, mut cost, mut first_kind_up) = (0.0, 0.0, 0u32);
+        for _ in 0..n {
+            let kind = usize::from(rng.random::<bool>());
+            let angle = if kind == 0 { 0.1 } else { 1.4 } + 0.2 * rng.random::<f64>();
+            let x = vec![angle.cos() as f32, angle.sin() as f32];
+            let d = p.decide(&x);
+            let m = d.served(2);
+            let s = rng.random::<f64>() < p_sat(kind, m);
+            let mut c = vec![None; 2];
+            c[m] = Some(costs[m]);
+            let mut labels = vec![None; 2];
+            labels[m] = Some(s);
+            for o in d.also_runs(2) {
+                c[o] = Some(costs[o]);
+                labels[o] = Some(rng.random::<f64>() < p_sat(kind, o));
+                cost += costs[o];
+            }
+            p.observe(
+                &x,
+                d,
+                &Observation {
+                    costs: c,
+                    satisfied: labels,
+                    feedback: true,
+                },
+            );
+            sat += f64::from(u8::from(s));
+            cost += costs[m];
+            first_kind_up += u32::from(m == 1 && kind == 0);
+        }
+        let sat = sat / f64::from(n);
+        assert!(sat >= alpha - 0.005, "seed {seed}: {sat}");
+        ratio += cost / f64::from(n) / random_alpha_cost / 4.0;
+        assert!(first_kind_up > 400, "seed {seed}: {first_kind_up}");
+    }
+    assert!(ratio < 0.8, "{ratio} x random-alpha");
+}
+
 #[test]
 fn the_same_numbers_hold_in_any_cost_unit() {
     let run = |scale: f64| {
