@@ -156,8 +156,8 @@ impl Memory {
         k: usize,
         tau: f64,
         models: usize,
-        shared: impl FnMut(&Entry) -> (f64, f64),
-        own: impl FnMut(&Entry) -> (f64, f64),
+        mut shared: impl FnMut(&Entry) -> (f64, f64),
+        mut own: impl FnMut(&Entry) -> (f64, f64),
     ) -> Offsets {
         let mut out = Offsets {
             difficulty: 0.0,
@@ -192,7 +192,6 @@ impl Memory {
             }
             num / den
         };
-        let (mut shared, mut own) = (shared, own);
         out.difficulty = -shrunk(&mut self.scratch, &mut shared);
         let mut mine: Vec<(f32, u32)> = Vec::new();
         for (m, lift) in out.lifts.iter_mut().enumerate() {

@@ -487,10 +487,7 @@ impl MixRank {
     }
 
     fn push_reference(&mut self, r: RefEntry, lifts: Vec<f64>) {
-        if self.reference_lifts.len() != self.reference.len() {
-            // State restored from before the lifts: start them over beside the requests.
-            self.reference_lifts = vec![Vec::new(); self.reference.len()];
-        }
+        // `new` and `restore` keep the lifts the same length as the requests.
         if self.reference.len() < self.cfg.reference {
             self.reference.push(r);
             self.reference_lifts.push(lifts);
@@ -797,12 +794,10 @@ impl MixRank {
         };
         let own = gain(me.b, me.length, me.lifts);
         let (mut below, mut ties, mut n) = (0usize, 0usize, 0usize);
-        let none: Vec<f64> = Vec::new();
-        for (i, r) in self.reference.iter().enumerate() {
+        for (r, lifts) in self.reference.iter().zip(&self.reference_lifts) {
             if r.task != task {
                 continue;
             }
-            let lifts = self.reference_lifts.get(i).unwrap_or(&none);
             let g = gain(self.weights.dot(r.difficulty), r.length, lifts);
             n += 1;
             if (g - own).abs() <= 1e-12 {
