@@ -6,8 +6,18 @@
 //! Gaussian belief on the logit updated one answer at a time (the IRT abilities' step) adds
 //! precision at the rate its *current* guess implies, so a model that satisfies 97 % of
 //! requests is still estimated near 94 % after 100 answers and keeps being passed over. Counts
-//! have no such memory of the path: the posterior mean `(s+1)/(n+2)` is unbiased up to the
-//! uniform prior, and the logit variance `1/a + 1/b` narrows as `1/(n p(1−p))`.
+//! have no such memory of the path: the posterior mean `(s+2p₀)/(n+2)` is unbiased up to the
+//! prior's two answers, and the logit variance `1/a + 1/b` narrows as `1/(n p(1−p))`.
+//!
+//! A model's rate starts from the rate of the *other* models' answers so far (Laplace-smoothed),
+//! with the weight of two answers — the uniform prior's weight, centred on the zoo instead of
+//! on ½. It is empirical Bayes across the zoo: before a model has answered, the best guess at
+//! its rate is what the zoo's models do on this stream. With a uniform prior a model whose first
+//! answers miss looks far worse than it is where the SLA is high (two of three on a stream
+//! where the others satisfy 97 % reads as 60 %), and is passed over for hundreds of requests;
+//! centred on the zoo it reads as 79 %, so its upper bound still reaches the target and it is
+//! tried again. Its own answers outweigh the prior after a few; a lone model, or a zoo with no
+//! answers yet, keeps the uniform prior.
 //!
 //! A task's rate starts from the model's overall rate with the weight of `κ` answers, where
 //! `κ = 1/(p(1−p)·τ²)` makes the prior's logit standard deviation the configured task spread
@@ -84,11 +94,28 @@ impl Rates {
         }
     }
 
+    /// Weight, in answers, of the prior on a model's overall rate.
+    const PRIOR_ANSWERS: f64 = 2.0;
+
+    /// The prior mean of model m's overall rate: the other models' answers, Laplace-smoothed
+    /// (½ before any).
+    pub fn zoo_rate(&self, m: usize) -> f64 {
+        let (mut satisfied, mut answers) = (1.0, 2.0);
+        for (k, c) in self.global.iter().enumerate() {
+            if k != m {
+                satisfied += c.satisfied;
+                answers += c.satisfied + c.unsatisfied;
+            }
+        }
+        satisfied / answers
+    }
+
     /// The posterior of model m's rate on `task` (a task offset's logit spread `task_sd`).
     pub fn posterior(&self, m: usize, task: Option<u32>, task_sd: f64) -> Posterior {
         let g = self.global[m];
-        let a = 1.0 + g.satisfied;
-        let b = 1.0 + g.unsatisfied;
+        let p0 = self.zoo_rate(m);
+        let a = Self::PRIOR_ANSWERS * p0 + g.satisfied;
+        let b = Self::PRIOR_ANSWERS * (1.0 - p0) + g.unsatisfied;
         match task.and_then(|k| self.tasks.get(k as usize)) {
             Some(t) => {
                 let p = a / (a + b);
@@ -183,8 +210,41 @@ mod tests {
         }
         let learned = r.posterior(0, Some(k), 1.0).mean();
         assert!((learned - 0.5).abs() < 0.05, "{learned}");
-        // The other model has seen nothing: uniform.
-        assert_eq!(r.posterior(1, Some(k), 1.0).mean(), 0.5);
+        // The other model has seen nothing: the zoo's rate so far (model 0's 360 + 100 of
+        // 600, Laplace-smoothed).
+        let zoo = r.posterior(1, Some(k), 1.0).mean();
+        assert!((zoo - 461.0 / 602.0).abs() < 1e-9, "{zoo}");
+    }
+
+    #[test]
+    fn a_model_starts_from_the_zoo_and_its_own_answers_take_over() {
+        let mut r = Rates::new(3);
+        // Nothing seen: uniform.
+        assert_eq!(r.posterior(1, None, 1.0).mean(), 0.5);
+        // The zoo satisfies 97 %: model 1's two of three reads as about 79 %, not 60 %.
+        for i in 0..200 {
+            r.observe(0, None, i % 100 >= 3);
+            r.observe(2, None, i % 100 >= 3);
+        }
+        for s in [true, false, true] {
+            r.observe(1, None, s);
+        }
+        let early = r.posterior(1, None, 1.0).mean();
+        assert!(
+            (early - (2.0 + 2.0 * 389.0 / 402.0) / 5.0).abs() < 1e-9,
+            "{early}"
+        );
+        assert!(early > 0.78 && early < 0.8, "{early}");
+        // A model's own answers are not its prior: a lone model stays uniform.
+        let mut lone = Rates::new(1);
+        lone.observe(0, None, true);
+        assert!((lone.posterior(0, None, 1.0).mean() - 2.0 / 3.0).abs() < 1e-12);
+        // After 300 answers at 50 % its own rate is within a point of them.
+        for i in 0..300 {
+            r.observe(1, None, i % 2 == 0);
+        }
+        let late = r.posterior(1, None, 1.0).mean();
+        assert!((late - 0.5).abs() < 0.01, "{late}");
     }
 
     #[test]
