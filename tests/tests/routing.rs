@@ -473,8 +473,8 @@ async fn mixrank_learns_a_written_off_model_beside_the_served_one_through_the_ju
     t.server.shutdown(std::time::Duration::from_secs(5)).await;
 
     // What 300 requests taught it, written into its state: the first SmolLM2 is poor (10 of
-    // 40), Gemma is good (57 of 60), and the twin lost 3 of its first 4 answers, so it is
-    // off the mix, but a good rate would let it take Gemma's place at a fifth of its price;
+    // 40), Gemma is good (57 of 60), and the twin lost its first 4 answers, so it is off the
+    // mix, but a good rate would let it take Gemma's place at a fifth of its price;
     // and the SLA is 20 requests in debt, so Gemma serves (the debt is paid with the model
     // known to be good, never with one still to be learned).
     let path = dir.path().join("router-local.json");
@@ -483,7 +483,7 @@ async fn mixrank_learns_a_written_off_model_beside_the_served_one_through_the_ju
     let m = &mut saved["mixrank"];
     m["rate_counts"]["global"] = serde_json::json!([
         {"satisfied": 10.0, "unsatisfied": 30.0},
-        {"satisfied": 1.0, "unsatisfied": 3.0},
+        {"satisfied": 0.0, "unsatisfied": 4.0},
         {"satisfied": 57.0, "unsatisfied": 3.0},
     ]);
     m["cost_sum"] = serde_json::json!([1000.0, 4000.0, 20000.0]);

@@ -99,6 +99,39 @@ impl Sim {
     }
 }
 
+/// A request without features, task or length, that can get feedback.
+fn featureless(label_unserved: bool) -> RouteRequest<'static> {
+    RouteRequest {
+        features: &[],
+        task: None,
+        feedback_expected: true,
+        label_unserved,
+        text_chars: None,
+    }
+}
+
+/// Books `(model, satisfied, answers)` of labelled history at `costs` on a featureless policy
+/// (`served`: whether the labels move the SLA debt).
+fn seed_history(p: &mut MixRank, costs: &[f64], history: &[(usize, usize, usize)], served: bool) {
+    for &(m, good, n) in history {
+        for i in 0..n {
+            p.record_cost(m, costs[m]);
+            p.record_label(&blank_ticket(m), i < good, served);
+        }
+    }
+}
+
+/// A featureless ticket for `model`.
+fn blank_ticket(model: usize) -> Ticket {
+    Ticket {
+        model,
+        x: Vec::new(),
+        task: None,
+        difficulty: [0.0, 0.0],
+        length: 0.0,
+    }
+}
+
 #[test]
 fn without_signal_it_meets_alpha_near_the_cheapest_mix() {
     // Rates about 0.45 / 0.7 / 0.8 at costs 1 / 5 / 25, alpha 0.6: the mix is models 0 and 1.
@@ -139,28 +172,10 @@ fn a_few_early_misses_do_not_hand_a_high_target_to_the_costly_model() {
     // the cheap model runs beside the costly one, and serves once its rate is known.
     let mut p = MixRank::new(MixRankConfig::new(0.96, 7), 2, 0, None).unwrap();
     let costs = [5.0, 25.0];
-    let ticket = |model| Ticket {
-        model,
-        x: Vec::new(),
-        task: None,
-        difficulty: [0.0, 0.0],
-        length: 0.0,
-    };
-    for &(m, good, n) in &[(0, 2, 3), (1, 25, 25)] {
-        for i in 0..n {
-            p.record_cost(m, costs[m]);
-            p.record_label(&ticket(m), i < good, false);
-        }
-    }
+    seed_history(&mut p, &costs, &[(0, 2, 3), (1, 25, 25)], false);
     p.t = 30;
     for _ in 0..100 {
-        let r = p.route(&RouteRequest {
-            features: &[],
-            task: None,
-            feedback_expected: true,
-            label_unserved: true,
-            text_chars: None,
-        });
+        let r = p.route(&featureless(true));
         p.record_cost(r.model, costs[r.model]);
         p.record_feedback(&r.ticket, true);
         if let Some(m) = r.shadow {
@@ -357,30 +372,11 @@ fn a_cheap_model_written_off_too_early_is_learned_beside_the_costly_one() {
     // rate, only where an unserved answer can be labelled.
     let mut p = MixRank::new(MixRankConfig::new(0.85, 3), 3, 0, None).unwrap();
     let costs = [1.0, 4.0, 20.0];
-    let ticket = |model| Ticket {
-        model,
-        x: Vec::new(),
-        task: None,
-        difficulty: [0.0, 0.0],
-        length: 0.0,
-    };
-    let history = [(0, 10, 40), (1, 0, 4), (2, 57, 60)];
-    for &(m, good, n) in &history {
-        for i in 0..n {
-            p.record_cost(m, costs[m]);
-            p.record_label(&ticket(m), i < good, true);
-        }
-    }
+    seed_history(&mut p, &costs, &[(0, 10, 40), (1, 0, 4), (2, 57, 60)], true);
     p.t = 300;
     let mut shadows = 0;
     for i in 0..50 {
-        let r = p.route(&RouteRequest {
-            features: &[],
-            task: None,
-            feedback_expected: true,
-            label_unserved: i % 2 == 0,
-            text_chars: None,
-        });
+        let r = p.route(&featureless(i % 2 == 0));
         if let Some(m) = r.shadow {
             assert_eq!((m, r.model, i % 2), (1, 2, 0), "{r:?}");
             shadows += 1;
@@ -390,17 +386,11 @@ fn a_cheap_model_written_off_too_early_is_learned_beside_the_costly_one() {
     // Once it has answered as often as the others and is known to be poor, it stops.
     for i in 0..60 {
         let debt = p.debt();
-        p.record_label(&ticket(1), i % 3 == 0, false);
+        p.record_label(&blank_ticket(1), i % 3 == 0, false);
         assert_eq!(p.debt(), debt, "a shadow's label moved the SLA debt");
     }
     for _ in 0..50 {
-        let r = p.route(&RouteRequest {
-            features: &[],
-            task: None,
-            feedback_expected: true,
-            label_unserved: true,
-            text_chars: None,
-        });
+        let r = p.route(&featureless(true));
         assert_eq!(r.shadow, None, "{r:?}");
     }
 }
