@@ -175,12 +175,15 @@ struct Request<'a> {
     task: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct RefEntry {
     difficulty: [f64; 2],
     #[serde(default)]
     length: f64,
     task: Option<u32>,
+    /// `δ_m(x)` per model (empty without features, and in state saved before the lifts).
+    #[serde(default)]
+    lifts: Vec<f64>,
 }
 
 /// The policy.
@@ -208,8 +211,6 @@ pub struct MixRank {
     explored: u64,
     memory: Memory,
     reference: Vec<RefEntry>,
-    /// `δ_m(x)` of each reference request, beside it (empty vectors without features).
-    reference_lifts: Vec<Vec<f64>>,
     ref_next: usize,
     rng: PolicyRng,
     last: Option<Routed>,
@@ -243,9 +244,9 @@ pub struct MixRankSnapshot {
     pub explored: u64,
     pub memory: MemorySnapshot,
     reference: Vec<RefEntry>,
-    /// Each reference request's per-model neighbourhood lifts (absent in state saved before
-    /// them: restored as none).
-    #[serde(default)]
+    /// The reference requests' lifts as state saved between 2026-12-07's two versions holds
+    /// them, beside the requests (merged into them on restore); never written.
+    #[serde(default, skip_serializing)]
     reference_lifts: Vec<Vec<f64>>,
     pub ref_next: usize,
     pub rng: RngSnapshot,
@@ -359,7 +360,6 @@ impl MixRank {
             explored: 0,
             memory: Memory::new(dim, if dim == 0 { 0 } else { cfg.memory }),
             reference: Vec::new(),
-            reference_lifts: Vec::new(),
             ref_next: 0,
             rng: seeded(cfg.seed),
             last: None,
@@ -486,14 +486,11 @@ impl MixRank {
         ([g, difficulty], lifts)
     }
 
-    fn push_reference(&mut self, r: RefEntry, lifts: Vec<f64>) {
-        // `new` and `restore` keep the lifts the same length as the requests.
+    fn push_reference(&mut self, r: RefEntry) {
         if self.reference.len() < self.cfg.reference {
             self.reference.push(r);
-            self.reference_lifts.push(lifts);
         } else {
             self.reference[self.ref_next] = r;
-            self.reference_lifts[self.ref_next] = lifts;
         }
         self.ref_next = (self.ref_next + 1) % self.cfg.reference;
     }
@@ -505,14 +502,12 @@ impl MixRank {
         let task = self.task_slot(req.task);
         let (difficulty, lifts) = self.difficulty_features(&x);
         let length = req.text_chars.map_or(0.0, |c| self.lengths.standardise(c));
-        self.push_reference(
-            RefEntry {
-                difficulty,
-                length,
-                task,
-            },
-            lifts.clone(),
-        );
+        self.push_reference(RefEntry {
+            difficulty,
+            length,
+            task,
+            lifts: lifts.clone(),
+        });
         let b = self.weights.dot(difficulty);
         let predicted = self.predict(b, length, task, &lifts);
         let debt = self.debt;
@@ -794,11 +789,8 @@ impl MixRank {
         };
         let own = gain(me.b, me.length, me.lifts);
         let (mut below, mut ties, mut n) = (0usize, 0usize, 0usize);
-        for (r, lifts) in self.reference.iter().zip(&self.reference_lifts) {
-            if r.task != task {
-                continue;
-            }
-            let g = gain(self.weights.dot(r.difficulty), r.length, lifts);
+        for r in self.reference.iter().filter(|r| r.task == task) {
+            let g = gain(self.weights.dot(r.difficulty), r.length, &r.lifts);
             n += 1;
             if (g - own).abs() <= 1e-12 {
                 ties += 1;
@@ -925,7 +917,7 @@ impl MixRank {
             explored: self.explored,
             memory: self.memory.snapshot(),
             reference: self.reference.clone(),
-            reference_lifts: self.reference_lifts.clone(),
+            reference_lifts: Vec::new(),
             ref_next: self.ref_next,
             rng: RngSnapshot::capture(&self.rng),
         }
@@ -1010,16 +1002,21 @@ impl MixRank {
         self.t = s.t;
         self.explored = s.explored;
         self.memory = memory;
-        self.reference = s.reference.clone();
-        self.reference_lifts = if s.reference_lifts.len() == s.reference.len()
-            && s.reference_lifts
-                .iter()
-                .all(|l| (l.is_empty() || l.len() == n) && l.iter().all(|v| v.is_finite()))
-        {
-            s.reference_lifts.clone()
-        } else {
-            vec![Vec::new(); s.reference.len()]
-        };
+        let mut reference = s.reference.clone();
+        if s.reference_lifts.len() == reference.len() {
+            for (r, lifts) in reference.iter_mut().zip(&s.reference_lifts) {
+                r.lifts.clone_from(lifts);
+            }
+        }
+        let lifts_valid = reference.iter().all(|r| {
+            (r.lifts.is_empty() || r.lifts.len() == n) && r.lifts.iter().all(|v| v.is_finite())
+        });
+        if !lifts_valid {
+            for r in &mut reference {
+                r.lifts.clear();
+            }
+        }
+        self.reference = reference;
         self.ref_next = s.ref_next;
         self.last = None;
         Ok(())

@@ -320,6 +320,29 @@ fn snapshot_restores_the_run_exactly() {
 }
 
 #[test]
+fn state_with_the_lifts_beside_the_reference_requests_restores_exactly() {
+    // For a while state held the reference requests' lifts in a list of their own.
+    let sim = Sim::three_models();
+    let cfg = small_config();
+    let mut a = MixRank::new(cfg.clone(), 3, 2, None).unwrap();
+    sim.run(&mut a, 300, 1);
+    let mut old = serde_json::to_value(a.snapshot()).unwrap();
+    let obj = old.as_object_mut().unwrap();
+    let mut beside = Vec::new();
+    for r in obj["reference"].as_array_mut().unwrap() {
+        let lifts = r.as_object_mut().unwrap().remove("lifts").unwrap();
+        assert_eq!(lifts.as_array().unwrap().len(), 3);
+        beside.push(lifts);
+    }
+    obj.insert("reference_lifts".into(), serde_json::Value::Array(beside));
+    let mut b = MixRank::new(cfg, 3, 2, None).unwrap();
+    b.restore(&serde_json::from_value(old).unwrap()).unwrap();
+    assert_eq!(a.snapshot(), b.snapshot());
+    let (oa, ob) = (sim.run(&mut a, 300, 2), sim.run(&mut b, 300, 2));
+    assert_eq!((oa.calls, oa.satisfaction), (ob.calls, ob.satisfaction));
+}
+
+#[test]
 fn state_saved_with_logit_rates_restores_with_counts() {
     // Before the rates were counts, state held them as logit beliefs under "rates".
     let sim = Sim::three_models();
