@@ -255,6 +255,9 @@ impl Dataset {
 pub enum PolicyKind {
     /// ferry's default router (`ferry_router::mixrank`).
     MixRank,
+    /// mixrank without its per-request ranking (the mix controller alone: an online fixed
+    /// split, what the ranking is measured against).
+    MixRankUnranked,
     MessPlus,
     /// MESS+ that also learns from every served answer with feedback (ours).
     MessPlusFb,
@@ -272,6 +275,7 @@ impl std::str::FromStr for PolicyKind {
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "mixrank" => PolicyKind::MixRank,
+            "mixrank-unranked" => PolicyKind::MixRankUnranked,
             "mess-plus" => PolicyKind::MessPlus,
             "mess-plus-fb" => PolicyKind::MessPlusFb,
             "random-alpha" => PolicyKind::RandomAlpha,
@@ -318,6 +322,7 @@ impl PolicyKind {
     pub fn name(&self) -> String {
         match self {
             PolicyKind::MixRank => "mixrank".into(),
+            PolicyKind::MixRankUnranked => "mixrank-unranked".into(),
             PolicyKind::MessPlus => "mess-plus".into(),
             PolicyKind::MessPlusFb => "mess-plus-fb".into(),
             PolicyKind::Always(m) => format!("always:{m}"),
@@ -581,6 +586,19 @@ fn make_policy(
                 opts.prior.clone(),
             )
             .map_err(|e| Error::invalid("mixrank", e.to_string()))?,
+        ),
+        PolicyKind::MixRankUnranked => Box::new(
+            MixRank::new(
+                MixRankConfig {
+                    rank: false,
+                    ..MixRankConfig::new(opts.alpha, seed)
+                },
+                n,
+                dim,
+                // Without features (this policy alone reads none) no prior applies.
+                opts.prior.clone().filter(|_| dim > 0),
+            )
+            .map_err(|e| Error::invalid("mixrank-unranked", e.to_string()))?,
         ),
         PolicyKind::MessPlus | PolicyKind::MessPlusFb => {
             let predictor = MlpPredictor::new(dim, dim, n, SgdConfig::default(), seed)
@@ -970,5 +988,18 @@ mod tests {
         assert!(fixed_split_meeting_sla(&worse, &opts).unwrap().is_none());
         assert!("random-target:0.9".parse::<PolicyKind>().is_ok());
         assert!("random-target:1.5".parse::<PolicyKind>().is_err());
+    }
+
+    #[test]
+    fn the_unranked_mix_runs_without_features_and_meets_alpha() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = two_model_stream(dir.path());
+        let kind: PolicyKind = "mixrank-unranked".parse().unwrap();
+        assert_eq!(kind.name(), "mixrank-unranked");
+        assert!(!kind.needs_features());
+        let run = run_policy(&d, &[], 0, &kind, &options(0.7)).unwrap();
+        // Half the small model's answers satisfy, all the big one's: α 0.7 needs ~40 % big.
+        assert!(run.satisfaction >= 0.7 - 0.005, "{}", run.satisfaction);
+        assert!(run.cost_total < 10.0 * 400.0 * 0.8, "{}", run.cost_total);
     }
 }

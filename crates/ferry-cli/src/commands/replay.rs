@@ -60,8 +60,10 @@ pub(crate) struct ReplayArgs {
     /// Cost columns are <prefix>_<model>.
     #[arg(long, default_value = "energy_consumption")]
     pub(crate) cost_prefix: String,
-    /// mixrank (ferry's default router), mess-plus (the paper's), mess-plus-fb (ours: MESS+ that
-    /// also learns from served answers), always:<model>, random-alpha, random-target:<T> or oracle. Default:
+    /// mixrank (ferry's default router), mixrank-unranked (its mix controller alone, each
+    /// request a coin: an online fixed split, what the ranking is measured against), mess-plus
+    /// (the paper's), mess-plus-fb (ours: MESS+ that also learns from served answers),
+    /// always:<model>, random-alpha, random-target:<T> or oracle. Default:
     /// mixrank; with --format routellm a comma list, default mixrank,mess-plus,mess-plus-fb.
     /// The data holds every model's label, so mixrank may run a shadow (a cheaper model beside
     /// the served one, charged to its cost) on any request; live that takes the judge.

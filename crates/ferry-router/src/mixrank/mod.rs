@@ -91,6 +91,10 @@ pub struct MixRankConfig {
     pub neighbours: usize,
     pub memory: usize,
     pub neighbour_precision: f64,
+    /// Whether requests are ranked inside the mix by their predicted gain. Off, the share `w`
+    /// of the upper model goes by a coin: the mix controller alone, an online fixed split —
+    /// the baseline that shows what the ranking buys.
+    pub rank: bool,
 }
 
 impl MixRankConfig {
@@ -114,6 +118,7 @@ impl MixRankConfig {
             neighbours: 32,
             memory: 2048,
             neighbour_precision: 1.0,
+            rank: true,
         }
     }
 }
@@ -767,6 +772,9 @@ impl MixRank {
         let hi = lagrange::choose_with(mine, cost, lambda, true);
         if lo == hi {
             return (lo, lambda);
+        }
+        if !self.cfg.rank {
+            return (if u >= 1.0 - w { hi } else { lo }, lambda);
         }
         // Rank this request's gain among the recent requests of its task.
         // The length ranks by the two models' slope difference shrunk by its noise (positive-
