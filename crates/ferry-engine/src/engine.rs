@@ -15,7 +15,7 @@ use candle_core::Device;
 use tokenizers::Tokenizer;
 
 use crate::model::{gguf_architecture, Backbone, Session};
-use crate::sampling::logits_processor;
+use crate::sampling::Sampler;
 use crate::source::ModelLocation;
 use crate::stream::{Detokenizer, StopMatcher, StopScan};
 use crate::template::{ChatTemplate, CHATML};
@@ -582,7 +582,7 @@ pub(crate) enum Next {
 /// per set of logits.
 pub(crate) struct Decoder<'m> {
     model: &'m LoadedModel,
-    sampler: candle_transformers::generation::LogitsProcessor,
+    sampler: Sampler,
     detok: Detokenizer<'m>,
     stopper: StopMatcher,
     ignore_eos: bool,
@@ -623,7 +623,7 @@ impl<'m> Decoder<'m> {
         let now = Instant::now();
         Ok(Decoder {
             model,
-            sampler: logits_processor(params),
+            sampler: Sampler::new(params),
             detok: Detokenizer::new(&model.tokenizer),
             stopper: StopMatcher::new(
                 params

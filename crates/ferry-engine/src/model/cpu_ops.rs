@@ -17,7 +17,7 @@ use crate::kernels::{
 /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (rows as long as `w`).
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     for (xr, or) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let ms = lanes_sum(xr, |v| v * v) / w.len() as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * inv * g;
@@ -28,7 +28,7 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// [`rms_norm`] in place.
 pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     for xr in x.chunks_exact_mut(w.len()) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let ms = lanes_sum(xr, |v| v * v) / w.len() as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for (v, &g) in xr.iter_mut().zip(w) {
             *v *= inv * g;
@@ -50,7 +50,7 @@ fn lanes_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 /// The largest value (−∞ for none), in eight lanes.
-fn lanes_max(v: &[f32]) -> f32 {
+pub(crate) fn lanes_max(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = v.chunks_exact(8);
     let rest = chunks
@@ -398,11 +398,11 @@ fn attend_group(
             return false;
         }
         for (row, inv_total) in scores.chunks_exact_mut(count).zip(scales.iter_mut()) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = lanes_max(row);
             for s in row.iter_mut() {
                 *s = exp_fast(*s - max);
             }
-            *inv_total = 1.0 / row.iter().sum::<f32>();
+            *inv_total = 1.0 / lanes_sum(row, |v| v);
         }
         if !grouped_attention_values(scores, g, values, stride, scales, out) {
             for ((w, &sc), out) in scores
@@ -502,12 +502,12 @@ pub(crate) fn attend_row<E: KvElement>(
                 *s = E::plain_dot(q, &keys[j * stride..][..hd]) * scale;
             }
         }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = lanes_max(scores);
         // Two loops: the exponentials vectorise only without the running sum beside them.
         for s in scores.iter_mut() {
             *s = exp_fast(*s - max);
         }
-        let total: f32 = scores.iter().sum();
+        let total = lanes_sum(scores, |v| v);
         if !E::vector_values(scores, values, stride, 1.0 / total, out) {
             weighted_rows(scores, values, stride, 1.0 / total, out);
         }
