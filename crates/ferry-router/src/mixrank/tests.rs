@@ -200,33 +200,29 @@ fn with_signal_it_beats_the_cheapest_mix() {
     };
     // One stream's cost swings by ±5 % with its coins (0.89–1.02× random-α over seeds 1–20,
     // mean 0.94×), so the claim is on the mean of eight.
-    let mut ratio = 0.0;
-    let mut unranked = 0.0;
-    for seed in 1..=8 {
-        let mut p = MixRank::new(MixRankConfig::new(0.75, seed), 2, 2, None).unwrap();
-        let o = sim.run(&mut p, 4000, seed);
+    // Each stream meets α, ranked and with the mix controller alone (a coin inside the mix);
+    // the saving between them is the ranking's.
+    let ratio_of = |p: &mut MixRank, seed: u64, what: &str| {
+        let o = sim.run(p, 4000, seed);
         assert!(
             o.satisfaction >= 0.75 - 0.005,
-            "seed {seed}: {}",
+            "{what}, seed {seed}: {}",
             o.satisfaction
         );
-        ratio += o.cost / o.random_alpha_cost / 8.0;
+        o.cost / o.random_alpha_cost / 8.0
+    };
+    let (mut ratio, mut unranked) = (0.0, 0.0);
+    for seed in 1..=8 {
+        let mut p = MixRank::new(MixRankConfig::new(0.75, seed), 2, 2, None).unwrap();
+        ratio += ratio_of(&mut p, seed, "ranked");
         let w = p.difficulty_weights();
         assert!(w[1] > 0.3, "seed {seed}: {w:?}");
-        // The same stream with the mix controller alone (a coin inside the mix): it meets α
-        // too, and the saving is the ranking's.
         let cfg = MixRankConfig {
             rank: false,
             ..MixRankConfig::new(0.75, seed)
         };
         let mut q = MixRank::new(cfg, 2, 2, None).unwrap();
-        let o = sim.run(&mut q, 4000, seed);
-        assert!(
-            o.satisfaction >= 0.75 - 0.005,
-            "unranked, seed {seed}: {}",
-            o.satisfaction
-        );
-        unranked += o.cost / o.random_alpha_cost / 8.0;
+        unranked += ratio_of(&mut q, seed, "unranked");
     }
     assert!(ratio < 0.97, "{ratio} x random-alpha");
     assert!(
