@@ -308,12 +308,18 @@ fn small_config() -> MixRankConfig {
     cfg
 }
 
-#[test]
-fn snapshot_restores_the_run_exactly() {
+/// The three-model stream, and a small-memory policy that has served its first 300 requests.
+fn warmed_policy() -> (Sim, MixRankConfig, MixRank) {
     let sim = Sim::three_models();
     let cfg = small_config();
-    let mut a = MixRank::new(cfg.clone(), 3, 2, None).unwrap();
-    sim.run(&mut a, 300, 1);
+    let mut p = MixRank::new(cfg.clone(), 3, 2, None).unwrap();
+    sim.run(&mut p, 300, 1);
+    (sim, cfg, p)
+}
+
+#[test]
+fn snapshot_restores_the_run_exactly() {
+    let (sim, cfg, mut a) = warmed_policy();
     let json = serde_json::to_string(&a.snapshot()).unwrap();
     let mut b = MixRank::new(MixRankConfig { seed: 1234, ..cfg }, 3, 2, None).unwrap();
     b.restore(&serde_json::from_str(&json).unwrap()).unwrap();
@@ -337,10 +343,7 @@ fn snapshot_restores_the_run_exactly() {
 #[test]
 fn state_with_the_lifts_beside_the_reference_requests_restores_exactly() {
     // For a while state held the reference requests' lifts in a list of their own.
-    let sim = Sim::three_models();
-    let cfg = small_config();
-    let mut a = MixRank::new(cfg.clone(), 3, 2, None).unwrap();
-    sim.run(&mut a, 300, 1);
+    let (sim, cfg, mut a) = warmed_policy();
     let mut old = serde_json::to_value(a.snapshot()).unwrap();
     let obj = old.as_object_mut().unwrap();
     let mut beside = Vec::new();
