@@ -620,22 +620,24 @@ pub fn attention_scores(
 
 /// Attention scores of the `g` query heads that share one key/value head (`qs` holds them one
 /// after another), over keys held as f16: `out[r·n + j]` is query `r`'s scaled score of key `j`,
-/// `n = out.len() / g`. Each key is read once for the group. `false` (nothing written) where
-/// there is no vector path.
+/// `n = out.len() / g`. Each key is read once for the group. The rows of `values` (laid out as
+/// the keys) are prefetched on the way, for the pass that weighs them. `false` (nothing
+/// written) where there is no vector path.
 pub fn grouped_attention_scores(
     qs: &[f32],
     g: usize,
     keys: &[f16],
+    values: &[f16],
     stride: usize,
     scale: f32,
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if kernel_available() && g > 0 && (qs.len() / g).is_multiple_of(8) {
-        x86::grouped_dots_f16(qs, g, keys, stride, scale, out);
+        x86::grouped_dots_f16(qs, g, keys, values, stride, scale, out);
         return true;
     }
-    let _ = (qs, g, keys, stride, scale, out);
+    let _ = (qs, g, keys, values, stride, scale, out);
     false
 }
 

@@ -394,7 +394,7 @@ fn attend_group(
         buf.clear();
         buf.resize(g * count + g, 0.0);
         let (scores, scales) = buf.split_at_mut(g * count);
-        if !grouped_attention_scores(qs, g, keys, stride, scale, scores) {
+        if !grouped_attention_scores(qs, g, keys, values, stride, scale, scores) {
             return false;
         }
         for (row, inv_total) in scores.chunks_exact_mut(count).zip(scales.iter_mut()) {
@@ -771,7 +771,7 @@ mod tests {
         let val = |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 997) as f32 / 997.0 - 0.5;
         for (g, hd) in [(1, 64), (2, 24), (3, 64), (4, 256), (5, 40), (8, 16)] {
             let stride = 3 * hd;
-            for n in [1usize, 2, 3, 7, 40] {
+            for n in [1usize, 2, 3, 7, 9, 17, 40] {
                 let qs: Vec<f32> = (0..g * hd).map(|i| val(i, 1) * 3.0).collect();
                 let (mut k, mut v) = (Vec::new(), Vec::new());
                 let kf: Vec<f32> = (0..n * stride).map(|i| val(i, 2)).collect();
