@@ -478,8 +478,12 @@ unsafe fn grouped_dots_avx2<const G: usize, const K: usize>(
                 *acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * hd + c)), k0, *acc);
             }
         }
+        // The same sum tree as a block's lanes: where the blocks end depends on the group
+        // size, and a sequence's scores must not depend on whether it decodes alone.
+        let zero = _mm256_setzero_ps();
         for (r, acc) in acc.iter().enumerate() {
-            *op.add(r * n + j) = hsum(*acc) * scale;
+            let sums = _mm_mul_ps(hsum4(*acc, zero, zero, zero), sv);
+            *op.add(r * n + j) = _mm_cvtss_f32(sums);
         }
         j += 1;
     }

@@ -780,6 +780,20 @@ mod tests {
                 crate::kernels::extend_f16(&mut v, &vf);
                 let mut grouped = vec![0f32; g * hd];
                 attend_group(&qs, g, &k, &v, stride, 0.2, n, &mut grouped);
+                // Bit for bit the same as each head through the group kernel alone (a lone
+                // decode row splits its groups into single heads, a batch does not).
+                for r in 0..g {
+                    let mut single = vec![0f32; hd];
+                    attend_group(&qs[r * hd..][..hd], 1, &k, &v, stride, 0.2, n, &mut single);
+                    assert_eq!(
+                        single.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        grouped[r * hd..][..hd]
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect::<Vec<_>>(),
+                        "g {g} hd {hd} n {n} head {r}: one head alone"
+                    );
+                }
                 for r in 0..g {
                     let mut alone = vec![0f32; hd];
                     attend_row(&qs[r * hd..][..hd], &k, &v, stride, 0.2, n, &mut alone);
