@@ -578,28 +578,19 @@ fn make_policy(
 ) -> Result<Box<dyn ZooPolicy>> {
     let n = data.models.len();
     Ok(match kind {
-        PolicyKind::MixRank => Box::new(
-            MixRank::new(
-                MixRankConfig::new(opts.alpha, seed),
-                n,
-                dim,
-                opts.prior.clone(),
+        PolicyKind::MixRank | PolicyKind::MixRankUnranked => {
+            let ranked = *kind == PolicyKind::MixRank;
+            let cfg = MixRankConfig {
+                rank: ranked,
+                ..MixRankConfig::new(opts.alpha, seed)
+            };
+            // Without features (the unranked mix alone reads none) no prior applies.
+            let prior = opts.prior.clone().filter(|_| ranked || dim > 0);
+            Box::new(
+                MixRank::new(cfg, n, dim, prior)
+                    .map_err(|e| Error::invalid(kind.name(), e.to_string()))?,
             )
-            .map_err(|e| Error::invalid("mixrank", e.to_string()))?,
-        ),
-        PolicyKind::MixRankUnranked => Box::new(
-            MixRank::new(
-                MixRankConfig {
-                    rank: false,
-                    ..MixRankConfig::new(opts.alpha, seed)
-                },
-                n,
-                dim,
-                // Without features (this policy alone reads none) no prior applies.
-                opts.prior.clone().filter(|_| dim > 0),
-            )
-            .map_err(|e| Error::invalid("mixrank-unranked", e.to_string()))?,
-        ),
+        }
         PolicyKind::MessPlus | PolicyKind::MessPlusFb => {
             let predictor = MlpPredictor::new(dim, dim, n, SgdConfig::default(), seed)
                 .map_err(|e| Error::Engine(e.to_string()))?;

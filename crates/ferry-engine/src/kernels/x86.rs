@@ -389,8 +389,7 @@ pub fn grouped_dots_f16(
     let k = keys.as_ptr();
     query_blocks(g, |r, take| {
         // The first block of queries prefetches the value rows, for the pass after the scores.
-        let ahead = if r == 0 { values.as_ptr() } else { k };
-        let k = (k, ahead);
+        let rows = (k, if r == 0 { values.as_ptr() } else { k });
         let (q, o) = (
             &qs[r * hd..(r + take) * hd],
             &mut out[r * n..(r + take) * n],
@@ -399,10 +398,10 @@ pub fn grouped_dots_f16(
         // F16C are present wherever `detect` returned an ISA, which the caller checked.
         unsafe {
             match take {
-                1 => grouped_dots_avx2::<1, 8>(q, hd, k, stride, scale, o),
-                2 => grouped_dots_avx2::<2, 4>(q, hd, k, stride, scale, o),
-                3 => grouped_dots_avx2::<3, 3>(q, hd, k, stride, scale, o),
-                _ => grouped_dots_avx2::<4, 2>(q, hd, k, stride, scale, o),
+                1 => grouped_dots_avx2::<1, 8>(q, hd, rows, stride, scale, o),
+                2 => grouped_dots_avx2::<2, 4>(q, hd, rows, stride, scale, o),
+                3 => grouped_dots_avx2::<3, 3>(q, hd, rows, stride, scale, o),
+                _ => grouped_dots_avx2::<4, 2>(q, hd, rows, stride, scale, o),
             }
         }
     });
