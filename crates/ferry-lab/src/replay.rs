@@ -258,6 +258,10 @@ pub enum PolicyKind {
     /// mixrank without its per-request ranking (the mix controller alone: an online fixed
     /// split, what the ranking is measured against).
     MixRankUnranked,
+    /// mixrank told each model's satisfaction rate over the whole stream (an oracle on the
+    /// rates alone): what is left of mixrank's cost is the controller's, the rest is the
+    /// price of learning the rates.
+    MixRankKnownRates,
     MessPlus,
     /// MESS+ that also learns from every served answer with feedback (ours).
     MessPlusFb,
@@ -276,6 +280,7 @@ impl std::str::FromStr for PolicyKind {
         Ok(match s {
             "mixrank" => PolicyKind::MixRank,
             "mixrank-unranked" => PolicyKind::MixRankUnranked,
+            "mixrank-known-rates" => PolicyKind::MixRankKnownRates,
             "mess-plus" => PolicyKind::MessPlus,
             "mess-plus-fb" => PolicyKind::MessPlusFb,
             "random-alpha" => PolicyKind::RandomAlpha,
@@ -297,7 +302,7 @@ impl std::str::FromStr for PolicyKind {
                 None => {
                     return Err(Error::invalid(
                         "policy",
-                        format!("`{other}`: use mixrank, mess-plus, mess-plus-fb, always:<model>, random-alpha, random-target:<T> or oracle"),
+                        format!("`{other}`: use mixrank, mixrank-unranked, mixrank-known-rates, mess-plus, mess-plus-fb, always:<model>, random-alpha, random-target:<T> or oracle"),
                     ))
                 }
             },
@@ -323,6 +328,7 @@ impl PolicyKind {
         match self {
             PolicyKind::MixRank => "mixrank".into(),
             PolicyKind::MixRankUnranked => "mixrank-unranked".into(),
+            PolicyKind::MixRankKnownRates => "mixrank-known-rates".into(),
             PolicyKind::MessPlus => "mess-plus".into(),
             PolicyKind::MessPlusFb => "mess-plus-fb".into(),
             PolicyKind::Always(m) => format!("always:{m}"),
@@ -336,7 +342,10 @@ impl PolicyKind {
     pub fn needs_features(&self) -> bool {
         matches!(
             self,
-            PolicyKind::MixRank | PolicyKind::MessPlus | PolicyKind::MessPlusFb
+            PolicyKind::MixRank
+                | PolicyKind::MixRankKnownRates
+                | PolicyKind::MessPlus
+                | PolicyKind::MessPlusFb
         )
     }
 }
@@ -578,18 +587,22 @@ fn make_policy(
 ) -> Result<Box<dyn ZooPolicy>> {
     let n = data.models.len();
     Ok(match kind {
-        PolicyKind::MixRank | PolicyKind::MixRankUnranked => {
-            let ranked = *kind == PolicyKind::MixRank;
+        PolicyKind::MixRank | PolicyKind::MixRankUnranked | PolicyKind::MixRankKnownRates => {
+            let ranked = *kind != PolicyKind::MixRankUnranked;
             let cfg = MixRankConfig {
                 rank: ranked,
                 ..MixRankConfig::new(opts.alpha, seed)
             };
             // Without features (the unranked mix alone reads none) no prior applies.
             let prior = opts.prior.clone().filter(|_| ranked || dim > 0);
-            Box::new(
-                MixRank::new(cfg, n, dim, prior)
-                    .map_err(|e| Error::invalid(kind.name(), e.to_string()))?,
-            )
+            let bad = |e: ferry_router::RouterError| Error::invalid(kind.name(), e.to_string());
+            let mut policy = MixRank::new(cfg, n, dim, prior).map_err(bad)?;
+            if *kind == PolicyKind::MixRankKnownRates {
+                policy = policy
+                    .with_known_rates(data.mean_satisfaction())
+                    .map_err(bad)?;
+            }
+            Box::new(policy)
         }
         PolicyKind::MessPlus | PolicyKind::MessPlusFb => {
             let predictor = MlpPredictor::new(dim, dim, n, SgdConfig::default(), seed)
@@ -992,5 +1005,17 @@ mod tests {
         // Half the small model's answers satisfy, all the big one's: α 0.7 needs ~40 % big.
         assert!(run.satisfaction >= 0.7 - 0.005, "{}", run.satisfaction);
         assert!(run.cost_total < 10.0 * 400.0 * 0.8, "{}", run.cost_total);
+    }
+
+    #[test]
+    fn mixrank_with_known_rates_meets_alpha_without_exploring() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = two_model_stream(dir.path());
+        let kind: PolicyKind = "mixrank-known-rates".parse().unwrap();
+        assert_eq!(kind.name(), "mixrank-known-rates");
+        let run = run_policy(&d, &[], 0, &kind, &options(0.7)).unwrap();
+        assert!(run.satisfaction >= 0.7 - 0.005, "{}", run.satisfaction);
+        // Told the rates, it learns only the costs (one probe per model) and shadows nothing.
+        assert_eq!(run.explore_fraction, 0.0);
     }
 }

@@ -61,7 +61,10 @@ pub(crate) struct ReplayArgs {
     #[arg(long, default_value = "energy_consumption")]
     pub(crate) cost_prefix: String,
     /// mixrank (ferry's default router), mixrank-unranked (its mix controller alone, each
-    /// request a coin: an online fixed split, what the ranking is measured against), mess-plus
+    /// request a coin: an online fixed split, what the ranking is measured against),
+    /// mixrank-known-rates (mixrank told each model's rate over the whole stream: an oracle on
+    /// the rates alone, splitting mixrank's cost into the price of learning the rates and the
+    /// controller's own), mess-plus
     /// (the paper's), mess-plus-fb (ours: MESS+ that also learns from served answers),
     /// always:<model>, random-alpha, random-target:<T> or oracle. Default:
     /// mixrank; with --format routellm a comma list, default mixrank,mess-plus,mess-plus-fb.

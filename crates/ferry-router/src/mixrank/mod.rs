@@ -219,6 +219,8 @@ pub struct MixRank {
     ref_next: usize,
     rng: PolicyRng,
     last: Option<Routed>,
+    /// Each model's satisfaction rate given instead of learned (see [`MixRank::with_known_rates`]).
+    known_rates: Option<Vec<f64>>,
 }
 
 /// Everything [`MixRank`] has learned; restoring it continues the run exactly.
@@ -368,10 +370,42 @@ impl MixRank {
             ref_next: 0,
             rng: seeded(cfg.seed),
             last: None,
+            known_rates: None,
             prior,
             models,
             cfg,
         })
+    }
+
+    /// The same policy told each model's satisfaction rate instead of learning it (its costs,
+    /// the SLA debt and the ranking are still learned online): an oracle on the rates alone,
+    /// for replays that split the policy's distance from the best fixed split into the price
+    /// of learning the rates and the controller's own. Nothing live uses it.
+    pub fn with_known_rates(mut self, rates: Vec<f64>) -> Result<Self, RouterError> {
+        if rates.len() != self.models || !rates.iter().all(|r| (0.0..=1.0).contains(r)) {
+            return Err(RouterError::Invalid(format!(
+                "known rates: one rate in [0, 1] per model ({} models)",
+                self.models
+            )));
+        }
+        self.known_rates = Some(rates);
+        Ok(self)
+    }
+
+    /// The posterior of model m's rate on `task`: the counted one, or a known rate held with
+    /// the weight of a billion answers (clamped off 0 and 1, where a logit is infinite).
+    fn rate_posterior(&self, m: usize, task: Option<u32>) -> rates::Posterior {
+        match &self.known_rates {
+            Some(known) => {
+                const ANSWERS: f64 = 1e9;
+                let r = known[m].clamp(1e-6, 1.0 - 1e-6);
+                rates::Posterior {
+                    a: r * ANSWERS,
+                    b: (1.0 - r) * ANSWERS,
+                }
+            }
+            None => self.rates.posterior(m, task, self.cfg.task_sd),
+        }
     }
 
     pub fn config(&self) -> &MixRankConfig {
@@ -594,7 +628,7 @@ impl MixRank {
         const GRID: usize = 24;
         const GRID_STEP: f64 = 0.25;
         let posts: Vec<_> = (0..self.models)
-            .map(|m| self.rates.posterior(m, task, self.cfg.task_sd))
+            .map(|m| self.rate_posterior(m, task))
             .collect();
         let honest: Vec<f64> = posts.iter().map(|p| p.mean()).collect();
         let mix_cost = |p: &[f64]| {
@@ -651,7 +685,7 @@ impl MixRank {
     fn upper_bounds(&self, task: Option<u32>, z: f64) -> Vec<f64> {
         (0..self.models)
             .map(|m| {
-                let post = self.rates.posterior(m, task, self.cfg.task_sd);
+                let post = self.rate_posterior(m, task);
                 post.shifted(z * post.logit_var().sqrt())
             })
             .collect()
@@ -664,7 +698,7 @@ impl MixRank {
     fn task_rates(&self, task: Option<u32>, z: f64) -> Vec<f64> {
         (0..self.models)
             .map(|m| {
-                let post = self.rates.posterior(m, task, self.cfg.task_sd);
+                let post = self.rate_posterior(m, task);
                 if z > 0.0 {
                     post.shifted(z * post.logit_var())
                 } else {
@@ -885,7 +919,7 @@ impl MixRank {
             .map(|m| {
                 let mut acc = [0.0; 3];
                 for &k in &tasks {
-                    let post = self.rates.posterior(m, k, self.cfg.task_sd);
+                    let post = self.rate_posterior(m, k);
                     let sd = post.logit_var().sqrt();
                     acc[0] += post.mean();
                     acc[1] += post.shifted(-1.96 * sd);

@@ -162,6 +162,37 @@ fn without_signal_it_meets_alpha_near_the_cheapest_mix() {
 }
 
 #[test]
+fn known_rates_are_used_as_given_and_never_explored() {
+    // The stream of the test above with each model's rate told: the dominated model serves
+    // only its cost probe, nothing is explored or shadowed, and the reported rates are the
+    // given ones.
+    let sim = Sim {
+        abilities: vec![-0.2, 0.85, 1.4],
+        costs: vec![1.0, 5.0, 25.0],
+        spread: 0.0,
+        reveal: false,
+    };
+    let rates = sim.rates(&mut StdRng::seed_from_u64(1), 20_000);
+    let mut p = MixRank::new(MixRankConfig::new(0.6, 3), 3, 2, None)
+        .unwrap()
+        .with_known_rates(rates.clone())
+        .unwrap();
+    let o = sim.run(&mut p, 5_000, 3);
+    assert!(o.satisfaction >= 0.6 - 0.005, "{}", o.satisfaction);
+    assert_eq!(o.calls[2], 1, "the dominated model served {:?}", o.calls);
+    assert_eq!(p.explored(), 0);
+    for (e, r) in p.estimates().iter().zip(&rates) {
+        assert!((e.rate - r).abs() < 1e-6, "{e:?} vs {r}");
+    }
+    // One rate in [0, 1] per model.
+    let new = || MixRank::new(MixRankConfig::new(0.6, 3), 3, 0, None).unwrap();
+    assert!(new().with_known_rates(vec![0.5, 0.6]).is_err());
+    assert!(new().with_known_rates(vec![0.5, 0.6, 1.5]).is_err());
+    assert!(new().with_known_rates(vec![0.5, 0.6, f64::NAN]).is_err());
+    assert!(new().with_known_rates(vec![0.0, 0.6, 1.0]).is_ok());
+}
+
+#[test]
 fn a_few_early_misses_do_not_hand_a_high_target_to_the_costly_model() {
     // Costs 5 / 25, alpha 0.96 (SciQ's 8B and 70B on the MESS+ Llama data: 97.0 and 97.1 %).
     // The costly model has answered 25 of 25, the cheap one two of its first three. A uniform
