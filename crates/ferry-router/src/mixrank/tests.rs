@@ -36,6 +36,17 @@ impl Sim {
         }
     }
 
+    /// Rates about 0.45 / 0.7 / 0.8 at costs 1 / 5 / 25, every request alike: at α 0.6 the mix
+    /// is models 0 and 1, and model 2 is dominated.
+    fn no_signal() -> Self {
+        Sim {
+            abilities: vec![-0.2, 0.85, 1.4],
+            costs: vec![1.0, 5.0, 25.0],
+            spread: 0.0,
+            reveal: false,
+        }
+    }
+
     fn rates(&self, rng: &mut StdRng, n: usize) -> Vec<f64> {
         // Monte-Carlo rates for the random-α baseline.
         let mut acc = vec![0.0; self.abilities.len()];
@@ -137,12 +148,7 @@ fn without_signal_it_meets_alpha_near_the_cheapest_mix() {
     // Rates about 0.45 / 0.7 / 0.8 at costs 1 / 5 / 25, alpha 0.6: the mix is models 0 and 1.
     // The price of learning the rates (the dominated model's tries, the margin) is a fixed
     // sum, a few percent of 10,000 requests.
-    let sim = Sim {
-        abilities: vec![-0.2, 0.85, 1.4],
-        costs: vec![1.0, 5.0, 25.0],
-        spread: 0.0,
-        reveal: false,
-    };
+    let sim = Sim::no_signal();
     for seed in 0..3 {
         let mut p = MixRank::new(MixRankConfig::new(0.6, seed), 3, 2, None).unwrap();
         let o = sim.run(&mut p, 10_000, seed);
@@ -166,12 +172,7 @@ fn known_rates_are_used_as_given_and_never_explored() {
     // The stream of the test above with each model's rate told: the dominated model serves
     // only its cost probe, nothing is explored or shadowed, and the reported rates are the
     // given ones.
-    let sim = Sim {
-        abilities: vec![-0.2, 0.85, 1.4],
-        costs: vec![1.0, 5.0, 25.0],
-        spread: 0.0,
-        reveal: false,
-    };
+    let sim = Sim::no_signal();
     let rates = sim.rates(&mut StdRng::seed_from_u64(1), 20_000);
     let mut p = MixRank::new(MixRankConfig::new(0.6, 3), 3, 2, None)
         .unwrap()
