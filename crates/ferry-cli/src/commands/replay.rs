@@ -64,10 +64,10 @@ pub(crate) struct ReplayArgs {
     /// request a coin: an online fixed split, what the ranking is measured against),
     /// mixrank-known-rates (mixrank told each model's rate over the whole stream: an oracle on
     /// the rates alone, splitting mixrank's cost into the price of learning the rates and the
-    /// controller's own), mess-plus
-    /// (the paper's), mess-plus-fb (ours: MESS+ that also learns from served answers),
-    /// always:<model>, random-alpha, random-target:<T> or oracle. Default:
-    /// mixrank; with --format routellm a comma list, default mixrank,mess-plus,mess-plus-fb.
+    /// controller's own), mess-plus (the paper's), mess-plus-fb (ours: MESS+ that also learns
+    /// from served answers), always:<model>, random-alpha, random-target:<T> or oracle.
+    /// Default: mixrank; with --format routellm a comma list, default
+    /// mixrank,mess-plus,mess-plus-fb.
     /// The data holds every model's label, so mixrank may run a shadow (a cheaper model beside
     /// the served one, charged to its cost) on any request; live that takes the judge.
     #[arg(long, value_delimiter = ',')]
