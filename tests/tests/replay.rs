@@ -109,6 +109,11 @@ fn seeded_mixrank_replay_is_fixed_and_reports_calibration() {
         assert_eq!(c.predictions, 200);
     }
     assert!(a.cost_total < a.baselines["always:large"].cost_total);
+    // The ranking ceiling splits the cheapest mix's pair and lands on α in hindsight.
+    let ceiling = &a.baselines["ranked-alpha-hindsight"];
+    assert!(ceiling.satisfaction >= 0.35, "{ceiling:?}");
+    assert_eq!(ceiling.satisfaction, ceiling.satisfaction_min);
+    assert!(ceiling.cost_total < a.baselines["always:medium"].cost_total);
     assert_eq!(
         format!(
             "{:.6} {:.3} {:.4}",

@@ -769,6 +769,38 @@ pub fn replay(
         met_target = Some(target);
         baselines.insert("random-alpha-met".into(), run);
     }
+    if let Some(c) = crate::ceiling::ranked_alpha_hindsight(data, features, opts.alpha) {
+        let calls = data
+            .models
+            .iter()
+            .enumerate()
+            .map(|(m, name)| {
+                let share = if m == c.pair.1 {
+                    c.upper_share
+                } else if m == c.pair.0 {
+                    1.0 - c.upper_share
+                } else {
+                    0.0
+                };
+                (name.clone(), share)
+            })
+            .collect();
+        baselines.insert(
+            "ranked-alpha-hindsight".into(),
+            RunSummary {
+                satisfaction: c.satisfaction,
+                satisfaction_std: 0.0,
+                cost_total: c.cost_total,
+                calls,
+                explore_fraction: 0.0,
+                performance: c.performance,
+                running_satisfaction: c.satisfaction,
+                satisfaction_min: c.satisfaction,
+                calibration: Vec::new(),
+                trace: Vec::new(),
+            },
+        );
+    }
     let policy = opts.policy.name();
     let report = Report {
         requests: data.records.len(),

@@ -463,7 +463,7 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         report.requests, report.duplicates_dropped, report.models, report.alpha, report.v, report.c, report.seeds
     );
         println!(
-            "{:<16} {:>12} {:>6} {:>14} {:>12}  calls",
+            "{:<22} {:>12} {:>6} {:>14} {:>12}  calls",
             "policy", "satisfaction", "SLA", "cost total", "cost/request"
         );
         let calls = |c: &std::collections::BTreeMap<String, f64>| {
@@ -475,7 +475,7 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
                 .join(" / ")
         };
         println!(
-            "{:<16} {:>11.1}% {:>6} {:>14.0} {:>12.1}  {} (explore {:.1}%)",
+            "{:<22} {:>11.1}% {:>6} {:>14.0} {:>12.1}  {} (explore {:.1}%)",
             report.policy,
             100.0 * report.satisfaction,
             if report.sla_met_every_seed {
@@ -492,7 +492,7 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             let met =
                 ferry_lab::replay::meets_sla(b.satisfaction, b.satisfaction_min, report.alpha);
             println!(
-                "{:<16} {:>11.1}% {:>6} {:>14.0} {:>12.1}{}",
+                "{:<22} {:>11.1}% {:>6} {:>14.0} {:>12.1}{}",
                 name,
                 100.0 * b.satisfaction,
                 if met { "met" } else { "-" },
@@ -505,7 +505,10 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         }
         println!(
             "SLA \"met\": the seed mean reaches alpha and every seed is within 0.5 point of it; \
-             random-alpha-met is the cheapest fixed split that does so on these seeds"
+             random-alpha-met is the cheapest fixed split that does so on these seeds; \
+             ranked-alpha-hindsight splits random-alpha's pair by a ridge of each request's gain \
+             on its embedding and length, cross-fitted on the rest of the stream, at the share \
+             that lands on alpha: the most a ranking on this encoder could save"
         );
     }
     Ok(())
