@@ -136,6 +136,10 @@ pub struct ZooRow {
     pub random_alpha_cost: f64,
     pub always_best_cost: f64,
     pub ratio: f64,
+    /// `ranked-alpha-hindsight` ([`crate::ceiling`]) over random-α: the most a ranking on the
+    /// zoo's question vectors could save (absent where the cheapest mix is one model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranked_hindsight_ratio: Option<f64>,
     pub explore_fraction: f64,
 }
 
@@ -177,6 +181,12 @@ pub fn evaluate(
             random_alpha_cost: random_cost,
             always_best_cost: best_cost,
             ratio: cost / random_cost,
+            ranked_hindsight_ratio: crate::ceiling::ranked_alpha_hindsight(
+                &zoo.data,
+                &zoo.features,
+                zoo.alpha,
+            )
+            .map(|c| c.cost_total / n / random_cost),
             explore_fraction: main.explore_fraction,
         });
     }

@@ -194,6 +194,15 @@ pub(crate) fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             (log_ratio / rows.len().max(1) as f64).exp(),
             rows.iter().map(|r| r.ratio).fold(0.0, f64::max)
         );
+        // Zoos whose cheapest mix is a single model have nothing to rank: they count at 1.
+        let ceiling: Vec<f64> = rows
+            .iter()
+            .map(|r| r.ranked_hindsight_ratio.unwrap_or(1.0))
+            .collect();
+        println!(
+            "ranked-alpha-hindsight (the most a ranking on the zoo's question vectors could save): geometric mean {:.3} of random-alpha",
+            (ceiling.iter().map(|c| c.ln()).sum::<f64>() / ceiling.len().max(1) as f64).exp()
+        );
         return Ok(());
     }
     let input = args
