@@ -220,6 +220,10 @@ fn routellm_mmlu_fixture_report() {
     let ratio = f(&r["strong"]["cost_per_request"]) / f(&r["weak"]["cost_per_request"]);
     assert!((ratio - 24.7 / 0.24).abs() < 1e-6, "{ratio}");
     assert!(f(&r["weak"]["mean_tokens"]) > 10.0);
+    // The hindsight ranking's sweep: RouteLLM's metrics of a curve from all-weak to all-strong.
+    let h = &r["ranked_hindsight"];
+    assert!((0.0..=1.5).contains(&f(&h["apgr"])), "{h}");
+    assert!((0.0..=100.0).contains(&f(&h["cpt50"])), "{h}");
     let policies = r["policies"].as_array().unwrap();
     assert_eq!(
         policies.iter().map(|p| &p["policy"]).collect::<Vec<_>>(),

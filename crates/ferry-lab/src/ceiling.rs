@@ -11,6 +11,8 @@
 //! share set in hindsight so the stream's satisfaction lands exactly on α. A policy that must
 //! learn the rates, the costs and the ranking online from its own answers will not reach it;
 //! where it sits barely under random-α, no ranking on this encoder can pay for learning.
+//! The same cross-fitted predictions score RouteLLM's threshold sweep
+//! (`routellm::RouteLlmReport::ranked_hindsight`).
 
 use std::sync::Arc;
 
@@ -154,30 +156,17 @@ fn predict(fit: &(Vec<f64>, Vec<f64>, f64), z: &[f64]) -> f64 {
         .sum::<f64>()
 }
 
-/// The ranking baseline for SLA target `alpha` (see the module docs). `None` when the
-/// cheapest mix is a single model (nothing to rank) or no model meets α.
-pub fn ranked_alpha_hindsight(
-    data: &Dataset,
-    features: &[Arc<Vec<f32>>],
-    alpha: f64,
-) -> Option<Ceiling> {
+/// Each request's ridge features: its unit embedding (when every request has one) and its
+/// standardised log length. `None` when the embeddings differ in size.
+pub fn request_features(data: &Dataset, features: &[Arc<Vec<f32>>]) -> Option<Vec<Vec<f64>>> {
     let n = data.records.len();
-    let mix = cheapest_mix(&data.mean_satisfaction(), &data.mean_cost(), alpha)?;
-    let used: Vec<usize> = (0..mix.len()).filter(|&m| mix[m] > 0.0).collect();
-    let &[lo, hi] = used.as_slice() else {
-        return None;
-    };
-    if n < FOLDS * FOLDS {
-        return None;
-    }
-    // Features: the unit embedding (when every request has one) and the standardised log length.
     let lengths: Vec<f64> = data
         .records
         .iter()
         .map(|r| ((r.text.chars().count() + 1) as f64).ln())
         .collect();
-    let lm = lengths.iter().sum::<f64>() / n as f64;
-    let ls = (lengths.iter().map(|l| (l - lm).powi(2)).sum::<f64>() / n as f64)
+    let lm = lengths.iter().sum::<f64>() / n.max(1) as f64;
+    let ls = (lengths.iter().map(|l| (l - lm).powi(2)).sum::<f64>() / n.max(1) as f64)
         .sqrt()
         .max(1e-9);
     let with_embedding = features.len() == n && features.iter().all(|f| !f.is_empty());
@@ -194,25 +183,28 @@ pub fn ranked_alpha_hindsight(
             v
         })
         .collect();
-    let p = z[0].len();
-    if z.iter().any(|v| v.len() != p) {
+    let p = z.first()?.len();
+    z.iter().all(|v| v.len() == p).then_some(z)
+}
+
+/// Cross-fitted ridge predictions of `y` from `z`: each row's by a fit on the other four fifths
+/// of the rows (in a fixed pseudo-random order), the ridge strength chosen by inner folds of
+/// those. `None` with fewer than 25 rows.
+pub fn cross_fitted(z: &[Vec<f64>], y: &[f64]) -> Option<Vec<f64>> {
+    let n = z.len();
+    if n < FOLDS * FOLDS || y.len() != n {
         return None;
     }
-    let gain: Vec<f64> = data
-        .records
-        .iter()
-        .map(|r| f64::from(u8::from(r.satisfied[hi])) - f64::from(u8::from(r.satisfied[lo])))
-        .collect();
-    // Requests in a fixed pseudo-random order (a multiplicative hash), dealt into
-    // FOLDS × FOLDS chunks: outer fold i is chunks i·FOLDS.., inner fold j of it chunk i·FOLDS + j.
+    let p = z[0].len();
+    // Rows dealt into FOLDS × FOLDS chunks: outer fold i is chunks i·FOLDS.., inner fold j of it
+    // chunk i·FOLDS + j.
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let chunk_of = |rank: usize| rank % (FOLDS * FOLDS);
     let mut chunks = vec![Moments::new(p); FOLDS * FOLDS];
     let mut chunk = vec![0usize; n];
     for (rank, &i) in order.iter().enumerate() {
-        chunk[i] = chunk_of(rank);
-        chunks[chunk[i]].add(&z[i], gain[i]);
+        chunk[i] = rank % (FOLDS * FOLDS);
+        chunks[chunk[i]].add(&z[i], y[i]);
     }
     let sum_of = |keep: &dyn Fn(usize) -> bool| {
         let mut m = Moments::new(p);
@@ -235,7 +227,7 @@ pub fn ranked_alpha_hindsight(
                 };
                 sse += (0..n)
                     .filter(|&i| held(chunk[i]))
-                    .map(|i| (predict(&fit, &z[i]) - gain[i]).powi(2))
+                    .map(|i| (predict(&fit, &z[i]) - y[i]).powi(2))
                     .sum::<f64>();
             }
             if sse < best.0 {
@@ -247,6 +239,28 @@ pub fn ranked_alpha_hindsight(
             predicted[i] = predict(&fit, &z[i]);
         }
     }
+    Some(predicted)
+}
+
+/// The ranking baseline for SLA target `alpha` (see the module docs). `None` when the
+/// cheapest mix is a single model (nothing to rank) or no model meets α.
+pub fn ranked_alpha_hindsight(
+    data: &Dataset,
+    features: &[Arc<Vec<f32>>],
+    alpha: f64,
+) -> Option<Ceiling> {
+    let n = data.records.len();
+    let mix = cheapest_mix(&data.mean_satisfaction(), &data.mean_cost(), alpha)?;
+    let used: Vec<usize> = (0..mix.len()).filter(|&m| mix[m] > 0.0).collect();
+    let &[lo, hi] = used.as_slice() else {
+        return None;
+    };
+    let gain: Vec<f64> = data
+        .records
+        .iter()
+        .map(|r| f64::from(u8::from(r.satisfied[hi])) - f64::from(u8::from(r.satisfied[lo])))
+        .collect();
+    let predicted = cross_fitted(&request_features(data, features)?, &gain)?;
     // The upper model takes the requests of highest predicted gain until α is met.
     let mut ranked: Vec<usize> = (0..n).collect();
     ranked.sort_by(|&a, &b| predicted[b].total_cmp(&predicted[a]));
@@ -335,6 +349,29 @@ mod tests {
         );
         let mut singular = vec![1.0, 1.0, 1.0, 1.0];
         assert!(cholesky_solve(&mut singular, 2, vec![1.0, 1.0]).is_none());
+    }
+
+    #[test]
+    fn cross_fitting_recovers_a_planted_linear_signal_and_refuses_tiny_inputs() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let z: Vec<Vec<f64>> = (0..500)
+            .map(|_| (0..6).map(|_| rng.random::<f64>() - 0.5).collect())
+            .collect();
+        let truth: Vec<f64> = z.iter().map(|v| 2.0 * v[0] - v[3]).collect();
+        let y: Vec<f64> = truth
+            .iter()
+            .map(|t| t + 0.3 * (rng.random::<f64>() - 0.5))
+            .collect();
+        let p = cross_fitted(&z, &y).unwrap();
+        let err = p
+            .iter()
+            .zip(&truth)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            / 500.0;
+        let var = truth.iter().map(|t| t * t).sum::<f64>() / 500.0;
+        assert!(err < 0.05 * var, "mse {err} against signal variance {var}");
+        assert!(cross_fitted(&z[..20], &y[..20]).is_none());
     }
 
     #[test]

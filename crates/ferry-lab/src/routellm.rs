@@ -634,6 +634,12 @@ pub struct RouteLlmReport {
     pub strong: ModelRow,
     pub policies: Vec<PolicySweep>,
     pub random_router: RandomRouter,
+    /// RouteLLM's threshold sweep over a hindsight ranking: each request's score is a ridge
+    /// regression of the strong model's gain on its embedding and log length, cross-fitted on
+    /// the other four fifths of the requests ([`crate::ceiling::cross_fitted`]) — the most a
+    /// ranking on this encoder could reach. Absent without embeddings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranked_hindsight: Option<Metrics>,
 }
 
 /// The default α sweep: 11 values evenly spaced from the weak model's satisfaction rate to the
@@ -746,7 +752,29 @@ pub fn evaluate(
         strong: row(1),
         policies: out,
         random_router: random_router(&perf_pairs, seeds, weak, strong),
+        ranked_hindsight: ranked_hindsight(d, features, &perf_pairs, weak, strong),
     })
+}
+
+/// The hindsight ranking's metrics (see [`RouteLlmReport::ranked_hindsight`]).
+fn ranked_hindsight(
+    d: &RouteLlmData,
+    features: &[std::sync::Arc<Vec<f32>>],
+    perf: &[[f64; 2]],
+    weak: f64,
+    strong: f64,
+) -> Option<Metrics> {
+    if features.len() != perf.len() || features.iter().any(|f| f.is_empty()) {
+        return None;
+    }
+    let z = crate::ceiling::request_features(&d.data, features)?;
+    let gain: Vec<f64> = perf.iter().map(|p| p[1] - p[0]).collect();
+    let scores = crate::ceiling::cross_fitted(&z, &gain)?;
+    Some(Metrics::of(
+        &threshold_sweep(&scores, perf, 10),
+        weak,
+        strong,
+    ))
 }
 
 /// The human-readable report.
@@ -862,6 +890,13 @@ pub fn render(r: &RouteLlmReport) -> String {
         r.seeds.len(),
         rr.apgr_std
     );
+    if let Some(h) = &r.ranked_hindsight {
+        let _ = writeln!(
+            s,
+            "{:<24} {:>8.3} {:>9.2}% {:>9.2}%   (ridge on the embedding, cross-fitted: the ceiling)",
+            "ranked in hindsight", h.apgr, h.cpt50, h.cpt80
+        );
+    }
     s
 }
 
