@@ -636,7 +636,7 @@ pub struct RouteLlmReport {
     pub random_router: RandomRouter,
     /// RouteLLM's threshold sweep over a hindsight ranking: each request's score is a ridge
     /// regression of the strong model's gain on its embedding and log length, cross-fitted on
-    /// the other four fifths of the requests ([`crate::ceiling::cross_fitted`]) — the most a
+    /// the other four fifths of the requests ([`crate::replay::ceiling::cross_fitted`]) — the most a
     /// ranking on this encoder could reach. Absent without embeddings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ranked_hindsight: Option<Metrics>,
@@ -767,9 +767,9 @@ fn ranked_hindsight(
     if features.len() != perf.len() || features.iter().any(|f| f.is_empty()) {
         return None;
     }
-    let z = crate::ceiling::request_features(&d.data, features)?;
+    let z = crate::replay::ceiling::request_features(&d.data, features)?;
     let gain: Vec<f64> = perf.iter().map(|p| p[1] - p[0]).collect();
-    let scores = crate::ceiling::cross_fitted(&z, &gain)?;
+    let scores = crate::replay::ceiling::cross_fitted(&z, &gain)?;
     Some(Metrics::of(
         &threshold_sweep(&scores, perf, 10),
         weak,

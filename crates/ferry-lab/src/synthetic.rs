@@ -136,7 +136,7 @@ pub struct ZooRow {
     pub random_alpha_cost: f64,
     pub always_best_cost: f64,
     pub ratio: f64,
-    /// `ranked-alpha-hindsight` ([`crate::ceiling`]) over random-α: the most a ranking on the
+    /// `ranked-alpha-hindsight` ([`crate::replay::ceiling`]) over random-α: the most a ranking on the
     /// zoo's question vectors could save (absent where the cheapest mix is one model).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ranked_hindsight_ratio: Option<f64>,
@@ -181,7 +181,7 @@ pub fn evaluate(
             random_alpha_cost: random_cost,
             always_best_cost: best_cost,
             ratio: cost / random_cost,
-            ranked_hindsight_ratio: crate::ceiling::ranked_alpha_hindsight(
+            ranked_hindsight_ratio: crate::replay::ceiling::ranked_alpha_hindsight(
                 &zoo.data,
                 &zoo.features,
                 zoo.alpha,

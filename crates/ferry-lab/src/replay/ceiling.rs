@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use ferry_router::baselines::cheapest_mix;
 
-use crate::replay::Dataset;
+use super::{Dataset, Record};
 
 /// Folds of the cross-fitting, and of the inner choice of the ridge strength.
 const FOLDS: usize = 5;
@@ -270,7 +270,7 @@ pub fn ranked_alpha_hindsight(
         .map(|r| f64::from(u8::from(r.satisfied[lo])))
         .sum();
     let mut cost: f64 = recs.iter().map(|r| r.costs[lo]).sum();
-    let score = |r: &crate::replay::Record, m: usize| r.score.get(m).copied().unwrap_or(0.0);
+    let score = |r: &Record, m: usize| r.score.get(m).copied().unwrap_or(0.0);
     let mut performance: f64 = recs.iter().map(|r| score(r, lo)).sum();
     let need = alpha * n as f64;
     let mut upper = 0usize;
@@ -295,7 +295,6 @@ pub fn ranked_alpha_hindsight(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replay::Record;
     use rand::{Rng, SeedableRng};
 
     /// Two models (cheap at 40 % and 1 unit, dear at 80 % and 10 units) over `n` requests with
