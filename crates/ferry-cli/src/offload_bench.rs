@@ -66,7 +66,7 @@ pub struct OffloadBench {
 }
 
 /// A child process killed on drop.
-struct Daemon(Child, &'static str);
+pub(crate) struct Daemon(pub(crate) Child, pub(crate) &'static str);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -75,7 +75,7 @@ impl Drop for Daemon {
     }
 }
 
-fn sibling(name: &str) -> Result<PathBuf> {
+pub(crate) fn sibling(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the ferry binary")?;
     let p = exe.with_file_name(name);
     if !p.is_file() {
@@ -88,13 +88,13 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn abs(p: &Path) -> Result<PathBuf> {
+pub(crate) fn abs(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 

@@ -1,8 +1,9 @@
 //! `ferry bench`: the engine beside llama.cpp (default), and the `energy`, `requests`,
-//! `router` and `offload` benchmarks, each beside its peer.
+//! `router`, `offload` and `ttft` benchmarks, each beside its peer.
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::energy::EnergyArgs;
@@ -63,6 +64,53 @@ pub(crate) enum BenchWhat {
         /// ferry-cloud binary; default: next to this `ferry`.
         #[arg(long)]
         ferry_cloud: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time to first token as an app sees it: the real ferryd on loopback with the local zoo,
+    /// a short chat question streamed over the OpenAI API on `auto` (routing included) and on
+    /// named models, the first request after start, ferryd's RSS; beside llama.cpp streaming the
+    /// same question on the same GGUF in the same run.
+    Ttft {
+        #[command(flatten)]
+        registry: Registry,
+        /// Models ferryd loads (the zoo `auto` routes among).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "smollm2-135m-instruct,gemma3-270m-it"
+        )]
+        load: Vec<String>,
+        /// What the requests name, in order: the first request after start is the first's.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "auto,smollm2-135m-instruct"
+        )]
+        targets: Vec<String>,
+        /// Requests per target.
+        #[arg(long, default_value_t = 21)]
+        requests: usize,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 8)]
+        max_tokens: usize,
+        /// Threads for llama.cpp.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// ferryd binary; default: next to this `ferry`.
+        #[arg(long)]
+        ferryd: Option<PathBuf>,
+        #[arg(
+            long,
+            env = "FERRY_BENCH_PYTHON",
+            default_value = ".venv-bench/bin/python"
+        )]
+        peer_python: PathBuf,
+        #[arg(long, default_value = "bench/llama_cpp_ttft.py")]
+        peer_script: PathBuf,
+        /// Skip the llama.cpp peer (ferryd alone, no comparison).
+        #[arg(long)]
+        no_peer: bool,
         #[arg(long)]
         json: bool,
     },
@@ -496,6 +544,73 @@ pub(crate) fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             peer_script,
             json,
         } => bench_router(registry, input, embed, (peer_python, peer_script), json),
+        BenchWhat::Ttft {
+            registry,
+            load,
+            targets,
+            requests,
+            max_tokens,
+            threads,
+            ferryd,
+            peer_python,
+            peer_script,
+            no_peer,
+            json,
+        } => {
+            use ferry_cli::ttft_bench;
+            // The peer runs the first named model (the one `auto` is compared with).
+            let peer = if no_peer {
+                None
+            } else {
+                let model = targets
+                    .iter()
+                    .find(|t| t.as_str() != "auto")
+                    .or(load.first())
+                    .cloned()
+                    .unwrap_or_default();
+                let manifests = load_manifests(&registry.manifest_dir)?;
+                let manifest = manifests
+                    .iter()
+                    .find(|m| m.id == model)
+                    .with_context(|| format!("no manifest `{model}` for the peer"))?;
+                let gguf = bench::gguf_path(manifest, &registry.model_dir).with_context(|| {
+                    format!("the peer needs `{model}`'s GGUF file (ferry models fetch)")
+                })?;
+                Some(ttft_bench::PeerOptions {
+                    python: peer_python,
+                    script: peer_script,
+                    gguf,
+                    model,
+                    threads,
+                })
+            };
+            let opts = ttft_bench::TtftBenchOptions {
+                manifest_dir: registry.manifest_dir,
+                model_dir: registry.model_dir,
+                load,
+                targets,
+                requests,
+                max_tokens,
+                ferryd,
+                peer,
+            };
+            tokio_main(async {
+                let b = ttft_bench::run(&opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&b)?);
+                } else {
+                    print!("{}", ttft_bench::render(&b));
+                }
+                // A comparison whose peer did not run has failed.
+                match &b.peer_error {
+                    Some(why) => Err(anyhow::anyhow!(
+                        "the peer (llama.cpp) did not run, so this benchmark has no comparison: {why} \
+                         (--no-peer measures ferryd alone)"
+                    )),
+                    None => Ok(()),
+                }
+            })
+        }
         BenchWhat::Offload {
             registry,
             model,
