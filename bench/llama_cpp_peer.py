@@ -58,6 +58,33 @@ def synchronize(llm, llama_cpp) -> None:
         fn(llm._ctx.ctx)
 
 
+def import_llama_cpp():
+    """The llama_cpp module, or None after saying how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        print(f"error: cannot import llama_cpp ({e}); run scripts/setup-bench-peer and use .venv-bench/bin/python",
+              file=sys.stderr)
+        return None
+    return llama_cpp
+
+
+def open_model(llama_cpp, path: str, n_ctx: int, n_batch: int, threads: int):
+    """Loads a GGUF on the CPU with `threads` for generation and for batches (llama-cpp-python
+    defaults n_threads_batch, which prefill uses, to all CPUs); returns it and the seconds taken."""
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=0,
+        verbose=False,
+    )
+    return llm, time.perf_counter() - t0
+
+
 def perf_reset(llm, llama_cpp) -> None:
     fn = getattr(llama_cpp, "llama_perf_context_reset", None)
     if fn is not None:
@@ -118,25 +145,13 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.model):
         p.error(f"model file not found: {args.model}")
 
-    try:
-        import llama_cpp
-    except ImportError as e:
-        print(f"error: cannot import llama_cpp ({e}); run scripts/setup-bench-peer and use .venv-bench/bin/python",
-              file=sys.stderr)
+    llama_cpp = import_llama_cpp()
+    if llama_cpp is None:
         return 2
 
     n_ctx = args.n_ctx or (args.prompt_tokens + args.gen_tokens)
-    t0 = time.perf_counter()
-    llm = llama_cpp.Llama(
-        model_path=args.model,
-        n_ctx=n_ctx,
-        n_batch=max(512, args.prompt_tokens),  # whole prompt in one llama_decode call
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        n_gpu_layers=0,
-        verbose=False,
-    )
-    load_s = time.perf_counter() - t0
+    # n_batch: the whole prompt in one llama_decode call.
+    llm, load_s = open_model(llama_cpp, args.model, n_ctx, max(512, args.prompt_tokens), args.threads)
     if llm.n_ctx() < args.prompt_tokens + args.gen_tokens:
         print(f"error: n_ctx {llm.n_ctx()} < prompt + gen tokens", file=sys.stderr)
         return 2

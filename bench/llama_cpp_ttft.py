@@ -25,6 +25,8 @@ import statistics
 import sys
 import time
 
+from llama_cpp_peer import import_llama_cpp, open_model
+
 
 def first_token_ms(llm, question: str, max_tokens: int) -> float:
     llm.reset()
@@ -57,22 +59,10 @@ def main(argv=None) -> int:
         p.error("--requests, --threads and --max-tokens must be >= 1")
     if not os.path.isfile(args.model):
         p.error(f"model file not found: {args.model}")
-    try:
-        import llama_cpp
-    except ImportError as e:
-        print(f"error: cannot import llama_cpp ({e}); run scripts/setup-bench-peer and use .venv-bench/bin/python",
-              file=sys.stderr)
+    llama_cpp = import_llama_cpp()
+    if llama_cpp is None:
         return 2
-    t0 = time.perf_counter()
-    llm = llama_cpp.Llama(
-        model_path=args.model,
-        n_ctx=512,
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        n_gpu_layers=0,
-        verbose=False,
-    )
-    load_s = time.perf_counter() - t0
+    llm, load_s = open_model(llama_cpp, args.model, 512, 512, args.threads)
     ms = [first_token_ms(llm, args.question, args.max_tokens) for _ in range(args.requests)]
     out = {
         "engine": "llama.cpp",

@@ -190,27 +190,8 @@ pub fn run_peer(p: &PeerOptions, requests: usize, max_tokens: usize) -> Result<P
         .args(["--max-tokens", &max_tokens.to_string()])
         .args(["--threads", &p.threads.to_string()])
         .arg("--json");
-    let out = cmd.output().with_context(|| {
-        format!(
-            "running the llama.cpp peer ({}; scripts/setup-bench-peer installs it)",
-            p.python.display()
-        )
-    })?;
-    if !out.status.success() {
-        bail!(
-            "the llama.cpp peer failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or("");
-    let mut row: PeerTtft = serde_json::from_str(line)
-        .with_context(|| format!("the llama.cpp peer printed no result JSON: {stdout}"))?;
+    let mut row: PeerTtft =
+        ferry_lab::bench::run_peer(cmd, "llama.cpp peer", "scripts/setup-bench-peer")?;
     row.model = p.model.clone();
     Ok(row)
 }

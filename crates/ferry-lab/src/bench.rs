@@ -277,7 +277,7 @@ pub fn run_llama_cpp(
 /// Runs a peer script and parses the last line of its stdout that is a JSON object; any way it
 /// fails (not installed, non-zero exit, no result) is `Unavailable`, naming `what` and the
 /// script that installs it.
-fn run_peer<T: serde::de::DeserializeOwned>(
+pub fn run_peer<T: serde::de::DeserializeOwned>(
     mut cmd: Command,
     what: &str,
     installer: &str,
