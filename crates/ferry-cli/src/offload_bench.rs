@@ -88,6 +88,19 @@ pub(crate) fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// Starts a daemon binary on `cfg` (warnings only on stderr); killed when the result drops.
+pub(crate) fn spawn(bin: &Path, cfg: &Path, name: &'static str) -> Result<Daemon> {
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Daemon(child, name))
+}
+
 pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -128,17 +141,6 @@ pub async fn run(opts: &OffloadBenchOptions) -> Result<OffloadBench> {
     let edge_path = dir.path().join("edge.toml");
     std::fs::write(&cloud_path, cloud_cfg)?;
     std::fs::write(&edge_path, edge_cfg)?;
-    let spawn = |bin: &Path, cfg: &Path, name: &'static str| -> Result<Daemon> {
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        Ok(Daemon(child, name))
-    };
     let cloud_bin = match &opts.ferry_cloud {
         Some(p) => p.clone(),
         None => sibling("ferry-cloud")?,

@@ -11,7 +11,7 @@
 //! than an app talking to ferryd does).
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::offload_bench::{abs, free_port, sibling, Daemon};
+use crate::offload_bench::{abs, free_port, sibling, spawn};
 
 /// The question: short, with a checkable answer, the kind an app's chat sends.
 pub const QUESTION: &str = "What is the capital of France?";
@@ -240,15 +240,7 @@ pub async fn run(opts: &TtftBenchOptions) -> Result<TtftBench> {
         None => sibling("ferryd")?,
     };
     let started = Instant::now();
-    let child = Command::new(&bin)
-        .arg("--config")
-        .arg(&cfg_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut daemon = Daemon(child, "ferryd");
+    let mut daemon = spawn(&bin, &cfg_path, "ferryd")?;
     let ready = "GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
     loop {
         if let Some(status) = daemon.0.try_wait()? {
